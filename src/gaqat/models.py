@@ -1,0 +1,122 @@
+"""Backbones: a small CNN for 32x32 benchmarks and torchvision ResNets.
+
+Every network is a :class:`Network`: a featurizer, dropout and a linear classifier,
+in that module order, so ``quantize_model``'s "first conv / last linear" policy finds
+the stem convolution and the classifier without per-architecture rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHITECTURES = ("small_cnn", "resnet18", "resnet50")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network (stored in checkpoints and exports)."""
+
+    arch: str = "small_cnn"
+    num_classes: int = 10
+    weights: str | None = None  # None, "imagenet", or a path to a state_dict file
+    freeze_bn: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"ModelConfig.arch: {self.arch!r} is not one of {ARCHITECTURES}")
+        if self.num_classes < 2:
+            raise ValueError(f"ModelConfig.num_classes: expected >= 2, got {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout: expected 0 <= dropout < 1, got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Network(nn.Module):
+    """featurizer -> dropout -> classifier; optionally keeps batch norm in eval mode."""
+
+    def __init__(self, featurizer: nn.Module, n_features: int, num_classes: int,
+                 dropout: float = 0.0, freeze_bn: bool = False):
+        super().__init__()
+        self.featurizer = featurizer
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(n_features, num_classes)
+        self.freeze_bn = freeze_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.featurizer(x)))
+
+    def train(self, mode: bool = True) -> "Network":
+        """As DomainBed: with ``freeze_bn`` the BN layers keep their ImageNet statistics."""
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+def small_cnn_featurizer(channels: tuple[int, ...] = (32, 64, 128, 128)) -> nn.Sequential:
+    """Conv-BN-ReLU blocks (stride 2 after the first), global average pooling."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for i, out_ch in enumerate(channels):
+        layers += [nn.Conv2d(in_ch, out_ch, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                   nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+        in_ch = out_ch
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def _resnet_featurizer(arch: str, weights: str | None) -> tuple[nn.Module, int]:
+    constructor = getattr(torchvision.models, arch)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+        try:
+            net = constructor(weights=enum)
+        except Exception as error:  # torchvision's download: no network, proxy, bad cache...
+            raise RuntimeError(
+                f"could not download ImageNet weights for {arch} ({error}). Download "
+                f"{enum.url} on a machine with internet access and pass the file with "
+                f"weights='/path/to/{Path(enum.url).name}' (command line: --weights PATH)."
+            ) from error
+    else:
+        net = constructor(weights=None)
+        if weights is not None:
+            _load_local_weights(net, Path(weights), arch)
+    n_features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, n_features
+
+
+def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} for {arch} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"weights file {path}: not a readable torch state_dict ({error})") from error
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"weights file {path} does not fit {arch}: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}")
+
+
+def build_model(config: ModelConfig) -> Network:
+    if config.arch == "small_cnn":
+        if config.weights is not None:
+            raise ValueError("ModelConfig.weights: small_cnn has no pretrained weights; "
+                             "start QAT from a float checkpoint instead (--init)")
+        featurizer, n_features = small_cnn_featurizer(), 128
+    else:
+        featurizer, n_features = _resnet_featurizer(config.arch, config.weights)
+    return Network(featurizer, n_features, config.num_classes, config.dropout, config.freeze_bn)
