@@ -1,0 +1,352 @@
+"""LSQ fake quantization (Esser et al., ICLR 2020) and quantization of whole models.
+
+METHOD.md §2 fixes the rules: v_hat = round(clamp(v/s, q_min, q_max)) * s with a learned
+step size s, LSQ's clamp-then-round gradients, gradient scale 1/sqrt(N*q_max), and the
+2*mean|v|/sqrt(q_max) initialisation on the first forward pass.
+
+The quantizers sit on the training hot path, so the autograd function does its forward
+in a handful of fused-in-place elementwise passes, saves a one-byte mask instead of
+recomputing it, and reduces the step-size gradient with dot products instead of
+building per-element temporaries. Nothing reads a tensor back to the host once a
+quantizer is initialised.
+
+Step sizes stay positive without re-projection: the forward pass uses max(s, MIN_STEP)
+while the gradient still reaches the raw parameter (straight-through), so a step size
+that an optimizer pushed below the floor keeps receiving the gradient that brings it
+back. ``check_step_sizes`` reports (with a warning) any raw step size at or below the
+floor; call it where one host sync costs nothing, e.g. at each evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MIN_STEP = 1e-8
+"""Floor applied to step sizes in the forward pass (see the module docstring)."""
+
+BITS_RANGE = (2, 8)
+FIRST_LAST_POLICIES = ("float", "int8", "same")
+
+
+def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """sum(a * b) reduced to ``shape`` (a scale's shape); one read-only pass when per-tensor."""
+    if math.prod(shape) == 1 and a.dtype == b.dtype and a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1)).view(shape)
+    return (a * b).sum_to_size(shape)
+
+
+class _LsqQuantize(torch.autograd.Function):
+    """Fake quantization with LSQ's straight-through gradients.
+
+    With y = x/s, mask m = 1[q_min < y < q_max] and q = round(clamp(y)):
+    d out/dx = m, and d out/ds = q - y*m (round(y) - y inside the range, q_min or q_max
+    outside). Summed against the incoming gradient G, and with out = q*s,
+
+        dL/ds = g * sum(G * (q - y*m)) = g / s * (<G, out> - <G*m, x>),
+
+    two dot products over tensors that exist anyway (G*m is dL/dx).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, q_min, q_max, grad_scale):
+        step = scale.clamp_min(MIN_STEP)
+        inv = step.reciprocal()
+        y = x * inv  # x * (1/s), then q * s: torch's fake-quant arithmetic, bit for bit
+        mask = (y > q_min).logical_and_(y < q_max)
+        out = y.round_().clamp_(q_min, q_max).mul_(step)
+        ctx.grad_scale = grad_scale
+        ctx.scale_shape = scale.shape
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(mask, x, out, inv)
+        else:
+            ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask = ctx.saved_tensors[0]
+        # uint8 -> float is a fast vectorised cast on CPU (bool -> float and float * bool are
+        # not), and multiplying in place allocates one tensor instead of two.
+        grad_x = mask.view(torch.uint8).to(grad.dtype).mul_(grad)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            _, x, out, inv = ctx.saved_tensors
+            shape = ctx.scale_shape
+            total = _sum_product(grad, out, shape) - _sum_product(grad_x, x, shape)
+            grad_scale = total * inv * ctx.grad_scale
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_scale, None, None, None
+
+
+def lsq_quantize(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int,
+                 grad_scale: float) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` with step size ``scale`` (one element, or broadcastable
+    to ``x`` for per-channel scales); ``grad_scale`` multiplies the step-size gradient."""
+    if not q_min < q_max:
+        raise ValueError(f"lsq_quantize: expected q_min < q_max, got {q_min} and {q_max}")
+    return _LsqQuantize.apply(x, scale, q_min, q_max, grad_scale)
+
+
+def _check_bits(bits: object, field: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not \
+            BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
+        raise ValueError(f"{field}: expected an integer from {BITS_RANGE[0]} to {BITS_RANGE[1]}, "
+                         f"got {bits!r}")
+    return bits
+
+
+class LsqQuantizer(nn.Module):
+    """A learned-step-size fake quantizer for one tensor (a layer's weight or its input).
+
+    Weight quantizers get ``weight_shape`` (so a per-channel step size has its shape,
+    ``[C, 1, 1, 1]`` or ``[C, 1]``, before any optimizer is built) and are signed.
+    Activation quantizers leave ``signed=None`` to decide on the first batch: unsigned
+    when it has no negative value. The step size is initialised on the first forward
+    pass, whatever the mode; ``is_initialized`` and ``signedness`` are buffers, so a
+    loaded state_dict restores them and nothing is re-initialised.
+    """
+
+    def __init__(self, bits: int, signed: bool | None, per_channel: bool = False,
+                 weight_shape: Sequence[int] | None = None):
+        super().__init__()
+        self.bits = _check_bits(bits, "LsqQuantizer.bits")
+        self.per_channel = per_channel
+        self.weight_shape = None if weight_shape is None else tuple(weight_shape)
+        if per_channel and self.weight_shape is None:
+            raise ValueError("LsqQuantizer.per_channel: per-channel step sizes are for weights "
+                             "only; pass weight_shape")
+        scale_shape = (self.weight_shape[0],) + (1,) * (len(self.weight_shape) - 1) \
+            if per_channel else (1,)
+        self.scale = nn.Parameter(torch.ones(scale_shape))
+        self.register_buffer("is_initialized", torch.tensor(False))
+        self.register_buffer("signedness", torch.tensor(-1 if signed is None else int(signed),
+                                                        dtype=torch.int8))
+        self._initialized = False
+        self._signed = signed
+        # N of the gradient scale: a weight's elements (per channel), else one sample's.
+        self._weight_numel = None if self.weight_shape is None else \
+            math.prod(self.weight_shape[1 if per_channel else 0:])
+
+    @property
+    def initialized(self) -> bool:
+        return self._initialized
+
+    @property
+    def signed(self) -> bool | None:
+        return self._signed
+
+    @property
+    def q_min(self) -> int:
+        return -(2 ** (self.bits - 1)) if self._require_signed() else 0
+
+    @property
+    def q_max(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self._require_signed() else 2 ** self.bits - 1
+
+    def _require_signed(self) -> bool:
+        if self._signed is None:
+            raise RuntimeError("LsqQuantizer: signedness is decided on the first batch; "
+                               "run a forward pass first")
+        return self._signed
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        if self._signed is None:
+            self._signed = bool((x < 0).any())
+            self.signedness.fill_(int(self._signed))
+        v = x.detach().abs()
+        mean = v.flatten(1).mean(1).view(self.scale.shape) if self.per_channel else v.mean()
+        init = (2 * mean / math.sqrt(self.q_max)).clamp_min(MIN_STEP)
+        self.scale.copy_(init.expand_as(self.scale))
+        self.is_initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._initialized:
+            self._initialize(x)
+        n = self._weight_numel or (x[0].numel() if x.dim() > 1 else x.numel())
+        q_max = self.q_max
+        return _LsqQuantize.apply(x, self.scale, self.q_min, q_max, 1.0 / math.sqrt(n * q_max))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.is_initialized)
+        sign = int(self.signedness)
+        self._signed = None if sign < 0 else bool(sign)
+
+    def extra_repr(self) -> str:
+        kind = "weight" if self.weight_shape is not None else "activation"
+        return (f"{kind}, bits={self.bits}, signed={self._signed}, "
+                f"per_channel={self.per_channel}, initialized={self._initialized}")
+
+
+class _QuantizedLayer:
+    """What QuantConv2d and QuantLinear share: two quantizers and the swap from a float layer.
+
+    Constructed like the float layer, plus ``weight_bits``, ``act_bits`` and ``per_channel``.
+    """
+
+    weight: nn.Parameter
+
+    def __init__(self, *args, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = LsqQuantizer(weight_bits, signed=True, per_channel=per_channel,
+                                             weight_shape=self.weight.shape)
+        self.input_quantizer = LsqQuantizer(act_bits, signed=None)
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, weight_bits: int, act_bits: int, per_channel: bool):
+        """A quantized layer holding ``layer``'s very weight and bias Parameter objects.
+
+        Built on the meta device first: no allocation and no draw from the global RNG.
+        """
+        args, kwargs = cls._float_arguments(layer)
+        new = cls(*args, **kwargs, bias=layer.bias is not None, device="meta",
+                  weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel)
+        new.weight = layer.weight
+        new.bias = layer.bias
+        new.train(layer.training)
+        return new.to(layer.weight.device)
+
+
+class QuantConv2d(_QuantizedLayer, nn.Conv2d):
+    """nn.Conv2d whose input and weight pass through LSQ quantizers."""
+
+    @staticmethod
+    def _float_arguments(conv: nn.Conv2d) -> tuple[tuple, dict]:
+        return ((conv.in_channels, conv.out_channels, conv.kernel_size),
+                {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation,
+                 "groups": conv.groups, "padding_mode": conv.padding_mode})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight),
+                                  self.bias)
+
+
+class QuantLinear(_QuantizedLayer, nn.Linear):
+    """nn.Linear whose input and weight pass through LSQ quantizers."""
+
+    @staticmethod
+    def _float_arguments(linear: nn.Linear) -> tuple[tuple, dict]:
+        return (linear.in_features, linear.out_features), {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+_QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model; ``dataclasses.asdict`` / ``QuantConfig(**d)`` round-trip.
+
+    ``first_last``: the first Conv2d and the last Linear (in module order) stay "float",
+    get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
+    module names (a layer, or a container whose layers all stay float).
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    per_channel: bool = False
+    first_last: str = "float"
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bits(self.weight_bits, "QuantConfig.weight_bits")
+        _check_bits(self.act_bits, "QuantConfig.act_bits")
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"QuantConfig.per_channel: expected true or false, "
+                             f"got {self.per_channel!r}")
+        if self.first_last not in FIRST_LAST_POLICIES:
+            raise ValueError(f"QuantConfig.first_last: expected one of {FIRST_LAST_POLICIES}, "
+                             f"got {self.first_last!r}")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"QuantConfig.skip: expected a list of module names, "
+                             f"got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))  # JSON gives a list back
+
+
+def _layer_bits(name: str, is_first_or_last: bool, config: QuantConfig) -> tuple[int, int] | None:
+    """(weight bits, activation bits) for one layer, or None to leave it float."""
+    if any(name == s or name.startswith(s + ".") for s in config.skip):
+        return None
+    if is_first_or_last and config.first_last != "same":
+        return None if config.first_last == "float" else (8, 8)
+    return config.weight_bits, config.act_bits
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace every nn.Conv2d / nn.Linear (exact types) by its quantized twin, in place.
+
+    Build the optimizer afterwards: the step sizes are new parameters.
+    """
+    if quantizers(model):
+        raise ValueError("quantize_model: the model is already quantized")
+    names = dict(model.named_modules())
+    unknown = [s for s in config.skip if s not in names]
+    if unknown:
+        raise ValueError(f"QuantConfig.skip: {unknown} name no module of the model "
+                         f"(module names look like {list(names)[1:4]})")
+    layers = [(name, m) for name, m in names.items() if type(m) in _QUANTIZED]
+    convs = [name for name, m in layers if type(m) is nn.Conv2d]
+    linears = [name for name, m in layers if type(m) is nn.Linear]
+    first_last = {convs[0] if convs else None, linears[-1] if linears else None}
+    replaced: dict[nn.Module, nn.Module] = {}
+    for name, layer in layers:
+        bits = _layer_bits(name, name in first_last, config)
+        if bits is not None:
+            replaced[layer] = _QUANTIZED[type(layer)].from_float(layer, *bits, config.per_channel)
+    # Swap every reference, so a layer shared between two parents is replaced in both.
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child in replaced:
+                setattr(parent, child_name, replaced[child])
+    return model
+
+
+def quantizers(model: nn.Module) -> dict[str, LsqQuantizer]:
+    """Every quantizer by qualified name, e.g. ``featurizer.3.weight_quantizer``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LsqQuantizer)}
+
+
+def step_sizes(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every step-size parameter, keyed like ``quantizers``."""
+    return {name: q.scale for name, q in quantizers(model).items()}
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Raise ValueError when some step size of ``model`` is not trained by ``optimizer``.
+
+    An optimizer built before ``quantize_model`` misses every step size and the
+    quantizers silently keep their initial ranges.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        raise ValueError(f"check_optimizer: {type(optimizer).__name__} has no param_groups")
+    held = {id(p) for group in groups for p in group["params"]}
+    missing = [name for name, p in step_sizes(model).items() if id(p) not in held]
+    if missing:
+        raise ValueError(f"the optimizer does not hold {len(missing)} of the model's "
+                         f"{len(step_sizes(model))} quantizer step sizes (e.g. {missing[0]}): "
+                         f"build the optimizer after quantize_model")
+
+
+def check_step_sizes(model: nn.Module) -> list[str]:
+    """Warn about (and return the names of) step sizes at or below ``MIN_STEP``.
+
+    The forward pass already uses the floor, so training goes on, but an optimizer that
+    drives a step size non-positive is a bug worth seeing. One host sync per call.
+    """
+    bad = [name for name, s in step_sizes(model).items() if bool((s <= MIN_STEP).any())]
+    if bad:
+        warnings.warn(f"{len(bad)} quantizer step size(s) fell to or below {MIN_STEP} and are "
+                      f"floored in the forward pass: {bad}", RuntimeWarning, stacklevel=2)
+    return bad
