@@ -1,0 +1,58 @@
+"""Multi-domain image data under the DomainBed protocol.
+
+Public API (what training code calls)::
+
+    ds = load_dataset(name, root=None) -> MultiDomainDataset
+        name: "digits" (DigitsDG, built offline into root = data dir, default
+        $GAQAT_DATA or ~/.cache/gaqat), "PACS", "VLCS", "OfficeHome", "TerraIncognita",
+        "DomainNet" (root = the folder holding e.g. PACS/, or PACS/ itself), or
+        "folder:PATH" / an existing directory (custom ROOT/<domain>/<class>/<image>).
+        Case-insensitive.
+    ds.name, ds.domains, ds.classes, ds.num_classes, ds.input_shape (C, H, W)
+    len(ds) == number of domains; ds[i] is domain i's torch Dataset of
+        (image_tensor, label) with the evaluation transform.
+
+    loaders = make_loaders(ds, test_envs, batch_size, *, seed=0, holdout_fraction=0.2,
+                           augment=True, num_workers=0, image_size=None,
+                           eval_batch_size=None, split_seed=None)
+    loaders.train                      iterator; next() -> [(x, y) per training domain]
+    loaders.train_batches(start_step)  the same stream from any step (resume)
+    loaders.eval                       {"env{i}_in" | "env{i}_out": DataLoader}
+    loaders.splits                     [Split(domain, in_indices, out_indices)]
+
+Transforms: photos follow DATA.md (224, RandomResizedCrop 0.7-1, flip, colour jitter
+0.3, random grayscale, ImageNet normalisation; resize only at test time). DigitsDG is
+32x32 normalised to [-1, 1], trained with shifts of at most 2 pixels only: flips and
+colour jitter would destroy digits or the colour cues that separate their domains.
+
+Other entry points: ``build_digits`` / ``ensure_digits`` (the DigitsDG cache),
+``download_dataset`` (the five real datasets), ``preview_grid`` (a PNG of samples),
+``holdout_split`` (the seeded 80/20 split).
+"""
+
+from gaqat.data.digits import build_digits, default_data_dir, ensure_digits
+from gaqat.data.download import download_dataset
+from gaqat.data.loaders import DomainLoaders, Split, TrainBatches, holdout_split, make_loaders
+from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
+from gaqat.data.preview import preview_grid
+from gaqat.data.registry import dataset_names, load_dataset
+from gaqat.data.specs import SPECS, FolderSpec
+
+__all__ = [
+    "SPECS",
+    "DomainDataset",
+    "DomainLoaders",
+    "FolderSpec",
+    "MultiDomainDataset",
+    "Split",
+    "TrainBatches",
+    "build_digits",
+    "dataset_names",
+    "default_data_dir",
+    "download_dataset",
+    "ensure_digits",
+    "holdout_split",
+    "load_dataset",
+    "make_loaders",
+    "preview_grid",
+]

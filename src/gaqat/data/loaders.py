@@ -1,0 +1,236 @@
+"""DomainBed's data protocol: seeded in/out holdout per domain, one equal minibatch per
+training domain per step, evaluation loaders over every split.
+
+Training batches are a pure function of (seed, domain, step): sample indices come from
+per-epoch permutations that any step can recompute, and each sample's augmentation runs
+under its own seed. A run resumed at step t therefore sees exactly the batches a straight
+run would have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
+
+DEFAULT_EVAL_BATCH_SIZE = 128
+
+
+def holdout_split(size: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(in, out) sorted index arrays: ``int(size * fraction)`` indices held out.
+
+    A function of (seed, size) only, through numpy's ``RandomState``, whose stream is
+    fixed across platforms and numpy versions.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    order = np.random.RandomState(seed).permutation(size)
+    n_out = int(size * fraction)
+    return np.sort(order[n_out:]), np.sort(order[:n_out])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One domain's holdout: indices into ``ds[domain]``."""
+
+    domain: str
+    in_indices: np.ndarray = field(repr=False)
+    out_indices: np.ndarray = field(repr=False)
+
+
+class SplitView(Dataset):
+    """A subset of one domain served with a given transform.
+
+    A key may be a position or ``(position, seed)``; a ``seeded`` view passes the seed to
+    its (training) transform, which draws its augmentation from it alone.
+    """
+
+    def __init__(self, domain: DomainDataset, indices: np.ndarray, transform: Callable,
+                 seeded: bool = False) -> None:
+        self.domain = domain
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.seeded = seeded
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        position, seed = key if isinstance(key, tuple) else (key, None)
+        index = int(self.indices[position])
+        raw = self.domain.raw(index)
+        image = self.transform(raw, seed) if self.seeded else self.transform(raw)
+        return image, int(self.domain.labels[index])
+
+
+class StepSampler(Sampler):
+    """Infinite batch sampler over ``size`` items; batch t is a function of (seed, stream, t).
+
+    Items are drawn without replacement within an epoch (a seeded permutation per epoch),
+    and each comes with a per-sample augmentation seed.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, stream: int, start_step: int = 0):
+        if size < 1 or batch_size < 1:
+            raise ValueError(f"need size >= 1 and batch_size >= 1, got {size} and {batch_size}")
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        self.start_step = start_step
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        positions = step * self.batch_size + np.arange(self.batch_size)
+        epochs, offsets = np.divmod(positions, self.size)
+        items = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            items[chosen] = self._permutation(int(epoch))[offsets[chosen]]
+        rng = np.random.default_rng([self.seed, self.stream, 1, step])
+        seeds = rng.integers(0, 2**63 - 1, size=self.batch_size)
+        return list(zip(items.tolist(), seeds.tolist()))
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:  # batches smaller than an epoch span at most two
+                self._permutations.pop(min(self._permutations))
+            rng = np.random.default_rng([self.seed, self.stream, 0, epoch])
+            self._permutations[epoch] = rng.permutation(self.size)
+        return self._permutations[epoch]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return (self.batch(step) for step in itertools.count(self.start_step))
+
+
+class TrainBatches:
+    """Iterator of steps: each ``next`` is a list of one ``(x, y)`` per training domain."""
+
+    def __init__(self, views: Sequence[SplitView], streams: Sequence[int], batch_size: int,
+                 seed: int, start_step: int, num_workers: int, pin_memory: bool) -> None:
+        self.step = start_step
+        self._loaders = [
+            DataLoader(
+                view,
+                batch_sampler=StepSampler(len(view), batch_size, seed, stream, start_step),
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                generator=_private_generator(seed),
+            )
+            for view, stream in zip(views, streams)
+        ]
+        self._iterators: list[Iterator] | None = None
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterators is None:  # workers start on first use, not at construction
+            self._iterators = [iter(loader) for loader in self._loaders]
+        batches = [next(it) for it in self._iterators]
+        self.step += 1
+        return batches
+
+
+class DomainLoaders:
+    """What ``make_loaders`` returns: ``train`` (from step 0), ``eval``, ``splits``."""
+
+    def __init__(self, dataset: MultiDomainDataset, test_envs: Sequence[int], batch_size: int,
+                 seed: int, splits: list[Split], augment: bool, num_workers: int,
+                 image_size: int, eval_batch_size: int) -> None:
+        self.dataset = dataset
+        self.test_envs = tuple(test_envs)
+        self.train_envs = tuple(i for i in range(len(dataset)) if i not in self.test_envs)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.splits = splits
+        self.image_size = image_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available()
+        self._train_views = [
+            SplitView(dataset[i], splits[i].in_indices,
+                      dataset[i].make_transform(image_size, train=augment), seeded=augment)
+            for i in self.train_envs
+        ]
+        self.eval: dict[str, DataLoader] = {}
+        for i, split in enumerate(splits):
+            transform = dataset[i].make_transform(image_size, train=False)
+            for part, indices in (("in", split.in_indices), ("out", split.out_indices)):
+                if len(indices):
+                    self.eval[f"env{i}_{part}"] = DataLoader(
+                        SplitView(dataset[i], indices, transform), batch_size=eval_batch_size,
+                        shuffle=False, num_workers=num_workers, pin_memory=self.pin_memory,
+                        persistent_workers=num_workers > 0, generator=_private_generator(seed),
+                    )
+        self._train: TrainBatches | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    @property
+    def train(self) -> TrainBatches:
+        """The training stream from step 0 (created once; see ``train_batches`` to resume)."""
+        if self._train is None:
+            self._train = self.train_batches(0)
+        return self._train
+
+    def train_batches(self, start_step: int = 0) -> TrainBatches:
+        """A fresh training stream whose first batch is the one a straight run sees at
+        ``start_step``."""
+        return TrainBatches(self._train_views, self.train_envs, self.batch_size, self.seed,
+                            start_step, self.num_workers, self.pin_memory)
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """DataLoaders draw worker seeds from this, not from (and so not advancing) the
+    global generator that model code relies on."""
+    return torch.Generator().manual_seed(seed)
+
+
+def make_loaders(
+    ds: MultiDomainDataset,
+    test_envs: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    holdout_fraction: float = 0.2,
+    augment: bool = True,
+    num_workers: int = 0,
+    image_size: int | None = None,
+    eval_batch_size: int | None = None,
+    split_seed: int | None = None,
+) -> DomainLoaders:
+    """Splits and loaders for training on every domain not in ``test_envs``.
+
+    ``split_seed`` (default ``seed``) fixes the holdout, as DomainBed's trial seed does,
+    so that runs with different training seeds can share one split.
+    """
+    test_envs = sorted({int(i) for i in test_envs})
+    bad = [i for i in test_envs if not 0 <= i < len(ds)]
+    if bad:
+        raise ValueError(f"test_envs {bad} out of range for {ds.name}'s {len(ds)} domains "
+                         f"({', '.join(f'{i}={d}' for i, d in enumerate(ds.domains))})")
+    if len(test_envs) == len(ds):
+        raise ValueError(f"test_envs {test_envs} leave no training domain in {ds.name}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    split_seed = seed if split_seed is None else split_seed
+    for label, value in (("seed", seed), ("split_seed", split_seed)):
+        if not 0 <= value < 2**32:
+            raise ValueError(f"{label} must be in [0, 2**32), got {value}")
+    splits = []
+    for i, domain in enumerate(ds.domains):
+        in_indices, out_indices = holdout_split(len(ds[i]), holdout_fraction, split_seed)
+        if i not in test_envs and len(in_indices) == 0:
+            raise ValueError(f"{ds.name}: training domain {domain!r} has no images left "
+                             f"after holding out {holdout_fraction:.0%}")
+        splits.append(Split(domain, in_indices, out_indices))
+    return DomainLoaders(ds, test_envs, batch_size, seed, splits, augment, num_workers,
+                         image_size or ds.image_size, eval_batch_size or DEFAULT_EVAL_BATCH_SIZE)
