@@ -1,0 +1,204 @@
+"""Hyperparameters: each declared once, its default beside its random-search range.
+
+As DomainBed's registry: :func:`_declare` lists, per (algorithm, dataset), every
+hyperparameter as a default and a draw (a function of a ``numpy`` RandomState). Each
+draw gets its own RandomState seeded by a stable hash of (seed, trial seed, name), so
+adding or removing a hyperparameter changes no other one's draw. A hyperparameter that
+is a protocol choice or an ablation switch rather than a searched value (architecture,
+schedule, step count, freeze mode, ...) has no range: its draw is its default.
+
+Defaults: on the five image datasets, SAGM's published per-dataset learning rate,
+weight decay and alpha (ANCHORS.md) with ResNet-50, frozen batch norm, dropout 0.5 and
+32 images per domain; DomainBed's ranges for the random search. On ``digits`` (the
+offline DigitsDG, small CNN) the feasibility run's settings (STUDY.md): Adam 1e-3 for
+float training, 3e-4 for QAT, cosine decay because a constant rate left the last
+checkpoints swinging by several points. A dataset not listed (a user's own folder in
+DomainBed's layout) gets DomainBed's generic image-dataset defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from gaqat.algorithms import SCHEDULES, get_recipe
+from gaqat.disorder import METRICS
+from gaqat.freezing import MODES
+from gaqat.models import ARCHITECTURES
+from gaqat.quant import FIRST_LAST_POLICIES
+
+DATASETS = ("digits", "PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet")
+
+# SAGM release (ANCHORS.md): learning rate, weight decay, alpha.
+_SAGM_PUBLISHED = {
+    "PACS": (3e-5, 1e-4, 1e-3),
+    "VLCS": (1e-5, 1e-4, 1e-3),
+    "OfficeHome": (1e-5, 1e-4, 5e-4),
+    "TerraIncognita": (1e-5, 1e-4, 1e-3),
+    "DomainNet": (3e-5, 1e-6, 5e-4),
+}
+# A dataset SAGM did not publish: DomainBed's generic lr and weight decay, SAGM's alpha.
+_GENERIC_IMAGE = (5e-5, 0.0, 1e-3)
+
+# GAQAT's window: the paper's figures use 350 steps on PACS and 2111 on DomainNet.
+# VLCS, OfficeHome and TerraIncognita train 5000 steps with PACS's batches, so PACS's
+# 350 gives them the same ~14 windows per run. DigitsDG: 50 (STUDY.md, ~20 windows in
+# a 1000-step run).
+_WINDOW = {"digits": 50, "DomainNet": 2111}
+_DEFAULT_WINDOW = 350
+
+# Values of the hyperparameters that take one of a few names.
+CHOICES: dict[str, tuple] = {
+    "arch": ARCHITECTURES,
+    "lr_schedule": SCHEDULES,
+    "freeze_mode": MODES,
+    "disorder_metric": tuple(METRICS),
+    "first_last": FIRST_LAST_POLICIES,
+}
+
+
+@dataclass(frozen=True)
+class Hparam:
+    default: Any
+    draw: Callable[[np.random.RandomState], Any]
+
+
+def seed_hash(*args: Any) -> int:
+    """A seed in [0, 2^31) from any printable arguments, equal on every machine and run.
+
+    Python's ``hash()`` of a string changes between interpreter runs, so it cannot be used.
+    """
+    digest = hashlib.md5(repr(args).encode("utf-8")).hexdigest()
+    return int(digest, 16) % (2**31)
+
+
+def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
+    """The registry: every hyperparameter of (algorithm, dataset), default beside range.
+
+    Which keys a method has follows its recipe (``gaqat.algorithms``): the flatness
+    objective's ``rho`` (and SAGM's ``alpha``), the quantizers', the freezer's.
+    """
+    recipe = get_recipe(algorithm)  # an unknown name is an error listing the choices
+    hp: dict[str, Hparam] = {}
+
+    def declare(name: str, default: Any, draw: Callable | None = None) -> None:
+        """``draw`` None: not searched, every draw is the default."""
+        hp[name] = Hparam(default, draw if draw is not None else (lambda r: default))
+
+    digits = dataset == "digits"
+    quantized = recipe.quantized
+    lr, weight_decay, alpha = _SAGM_PUBLISHED.get(dataset, _GENERIC_IMAGE)
+
+    # Model.
+    declare("arch", "small_cnn" if digits else "resnet50")
+    declare("resnet_dropout", 0.0 if digits else 0.5, lambda r: r.choice([0.0, 0.1, 0.5]))
+    declare("freeze_bn", not digits)  # ImageNet statistics kept for ResNets, as DomainBed
+
+    # Optimisation.
+    if digits and quantized:
+        declare("lr", 3e-4, lambda r: 10 ** r.uniform(-4.5, -3))
+    elif digits:
+        declare("lr", 1e-3, lambda r: 10 ** r.uniform(-4.5, -2.5))
+    else:
+        declare("lr", lr, lambda r: 10 ** r.uniform(-5, -3.5))
+    if digits:
+        declare("weight_decay", 0.0)
+    else:
+        declare("weight_decay", weight_decay, lambda r: 10 ** r.uniform(-6, -2))
+    if digits:
+        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 6)))
+    elif dataset == "DomainNet":
+        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5)))
+    else:
+        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)))
+    declare("lr_schedule", "cosine" if digits else "constant")
+
+    # Run length (DATA.md; DomainBed's checkpoint frequencies; STUDY.md for digits).
+    if digits:
+        declare("steps", 1000)
+        declare("checkpoint_freq", 100)
+    elif dataset == "DomainNet":
+        declare("steps", 15000)
+        declare("checkpoint_freq", 1000)
+    else:
+        declare("steps", 5000)
+        declare("checkpoint_freq", 300)
+
+    # Flatness objective.
+    if recipe.objective in ("sam", "sagm"):
+        declare("rho", 0.05, lambda r: 10 ** r.uniform(-2, -1))
+    if recipe.objective == "sagm":
+        declare("alpha", 1e-3 if digits else alpha, lambda r: 10 ** r.uniform(-4, -2.5))
+
+    # Quantization.
+    if quantized:
+        declare("per_channel", False)
+        declare("first_last", "float")
+
+    # Selective freezing.
+    if recipe.freezing:
+        window = _WINDOW.get(dataset, _DEFAULT_WINDOW)
+        declare("tau", 0.3, lambda r: r.uniform(0.1, 0.5))
+        declare("window", window, lambda r: int(window * 2 ** r.uniform(-1, 1)))
+        declare("freeze_mode", "task")
+        declare("unfreeze", False)
+        declare("disorder_metric", "sign_flip")
+    return hp
+
+
+def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
+    return {name: h.default for name, h in _declare(algorithm, dataset).items()}
+
+
+def random_hparams(algorithm: str, dataset: str, seed: int, trial_seed: int = 0) -> dict[str, Any]:
+    """One random-search draw; each value depends only on (seed, trial_seed, its name).
+
+    Values have the type of their default (Python scalars, JSON-ready).
+    """
+    return {name: type(h.default)(h.draw(np.random.RandomState(seed_hash(seed, trial_seed, name))))
+            for name, h in _declare(algorithm, dataset).items()}
+
+
+def _checked(name: str, value: Any, current: Any) -> Any:
+    """``value`` if it can replace ``current`` (same type; floats accept ints), else an error."""
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"hparams override {name!r}: expected {type(current).__name__}, "
+                         f"got {value!r} ({type(value).__name__})")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"hparams override {name!r}: {value!r} is not one of {CHOICES[name]}")
+    return value
+
+
+def apply_overrides(hparams: dict[str, Any], overrides: str | dict | None) -> dict[str, Any]:
+    """A copy of ``hparams`` with user overrides (a JSON object string, or a dict) applied.
+
+    Unknown keys are an error listing the valid ones: a misspelt key must not be ignored.
+    """
+    if overrides is None:
+        return dict(hparams)
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"hparams overrides: not valid JSON ({error}): "
+                             f"{overrides!r}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"hparams overrides: expected a JSON object, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(hparams))
+    if unknown:
+        raise ValueError(f"hparams overrides: unknown key(s) {', '.join(unknown)}; "
+                         f"valid keys for this algorithm and dataset: {', '.join(sorted(hparams))}")
+    return {**hparams, **{k: _checked(k, v, hparams[k]) for k, v in overrides.items()}}

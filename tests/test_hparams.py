@@ -1,0 +1,149 @@
+"""The hyperparameter registry: published defaults, key sets, seeded draws, overrides."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gaqat import hparams
+from gaqat.algorithms import ALGORITHMS
+from gaqat.hparams import (CHOICES, DATASETS, Hparam, apply_overrides,
+                           default_hparams, random_hparams, seed_hash)
+
+IMAGE_DATASETS = [d for d in DATASETS if d != "digits"]
+
+
+@pytest.mark.parametrize("dataset, lr, weight_decay, alpha", [
+    ("PACS", 3e-5, 1e-4, 1e-3), ("VLCS", 1e-5, 1e-4, 1e-3), ("OfficeHome", 1e-5, 1e-4, 5e-4),
+    ("TerraIncognita", 1e-5, 1e-4, 1e-3), ("DomainNet", 3e-5, 1e-6, 5e-4)])
+def test_image_datasets_default_to_sagm_published_values(dataset, lr, weight_decay, alpha):
+    for algorithm in ALGORITHMS:
+        hp = default_hparams(algorithm, dataset)
+        assert (hp["lr"], hp["weight_decay"]) == (lr, weight_decay)
+        assert (hp["arch"], hp["freeze_bn"], hp["resnet_dropout"]) == ("resnet50", True, 0.5)
+        assert (hp["batch_size"], hp["lr_schedule"]) == (32, "constant")
+    assert default_hparams("gaqat", dataset)["alpha"] == alpha
+    assert default_hparams("sagm", dataset)["rho"] == 0.05
+
+
+def test_run_length_and_window_per_dataset():
+    assert default_hparams("erm", "PACS")["steps"] == 5000
+    assert default_hparams("erm", "DomainNet")["steps"] == 15000
+    assert default_hparams("gaqat", "PACS")["window"] == 350
+    assert default_hparams("gaqat", "DomainNet")["window"] == 2111
+    assert default_hparams("gaqat", "digits")["window"] == 50
+
+
+def test_digits_defaults():
+    float_hp, qat_hp = default_hparams("erm", "digits"), default_hparams("lsq_sagm", "digits")
+    assert (float_hp["lr"], qat_hp["lr"]) == (1e-3, 3e-4)
+    assert float_hp["arch"] == "small_cnn" and not float_hp["freeze_bn"]
+    assert float_hp["lr_schedule"] == "cosine" and float_hp["batch_size"] == 32
+
+
+def test_algorithm_specific_keys_only_where_used():
+    common = set(default_hparams("erm", "PACS"))
+    extra = {a: set(default_hparams(a, "PACS")) - common for a in ALGORITHMS}
+    quant = {"per_channel", "first_last"}
+    freezing = {"tau", "window", "freeze_mode", "unfreeze", "disorder_metric"}
+    assert extra == {"erm": set(), "sagm": {"rho", "alpha"}, "lsq": quant,
+                     "lsq_sam": {"rho"} | quant, "lsq_sagm": {"rho", "alpha"} | quant,
+                     "gaqat": {"rho", "alpha"} | quant | freezing}
+    gaqat = default_hparams("gaqat", "PACS")
+    assert (gaqat["tau"], gaqat["freeze_mode"], gaqat["unfreeze"], gaqat["disorder_metric"]) == \
+        (0.3, "task", False, "sign_flip")
+    assert (gaqat["per_channel"], gaqat["first_last"]) == (False, "float")
+
+
+def test_unknown_algorithm_lists_choices():
+    with pytest.raises(ValueError, match="choices: erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat"):
+        default_hparams("sgd", "PACS")
+
+
+def test_unlisted_dataset_gets_generic_image_defaults():
+    hp = default_hparams("sagm", "my_folder")
+    assert (hp["lr"], hp["weight_decay"], hp["alpha"], hp["arch"]) == (5e-5, 0.0, 1e-3, "resnet50")
+
+
+def test_seed_hash_is_stable_across_processes():
+    # md5-based: a fixed value, so draws never change between runs or machines.
+    assert seed_hash(1, 0, "lr") == seed_hash(1, 0, "lr") == 1661246503
+    assert seed_hash(1, 0, "lr") != seed_hash(1, 0, "rho")
+
+
+def test_random_draws_are_deterministic_and_json_ready():
+    a = random_hparams("gaqat", "PACS", seed=7, trial_seed=1)
+    assert a == random_hparams("gaqat", "PACS", seed=7, trial_seed=1)
+    assert a != random_hparams("gaqat", "PACS", seed=8, trial_seed=1)
+    assert a != random_hparams("gaqat", "PACS", seed=7, trial_seed=2)
+    assert json.loads(json.dumps(a)) == a
+    defaults = default_hparams("gaqat", "PACS")
+    assert {k: type(v) for k, v in a.items()} == {k: type(v) for k, v in defaults.items()}
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_draws_stay_in_their_ranges(dataset):
+    for seed in range(1, 40):
+        hp = random_hparams("gaqat", dataset, seed)
+        low_lr = 10 ** -5 if dataset != "digits" else 10 ** -4.5
+        assert low_lr <= hp["lr"] <= 10 ** -2.5
+        assert 8 <= hp["batch_size"] < 64
+        assert 0.1 <= hp["tau"] <= 0.5 and 0.01 <= hp["rho"] <= 0.1
+        window = default_hparams("gaqat", dataset)["window"]
+        assert window // 2 <= hp["window"] <= 2 * window
+        assert hp["resnet_dropout"] in (0.0, 0.1, 0.5)
+        assert all(hp[k] in CHOICES[k] for k in CHOICES)
+        # Not-searched values are their defaults in every draw.
+        assert hp["steps"] == default_hparams("gaqat", dataset)["steps"]
+
+
+def test_adding_a_hyperparameter_changes_no_other_draw(monkeypatch):
+    before = random_hparams("gaqat", "PACS", seed=3)
+    declare = hparams._declare
+
+    def with_new_one(algorithm, dataset):
+        return {"new_one": Hparam(1.0, lambda r: r.uniform()), **declare(algorithm, dataset)}
+
+    monkeypatch.setattr(hparams, "_declare", with_new_one)
+    after = random_hparams("gaqat", "PACS", seed=3)
+    assert after.pop("new_one") != 1.0
+    assert after == before
+
+
+def test_overrides_from_json_and_dict():
+    hp = default_hparams("gaqat", "PACS")
+    out = apply_overrides(hp, '{"lr": 1, "tau": 0.2, "unfreeze": true, "window": 100, '
+                              '"freeze_mode": "all"}')
+    assert (out["lr"], out["tau"], out["unfreeze"], out["window"], out["freeze_mode"]) == \
+        (1.0, 0.2, True, 100, "all")
+    assert isinstance(out["lr"], float)
+    assert hp == default_hparams("gaqat", "PACS")  # the input is not modified
+    assert apply_overrides(hp, {"rho": 0.1})["rho"] == 0.1
+    assert apply_overrides(hp, None) == apply_overrides(hp, "") == hp
+
+
+def test_unknown_override_key_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) tau.*valid keys.*alpha, arch"):
+        apply_overrides(default_hparams("sagm", "PACS"), '{"tau": 0.1}')
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ('{"lr": "fast"}', "'lr': expected float"),
+    ('{"lr": true}', "'lr': expected float"),
+    ('{"window": 2.5}', "'window': expected int"),
+    ('{"window": true}', "'window': expected int"),
+    ('{"unfreeze": 1}', "'unfreeze': expected bool"),
+    ('{"freeze_mode": "some"}', r"'freeze_mode': 'some' is not one of \('task', 'all'\)"),
+    ('{"disorder_metric": 3}', "'disorder_metric': expected str"),
+    ('{"lr": 1e-3', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_override_values_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(default_hparams("gaqat", "digits"), overrides)
+
+
+def test_draw_values_follow_numpy_random_state():
+    # The draw of one name is its own RandomState's first numbers, whatever the others.
+    r = np.random.RandomState(seed_hash(5, 0, "tau"))
+    assert random_hparams("gaqat", "VLCS", 5)["tau"] == r.uniform(0.1, 0.5)

@@ -1,0 +1,190 @@
+"""``gaqat report`` on fixture runs with hand-computed means and standard errors."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from gaqat import cli
+from gaqat.report import TruncatedRecordWarning, load_runs, report
+
+DOMAINS = ["mnist", "mnist_m", "syn"]
+
+# Test accuracy chosen by training-domain validation, per (algorithm, test env): one
+# value per trial seed 0, 1, 2. By hand (SE = population std / sqrt(3), in %):
+#   erm env0 [50, 60, 70]: mean 60.0, std sqrt(200/3) = 8.165, SE 4.714 -> 4.7
+#   erm env1 [40, 40, 70]: mean 50.0, std sqrt(600/3) = 14.142, SE 8.165 -> 8.2
+#   erm Avg per trial [45, 50, 70]: mean 55.0, std sqrt(350/3) = 10.801, SE 6.236 -> 6.2
+CHOSEN = {("erm", 0): [0.5, 0.6, 0.7], ("erm", 1): [0.4, 0.4, 0.7],
+          ("lsq", 0): [0.3, 0.5, 0.4], ("lsq", 1): [0.2, 0.2, 0.2]}
+
+
+def records(algorithm, bits, test_env, trial, chosen, hparams_seed=0, train_out=0.9):
+    """Two checkpoints: the first is best on the training domains' out splits (its test-in
+    accuracy is ``chosen``); the last has test-in ``chosen`` + 0.1 (what the oracle takes)."""
+    out = []
+    for step, train_acc, test_in, test_out in ((100, train_out, chosen, 0.3),
+                                               (200, train_out - 0.1, chosen + 0.1, 0.6)):
+        r = {"step": step, "epoch": step / 10, "loss": 0.5, "step_time": 0.1, "mem_gb": 0.0,
+             "hparams": {"lr": 1e-3},
+             "args": {"dataset": "digits", "algorithm": algorithm, "test_envs": [test_env],
+                      "trial_seed": trial, "hparams_seed": hparams_seed, "bits": bits,
+                      "domains": DOMAINS}}
+        for i in range(len(DOMAINS)):
+            r[f"env{i}_in_acc"] = test_in if i == test_env else 0.95
+            r[f"env{i}_out_acc"] = test_out if i == test_env else train_acc
+        out.append(r)
+    return out
+
+
+def write_run(folder, recs, done=True, tail=""):
+    folder.mkdir(parents=True)
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + tail)
+    if done:
+        (folder / "done").write_text("")
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for (algorithm, env), accs in CHOSEN.items():
+        bits = None if algorithm == "erm" else 4
+        for trial, acc in enumerate(accs):
+            write_run(tmp_path / f"{algorithm}_{env}_{trial}",
+                      records(algorithm, bits, env, trial, acc), done=algorithm == "erm")
+    # A second hyperparameter draw, worse on the training domains and on the test domain's
+    # out split: neither method may pick it, though its test accuracy is high.
+    worse = records("erm", None, 0, 0, 0.99, hparams_seed=1, train_out=0.5)
+    for r in worse:
+        r["env0_out_acc"] = 0.1
+    write_run(tmp_path / "nested" / "erm_0_0_h1", worse)
+    return tmp_path
+
+
+def test_markdown_means_and_standard_errors(sweep):
+    text = report([sweep])
+    assert "### digits: training-domain validation set" in text
+    assert "| Algorithm | Bits | mnist | mnist_m | Avg | Trials |" in text
+    assert "| erm | 32 | 60.0 ± 4.7 | 50.0 ± 8.2 | 55.0 ± 6.2 | 3 |" in text
+    # lsq env0 [30, 50, 40]: SE sqrt(200/3)/sqrt(3) = 4.7; env1 constant; avg [25, 35, 30].
+    assert "| lsq | 4 | 40.0 ± 4.7* | 20.0 ± 0.0* | 30.0 ± 2.4* | 3 |" in text
+    assert text.index("| erm |") < text.index("| lsq |")  # float rows first
+    assert "13 runs (6 without a `done` file, marked *)" in text
+    assert "oracle" not in text
+
+
+def test_oracle_takes_last_checkpoint_and_is_labelled(sweep):
+    text = report([sweep], selection="oracle")
+    assert "### digits: test-domain validation set (oracle)" in text
+    assert "| erm | 32 | 70.0 ± 4.7 | 60.0 ± 8.2 | 65.0 ± 6.2 | 3 |" in text
+    both = report([sweep], selection="all")
+    assert both.index("training-domain validation set") < both.index("(oracle)")
+
+
+def test_csv_parses_with_unrounded_numbers(sweep):
+    rows = list(csv.DictReader(io.StringIO(report([sweep], fmt="csv", selection="all"))))
+    assert len(rows) == 2 * 2 * 3  # selections x rows x (2 domains + Avg)
+    cell = {(r["selection"], r["algorithm"], r["domain"]): r for r in rows}
+    erm = cell[("training", "erm", "mnist_m")]
+    assert (erm["bits"], erm["n"], erm["incomplete"]) == ("32", "3", "0")
+    assert float(erm["mean"]) == pytest.approx(50.0)
+    assert float(erm["stderr"]) == pytest.approx(8.1650, abs=1e-4)
+    assert float(cell[("training", "erm", "Avg")]["stderr"]) == pytest.approx(6.2361, abs=1e-4)
+    assert float(cell[("oracle", "lsq", "mnist")]["mean"]) == pytest.approx(50.0)
+    assert cell[("oracle", "lsq", "mnist")]["incomplete"] == "1"
+
+
+def test_latex_table_parses(sweep):
+    text = report([sweep], fmt="latex")
+    body = text[text.index(r"\midrule") + len(r"\midrule"):text.index(r"\bottomrule")]
+    rows = [[c.strip() for c in line.removesuffix(r"\\").split("&")]
+            for line in body.strip().splitlines()]
+    assert rows[0] == ["erm", "32", r"60.0 $\pm$ 4.7", r"50.0 $\pm$ 8.2", r"55.0 $\pm$ 6.2", "3"]
+    assert rows[1][0] == r"lsq" and rows[1][2].endswith("*")
+    assert r"Algorithm & Bits & mnist & mnist\_m & Avg & Trials \\" in text
+    assert r"\begin{tabular}{llcccc}" in text
+
+
+def test_single_trial_shows_no_error_and_missing_average(tmp_path):
+    write_run(tmp_path / "a", records("gaqat", 3, 1, 0, 0.42))
+    write_run(tmp_path / "b", records("gaqat", 4, 0, 0, 0.5))
+    text = report([tmp_path])
+    # 3 bits has only mnist_m: no Avg over both columns; rows by falling bit width.
+    assert "| gaqat | 4 | 50.0 | – | – | 1 |" in text
+    assert "| gaqat | 3 | – | 42.0 | – | 1 |" in text
+    assert text.index("| gaqat | 4 |") < text.index("| gaqat | 3 |")
+
+
+def test_truncated_last_line_warns_and_keeps_the_rest(tmp_path):
+    write_run(tmp_path / "run", records("erm", None, 1, 0, 0.4), done=False, tail='{"step": 3')
+    with pytest.warns(TruncatedRecordWarning, match=r"run/results.jsonl, line 3: truncated"):
+        text = report([tmp_path])
+    assert "| erm | 32 | 40.0* | 40.0* | 1 |" in text
+
+
+def test_bad_line_inside_the_file_is_an_error(tmp_path):
+    recs = records("erm", None, 1, 0, 0.4)
+    write_run(tmp_path / "run", [])
+    (tmp_path / "run" / "results.jsonl").write_text(
+        json.dumps(recs[0]) + "\n{broken\n" + json.dumps(recs[1]) + "\n")
+    with pytest.raises(ValueError, match=r"results.jsonl, line 2: not valid JSON"):
+        report([tmp_path])
+
+
+@pytest.mark.parametrize("drop, key", [
+    (lambda r: r.pop("env1_out_acc"), "'env1_out_acc'"),
+    (lambda r: r["args"].pop("trial_seed"), "'args.trial_seed'"),
+    (lambda r: r.pop("step"), "'step'"),
+])
+def test_missing_key_names_file_line_and_key(tmp_path, drop, key):
+    recs = records("erm", None, 1, 0, 0.4)
+    drop(recs[1])
+    write_run(tmp_path / "run", recs)
+    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: missing key {key}"):
+        report([tmp_path])
+
+
+def test_inconsistent_records_are_errors(tmp_path):
+    recs = records("erm", None, 1, 0, 0.4)
+    recs[1]["args"]["trial_seed"] = 5
+    write_run(tmp_path / "mixed", recs)
+    with pytest.raises(ValueError, match="line 2: args .* differ from line 1's"):
+        load_runs([tmp_path / "mixed"])
+    bad_env = records("erm", None, 3, 0, 0.4)[:1]
+    bad_env[0]["env3_in_acc"] = bad_env[0]["env3_out_acc"] = 0.5
+    write_run(tmp_path / "env", bad_env)
+    with pytest.raises(ValueError, match=r"test_envs \[3\] are not domain indices 0..2"):
+        load_runs([tmp_path / "env"])
+    other = records("erm", None, 0, 0, 0.4)
+    for r in other:
+        r["args"]["domains"] = ["a", "b", "c"]
+    write_run(tmp_path / "other", other)
+    write_run(tmp_path / "one", records("erm", None, 0, 1, 0.4))
+    with pytest.raises(ValueError, match="dataset digits: .* has domains"):
+        load_runs([tmp_path / "other", tmp_path / "one"])
+
+
+def test_missing_folders_and_bad_options(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        report([tmp_path / "nope"])
+    with pytest.raises(FileNotFoundError, match="no results.jsonl below"):
+        report([tmp_path])
+    with pytest.raises(ValueError, match="format 'html' is not one of markdown, csv, latex"):
+        report([tmp_path], fmt="html")
+    with pytest.raises(ValueError, match="selection 'best' is not one of training, oracle, all"):
+        report([tmp_path], selection="best")
+
+
+def test_same_file_reached_twice_counts_once(sweep):
+    assert len(load_runs([sweep, sweep / "nested", sweep])) == 13
+
+
+def test_cli_report(sweep, tmp_path, capsys):
+    write_run(tmp_path / "torn", records("erm", None, 2, 0, 0.4), tail="{")
+    assert cli.main(["report", str(sweep), str(tmp_path / "torn"), "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    header = "selection,dataset,algorithm,bits,domain,mean,stderr,n,incomplete\n"
+    assert captured.out.startswith(header)
+    assert "gaqat report: warning: " in captured.err and "line 3: truncated" in captured.err
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
