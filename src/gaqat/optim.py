@@ -1,0 +1,193 @@
+"""SAM and SAGM: two-pass flatness optimizers that wrap an ordinary torch optimizer.
+
+One ``step(closure)`` runs the closure (forward + backward on the step's minibatch) at θ,
+perturbs θ by e = (ρ / (‖g‖₂ + 1e-12) − α)·g, runs it again at θ + e, restores θ
+bit-for-bit, writes the final gradient (SAM: g_p; SAGM: ½·(g + g_p), METHOD.md §3) and
+calls the base optimizer. The wrappers share the base optimizer's ``param_groups`` and
+``state``, so learning-rate schedulers and checkpoints see one optimizer.
+
+Watched parameters (the quantizers' step sizes) keep the two components of METHOD.md §4
+after every step, ``g_task = g`` and ``g_smooth = g_p − g``, as device tensors: they fall
+out of the two passes, cost no extra pass and no host synchronisation.
+
+Batch norm: the perturbed pass must not move running statistics, but an optimizer holds
+no model. During that pass a process-wide forward pre-hook switches each train-mode
+batch-norm layer to ``track_running_stats=False`` just before it runs (it still
+normalises with batch statistics, exactly as in training, but leaves running_mean,
+running_var and num_batches_tracked alone) and switches it back afterwards. Models
+without batch norm are unaffected; do not run other forward passes in other threads
+during ``step``.
+
+Mixed precision: bfloat16 autocast inside the closure works unchanged (bf16 has fp32's
+exponent range, so no loss scaling is needed, and gradients land in the parameters'
+dtype). fp16 with ``GradScaler`` is refused: the scaler checks for inf/NaN and updates
+its scale once per optimizer step, but here the perturbation is built from the first
+pass's gradients before the scaler could unscale or inspect them, an overflow in either
+pass would have to abandon the whole two-pass step, and α·g is not invariant to the loss
+scale. ``GradScaler.step(wrapper, closure)`` therefore raises; use bfloat16 instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+_NORM_EPS = 1e-12
+
+
+@contextmanager
+def frozen_running_stats() -> Iterator[None]:
+    """Keep every batch-norm layer's running statistics unchanged while the block runs."""
+    switched: list[_BatchNorm] = []
+
+    def hook(module: nn.Module, args: object) -> None:
+        if not (module.training and getattr(module, "track_running_stats", False)):
+            return
+        if isinstance(module, _BatchNorm):
+            module.track_running_stats = False
+            switched.append(module)
+        elif isinstance(module, _InstanceNorm):
+            raise ValueError(f"{type(module).__name__} with track_running_stats=True is not "
+                             "supported by SAM/SAGM: its running statistics would change "
+                             "during the perturbed pass")
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module in switched:
+            module.track_running_stats = True
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimisation (Foret et al., 2021): the base optimizer steps with g_p.
+
+    ``watch`` maps names to parameters whose components are kept after each step in
+    ``g_task`` and ``g_smooth`` (name -> tensor shaped like the parameter).
+    """
+
+    # GradScaler.step hands the call to optimizers that claim this, so step() can refuse it.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, *,
+                 watch: Mapping[str, nn.Parameter] | None = None):
+        if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAM):
+            raise ValueError(f"{type(self).__name__}: base_optimizer must be a plain "
+                             f"torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        self.base_optimizer = base_optimizer
+        self.rho = self._non_negative("rho", rho)
+        self.alpha = 0.0
+        super().__init__(base_optimizer.param_groups, dict(base_optimizer.defaults))
+        self._share_base()
+        self.watch = dict(watch or {})
+        self._check_watch()
+        self.g_task: dict[str, torch.Tensor] = {}
+        self.g_smooth: dict[str, torch.Tensor] = {}
+
+    def _non_negative(self, field: str, value: float) -> float:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{type(self).__name__}.{field}: expected a finite number >= 0, "
+                             f"got {value!r}")
+        return float(value)
+
+    def _share_base(self) -> None:
+        """Point at the base optimizer's groups and state (which its load_state_dict replaces)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def _check_watch(self) -> None:
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        for name, param in self.watch.items():
+            if id(param) not in held:
+                raise ValueError(f"{type(self).__name__}: watched parameter {name!r} is not in the "
+                                 "base optimizer's param_groups (build the optimizer after "
+                                 "quantize_model so that it holds every step size)")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """One two-pass step; ``closure`` runs forward and backward and returns the loss."""
+        if hasattr(self, "found_inf"):  # set by GradScaler.step just before it calls us
+            del self.found_inf, self.grad_scale  # GradScaler would delete them after the call
+            raise RuntimeError(f"{type(self).__name__} does not support fp16 GradScaler: a two-pass "
+                               "step cannot be loss-scaled (see gaqat.optim); use "
+                               "torch.autocast(dtype=torch.bfloat16) without a scaler")
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that runs forward and "
+                             "backward on the step's minibatch and returns the loss")
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        has_grad = [p.grad is not None for p in params]
+        moved = [p for p, h in zip(params, has_grad) if h]
+        if not moved:
+            raise RuntimeError(f"{type(self).__name__}.step: the closure left no gradients "
+                               "(does it call loss.backward()?)")
+        g = [p.grad for p in moved]
+        g_watch = [_grad_or_zeros(p) for p in self.watch.values()]
+
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+        theta = torch._foreach_mul(moved, 1.0)  # an exact copy, to restore θ bit-for-bit
+        torch._foreach_add_(moved, torch._foreach_mul(g, self.rho / (norm + _NORM_EPS) - self.alpha))
+
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad(), frozen_running_stats():
+            closure()
+        torch._foreach_copy_(moved, theta)
+        for p, h in zip(params, has_grad):
+            if not h:  # no gradient at θ: SAM/SAGM has no update for it
+                p.grad = None
+            elif p.grad is None:
+                p.grad = torch.zeros_like(p)
+        g_p = [p.grad for p in moved]
+
+        if self.watch:
+            names = list(self.watch)
+            gp_watch = [_grad_or_zeros(p) for p in self.watch.values()]
+            self.g_task = dict(zip(names, g_watch))
+            self.g_smooth = dict(zip(names, torch._foreach_sub(gp_watch, g_watch)))
+        self._combine(g, g_p)
+        self._before_base_step()
+        self.base_optimizer.step()
+        return loss
+
+    def _combine(self, g: list[torch.Tensor], g_p: list[torch.Tensor]) -> None:
+        """Turn the gradients written by the perturbed pass (``g_p``, in place) into the final one."""
+
+    def _before_base_step(self) -> None:
+        """Last chance to edit ``.grad`` before the base optimizer steps (GAQAT's freezer)."""
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict: ρ and α are construction arguments, not state."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base()
+
+
+class SAGM(SAM):
+    """Sharpness-aware gradient matching (Wang et al., CVPR 2023): steps with ½·(g + g_p).
+
+    The perturbation subtracts α·g from SAM's ascent step (METHOD.md §3).
+    """
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
+                 alpha: float = 1e-3, *, watch: Mapping[str, nn.Parameter] | None = None):
+        super().__init__(base_optimizer, rho, watch=watch)
+        self.alpha = self._non_negative("alpha", alpha)
+
+    def _combine(self, g: list[torch.Tensor], g_p: list[torch.Tensor]) -> None:
+        torch._foreach_add_(g_p, g)
+        torch._foreach_mul_(g_p, 0.5)
+
+
+def _grad_or_zeros(param: nn.Parameter) -> torch.Tensor:
+    return param.grad if param.grad is not None else torch.zeros_like(param)

@@ -1,0 +1,268 @@
+"""SAM/SAGM against a hand-computed two-pass step, in float64 on tiny models.
+
+The models carry extra scalar and per-channel parameters that play the role of LSQ
+step sizes, so the optimizer is tested without depending on gaqat.quant.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gaqat.optim import SAGM, SAM
+
+torch.set_num_threads(1)
+
+
+class TinyMLP(nn.Module):
+    """Linear-tanh-linear with a per-channel weight scale and a scalar activation scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+        self.w_scale = nn.Parameter(torch.full((6, 1), 0.9))
+        self.a_scale = nn.Parameter(torch.tensor(1.1))
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.fc1.weight * self.w_scale, self.fc1.bias) * self.a_scale)
+        return self.fc2(h)
+
+    def step_sizes(self):
+        return {"w_scale": self.w_scale, "a_scale": self.a_scale}
+
+
+class TinyConvBN(nn.Module):
+    """Conv-BN-ReLU-pool-linear with a scalar weight scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+        self.w_scale = nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, x):
+        h = F.conv2d(x, self.conv.weight * self.w_scale, padding=1)
+        return self.fc(F.relu(self.bn(h)).mean(dim=(2, 3)))
+
+    def step_sizes(self):
+        return {"w_scale": self.w_scale}
+
+
+def make(model_cls, seed=0):
+    torch.manual_seed(seed)
+    model = model_cls().double()
+    shape = (8, 4) if model_cls is TinyMLP else (8, 2, 5, 5)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    return model, x, y
+
+
+def closure_for(model, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def capture_grads(base):
+    """The gradients the base optimizer sees, copied at the start of its step."""
+    seen = {}
+
+    def hook(optimizer, args, kwargs):
+        seen.clear()
+        seen.update({p: p.grad.clone() for g in optimizer.param_groups for p in g["params"]
+                     if p.grad is not None})
+    base.register_step_pre_hook(hook)
+    return seen
+
+
+def reference_grads(model, x, y, rho, alpha):
+    """g at θ and g_p at θ + e, by hand on a copy of the model."""
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    with torch.no_grad():
+        for p, t in zip(params, g):
+            p.add_((rho / (norm + 1e-12) - alpha) * t)
+    g_p = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    return dict(zip(model.parameters(), g)), dict(zip(model.parameters(), g_p))
+
+
+@pytest.mark.parametrize("model_cls", [TinyMLP, TinyConvBN])
+@pytest.mark.parametrize("wrapper, kwargs, final", [
+    (SAGM, {"rho": 0.5, "alpha": 0.01}, lambda g, g_p: 0.5 * (g + g_p)),
+    (SAM, {"rho": 0.5}, lambda g, g_p: g_p),
+])
+def test_the_base_optimizer_gets_the_hand_computed_gradient(model_cls, wrapper, kwargs, final):
+    model, x, y = make(model_cls)
+    g, g_p = reference_grads(model, x, y, rho=0.5, alpha=kwargs.get("alpha", 0.0))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = capture_grads(base)
+    wrapper(base, **kwargs).step(closure_for(model, x, y))
+    assert set(seen) == set(model.parameters())
+    for p in model.parameters():
+        torch.testing.assert_close(seen[p], final(g[p], g_p[p]), rtol=0, atol=1e-10)
+
+
+def test_components_split_the_sagm_gradient_of_watched_parameters():
+    model, x, y = make(TinyMLP)
+    g, g_p = reference_grads(model, x, y, rho=0.5, alpha=0.01)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = capture_grads(base)
+    opt = SAGM(base, rho=0.5, alpha=0.01, watch=model.step_sizes())
+    opt.step(closure_for(model, x, y))
+    for name, p in model.step_sizes().items():
+        torch.testing.assert_close(opt.g_task[name], g[p], rtol=0, atol=1e-10)
+        torch.testing.assert_close(opt.g_smooth[name], g_p[p] - g[p], rtol=0, atol=1e-10)
+        torch.testing.assert_close(opt.g_task[name] + 0.5 * opt.g_smooth[name], seen[p],
+                                   rtol=0, atol=1e-12)
+
+
+def test_parameters_are_restored_bit_for_bit():
+    model, x, y = make(TinyConvBN)
+    before = [p.detach().clone() for p in model.parameters()]
+    SAGM(torch.optim.SGD(model.parameters(), lr=0.0), rho=3.0).step(closure_for(model, x, y))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_bn_running_stats_move_as_after_one_plain_forward():
+    model, x, y = make(TinyConvBN)
+    plain = copy.deepcopy(model)
+    plain(x)
+    SAGM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5).step(closure_for(model, x, y))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model.bn, name), getattr(plain.bn, name)), name
+    assert model.bn.track_running_stats
+
+
+def test_instance_norm_with_running_stats_is_refused():
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.InstanceNorm2d(2, track_running_stats=True),
+                          nn.Flatten(), nn.Linear(8, 2))
+    x, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 0])
+    with pytest.raises(ValueError, match="InstanceNorm2d"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1)).step(closure_for(model, x, y))
+
+
+def pass_counter(model):
+    """Counts of forward passes through ``model`` and of backward passes through its output."""
+    counts = {"forward": 0, "backward": 0}
+
+    def count(key):
+        counts[key] += 1
+
+    def on_forward(module, args, output):
+        count("forward")
+        output.register_hook(lambda grad: count("backward"))
+    model.register_forward_hook(on_forward)
+    return counts
+
+
+@pytest.mark.parametrize("wrapper", [SAM, SAGM])
+def test_exactly_two_forward_and_two_backward_passes_per_step(wrapper):
+    model, x, y = make(TinyConvBN)
+    counts = pass_counter(model)
+    opt = wrapper(torch.optim.Adam(model.parameters(), lr=1e-3), watch=model.step_sizes())
+    for _ in range(3):
+        opt.step(closure_for(model, x, y))
+    assert counts == {"forward": 6, "backward": 6}
+
+
+def test_state_dict_round_trip_continues_identically():
+    model, x, y = make(TinyMLP)
+    opt = SAGM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.1)
+    for _ in range(3):
+        opt.step(closure_for(model, x, y))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin = TinyMLP().double()
+    twin.load_state_dict(saved["model"])
+    twin_opt = SAGM(torch.optim.Adam(twin.parameters(), lr=1e-2), rho=0.1)
+    twin_opt.load_state_dict(saved["optimizer"])
+    assert twin_opt.param_groups is twin_opt.base_optimizer.param_groups
+    assert twin_opt.state is twin_opt.base_optimizer.state
+    for _ in range(2):
+        opt.step(closure_for(model, x, y))
+        twin_opt.step(closure_for(twin, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_scheduler_on_the_wrapper_drives_the_base_learning_rate():
+    model, x, y = make(TinyMLP)
+    base = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = SAGM(base)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(closure_for(model, x, y))
+    scheduler.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_parameter_without_gradient_at_theta_is_not_stepped():
+    model, x, y = make(TinyMLP)
+    unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    base = torch.optim.Adam([*model.parameters(), unused], lr=1e-2)
+    SAGM(base).step(closure_for(model, x, y))
+    assert unused.grad is None and torch.equal(unused, torch.ones(2, dtype=torch.float64))
+
+
+def test_bfloat16_autocast_inside_the_closure_trains():
+    model, x, y = make(TinyConvBN)
+    model.float()
+    x = x.float()
+    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), watch=model.step_sizes())
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    before = model.w_scale.detach().clone()
+    opt.step(closure)
+    assert model.w_scale.dtype == torch.float32 and not torch.equal(model.w_scale, before)
+    assert opt.g_smooth["w_scale"].dtype == torch.float32
+
+
+def test_fp16_grad_scaler_is_refused_with_a_clear_error():
+    model, x, y = make(TinyMLP)
+    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="GradScaler.*bfloat16"):
+        scaler.step(opt, closure_for(model, x, y))
+    opt.step(closure_for(model, x, y))  # still usable without the scaler
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rho": -0.1}, "rho"),
+    ({"alpha": float("nan")}, "alpha"),
+])
+def test_bad_hyperparameters_are_named(kwargs, match):
+    model, _, _ = make(TinyMLP)
+    with pytest.raises(ValueError, match=match):
+        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_watched_parameter_outside_the_optimizer_is_refused():
+    model, _, _ = make(TinyMLP)
+    base = torch.optim.SGD(model.fc1.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'w_scale'.*after quantize_model"):
+        SAGM(base, watch=model.step_sizes())
+
+
+def test_step_without_closure_or_without_backward_is_refused():
+    model, x, y = make(TinyMLP)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.step(lambda: F.cross_entropy(model(x), y))
