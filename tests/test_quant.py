@@ -291,3 +291,13 @@ def test_quantize_model_rejects_unknown_skip_and_double_quantization():
         LsqQuantizer(12, signed=True)
     with pytest.raises(ValueError, match="weight_shape"):
         LsqQuantizer(4, signed=None, per_channel=True)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_evaluation_path_without_autograd_gives_the_same_values(per_channel):
+    torch.manual_seed(3)
+    quantizer = LsqQuantizer(3, signed=True, per_channel=per_channel, weight_shape=(4, 5))
+    x = torch.randn(4, 5)
+    with_grad = quantizer(x)
+    with torch.no_grad():
+        assert torch.equal(quantizer(x), with_grad)

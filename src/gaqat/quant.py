@@ -42,6 +42,14 @@ def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.T
     return (a * b).sum_to_size(shape)
 
 
+def _scaled(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(floored step s, 1/s, x * (1/s)): x * (1/s), later q * s, is torch's fake-quant
+    arithmetic, bit for bit."""
+    step = scale.clamp_min(MIN_STEP)
+    inv = step.reciprocal()
+    return step, inv, x * inv
+
+
 class _LsqQuantize(torch.autograd.Function):
     """Fake quantization with LSQ's straight-through gradients.
 
@@ -56,9 +64,7 @@ class _LsqQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, q_min, q_max, grad_scale):
-        step = scale.clamp_min(MIN_STEP)
-        inv = step.reciprocal()
-        y = x * inv  # x * (1/s), then q * s: torch's fake-quant arithmetic, bit for bit
+        step, inv, y = _scaled(x, scale)
         mask = (y > q_min).logical_and_(y < q_max)
         out = y.round_().clamp_(q_min, q_max).mul_(step)
         ctx.grad_scale = grad_scale
@@ -170,8 +176,11 @@ class LsqQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
             self._initialize(x)
-        n = self._weight_numel or (x[0].numel() if x.dim() > 1 else x.numel())
         q_max = self.q_max
+        if not torch.is_grad_enabled():  # evaluation: no mask, no saved tensors
+            step, _, y = _scaled(x, self.scale)
+            return y.round_().clamp_(self.q_min, q_max).mul_(step)
+        n = self._weight_numel or (x[0].numel() if x.dim() > 1 else x.numel())
         return _LsqQuantize.apply(x, self.scale, self.q_min, q_max, 1.0 / math.sqrt(n * q_max))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
