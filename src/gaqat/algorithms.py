@@ -1,0 +1,138 @@
+"""The compared methods (METHOD.md §8) as compositions of three independent choices.
+
+A method is not a class: it is a :class:`Recipe` (float or quantized model, which
+objective, whether step sizes are frozen), and one :class:`Algorithm` runs any recipe.
+A new method is a new row in ``ALGORITHMS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gaqat.freezing import GAQAT
+from gaqat.models import ModelConfig, Network, build_model
+from gaqat.optim import SAGM, SAM
+from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    quantized: bool
+    objective: str
+    freezing: bool = False
+
+
+ALGORITHMS: dict[str, Recipe] = {
+    "erm": Recipe(quantized=False, objective="erm"),
+    "sagm": Recipe(quantized=False, objective="sagm"),
+    "lsq": Recipe(quantized=True, objective="erm"),
+    "lsq_sam": Recipe(quantized=True, objective="sam"),
+    "lsq_sagm": Recipe(quantized=True, objective="sagm"),
+    "gaqat": Recipe(quantized=True, objective="sagm", freezing=True),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choices: {', '.join(ALGORITHMS)}") from None
+
+
+def quant_config_for(hparams: dict, bits: int) -> QuantConfig:
+    return QuantConfig(weight_bits=bits, act_bits=bits, per_channel=hparams["per_channel"],
+                       first_last=hparams["first_last"])
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_lambda(schedule: str, total_steps: int):
+    """Multiplier of the base learning rate at a step: DomainBed's constant, or cosine decay."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise ValueError(f"hparams.lr_schedule: {schedule!r} is not one of {SCHEDULES}")
+
+
+class Algorithm:
+    """Runs one recipe: ``update(minibatches)`` is one training step, ``predict(x)`` logits."""
+
+    def __init__(self, name: str, model_config: ModelConfig, hparams: dict, total_steps: int,
+                 bits: int | None = None, init_state: dict | None = None):
+        self.name = name
+        self.recipe = get_recipe(name)
+        self.network: Network = build_model(model_config)
+        if init_state is not None:
+            self.network.load_state_dict(init_state)
+        self.quant_config: QuantConfig | None = None
+        if self.recipe.quantized:
+            if bits is None:
+                raise ValueError(f"algorithm {name!r} quantizes the model: give the bit width (--bits)")
+            self.quant_config = quant_config_for(hparams, bits)
+            quantize_model(self.network, self.quant_config)
+        # The optimizer is built after quantize_model so that it holds every step size.
+        base = torch.optim.Adam(self.network.parameters(), lr=hparams["lr"],
+                                weight_decay=hparams["weight_decay"])
+        if self.recipe.quantized:
+            check_optimizer(base, self.network)
+        self.optimizer = self._objective(base, hparams)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            base, lr_lambda(hparams["lr_schedule"], total_steps))
+
+    def _objective(self, base: torch.optim.Optimizer, hparams: dict) -> torch.optim.Optimizer:
+        if self.recipe.freezing:
+            return GAQAT(base, step_sizes(self.network), rho=hparams["rho"], alpha=hparams["alpha"],
+                         tau=hparams["tau"], window=hparams["window"], mode=hparams["freeze_mode"],
+                         unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"])
+        if self.recipe.objective == "sagm":
+            return SAGM(base, rho=hparams["rho"], alpha=hparams["alpha"])
+        if self.recipe.objective == "sam":
+            return SAM(base, rho=hparams["rho"])
+        return base
+
+    def to(self, device: torch.device) -> "Algorithm":
+        self.network.to(device)
+        return self
+
+    def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        self.network.train()
+
+        def closure() -> torch.Tensor:
+            loss = F.cross_entropy(self.network(x), y)
+            loss.backward()
+            return loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.optimizer.step(closure)
+        self.scheduler.step()
+        stats = {"loss": loss.item()}
+        if self.recipe.freezing:
+            stats["n_frozen"] = len(self.optimizer.frozen)
+        return stats
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.network.eval()
+        return self.network(x)
+
+    def pop_gradient_records(self) -> list[dict]:
+        """GAQAT's window summaries and freeze decisions since the last call."""
+        return self.optimizer.pop_records() if self.recipe.freezing else []
+
+    def state_dict(self) -> dict:
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+

@@ -1,0 +1,82 @@
+"""Checkpoint files: written atomically, read back with errors that say what is wrong.
+
+A checkpoint is one ``torch.save`` dict. Its keys:
+
+- ``model``: the network's state_dict (quantizer step sizes and flags included);
+- ``model_config``: :class:`gaqat.models.ModelConfig` as a dict;
+- ``quant_config``: :class:`gaqat.quant.QuantConfig` as a dict, or None for float models;
+- ``meta``: dataset, classes, domains, algorithm, bits, test_envs;
+- training state (``step``, ``optimizer``, ``rng``, ...) when written by ``gaqat train``.
+
+``load_model`` is all that ``export`` and evaluation need: it rebuilds the architecture
+from the stored configs, so a checkpoint is usable without the command that made it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from gaqat.models import ModelConfig, Network, build_model
+from gaqat.quant import QuantConfig, quantize_model
+
+REQUIRED_KEYS = ("model", "model_config", "quant_config", "meta")
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves
+    a half-written checkpoint where a good one was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} is not a readable torch file ({error})") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict, found {type(checkpoint).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path}: missing keys {missing}; expected a file written "
+                         f"by `gaqat train` (keys {list(REQUIRED_KEYS)})")
+    return checkpoint
+
+
+def _config(cls, data: dict, path: Path, key: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"checkpoint {path}: field {key} has unknown entries {unknown}")
+    return cls(**data)
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "<checkpoint>") -> Network:
+    """Rebuild the (possibly quantized) network described by a checkpoint dict."""
+    path = Path(path)
+    model_config = _config(ModelConfig, {**checkpoint["model_config"], "weights": None},
+                           path, "model_config")
+    model = build_model(model_config)
+    if checkpoint["quant_config"] is not None:
+        quant = dict(checkpoint["quant_config"])
+        quant["skip"] = tuple(quant.get("skip", ()))
+        quantize_model(model, _config(QuantConfig, quant, path, "quant_config"))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path}: weights do not fit the stored configs ({error})") from error
+    return model
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Network, dict]:
+    checkpoint = load_checkpoint(path, map_location)
+    return model_from_checkpoint(checkpoint, path), checkpoint

@@ -1,0 +1,41 @@
+"""The embedded default job: the whole method on DigitsDG, offline, in minutes on a CPU.
+
+It builds DigitsDG, trains a float model on three domains (mnist_m held out), starts
+``lsq_sagm`` and ``gaqat`` from that same float checkpoint, and returns the report.
+Each run is resumed if interrupted and skipped if already finished, so rerunning the
+command after a crash finishes the job instead of starting over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gaqat.report import report
+from gaqat.train import CHECKPOINT, DONE, TrainConfig, run
+
+DATASET = "digits"
+TEST_ENV = 1  # mnist_m: the domain with the largest gap (STUDY.md)
+FLOAT_STEPS = 600
+QAT_STEPS = 300
+QAT_ALGORITHMS = ("lsq_sagm", "gaqat")
+
+
+def demo(output: Path, data_dir: Path | None = None, bits: int = 4, overwrite: bool = False,
+         float_steps: int = FLOAT_STEPS, qat_steps: int = QAT_STEPS, progress: bool = True) -> str:
+    output = Path(output)
+    float_run = output / "erm"
+    jobs = [TrainConfig(dataset=DATASET, output=float_run, test_envs=(TEST_ENV,), algorithm="erm",
+                        data_dir=data_dir, steps=float_steps, checkpoint_freq=float_steps // 3,
+                        progress=progress)]
+    jobs += [TrainConfig(dataset=DATASET, output=output / f"{name}_w{bits}", test_envs=(TEST_ENV,),
+                         algorithm=name, bits=bits, data_dir=data_dir, steps=qat_steps,
+                         checkpoint_freq=qat_steps // 3, init=float_run / CHECKPOINT,
+                         progress=progress)
+             for name in QAT_ALGORITHMS]
+    for job in jobs:
+        if (job.output / DONE).exists() and not overwrite:
+            print(f"{job.output}: finished earlier, kept (--overwrite retrains)")
+            continue
+        job.overwrite, job.resume = overwrite, not overwrite
+        run(job)
+    return report([output])

@@ -1,0 +1,144 @@
+"""End-to-end runs: every algorithm, the results schema, resume identity, refusals, NaN stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gaqat import cli
+from gaqat.algorithms import ALGORITHMS, Algorithm, get_recipe
+from gaqat.checkpoint import load_model
+from gaqat.train import CHECKPOINT, DONE, GRADIENTS, RESULTS, NonFiniteLossError, TrainConfig, run
+
+TINY = {"batch_size": 8}
+
+
+def _config(tmp_path, digits_dir, name, algorithm="erm", **kwargs):
+    kwargs.setdefault("steps", 2)
+    kwargs.setdefault("checkpoint_freq", 2)
+    kwargs.setdefault("test_envs", (1,))
+    return TrainConfig(dataset="digits", output=tmp_path / name, algorithm=algorithm,
+                       data_dir=digits_dir, hparams={**TINY, **kwargs.pop("hparams", {})},
+                       progress=False, **kwargs)
+
+
+def _records(folder, name=RESULTS):
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def float_init(tmp_path_factory, digits_dir):
+    out = run(_config(tmp_path_factory.mktemp("init"), digits_dir, "erm", steps=4))
+    assert [r["step"] for r in _records(out)] == [2, 4]
+    return out / CHECKPOINT
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_runs_and_writes_domainbed_records(tmp_path, digits_dir, float_init,
+                                                           algorithm):
+    quantized = get_recipe(algorithm).quantized
+    hparams = {"window": 2} if algorithm == "gaqat" else {}
+    out = run(_config(tmp_path, digits_dir, algorithm, algorithm, hparams=hparams,
+                      bits=4 if quantized else None, init=float_init if quantized else None))
+    records = _records(out)
+    assert [r["step"] for r in records] == [2]
+    for record in records:
+        for i in range(4):
+            assert 0.0 <= record[f"env{i}_in_acc"] <= 1.0 and 0.0 <= record[f"env{i}_out_acc"] <= 1.0
+        for key in ("epoch", "loss", "step_time", "mem_gb"):
+            assert isinstance(record[key], float) and record[key] >= 0
+        args = record["args"]
+        assert args["dataset"] == "DigitsDG" and args["algorithm"] == algorithm
+        assert args["test_envs"] == [1] and args["trial_seed"] == 0 and args["hparams_seed"] == 0
+        assert record["hparams"]["batch_size"] == 8
+        assert (record["bits"] == 4 and record["n_frozen"] >= 0) if quantized else "bits" not in record
+    assert (out / DONE).exists()
+    model, checkpoint = load_model(out / CHECKPOINT)
+    assert (checkpoint["quant_config"] is not None) == quantized
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    if algorithm == "gaqat":
+        kinds = {r["kind"] for r in _records(out, GRADIENTS)}
+        assert "window" in kinds
+
+
+def test_resume_after_a_crash_gives_identical_weights(tmp_path, digits_dir, float_init, monkeypatch):
+    def config(name, **kw):
+        return _config(tmp_path, digits_dir, name, "gaqat", bits=4, init=float_init, steps=6,
+                       checkpoint_freq=3, hparams={"window": 2}, **kw)
+
+    straight = run(config("straight"))
+
+    update = Algorithm.update
+    calls = {"n": 0}
+
+    def crash_after_checkpoint(self, minibatches):
+        calls["n"] += 1
+        if calls["n"] == 5:  # a step after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return update(self, minibatches)
+
+    monkeypatch.setattr(Algorithm, "update", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(config("killed"))
+    monkeypatch.setattr(Algorithm, "update", update)
+    assert not (tmp_path / "killed" / DONE).exists()
+    resumed = run(config("killed", resume=True))
+
+    a = torch.load(straight / CHECKPOINT, weights_only=False)
+    b = torch.load(resumed / CHECKPOINT, weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "mem_gb", "args")}
+                        for r in rs]
+    assert strip(_records(straight)) == strip(_records(resumed))
+    assert _records(straight, GRADIENTS) == _records(resumed, GRADIENTS)
+
+
+def test_a_finished_folder_is_refused_unless_overwrite(tmp_path, digits_dir, capsys):
+    run(_config(tmp_path, digits_dir, "run"))
+    with pytest.raises(ValueError, match="finished run.*--overwrite"):
+        run(_config(tmp_path, digits_dir, "run"))
+    argv = ["train", "--dataset", "digits", "--data-dir", str(digits_dir), "--test-envs", "1",
+            "--output", str(tmp_path / "run"), "--steps", "2", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(argv + ["--overwrite", "--hparams", json.dumps(TINY)]) == 0
+    assert len(_records(tmp_path / "run")) == 1
+
+
+def test_an_unfinished_folder_needs_resume_or_overwrite(tmp_path, digits_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RESULTS).write_text("")
+    with pytest.raises(ValueError, match="--resume"):
+        run(_config(tmp_path, digits_dir, "run"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_dir, monkeypatch):
+    update = Algorithm.update
+
+    def explode_at_step_3(self, minibatches):
+        stats = update(self, minibatches)
+        if self.scheduler.last_epoch == 3:
+            stats["loss"] = float("nan")
+        return stats
+
+    monkeypatch.setattr(Algorithm, "update", explode_at_step_3)
+    with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint \\(step 2\\)"):
+        run(_config(tmp_path, digits_dir, "nan", steps=4))
+    assert torch.load(tmp_path / "nan" / CHECKPOINT, weights_only=False)["step"] == 2
+    assert [r["step"] for r in _records(tmp_path / "nan")] == [2]
+    assert not (tmp_path / "nan" / DONE).exists()
+
+
+def test_bad_arguments_get_clear_errors(tmp_path, digits_dir, float_init):
+    with pytest.raises(ValueError, match="choices: erm"):
+        run(_config(tmp_path, digits_dir, "a", "nope"))
+    with pytest.raises(ValueError, match="--bits"):
+        run(_config(tmp_path, digits_dir, "b", "lsq"))
+    with pytest.raises(ValueError, match="test_envs .* leave no training domain"):
+        run(_config(tmp_path, digits_dir, "c", test_envs=(0, 1, 2, 3)))
+    quantized = run(_config(tmp_path, digits_dir, "q", "lsq", bits=4, init=float_init))
+    with pytest.raises(ValueError, match="float checkpoint"):
+        run(_config(tmp_path, digits_dir, "d", "lsq", bits=4, init=quantized / CHECKPOINT))
