@@ -186,7 +186,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gaqat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gaqat", description="Low-bit quantization-aware training for domain "
+        "generalization: LSQ + SAGM + disorder-guided freezing (GAQAT).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_train, _add_report, _add_plot, _add_export):
         add(sub)
