@@ -7,7 +7,8 @@ import json
 import pytest
 
 from gaqat import cli
-from gaqat.report import TruncatedRecordWarning, load_runs, report
+from gaqat.jsonl import TornLineWarning
+from gaqat.report import load_runs, report
 
 DOMAINS = ["mnist", "mnist_m", "syn"]
 
@@ -117,7 +118,7 @@ def test_single_trial_shows_no_error_and_missing_average(tmp_path):
 
 def test_truncated_last_line_warns_and_keeps_the_rest(tmp_path):
     write_run(tmp_path / "run", records("erm", None, 1, 0, 0.4), done=False, tail='{"step": 3')
-    with pytest.warns(TruncatedRecordWarning, match=r"run/results.jsonl, line 3: truncated"):
+    with pytest.warns(TornLineWarning, match=r"run/results.jsonl, line 3: torn last line"):
         text = report([tmp_path])
     assert "| erm | 32 | 40.0* | 40.0* | 1 |" in text
 
@@ -185,6 +186,6 @@ def test_cli_report(sweep, tmp_path, capsys):
     captured = capsys.readouterr()
     header = "selection,dataset,algorithm,bits,domain,mean,stderr,n,incomplete\n"
     assert captured.out.startswith(header)
-    assert "gaqat report: warning: " in captured.err and "line 3: truncated" in captured.err
+    assert "gaqat report: warning: " in captured.err and "line 3: torn last line" in captured.err
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -9,7 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def _plain_warnings(command: str) -> Iterator[None]:
+    """Warnings (e.g. a torn last line of a killed run) as one plain stderr line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"gaqat {command}: warning: {warning.message}", file=sys.stderr)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -109,17 +122,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     """``gaqat report``."""
-    import warnings
-
     from gaqat import report
 
     def run(args: argparse.Namespace) -> None:
-        # Warnings (a torn last line of a killed run) as one plain line each, before the tables.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _plain_warnings("report"):
             text = report.report(args.dirs, args.format, args.selection)
-        for warning in caught:
-            print(f"gaqat report: warning: {warning.message}", file=sys.stderr)
         print(text, end="" if text.endswith("\n") else "\n")
 
     parser = sub.add_parser(
@@ -138,15 +145,10 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     """``gaqat plot``."""
 
     def run(args: argparse.Namespace) -> None:
-        import warnings
-
         from gaqat.plots import plot_run  # lazy: keeps `gaqat --help` free of matplotlib
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _plain_warnings("plot"):
             paths = plot_run(args.run_dir, args.out, args.tau)
-        for warning in caught:  # a torn last line of a killed run: one plain line
-            print(f"gaqat plot: warning: {warning.message}", file=sys.stderr)
         print("\n".join(map(str, paths)))
 
     p = sub.add_parser(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,8 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from gaqat.jsonl import read_jsonl
 
 GRADIENTS = "gradients.jsonl"  # the names gaqat.train writes (not imported: it pulls in torch)
 RESULTS = "results.jsonl"
@@ -43,10 +44,6 @@ _FIELDS = {
 _SUFFIXES = {"weight_quantizer": "w", "input_quantizer": "a"}
 _PREFIX = "featurizer."
 TASK_COLOR, SMOOTH_COLOR, CONFLICT_COLOR = "tab:blue", "tab:orange", "#f4c7c3"
-
-
-class TornLineWarning(UserWarning):
-    """``gradients.jsonl`` ends in a partial line: the run was killed while writing."""
 
 
 def _check_field(value: object, kind: type) -> bool:
@@ -78,19 +75,8 @@ def load_gradients(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; {GRADIENTS} is written only by "
                                 f"`gaqat train --algorithm gaqat`: is {path.parent} a gaqat run?")
-    lines = path.read_text().splitlines()
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     records = []
-    for n, (lineno, line) in enumerate(numbered):
-        where = f"{path}, line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if n == len(numbered) - 1:
-                warnings.warn(f"{where}: torn last line skipped (run killed while writing?)",
-                              TornLineWarning, stacklevel=2)
-                break
-            raise ValueError(f"{where}: not valid JSON ({error})") from None
+    for where, record in read_jsonl(path):
         records.append(_check_record(record, where))
     return records
 

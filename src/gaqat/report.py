@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from gaqat.jsonl import read_jsonl
 from gaqat.selection import SELECTION_METHODS, SelectionMethod
 
 FORMATS = ("markdown", "csv", "latex")
@@ -36,10 +36,6 @@ DONE = "done"
 ALGORITHM_ORDER = ("erm", "sagm", "lsq", "lsq_sam", "lsq_sagm", "gaqat")  # METHOD.md §8
 FLOAT_BITS = 32
 ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed", "bits", "domains")
-
-
-class TruncatedRecordWarning(UserWarning):
-    """A results file ends in a partial line: its run was killed while writing."""
 
 
 @dataclass(frozen=True)
@@ -122,21 +118,8 @@ def _group_key(record: dict) -> tuple:
 
 def load_run(path: Path) -> Run | None:
     """One run from its ``results.jsonl``; None (with a warning) when it holds no record."""
-    lines = path.read_text().splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records: list[dict] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        where = f"{path}, line {i + 1}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if i == last:
-                warnings.warn(f"{where}: truncated record skipped (run killed while writing?)",
-                              TruncatedRecordWarning, stacklevel=2)
-                continue
-            raise ValueError(f"{where}: not valid JSON ({error})") from None
+    for where, record in read_jsonl(path):
         records.append(_check_record(record, where))
         if _group_key(record) != _group_key(records[0]):
             raise ValueError(f"{where}: args (dataset, algorithm, bits, test_envs, seeds, domains) "

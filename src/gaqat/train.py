@@ -16,7 +16,6 @@ run resumed gives the same files and weights as a run that was never killed.
 
 from __future__ import annotations
 
-import json
 import random
 import resource
 import time
@@ -31,6 +30,7 @@ from gaqat import hparams as hparams_registry
 from gaqat.algorithms import Algorithm, get_recipe
 from gaqat.checkpoint import load_checkpoint, save_atomic
 from gaqat.data import load_dataset, make_loaders
+from gaqat.jsonl import append_jsonl, truncate_jsonl
 from gaqat.models import ModelConfig
 from gaqat.quant import check_step_sizes
 
@@ -101,27 +101,6 @@ def _prepare_output(config: TrainConfig) -> Path | None:
                          f"--overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)
     return None
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines whose step is at most ``last_step`` (and drop a torn last line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if record["step"] <= last_step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _append_jsonl(path: Path, records: list[dict]) -> None:
-    if records:
-        with path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def _rng_state() -> dict:
@@ -212,7 +191,7 @@ def run(config: TrainConfig) -> Path:
         _set_rng_state(state["rng"])
         start = saved_step = state["step"]
     for name in (RESULTS, GRADIENTS):
-        _truncate_jsonl(out / name, start)
+        truncate_jsonl(out / name, start)
 
     meta = {"dataset": dataset.name, "classes": list(dataset.classes), "domains": list(dataset.domains),
             "algorithm": config.algorithm, "bits": bits, "test_envs": list(config.test_envs)}
@@ -251,8 +230,8 @@ def run(config: TrainConfig) -> Path:
                       hparams=hp, args=args)
         if recipe.quantized:
             record.update(bits=bits, n_frozen=stats.get("n_frozen", 0))
-        _append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
-        _append_jsonl(out / RESULTS, [record])
+        append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
+        append_jsonl(out / RESULTS, [record])
         save_atomic({"model": algorithm.network.state_dict(), "model_config": model_config.to_dict(),
                      "quant_config": asdict(algorithm.quant_config) if algorithm.quant_config else None,
                      "meta": meta, "step": done_steps, "training": algorithm.state_dict(),
