@@ -1,0 +1,252 @@
+"""Deployment: a briefly trained DigitsDG model at 4 and 3 bits, exported with
+``gaqat export`` and checked against the PyTorch fake-quantized model, ONNX through
+ONNX Runtime on CPU, on every image of every domain (the held-out domain of DomainBed's
+protocol is tested on all of its images; 99.9% of 2500 leaves room for two of the rare
+.5-tie flips). The measured sizes and agreement are printed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from gaqat import cli, export
+from gaqat.checkpoint import save_atomic
+from gaqat.data import holdout_split, load_dataset
+from gaqat.models import ModelConfig, build_model
+from gaqat.quant import QuantConfig, quantize_model
+
+BITS = (4, 3)
+STEPS, BATCH = 30, 8  # per domain: 32 images a step
+CHUNK = 64  # images per forward pass, the same for every model compared bit for bit
+# small_cnn at first_last="float": values in its three quantized convs, in the float
+# rest (stem conv, four BNs with running stats, classifier), step sizes (two per layer).
+QUANTIZED_WEIGHTS, FLOAT_VALUES, STEP_SIZES = 239_616, 3_562, 6
+MIN_AGREEMENT = 0.999
+MIN_FOLD_AGREEMENT = 0.99  # on 359-500 images: a flip is 0.2-0.3%
+
+
+@pytest.fixture(scope="session")
+def digits(digits_dir):
+    """Per domain: all its images, and the indices of DomainBed's 80% training split and
+    20% held-out split."""
+    ds = load_dataset("digits", digits_dir)
+    out = {}
+    for i, domain in enumerate(ds.domains):
+        images = torch.stack([ds[i][j][0] for j in range(len(ds[i]))])
+        out[domain] = (images, torch.as_tensor(ds[i].labels), *holdout_split(len(images)))
+    return ds, out
+
+
+def _checkpoint(model, quant, ds, bits, path):
+    save_atomic({"model": model.state_dict(), "model_config": ModelConfig().to_dict(),
+                 "quant_config": quant and asdict(quant),
+                 "meta": {"dataset": ds.name, "classes": ds.classes, "domains": ds.domains,
+                          "algorithm": "lsq" if quant else "erm", "bits": bits,
+                          "test_envs": [1]}}, path)
+
+
+@torch.no_grad()
+def _logits(model, images):
+    return torch.cat([model(batch) for batch in images.split(CHUNK)])
+
+
+@pytest.fixture(scope="session", params=BITS, ids=lambda b: f"{b}bit")
+def run(request, digits, tmp_path_factory):
+    """A few dozen QAT steps on every domain's training split, the checkpoint, its two
+    exports (written by the CLI) and the PyTorch logits on every image of every domain."""
+    bits = request.param
+    ds, data = digits
+    torch.manual_seed(bits)
+    quant = QuantConfig(weight_bits=bits, act_bits=bits)
+    model = quantize_model(build_model(ModelConfig()), quant)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        picks = [(train[torch.randint(len(train), (BATCH,), generator=generator)], x, y)
+                 for x, y, train, _ in data.values()]
+        loss = F.cross_entropy(model(torch.cat([x[i] for i, x, _ in picks])),
+                               torch.cat([y[i] for i, _, y in picks]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    folder = tmp_path_factory.mktemp(f"export{bits}")
+    _checkpoint(model, quant, ds, bits, folder / "checkpoint.pt")
+    files = {"int": folder / "model.safetensors", "onnx": folder / "model.onnx"}
+    for fmt, path in files.items():
+        assert cli.main(["export", str(folder / "checkpoint.pt"), "--format", fmt,
+                         "--out", str(path)]) == 0
+    images = {d: x for d, (x, *_) in data.items()}
+    return SimpleNamespace(bits=bits, model=model, folder=folder, files=files, images=images,
+                           held_out={d: test for d, (*_, test) in data.items()},
+                           logits={d: _logits(model, x) for d, x in images.items()})
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def test_onnx_runtime_matches_pytorch_on_every_domain(run, capsys):
+    for domain, images in run.images.items():
+        ort = export.onnx_logits(run.files["onnx"], images, CHUNK)
+        diff = float((ort - run.logits[domain]).abs().max())
+        agree = _agreement(ort, run.logits[domain])
+        with capsys.disabled():
+            print(f"\n{run.bits}-bit {domain}: {len(images)} images, onnxruntime "
+                  f"{onnxruntime.__version__} vs PyTorch max |logit diff| {diff:.3g}, "
+                  f"top-1 agreement {agree:.4%}")
+        assert agree >= MIN_AGREEMENT
+        assert diff < 0.05 * float(run.logits[domain].abs().max())
+
+
+def test_onnx_graph_is_qdq_at_the_trained_bit_width(run):
+    proto = onnx.load(run.files["onnx"])
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [12]
+    nodes = proto.graph.node
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+              for n in nodes if n.op_type == "Constant"}
+    clips = [n for n in nodes if n.op_type == "Clip"]
+    layers = export.quantized_layers(run.model)
+    # Inputs: QuantizeLinear -> Clip to [0, 2^b - 1] (after ReLU) -> DequantizeLinear.
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == len(clips) == len(layers)
+    assert all([int(consts[c.input[1]]), int(consts[c.input[2]])] == [0, 2 ** run.bits - 1]
+               for c in clips)
+    producers = {o: n for n in nodes for o in n.output}
+    for clip in clips:
+        assert producers[clip.input[0]].op_type == "QuantizeLinear"
+        assert any(n.op_type == "DequantizeLinear" and n.input[0] == clip.output[0] for n in nodes)
+    steps = sorted(float(init[producers[c.input[0]].input[1]]) for c in clips)
+    assert steps == sorted(float(m.input_quantizer.scale.detach()) for m in layers.values())
+    # Weights: int8 codes -> DequantizeLinear; the float stem conv and classifier stay float.
+    codes = [init[n.input[0]] for n in nodes if n.op_type == "DequantizeLinear"
+             and n.input[0] in init]
+    assert len(codes) == len(layers) and all(c.dtype == np.int8 for c in codes)
+    assert init["classifier.weight"].dtype == np.float32
+    assert _json_prop(proto, "bits") == run.bits and _json_prop(proto, "classes")[0] == "0"
+
+
+def _json_prop(proto, key):
+    return json.loads({p.key: p.value for p in proto.metadata_props}[key])
+
+
+def test_int_export_round_trips_with_identical_logits(run):
+    model = export.load_int(run.files["int"])
+    for domain, images in run.images.items():
+        n = 2 * CHUNK  # bit identity needs no more
+        assert torch.equal(_logits(model, images[:n]), run.logits[domain][:n])
+    header = export.int_metadata(run.files["int"])
+    assert header["bits"] == run.bits and header["domains"][1] == "mnist_m"
+    assert header["layers"]["featurizer.3"] == {
+        "kind": "QuantConv2d", "weight_bits": run.bits, "per_channel": False,
+        "act_bits": run.bits, "input_signed": False}
+
+
+def test_weight_codes_use_at_most_2_to_the_b_values(run):
+    tensors = load_file(run.files["int"])
+    onnx_codes = [numpy_helper.to_array(i) for i in onnx.load(run.files["onnx"]).graph.initializer
+                  if i.data_type == onnx.TensorProto.INT8]
+    int_codes = [t for k, t in tensors.items() if k.endswith(".weight_codes")]
+    assert len(int_codes) == len(onnx_codes) == 3
+    for a, b in zip(int_codes, onnx_codes):
+        assert a.dtype == torch.int8 and np.array_equal(a.numpy(), b)
+        assert len(torch.unique(a)) <= 2 ** run.bits
+        assert -(2 ** (run.bits - 1)) <= int(a.min()) and int(a.max()) < 2 ** (run.bits - 1)
+    for name, layer in export.quantized_layers(run.model).items():
+        step = tensors[f"{name}.weight_quantizer.scale"]
+        assert torch.equal(tensors[name + ".weight_codes"] * step,
+                           layer.weight_quantizer(layer.weight).detach())
+
+
+def test_packed_size_against_float(run, capsys):
+    sizes = export.model_sizes(run.model)
+    assert sizes == {"packed_bytes": QUANTIZED_WEIGHTS * run.bits // 8
+                     + 4 * (FLOAT_VALUES + STEP_SIZES),
+                     "float_bytes": 4 * (QUANTIZED_WEIGHTS + FLOAT_VALUES)}
+    assert export.int_metadata(run.files["int"])["packed_bytes"] == sizes["packed_bytes"]
+    with capsys.disabled():
+        print(f"\n{run.bits}-bit sizes: {sizes}, {sizes['float_bytes'] / sizes['packed_bytes']:.2f}x "
+              f"smaller; files: int {run.files['int'].stat().st_size} B, onnx "
+              f"{run.files['onnx'].stat().st_size} B")
+
+
+def test_fold_bn_folds_only_the_float_conv(run, capsys):
+    path = run.folder / "folded.safetensors"
+    assert cli.main(["export", str(run.folder / "checkpoint.pt"), "--format", "int",
+                     "--out", str(path), "--fold-bn"]) == 0
+    assert "folded batch norm ['featurizer.1']" in capsys.readouterr().out
+    folded = export.load_int(path)
+    assert isinstance(folded.featurizer[1], nn.Identity)
+    assert isinstance(folded.featurizer[4], nn.BatchNorm2d)  # after a quantized conv: kept
+    plain, codes = load_file(run.files["int"]), load_file(path)
+    assert all(torch.equal(plain[k], codes[k]) for k in plain if k.endswith("_codes"))
+    for domain, held_out in run.held_out.items():  # the 20% split: folding is a side check
+        logits, reference = _logits(folded, run.images[domain][held_out]), \
+            run.logits[domain][held_out]
+        change, agree = float((logits - reference).abs().max()), _agreement(logits, reference)
+        with capsys.disabled():
+            print(f"\n{run.bits}-bit {domain}: {len(held_out)} held-out images, BN folding "
+                  f"max |logit change| {change:.3g}, top-1 agreement {agree:.4%}")
+        assert agree >= MIN_FOLD_AGREEMENT and change < 0.05 * float(reference.abs().max())
+
+
+def test_per_channel_model_exports_at_opset_13(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_model(build_model(ModelConfig()), QuantConfig(4, 4, per_channel=True))
+    images = torch.randn(16, 3, 32, 32)
+    model(images)  # initialises the quantizers
+    model.eval()
+    assert export.export_onnx(model, tmp_path / "m.onnx", 32) == 13
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(export.onnx_ready(model)(images), expected)
+    assert float((export.onnx_logits(tmp_path / "m.onnx", images) - expected).abs().max()) < 1e-4
+
+
+def test_float_checkpoint_is_refused(digits, tmp_path, capsys):
+    _checkpoint(build_model(ModelConfig()), None, digits[0], None, tmp_path / "float.pt")
+    assert cli.main(["export", str(tmp_path / "float.pt"), "--format", "onnx",
+                     "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "is a float model" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_corrupt_files_get_clear_errors(run, tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert cli.main(["export", str(bad), "--format", "int", "--out", str(tmp_path / "x")]) == 2
+    assert "not a readable torch file" in capsys.readouterr().err
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(run.files["int"].read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        export.load_int(truncated)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="format is None, expected 'gaqat-int'"):
+        export.load_int(foreign)
+
+    tensors = load_file(run.files["int"])
+    tensors["featurizer.3.weight_codes"][0, 0, 0, 0] = 2 ** (run.bits - 1)  # one past q_max
+    tampered = tmp_path / "tampered.safetensors"
+    save_file(tensors, tampered, _raw_header(run.files["int"]))
+    with pytest.raises(ValueError, match=r"featurizer.3.weight_codes must be int8 codes"):
+        export.load_int(tampered)
+
+
+def _raw_header(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
