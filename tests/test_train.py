@@ -113,6 +113,9 @@ def test_an_unfinished_folder_needs_resume_or_overwrite(tmp_path, digits_dir):
     (tmp_path / "run" / RESULTS).write_text("")
     with pytest.raises(ValueError, match="--resume"):
         run(_config(tmp_path, digits_dir, "run"))
+    # --resume with nothing to resume from starts afresh (what `gaqat demo` relies on)
+    out = run(_config(tmp_path, digits_dir, "fresh", resume=True, steps=1, checkpoint_freq=1))
+    assert [r["step"] for r in _records(out)] == [1]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_dir, monkeypatch):

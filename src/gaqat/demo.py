@@ -15,8 +15,8 @@ from gaqat.train import CHECKPOINT, DONE, TrainConfig, run
 
 DATASET = "digits"
 TEST_ENV = 1  # mnist_m: the domain with the largest gap (STUDY.md)
-FLOAT_STEPS = 600
-QAT_STEPS = 300
+FLOAT_STEPS = 1000
+QAT_STEPS = 500
 QAT_ALGORITHMS = ("lsq_sagm", "gaqat")
 
 
@@ -25,11 +25,11 @@ def demo(output: Path, data_dir: Path | None = None, bits: int = 4, overwrite: b
     output = Path(output)
     float_run = output / "erm"
     jobs = [TrainConfig(dataset=DATASET, output=float_run, test_envs=(TEST_ENV,), algorithm="erm",
-                        data_dir=data_dir, steps=float_steps, checkpoint_freq=float_steps // 3,
+                        data_dir=data_dir, steps=float_steps, checkpoint_freq=float_steps // 5,
                         progress=progress)]
     jobs += [TrainConfig(dataset=DATASET, output=output / f"{name}_w{bits}", test_envs=(TEST_ENV,),
                          algorithm=name, bits=bits, data_dir=data_dir, steps=qat_steps,
-                         checkpoint_freq=qat_steps // 3, init=float_run / CHECKPOINT,
+                         checkpoint_freq=qat_steps // 5, init=float_run / CHECKPOINT,
                          progress=progress)
              for name in QAT_ALGORITHMS]
     for job in jobs:
@@ -38,4 +38,4 @@ def demo(output: Path, data_dir: Path | None = None, bits: int = 4, overwrite: b
             continue
         job.overwrite, job.resume = overwrite, not overwrite
         run(job)
-    return report([output])
+    return report([output], selection="all")

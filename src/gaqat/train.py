@@ -88,6 +88,7 @@ def resolve_hparams(config: TrainConfig) -> dict:
 def _prepare_output(config: TrainConfig) -> Path | None:
     """Refuse to clobber a run; return the checkpoint to resume from, if any."""
     out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
     if config.overwrite:
         for name in (RESULTS, GRADIENTS, CHECKPOINT, DONE):
@@ -99,7 +100,6 @@ def _prepare_output(config: TrainConfig) -> Path | None:
     elif (out / RESULTS).exists() or checkpoint.exists():
         raise ValueError(f"{out} holds an unfinished run; pass --resume to continue it or "
                          f"--overwrite to start again")
-    out.mkdir(parents=True, exist_ok=True)
     return None
 
 
