@@ -127,12 +127,12 @@ class Algorithm:
         """GAQAT's window summaries and freeze decisions since the last call."""
         return self.optimizer.pop_records() if self.recipe.freezing else []
 
-    def state_dict(self) -> dict:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+    def optimizer_state(self) -> dict:
+        """Everything but the network's weights (which checkpoints store once, as "model"):
+        optimizer moments, freezer and tracker, learning-rate schedule."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.network.load_state_dict(state["network"])
+    def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

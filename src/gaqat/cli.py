@@ -87,7 +87,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="ResNet start: imagenet, none, or a state_dict file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="data loading processes")
+    p.add_argument("--image-size", type=int, help="input side (default: 224 photos, 32 digits)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_train)
@@ -110,7 +111,8 @@ def _train(args: argparse.Namespace) -> None:
                     steps=args.steps, checkpoint_freq=args.checkpoint_freq,
                     trial_seed=args.trial_seed, hparams_seed=args.hparams_seed,
                     hparams=args.hparams, init=args.init, weights=weights, resume=args.resume,
-                    overwrite=args.overwrite, num_workers=args.num_workers, device=args.device,
+                    overwrite=args.overwrite, num_workers=args.num_workers,
+                    image_size=args.image_size, device=args.device,
                     progress=args.progress))
 
 

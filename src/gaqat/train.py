@@ -62,6 +62,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     num_workers: int = 0
+    image_size: int | None = None       # None: the dataset's (224 photos, 32 digits)
     device: str | None = None
     progress: bool = True
 
@@ -178,7 +179,7 @@ def run(config: TrainConfig) -> Path:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _seed_everything(config.trial_seed)
     loaders = make_loaders(dataset, list(config.test_envs), hp["batch_size"], seed=config.trial_seed,
-                           num_workers=config.num_workers)
+                           num_workers=config.num_workers, image_size=config.image_size)
     model_config = _model_config(config, hp, dataset.num_classes)
     steps, freq = hp["steps"], hp["checkpoint_freq"]
     algorithm = Algorithm(config.algorithm, model_config, hp, steps, bits,
@@ -187,7 +188,8 @@ def run(config: TrainConfig) -> Path:
     start, saved_step = 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, map_location=device)
-        algorithm.load_state_dict(state["training"])
+        algorithm.network.load_state_dict(state["model"])
+        algorithm.load_optimizer_state(state["training"])
         _set_rng_state(state["rng"])
         start = saved_step = state["step"]
     for name in (RESULTS, GRADIENTS):
@@ -234,7 +236,7 @@ def run(config: TrainConfig) -> Path:
         append_jsonl(out / RESULTS, [record])
         save_atomic({"model": algorithm.network.state_dict(), "model_config": model_config.to_dict(),
                      "quant_config": asdict(algorithm.quant_config) if algorithm.quant_config else None,
-                     "meta": meta, "step": done_steps, "training": algorithm.state_dict(),
+                     "meta": meta, "step": done_steps, "training": algorithm.optimizer_state(),
                      "rng": _rng_state(), "hparams": hp, "args": args}, out / CHECKPOINT)
         saved_step = done_steps
         targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
