@@ -147,3 +147,9 @@ def test_draw_values_follow_numpy_random_state():
     # The draw of one name is its own RandomState's first numbers, whatever the others.
     r = np.random.RandomState(seed_hash(5, 0, "tau"))
     assert random_hparams("gaqat", "VLCS", 5)["tau"] == r.uniform(0.1, 0.5)
+
+
+@pytest.mark.parametrize("spelling", ["pacs", "Pacs", "PACS"])
+def test_dataset_names_are_case_insensitive_like_load_dataset(spelling):
+    assert default_hparams("gaqat", spelling) == default_hparams("gaqat", "PACS")
+    assert default_hparams("erm", "DigitsDG") == default_hparams("erm", "digits")

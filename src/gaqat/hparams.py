@@ -76,6 +76,13 @@ def seed_hash(*args: Any) -> int:
     return int(digest, 16) % (2**31)
 
 
+def canonical_dataset(name: str) -> str:
+    """The registry's spelling of a dataset name: ``load_dataset`` takes any case (and
+    "DigitsDG"), so "pacs" must get PACS's defaults, not the generic ones."""
+    aliases = {d.lower(): d for d in DATASETS} | {"digitsdg": "digits"}
+    return aliases.get(name.lower(), name)
+
+
 def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     """The registry: every hyperparameter of (algorithm, dataset), default beside range.
 
@@ -83,6 +90,7 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     objective's ``rho`` (and SAGM's ``alpha``), the quantizers', the freezer's.
     """
     recipe = get_recipe(algorithm)  # an unknown name is an error listing the choices
+    dataset = canonical_dataset(dataset)
     hp: dict[str, Hparam] = {}
 
     def declare(name: str, default: Any, draw: Callable | None = None) -> None:
