@@ -103,8 +103,11 @@ def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"weights file {path}: not a readable torch state_dict ({error})") from error
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet's classes
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same keys, other shapes: another architecture
+        raise ValueError(f"weights file {path} does not fit {arch}: {str(error)[:300]}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(f"weights file {path} does not fit {arch}: missing keys {missing[:5]}, "

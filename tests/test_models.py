@@ -1,0 +1,62 @@
+"""Backbones: shapes, weights from ImageNet / a local file / none, frozen batch norm."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from gaqat.models import ModelConfig, Network, build_model
+
+
+def test_small_cnn_classifies_32x32_images():
+    net = build_model(ModelConfig(num_classes=7, dropout=0.2))
+    assert isinstance(net, Network) and net.dropout.p == 0.2
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 128]
+
+
+def test_resnet_loads_a_local_weights_file_and_keeps_its_own_classifier(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)  # with an ImageNet fc, which is dropped
+    net = build_model(ModelConfig(arch="resnet18", num_classes=5, weights=str(path)))
+    assert torch.equal(net.featurizer.conv1.weight, reference.conv1.weight)
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_bad_weights_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_model(ModelConfig(arch="resnet18", weights=str(tmp_path / "missing.pth")))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        build_model(ModelConfig(arch="resnet18", weights=str(garbage)))
+    other = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit resnet18"):
+        build_model(ModelConfig(arch="resnet18", weights=str(other)))
+
+
+def test_failed_imagenet_download_explains_how_to_pass_a_local_file(monkeypatch):
+    def offline(weights=None):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(RuntimeError, match="network unreachable.*--weights PATH"):
+        build_model(ModelConfig(arch="resnet18", weights="imagenet"))
+
+
+def test_frozen_batch_norm_keeps_running_statistics_in_training_mode():
+    net = build_model(ModelConfig(arch="resnet18", freeze_bn=True)).train()
+    bn = net.featurizer.bn1
+    before = bn.running_mean.clone()
+    net(torch.randn(2, 3, 64, 64))
+    assert not bn.training and net.training and torch.equal(bn.running_mean, before)
+
+
+@pytest.mark.parametrize("kwargs, field", [({"arch": "vgg"}, "arch"), ({"num_classes": 1}, "num_classes"),
+                                           ({"dropout": 1.0}, "dropout")])
+def test_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        ModelConfig(**kwargs)
