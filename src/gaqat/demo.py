@@ -25,11 +25,11 @@ def demo(output: Path, data_dir: Path | None = None, bits: int = 4, overwrite: b
     output = Path(output)
     float_run = output / "erm"
     jobs = [TrainConfig(dataset=DATASET, output=float_run, test_envs=(TEST_ENV,), algorithm="erm",
-                        data_dir=data_dir, steps=float_steps, checkpoint_freq=float_steps // 5,
-                        progress=progress)]
+                        data_dir=data_dir, steps=float_steps,
+                        checkpoint_freq=max(1, float_steps // 5), progress=progress)]
     jobs += [TrainConfig(dataset=DATASET, output=output / f"{name}_w{bits}", test_envs=(TEST_ENV,),
                          algorithm=name, bits=bits, data_dir=data_dir, steps=qat_steps,
-                         checkpoint_freq=qat_steps // 5, init=float_run / CHECKPOINT,
+                         checkpoint_freq=max(1, qat_steps // 5), init=float_run / CHECKPOINT,
                          progress=progress)
              for name in QAT_ALGORITHMS]
     for job in jobs:
