@@ -8,7 +8,7 @@ import pytest
 
 from gaqat import cli
 from gaqat.jsonl import TornLineWarning
-from gaqat.report import load_runs, report
+from gaqat.report import load_runs, pair_runs, paired_tables, report
 
 DOMAINS = ["mnist", "mnist_m", "syn"]
 
@@ -46,13 +46,19 @@ def write_run(folder, recs, done=True, tail=""):
         (folder / "done").write_text("")
 
 
-@pytest.fixture
-def sweep(tmp_path):
-    for (algorithm, env), accs in CHOSEN.items():
+def write_runs(folder, chosen, done):
+    """One run per (algorithm, test env) and trial seed of ``chosen``; erm float, others
+    4-bit; ``done(algorithm, env, trial)`` says which runs finished."""
+    for (algorithm, env), accs in chosen.items():
         bits = None if algorithm == "erm" else 4
         for trial, acc in enumerate(accs):
-            write_run(tmp_path / f"{algorithm}_{env}_{trial}",
-                      records(algorithm, bits, env, trial, acc), done=algorithm == "erm")
+            write_run(folder / f"{algorithm}_{env}_{trial}",
+                      records(algorithm, bits, env, trial, acc), done=done(algorithm, env, trial))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    write_runs(tmp_path, CHOSEN, done=lambda algorithm, env, trial: algorithm == "erm")
     # A second hyperparameter draw, worse on the training domains and on the test domain's
     # out split: neither method may pick it, though its test accuracy is high.
     worse = records("erm", None, 0, 0, 0.99, hparams_seed=1, train_out=0.5)
@@ -189,3 +195,114 @@ def test_cli_report(sweep, tmp_path, capsys):
     assert "gaqat report: warning: " in captured.err and "line 3: torn last line" in captured.err
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# Paired comparisons. Chosen test accuracy per (algorithm, test env), trial seeds 0, 1, 2.
+PAIRED = {("lsq_sagm", 0): [0.50, 0.60, 0.70], ("gaqat", 0): [0.52, 0.61, 0.70],
+          ("lsq_sagm", 1): [0.43, 0.44, 0.50], ("gaqat", 1): [0.40, 0.45],
+          ("erm", 0): [0.55, 0.58, 0.60]}
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    write_runs(tmp_path, PAIRED, done=lambda *run: run != ("gaqat", 1, 1))
+    # A hyperparameter draw no baseline run shares: unpaired, listed, never used.
+    write_run(tmp_path / "gaqat_0_0_h1", records("gaqat", 4, 0, 0, 0.99, hparams_seed=1))
+    return tmp_path
+
+
+def test_paired_differences_by_hand(pairs):
+    text = report([pairs], paired="lsq_sagm")
+    assert "### digits: paired difference to lsq_sagm, training-domain validation set" in text
+    assert "| Algorithm | Bits | lsq_sagm bits | mnist | mnist_m | All |" in text
+    # gaqat − lsq_sagm in points. mnist [+2, +1, 0]: mean 1, sample std 1, SE 1/sqrt(3).
+    # mnist_m [-3, +1] (trial 2 unpaired): mean -1, std sqrt(8), SE sqrt(8)/sqrt(2) = 2.
+    # All [2, 1, 0, -3, 1]: mean 0.2, std sqrt(14.8/4) = 1.924, SE 0.860; 3 wins, 1 tie.
+    assert ("| gaqat | 4 | 4 | +1.0 ± 0.6 (3: 2/1/0) | -1.0 ± 2.0* (2: 1/0/1) "
+            "| +0.2 ± 0.9* (5: 3/1/1) |") in text
+    assert "| erm |" not in text and "| lsq_sagm |" not in text
+    assert "digits: erm 32-bit not compared: lsq_sagm has no 32-bit and no float runs" in text
+    assert "digits: gaqat 4-bit vs lsq_sagm 4-bit: 2 unpaired runs: " in text
+    assert "gaqat 4-bit, test mnist, trial 0, hparams 1 (" in text
+    assert "lsq_sagm 4-bit, test mnist_m, trial 2, hparams 0 (" in text
+    assert "ddof=1" in text
+    # The oracle takes the last checkpoints, both 10 points higher: the same differences.
+    oracle = report([pairs], selection="oracle", paired="lsq_sagm")
+    assert "(oracle)" in oracle and "| +1.0 ± 0.6 (3: 2/1/0) | -1.0 ± 2.0* (2: 1/0/1) |" in oracle
+
+
+def test_float_baseline_pairs_across_bit_widths(pairs):
+    comparisons = pair_runs(load_runs([pairs]), "erm")
+    assert [(c.algorithm, c.bits, c.baseline_bits, len(c.pairs), len(c.unpaired))
+            for c in comparisons] == [("lsq_sagm", 4, 32, 3, 3), ("gaqat", 4, 32, 3, 3)]
+    (table,) = paired_tables(comparisons, "training")
+    assert table.columns == ["mnist", "All"]  # erm holds out mnist only
+    # lsq_sagm − erm [-5, +2, +10]: mean 2.33, SE sqrt(56.33)/sqrt(3) = 4.33.
+    # gaqat − erm [-3, +3, +10]: mean 3.33, SE sqrt(42.33)/sqrt(3) = 3.76.
+    rows = {row.algorithm: row for row in table.rows}
+    assert rows["lsq_sagm"].texts("±", "–") == [
+        "lsq_sagm", "4", "32", "+2.3 ± 4.3 (3: 2/0/1)", "+2.3 ± 4.3 (3: 2/0/1)"]
+    assert rows["gaqat"].cells[0].stderr == pytest.approx((127 / 9) ** 0.5, abs=1e-9)
+    assert rows["gaqat"].cells[0].counts == (2, 0, 1)
+
+
+def test_paired_csv_and_unpaired_warnings(pairs):
+    with pytest.warns(UserWarning) as caught:
+        text = report([pairs], fmt="csv", selection="all", paired="lsq_sagm")
+    messages = [str(w.message) for w in caught]
+    assert messages[0].startswith("digits: erm 32-bit not compared")
+    assert messages[1].startswith("digits: gaqat 4-bit vs lsq_sagm 4-bit: 2 unpaired runs")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 2 * 3  # selections x (2 domains + All), one compared row
+    cell = {(r["selection"], r["domain"]): r for r in rows}
+    all_ = cell[("training", "All")]
+    assert (all_["algorithm"], all_["bits"], all_["baseline"], all_["baseline_bits"]) == (
+        "gaqat", "4", "lsq_sagm", "4")
+    assert float(all_["mean_diff"]) == pytest.approx(0.2, abs=1e-4)
+    assert float(all_["stderr"]) == pytest.approx((14.8 / 4 / 5) ** 0.5, abs=1e-4)
+    assert (all_["n"], all_["wins"], all_["ties"], all_["losses"], all_["incomplete"]) == (
+        "5", "3", "1", "1", "1")
+    assert float(cell[("oracle", "mnist_m")]["stderr"]) == pytest.approx(2.0, abs=1e-4)
+
+
+def test_paired_latex_table_parses(pairs):
+    text = report([pairs], fmt="latex", paired="lsq_sagm")
+    assert r"Algorithm & Bits & lsq\_sagm bits & mnist & mnist\_m & All \\" in text
+    assert r"\begin{tabular}{llcccc}" in text
+    body = text[text.index(r"\midrule") + len(r"\midrule"):text.index(r"\bottomrule")]
+    (row,) = [[c.strip() for c in line.removesuffix(r"\\").split("&")]
+              for line in body.strip().splitlines()]
+    assert row == ["gaqat", "4", "4", r"+1.0 $\pm$ 0.6 (3: 2/1/0)",
+                   r"-1.0 $\pm$ 2.0* (2: 1/0/1)", r"+0.2 $\pm$ 0.9* (5: 3/1/1)"]
+    assert "% - digits: erm 32-bit not compared" in text
+
+
+def test_single_pair_has_no_error(tmp_path):
+    write_run(tmp_path / "a", records("lsq", 3, 1, 0, 0.40))
+    write_run(tmp_path / "b", records("gaqat", 3, 1, 0, 0.45))
+    text = report([tmp_path], paired="lsq")
+    assert "| gaqat | 3 | 3 | +5.0 (1: 1/0/0) | +5.0 (1: 1/0/0) |" in text
+    assert "unpaired" not in text and "not compared" not in text
+
+
+def test_paired_errors(pairs, tmp_path):
+    with pytest.raises(ValueError, match="baseline 'sgd' is not among the algorithms found: "
+                                         "erm, gaqat, lsq_sagm"):
+        report([pairs], paired="sgd")
+    write_run(tmp_path / "copy" / "again", records("lsq_sagm", 4, 0, 1, 0.6))
+    with pytest.raises(ValueError, match="two lsq_sagm 4-bit runs with the same test domains, "
+                                         "trial seed and hparams seed"):
+        report([pairs], paired="lsq_sagm")
+
+
+def test_cli_report_paired(pairs, capsys):
+    assert cli.main(["report", str(pairs), "--paired", "lsq_sagm"]) == 0
+    out = capsys.readouterr().out
+    assert "| gaqat | 4 | 4 | +1.0 ± 0.6 (3: 2/1/0) |" in out
+    assert cli.main(["report", str(pairs), "--paired", "erm", "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("selection,dataset,algorithm,bits,baseline,baseline_bits,")
+    assert "gaqat report: warning: digits: gaqat 4-bit vs erm 32-bit: 3 unpaired runs" in (
+        captured.err)
+    assert cli.main(["report", str(pairs), "--paired", "sgd"]) == 2
+    assert "not among the algorithms found: erm, gaqat, lsq_sagm" in capsys.readouterr().err

@@ -122,24 +122,69 @@ def _demo(args: argparse.Namespace) -> None:
     print(demo(args.output, data_dir=args.data_dir, bits=args.bits, overwrite=args.overwrite))
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    """``gaqat sweep``."""
+
+    def run(args: argparse.Namespace) -> int:
+        from gaqat.sweep import main  # lazy: keeps `gaqat --help` free of torch
+
+        return main({k: v for k, v in vars(args).items() if k not in ("func", "command")})
+
+    p = sub.add_parser(
+        "sweep", help="launch or resume a DomainBed-style sweep of runs",
+        description="One run per (algorithm, bits, held-out domain, trial seed, hparams seed), "
+                    "each in OUTPUT/<name>_<hash of its arguments>: launching the same sweep "
+                    "again skips finished runs and resumes unfinished ones. QAT runs start "
+                    "from the erm run of their held-out domain and seed (added if not asked "
+                    "for), so methods are compared in pairs. Prints the report at the end.")
+    p.add_argument("--dataset", required=True, help="digits, PACS, VLCS, OfficeHome, "
+                   "TerraIncognita, DomainNet, or a folder in DomainBed's layout")
+    p.add_argument("--data-dir", type=Path, help="dataset root (as for gaqat train)")
+    p.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
+                   help="erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat")
+    p.add_argument("--bits", type=int, nargs="+", default=[4], help="bit widths of QAT methods")
+    p.add_argument("--test-envs", nargs="+", default=["all"], metavar="I",
+                   help="held-out domains, one per run: 'all' (default) or indices")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="trial seeds")
+    p.add_argument("--hparams-seeds", type=int, nargs="+", default=[0],
+                   help="0: defaults; else random-search draws")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the dataset's)")
+    p.add_argument("--checkpoint-freq", type=int, help="steps between evaluations")
+    p.add_argument("--hparams", type=json.loads, default={},
+                   help="JSON object of overrides; each run takes the keys its algorithm has")
+    p.add_argument("--output", type=Path, required=True, help="sweep folder")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
+    p.add_argument("--skip-failed", action="store_true",
+                   help="go on after a failed run (runs starting from it are skipped)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run)
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     """``gaqat report``."""
     from gaqat import report
 
     def run(args: argparse.Namespace) -> None:
         with _plain_warnings("report"):
-            text = report.report(args.dirs, args.format, args.selection)
+            text = report.report(args.dirs, args.format, args.selection, args.paired)
         print(text, end="" if text.endswith("\n") else "\n")
 
     parser = sub.add_parser(
         "report", help="per-domain accuracy tables (mean ± standard error over trial seeds)",
         description="Read every results.jsonl below the folders and print, per dataset, "
                     "algorithm and bit width, the test-domain accuracies under a model "
-                    "selection method (the oracle is labelled as such).")
+                    "selection method (the oracle is labelled as such); with --paired, "
+                    "the paired differences to a baseline algorithm instead.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively")
     parser.add_argument("--format", choices=report.FORMATS, default="markdown")
     parser.add_argument("--selection", choices=report.SELECTIONS, default="training",
                         help="training-domain validation (default), test-domain oracle, or both")
+    parser.add_argument("--paired", metavar="BASELINE",
+                        help="instead of accuracies, per-pair differences to this algorithm "
+                             "(e.g. lsq_sagm): runs sharing test domains, trial and hparams "
+                             "seed; mean ± standard error (ddof=1), wins/ties/losses")
     parser.set_defaults(func=run)
 
 
@@ -194,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gaqat", description="Low-bit quantization-aware training for domain "
         "generalization: LSQ + SAGM + disorder-guided freezing (GAQAT).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_report, _add_plot, _add_export):
+    for add in (_add_data, _add_train, _add_sweep, _add_report, _add_plot, _add_export):
         add(sub)
     return parser
 

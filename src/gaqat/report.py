@@ -12,6 +12,16 @@ mean ± standard error of those averages (DomainBed's "Averages" table).
 A run folder without a ``done`` file (killed or still running) is used and its cells
 are marked ``*``. A torn last line (a run killed while writing) is skipped with a
 warning; any other bad line is an error naming the file, line and key.
+
+Between-seed noise is as large as the effects studied (STUDY.md), so ``paired=BASELINE``
+reports paired differences instead: each run against the baseline run sharing its
+dataset, test domains, trial seed and hyperparameter seed (same init, data split, batches
+and shared hyperparameters), each side's checkpoint chosen by the selection method. There
+is no choice among hyperparameter draws: every draw is a pair of its own. A row is paired
+with the baseline at its own bit width or, when the baseline has none there (a float
+baseline such as ``erm``), with the baseline's float runs; a float row is never compared
+with a quantized baseline. A cell is the mean difference ± its standard error with the
+sample std (ddof=1, the paired t-test's) and the wins/ties/losses of the algorithm.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
@@ -36,6 +46,7 @@ DONE = "done"
 ALGORITHM_ORDER = ("erm", "sagm", "lsq", "lsq_sam", "lsq_sagm", "gaqat")  # METHOD.md §8
 FLOAT_BITS = 32
 ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed", "bits", "domains")
+TIE = 1e-9  # accuracy difference (fraction) below which a pair is a tie: float noise only
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,18 @@ class Run:
     bits: int  # FLOAT_BITS for float runs
     test_envs: tuple[int, ...]
     trial_seed: int
+    hparams_seed: int
     domains: tuple[str, ...]
+
+    @property
+    def pair_key(self) -> tuple:
+        """What a paired run shares: init, data split, batches and hyperparameter draw."""
+        return self.dataset, self.test_envs, self.trial_seed, self.hparams_seed
+
+    def describe(self) -> str:
+        envs = "+".join(self.domains[i] for i in self.test_envs) or "(none)"
+        return (f"{self.algorithm} {self.bits}-bit, test {envs}, trial {self.trial_seed}, "
+                f"hparams {self.hparams_seed} ({self.path.parent})")
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,8 @@ class Cell:
 
     values: tuple[float, ...]
     incomplete: bool
+    ddof: ClassVar[int] = 0  # DomainBed's population std
+    sign: ClassVar[str] = ""
 
     @property
     def mean(self) -> float | None:
@@ -64,9 +88,42 @@ class Cell:
 
     @property
     def stderr(self) -> float | None:
-        """DomainBed's standard error, numpy std (ddof=0) / sqrt(n); None below 2 trials."""
+        """Standard error, numpy std (with ``ddof``) / sqrt(n); None below 2 values."""
         n = len(self.values)
-        return 100 * float(np.std(self.values)) / np.sqrt(n) if n > 1 else None
+        return 100 * float(np.std(self.values, ddof=self.ddof)) / np.sqrt(n) if n > 1 else None
+
+    def text(self, pm: str, missing: str) -> str:
+        if self.mean is None:
+            return missing
+        text = f"{self.mean:{self.sign}.1f}"
+        if self.stderr is not None:
+            text += f" {pm} {self.stderr:.1f}"
+        return text + ("*" if self.incomplete else "")
+
+
+@dataclass(frozen=True)
+class Difference(Cell):
+    """Paired differences (algorithm − baseline, fractions) of one cell, one per pair.
+
+    The standard error uses the sample std (ddof=1): the paired t-test's, honest for the
+    few pairs a study has, where ddof=0 would understate it.
+    """
+
+    ddof: ClassVar[int] = 1
+    sign: ClassVar[str] = "+"
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """Wins, ties and losses of the algorithm against the baseline."""
+        wins = sum(d > TIE for d in self.values)
+        losses = sum(d < -TIE for d in self.values)
+        return wins, len(self.values) - wins - losses, losses
+
+    def text(self, pm: str, missing: str) -> str:
+        if not self.values:
+            return missing
+        counts = "/".join(map(str, self.counts))
+        return f"{super().text(pm, missing)} ({len(self.values)}: {counts})"
 
 
 @dataclass(frozen=True)
@@ -76,6 +133,10 @@ class Row:
     trials: int  # distinct trial seeds among the row's runs
     cells: list[Cell]  # one per column
 
+    def texts(self, pm: str, missing: str) -> list[str]:
+        return [self.algorithm, str(self.bits), *(c.text(pm, missing) for c in self.cells),
+                str(self.trials)]
+
 
 @dataclass(frozen=True)
 class Table:
@@ -83,6 +144,79 @@ class Table:
     selection: str  # a key of SELECTION_METHODS
     columns: list[str]  # test domain names; then "Avg"
     rows: list[Row]
+    CSV_HEADER: ClassVar[tuple[str, ...]] = ("selection", "dataset", "algorithm", "bits",
+                                             "domain", "mean", "stderr", "n", "incomplete")
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset}: {SELECTION_METHODS[self.selection].name}"
+
+    @property
+    def header(self) -> list[str]:
+        return ["Algorithm", "Bits", *self.columns, "Trials"]
+
+    def csv_rows(self) -> Iterable[list]:
+        for row in self.rows:
+            for column, cell in zip(self.columns, row.cells):
+                yield [self.selection, self.dataset, row.algorithm, row.bits, column,
+                       _number(cell.mean), _number(cell.stderr), len(cell.values),
+                       int(cell.incomplete)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One (algorithm, bit width) of a dataset against the baseline's runs it pairs with.
+
+    ``baseline_bits`` is None when the baseline has no runs it may be compared with.
+    """
+
+    dataset: str
+    algorithm: str
+    bits: int
+    baseline: str
+    baseline_bits: int | None
+    pairs: list[tuple[Run, Run]]  # (run, baseline run)
+    unpaired: list[Run]  # runs of either side without a partner
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    algorithm: str
+    bits: int
+    baseline_bits: int
+    cells: list[Difference]  # one per column
+
+    def texts(self, pm: str, missing: str) -> list[str]:
+        return [self.algorithm, str(self.bits), str(self.baseline_bits),
+                *(c.text(pm, missing) for c in self.cells)]
+
+
+@dataclass(frozen=True)
+class PairedTable:
+    dataset: str
+    selection: str
+    baseline: str
+    columns: list[str]  # test domain names; then "All" (every pair of the row)
+    rows: list[PairedRow]
+    CSV_HEADER: ClassVar[tuple[str, ...]] = (
+        "selection", "dataset", "algorithm", "bits", "baseline", "baseline_bits", "domain",
+        "mean_diff", "stderr", "n", "wins", "ties", "losses", "incomplete")
+
+    @property
+    def title(self) -> str:
+        return (f"{self.dataset}: paired difference to {self.baseline}, "
+                f"{SELECTION_METHODS[self.selection].name}")
+
+    @property
+    def header(self) -> list[str]:
+        return ["Algorithm", "Bits", f"{self.baseline} bits", *self.columns]
+
+    def csv_rows(self) -> Iterable[list]:
+        for row in self.rows:
+            for column, cell in zip(self.columns, row.cells):
+                yield [self.selection, self.dataset, row.algorithm, row.bits, self.baseline,
+                       row.baseline_bits, column, _number(cell.mean), _number(cell.stderr),
+                       len(cell.values), *cell.counts, int(cell.incomplete)]
 
 
 def _check_record(record: object, where: str) -> dict:
@@ -132,7 +266,7 @@ def load_run(path: Path) -> Run | None:
                dataset=args["dataset"], algorithm=args["algorithm"],
                bits=FLOAT_BITS if args["bits"] is None else args["bits"],
                test_envs=tuple(args["test_envs"]), trial_seed=args["trial_seed"],
-               domains=tuple(args["domains"]))
+               hparams_seed=args["hparams_seed"], domains=tuple(args["domains"]))
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -160,6 +294,10 @@ def _row_order(key: tuple[str, int]) -> tuple:
     algorithm, bits = key
     known = algorithm in ALGORITHM_ORDER
     return (-bits, not known, ALGORITHM_ORDER.index(algorithm) if known else 0, algorithm)
+
+
+def _column_names(runs: list[Run], columns: list[tuple[int, ...]]) -> list[str]:
+    return ["+".join(runs[0].domains[i] for i in envs) if envs else "(none)" for envs in columns]
 
 
 def _trial_accs(method: SelectionMethod, runs: list[Run],
@@ -194,17 +332,79 @@ def build_tables(runs: list[Run], selection: str) -> list[Table]:
         keys = sorted({(run.algorithm, run.bits) for run in mine}, key=_row_order)
         rows = [_row(method, *key, [r for r in mine if (r.algorithm, r.bits) == key], columns)
                 for key in keys]
-        names = ["+".join(mine[0].domains[i] for i in envs) if envs else "(none)"
-                 for envs in columns]
-        tables.append(Table(dataset, selection, [*names, "Avg"], rows))
+        tables.append(Table(dataset, selection, [*_column_names(mine, columns), "Avg"], rows))
     return tables
 
 
-def _cell_text(cell: Cell, pm: str, missing: str) -> str:
-    if cell.mean is None:
-        return missing
-    text = f"{cell.mean:.1f}" if cell.stderr is None else f"{cell.mean:.1f} {pm} {cell.stderr:.1f}"
-    return text + ("*" if cell.incomplete else "")
+def _by_pair_key(runs: list[Run]) -> dict[tuple, Run]:
+    """Runs by pair key; two runs of one (algorithm, bits) sharing a key cannot be paired."""
+    keyed: dict[tuple, Run] = {}
+    for run in runs:
+        other = keyed.setdefault(run.pair_key, run)
+        if other is not run:
+            raise ValueError(f"{other.path} and {run.path}: two {run.algorithm} {run.bits}-bit "
+                             f"runs with the same test domains, trial seed and hparams seed; "
+                             f"a paired comparison needs one (report their folders separately)")
+    return keyed
+
+
+def pair_runs(runs: list[Run], baseline: str) -> list[Comparison]:
+    """Every other (dataset, algorithm, bits) paired with ``baseline``'s runs.
+
+    A row is paired at its own bit width, or with the float baseline when the baseline
+    has no runs at that width; otherwise it is not compared (``baseline_bits`` None).
+    """
+    algorithms = sorted({run.algorithm for run in runs})
+    if baseline not in algorithms:
+        raise ValueError(f"baseline {baseline!r} is not among the algorithms found: "
+                         f"{', '.join(algorithms)}")
+    comparisons = []
+    for dataset in sorted({run.dataset for run in runs}):
+        groups: dict[tuple[str, int], list[Run]] = defaultdict(list)
+        for run in runs:
+            if run.dataset == dataset:
+                groups[run.algorithm, run.bits].append(run)
+        base = {bits: _by_pair_key(group) for (algorithm, bits), group in groups.items()
+                if algorithm == baseline}
+        for algorithm, bits in sorted(groups, key=_row_order):
+            if algorithm == baseline:
+                continue
+            mine = _by_pair_key(groups[algorithm, bits])
+            base_bits = bits if bits in base else FLOAT_BITS if FLOAT_BITS in base else None
+            theirs = base.get(base_bits, {})
+            pairs = [(mine[key], theirs[key]) for key in mine if key in theirs]
+            unpaired = [run for key, run in mine.items() if key not in theirs]
+            if base_bits is not None:
+                unpaired += [run for key, run in theirs.items() if key not in mine]
+            comparisons.append(Comparison(dataset, algorithm, bits, baseline, base_bits, pairs,
+                                          unpaired))
+    return comparisons
+
+
+def _difference(method: SelectionMethod, pairs: list[tuple[Run, Run]]) -> Difference:
+    accs = [(method.run_acc(run.records), method.run_acc(base.records)) for run, base in pairs]
+    return Difference(tuple(a[1] - b[1] for a, b in accs if a is not None and b is not None),
+                      any(not run.complete for pair in pairs for run in pair))
+
+
+def paired_tables(comparisons: list[Comparison], selection: str) -> list[PairedTable]:
+    """One table per dataset with pairs: rows the compared (algorithm, bits), columns the
+    test domains paired, then "All" pooling every pair of the row."""
+    method = SELECTION_METHODS[selection]
+    tables = []
+    for dataset in sorted({c.dataset for c in comparisons}):
+        mine = [c for c in comparisons if c.dataset == dataset and c.baseline_bits is not None]
+        runs = [run for c in mine for run, _ in c.pairs]
+        if not runs:
+            continue
+        columns = sorted({run.test_envs for run in runs})
+        rows = [PairedRow(c.algorithm, c.bits, c.baseline_bits,
+                          [*(_difference(method, [p for p in c.pairs if p[0].test_envs == envs])
+                             for envs in columns), _difference(method, c.pairs)])
+                for c in mine]
+        tables.append(PairedTable(dataset, selection, mine[0].baseline,
+                                  [*_column_names(runs, columns), "All"], rows))
+    return tables
 
 
 def _notes(runs: list[Run]) -> list[str]:
@@ -215,16 +415,37 @@ def _notes(runs: list[Run]) -> list[str]:
             "Avg: mean over the columns per trial seed, over the seeds that cover every column."]
 
 
-def _markdown(tables: list[Table], runs: list[Run]) -> str:
-    out = [*_notes(runs), ""]
+def _pairing_notes(comparisons: list[Comparison]) -> list[str]:
+    """The rows not compared and the runs left without a partner: nothing dropped silently."""
+    notes = []
+    for c in comparisons:
+        name = f"{c.dataset}: {c.algorithm} {c.bits}-bit"
+        if c.baseline_bits is None:
+            notes.append(f"{name} not compared: {c.baseline} has no {c.bits}-bit and no float "
+                         f"runs ({len(c.unpaired)} runs).")
+        elif c.unpaired:
+            notes.append(f"{name} vs {c.baseline} {c.baseline_bits}-bit: {len(c.unpaired)} "
+                         f"unpaired runs: " + "; ".join(run.describe() for run in c.unpaired))
+    return notes
+
+
+def _paired_notes(runs: list[Run], comparisons: list[Comparison]) -> list[str]:
+    return [_notes(runs)[0],
+            "Paired difference in test-domain accuracy (points), algorithm − baseline, over "
+            "the runs sharing test domains, trial seed and hparams seed; each run's checkpoint "
+            "chosen by the selection method, no choice among hyperparameter draws. A row is "
+            "paired at its own bit width, else with a float baseline. Cell: mean ± standard "
+            "error (sample std with ddof=1 / sqrt(n); none for one pair) (pairs: wins/ties/"
+            "losses). All: every pair of the row pooled.",
+            *(f"- {note}" for note in _pairing_notes(comparisons))]
+
+
+def _markdown(notes: list[str], tables: list[Table] | list[PairedTable]) -> str:
+    out = [*notes, ""]
     for table in tables:
-        out += [f"### {table.dataset}: {SELECTION_METHODS[table.selection].name}", "",
-                "| " + " | ".join(["Algorithm", "Bits", *table.columns, "Trials"]) + " |",
-                "|" + "---|" * (len(table.columns) + 3)]
-        for row in table.rows:
-            texts = [_cell_text(c, "±", "–") for c in row.cells]
-            cells = [row.algorithm, str(row.bits), *texts, str(row.trials)]
-            out.append("| " + " | ".join(cells) + " |")
+        out += [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
+                "|" + "---|" * len(table.header)]
+        out += ["| " + " | ".join(row.texts("±", "–")) + " |" for row in table.rows]
         out.append("")
     return "\n".join(out)
 
@@ -234,33 +455,25 @@ def _latex_escape(text: str) -> str:
         .replace("%", r"\%").replace("#", r"\#")
 
 
-def _latex(tables: list[Table], runs: list[Run]) -> str:
-    out = ["% " + note for note in _notes(runs)]
+def _latex(notes: list[str], tables: list[Table] | list[PairedTable]) -> str:
+    out = ["% " + note for note in notes]
     for table in tables:
-        header = ["Algorithm", "Bits", *table.columns, "Trials"]
-        out += ["", f"% {table.dataset}: {SELECTION_METHODS[table.selection].name}",
-                r"\begin{tabular}{ll" + "c" * (len(table.columns) + 1) + "}", r"\toprule",
-                " & ".join(map(_latex_escape, header)) + r" \\", r"\midrule"]
+        out += ["", f"% {table.title}",
+                r"\begin{tabular}{ll" + "c" * (len(table.header) - 2) + "}", r"\toprule",
+                " & ".join(map(_latex_escape, table.header)) + r" \\", r"\midrule"]
         for row in table.rows:
-            texts = [_cell_text(c, r"$\pm$", "--") for c in row.cells]
-            out.append(" & ".join([_latex_escape(row.algorithm), str(row.bits), *texts,
-                                   str(row.trials)]) + r" \\")
+            texts = row.texts(r"$\pm$", "--")
+            out.append(" & ".join([_latex_escape(texts[0]), *texts[1:]]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"
 
 
-def _csv(tables: list[Table]) -> str:
+def _csv(header: Sequence[str], tables: list[Table] | list[PairedTable]) -> str:
     """Long format, one row per cell: easy to pivot; numbers unrounded beyond 1e-4."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["selection", "dataset", "algorithm", "bits", "domain",
-                     "mean", "stderr", "n", "incomplete"])
-    for table in tables:
-        for row in table.rows:
-            for column, cell in zip(table.columns, row.cells):
-                writer.writerow([table.selection, table.dataset, row.algorithm, row.bits, column,
-                                 _number(cell.mean), _number(cell.stderr), len(cell.values),
-                                 int(cell.incomplete)])
+    writer.writerow(header)
+    writer.writerows(row for table in tables for row in table.csv_rows())
     return buffer.getvalue()
 
 
@@ -274,13 +487,27 @@ def _selections(selection: str) -> Iterable[str]:
     return list(SELECTION_METHODS) if selection == "all" else [selection]
 
 
-def report(dirs: Sequence[str | Path], fmt: str = "markdown", selection: str = "training") -> str:
-    """The tables of every run below ``dirs``, as markdown, CSV or LaTeX text."""
+def report(dirs: Sequence[str | Path], fmt: str = "markdown", selection: str = "training",
+           paired: str | None = None) -> str:
+    """The tables of every run below ``dirs``, as markdown, CSV or LaTeX text.
+
+    With ``paired`` (a baseline algorithm) the paired-difference tables replace the
+    accuracy tables; CSV has no notes, so its unpaired runs are reported as warnings.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     names = _selections(selection)
     runs = load_runs(dirs)
-    tables = [table for name in names for table in build_tables(runs, name)]
+    if paired is None:
+        tables: list = [table for name in names for table in build_tables(runs, name)]
+        kind, notes = Table, _notes(runs)
+    else:
+        comparisons = pair_runs(runs, paired)
+        tables = [table for name in names for table in paired_tables(comparisons, name)]
+        kind, notes = PairedTable, _paired_notes(runs, comparisons)
+        if fmt == "csv":
+            for note in _pairing_notes(comparisons):
+                warnings.warn(note, stacklevel=2)
     if fmt == "csv":
-        return _csv(tables)
-    return _latex(tables, runs) if fmt == "latex" else _markdown(tables, runs)
+        return _csv(kind.CSV_HEADER, tables)
+    return _latex(notes, tables) if fmt == "latex" else _markdown(notes, tables)
