@@ -141,6 +141,12 @@ def accuracy(algorithm: Algorithm, loader, device: torch.device) -> float:
     return float(correct) / total
 
 
+def evaluate(algorithm: Algorithm, loaders: dict, device: torch.device) -> dict[str, float]:
+    """``{"env0_in_acc": ..., "env0_out_acc": ...}`` over every split (DomainBed's keys)."""
+    check_step_sizes(algorithm.network)  # warns if an optimizer drove one to the floor
+    return {f"{name}_acc": accuracy(algorithm, loader, device) for name, loader in loaders.items()}
+
+
 def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfig:
     weights = config.weights
     if weights == "default":
@@ -163,6 +169,16 @@ def _init_state(config: TrainConfig, model_config: ModelConfig) -> dict | None:
             raise ValueError(f"--init {config.init}: model_config.{key} is {stored[key]!r}, "
                              f"this run needs {getattr(model_config, key)!r}")
     return checkpoint["model"]
+
+
+def _checkpoint(algorithm: Algorithm, model_config: ModelConfig, meta: dict, step: int,
+                hp: dict, args: dict) -> dict:
+    """What ``gaqat.checkpoint`` documents, plus everything a resumed run needs."""
+    quant = algorithm.quant_config
+    return {"model": algorithm.network.state_dict(), "model_config": model_config.to_dict(),
+            "quant_config": asdict(quant) if quant else None, "meta": meta, "step": step,
+            "training": algorithm.optimizer_state(), "rng": _rng_state(), "hparams": hp,
+            "args": args}
 
 
 def run(config: TrainConfig) -> Path:
@@ -224,9 +240,7 @@ def run(config: TrainConfig) -> Path:
         if done_steps % freq and done_steps != steps:
             continue
 
-        check_step_sizes(algorithm.network)  # warns if an optimizer drove one to the floor
-        record = {f"{name}_acc": accuracy(algorithm, loader, device)
-                  for name, loader in loaders.eval.items()}
+        record = evaluate(algorithm, loaders.eval, device)
         record.update(step=done_steps, epoch=done_steps / steps_per_epoch, loss=loss_sum / n_since,
                       step_time=step_time_sum / n_since, mem_gb=_peak_memory_gb(device),
                       hparams=hp, args=args)
@@ -234,10 +248,8 @@ def run(config: TrainConfig) -> Path:
             record.update(bits=bits, n_frozen=stats.get("n_frozen", 0))
         append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
         append_jsonl(out / RESULTS, [record])
-        save_atomic({"model": algorithm.network.state_dict(), "model_config": model_config.to_dict(),
-                     "quant_config": asdict(algorithm.quant_config) if algorithm.quant_config else None,
-                     "meta": meta, "step": done_steps, "training": algorithm.optimizer_state(),
-                     "rng": _rng_state(), "hparams": hp, "args": args}, out / CHECKPOINT)
+        save_atomic(_checkpoint(algorithm, model_config, meta, done_steps, hp, args),
+                    out / CHECKPOINT)
         saved_step = done_steps
         targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
         bar.set_postfix(loss=f"{record['loss']:.3f}", target=f"{np.mean(targets):.3f}")
