@@ -145,3 +145,13 @@ def test_bad_arguments_get_clear_errors(tmp_path, digits_dir, float_init):
     quantized = run(_config(tmp_path, digits_dir, "q", "lsq", bits=4, init=float_init))
     with pytest.raises(ValueError, match="float checkpoint"):
         run(_config(tmp_path, digits_dir, "d", "lsq", bits=4, init=quantized / CHECKPOINT))
+
+
+def test_hparams_on_the_command_line_must_be_a_json_object(capsys):
+    for text in ("{bad", "[1]"):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["train", "--dataset", "digits", "--test-envs", "1", "--output", "x",
+                      "--hparams", text])
+        assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "expected a JSON object" in err

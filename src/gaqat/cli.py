@@ -25,6 +25,18 @@ def _plain_warnings(command: str) -> Iterator[None]:
         print(f"gaqat {command}: warning: {warning.message}", file=sys.stderr)
 
 
+def _json_object(text: str) -> dict:
+    """--hparams: a JSON object, with a message that says so when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object like \'{{"lr": 1e-4}}\', '
+                                         f"got {text!r}")
+    return value
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     """``gaqat data build|info|preview|download``."""
 
@@ -81,7 +93,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, dest="trial_seed",
                    help="trial seed: data split and training randomness")
     p.add_argument("--hparams-seed", type=int, default=0, help="0: defaults; else a random draw")
-    p.add_argument("--hparams", type=json.loads, default={}, help="JSON object of overrides")
+    p.add_argument("--hparams", type=_json_object, default={}, help="JSON object of overrides")
     p.add_argument("--init", type=Path, help="float checkpoint that QAT starts from")
     p.add_argument("--weights", default="default",
                    help="ResNet start: imagenet, none, or a state_dict file")
@@ -150,7 +162,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="0: defaults; else random-search draws")
     p.add_argument("--steps", type=int, help="training steps per run (default: the dataset's)")
     p.add_argument("--checkpoint-freq", type=int, help="steps between evaluations")
-    p.add_argument("--hparams", type=json.loads, default={},
+    p.add_argument("--hparams", type=_json_object, default={},
                    help="JSON object of overrides; each run takes the keys its algorithm has")
     p.add_argument("--output", type=Path, required=True, help="sweep folder")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
