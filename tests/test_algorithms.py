@@ -1,0 +1,53 @@
+"""The method registry: recipes, the shared Algorithm, the learning-rate schedule."""
+
+import math
+
+import pytest
+import torch
+
+from gaqat.algorithms import ALGORITHMS, Algorithm, get_recipe, lr_lambda
+from gaqat.hparams import default_hparams
+from gaqat.models import ModelConfig
+from gaqat.quant import quantizers
+
+
+def test_unknown_algorithm_lists_the_choices():
+    with pytest.raises(ValueError, match="choices: erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat"):
+        get_recipe("sam_qat")
+
+
+def test_recipes_compose_the_three_choices():
+    assert {n for n, r in ALGORITHMS.items() if r.quantized} == {"lsq", "lsq_sam", "lsq_sagm", "gaqat"}
+    assert [n for n, r in ALGORITHMS.items() if r.freezing] == ["gaqat"]
+    assert get_recipe("lsq_sam").objective == "sam" and get_recipe("sagm").objective == "sagm"
+
+
+def test_cosine_schedule_decays_to_zero_and_constant_stays():
+    cosine = lr_lambda("cosine", 100)
+    assert cosine(0) == 1.0 and math.isclose(cosine(50), 0.5) and cosine(100) == 0.0
+    assert lr_lambda("constant", 100)(77) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_lambda("linear", 100)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_update_reports_floats_and_predict_gives_logits(name):
+    torch.manual_seed(0)
+    recipe = get_recipe(name)
+    hp = {**default_hparams(name, "digits"), **({"window": 2} if recipe.freezing else {})}
+    algorithm = Algorithm(name, ModelConfig(), hp, total_steps=4, bits=4 if recipe.quantized else None)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    for _ in range(3):
+        stats = algorithm.update(batches)
+        assert isinstance(stats["loss"], float) and math.isfinite(stats["loss"])
+    assert ("n_frozen" in stats) == recipe.freezing
+    assert bool(quantizers(algorithm.network)) == recipe.quantized
+    assert algorithm.predict(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert algorithm.scheduler.last_epoch == 3
+    if recipe.freezing:
+        assert {r["kind"] for r in algorithm.pop_gradient_records()} >= {"window"}
+
+
+def test_qat_recipe_needs_a_bit_width():
+    with pytest.raises(ValueError, match="--bits"):
+        Algorithm("lsq", ModelConfig(), default_hparams("lsq", "digits"), total_steps=1)
