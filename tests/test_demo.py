@@ -3,7 +3,7 @@
 import json
 
 from gaqat.demo import QAT_ALGORITHMS, demo
-from gaqat.train import DONE
+from gaqat.runfolder import DONE
 
 
 def test_demo_trains_float_then_qat_from_it_and_reports(tmp_path, digits_dir, capsys):

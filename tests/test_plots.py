@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from gaqat import cli
-from gaqat.jsonl import TornLineWarning
+from gaqat.runfolder import TornLineWarning
 from gaqat.plots import (below_tau_fraction, freeze_steps, frozen_counts,
                          load_gradients, opposite_signs, plot_disorder, run_tau, short_label,
                          short_labels, smooth_factors, window_table)

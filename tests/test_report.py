@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gaqat import cli
-from gaqat.jsonl import TornLineWarning
+from gaqat.runfolder import TornLineWarning
 from gaqat.report import load_runs, pair_runs, paired_tables, report
 
 DOMAINS = ["mnist", "mnist_m", "syn"]

@@ -9,7 +9,7 @@ import pytest
 
 from gaqat import cli, sweep
 from gaqat.data.digits import DOMAINS as DIGITS_DOMAINS
-from gaqat.train import CHECKPOINT, DONE, RESULTS
+from gaqat.runfolder import CHECKPOINT, DONE, RESULTS
 
 TINY = {"batch_size": 8}
 

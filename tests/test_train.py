@@ -10,7 +10,8 @@ import torch
 from gaqat import cli
 from gaqat.algorithms import ALGORITHMS, Algorithm, get_recipe
 from gaqat.checkpoint import load_model
-from gaqat.train import CHECKPOINT, DONE, GRADIENTS, RESULTS, NonFiniteLossError, TrainConfig, run
+from gaqat.runfolder import CHECKPOINT, DONE, GRADIENTS, RESULTS
+from gaqat.train import NonFiniteLossError, TrainConfig, run
 
 TINY = {"batch_size": 8}
 

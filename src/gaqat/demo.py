@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gaqat.report import report
-from gaqat.train import CHECKPOINT, DONE, TrainConfig, run
+from gaqat.runfolder import CHECKPOINT, DONE
+from gaqat.train import TrainConfig, run
 
 DATASET = "digits"
 TEST_ENV = 1  # mnist_m: the domain with the largest gap (STUDY.md)

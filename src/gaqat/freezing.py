@@ -98,7 +98,8 @@ class Freezer:
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["frozen"]) - set(self.step_sizes)
         if unknown:
-            raise ValueError(f"Freezer.load_state_dict: checkpoint freezes unknown step sizes {sorted(unknown)}")
+            raise ValueError(f"Freezer.load_state_dict: checkpoint freezes unknown step sizes "
+                             f"{sorted(unknown)}")
         self.tracker.load_state_dict(state["tracker"])
         self.frozen = set(state["frozen"])
         self.windows_done = state["windows_done"]

@@ -27,10 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from gaqat.jsonl import read_jsonl
+from gaqat.runfolder import GRADIENTS, RESULTS, read_jsonl
 
-GRADIENTS = "gradients.jsonl"  # the names gaqat.train writes (not imported: it pulls in torch)
-RESULTS = "results.jsonl"
 FILES = {"cumulative": "cumulative.png", "disorder": "disorder.png", "freezing": "freezing.png"}
 
 # Expected fields per record kind; float fields also take ints, no field takes a bool but

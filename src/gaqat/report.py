@@ -36,13 +36,11 @@ from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
-from gaqat.jsonl import read_jsonl
+from gaqat.runfolder import DONE, RESULTS, read_jsonl
 from gaqat.selection import SELECTION_METHODS, SelectionMethod
 
 FORMATS = ("markdown", "csv", "latex")
 SELECTIONS = (*SELECTION_METHODS, "all")
-RESULTS = "results.jsonl"
-DONE = "done"
 ALGORITHM_ORDER = ("erm", "sagm", "lsq", "lsq_sam", "lsq_sagm", "gaqat")  # METHOD.md §8
 FLOAT_BITS = 32
 ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed", "bits", "domains")

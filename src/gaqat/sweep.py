@@ -26,7 +26,8 @@ from gaqat.data.registry import DIGITS_NAMES, load_dataset
 from gaqat.data.specs import SPECS
 from gaqat.quant import BITS_RANGE
 from gaqat.report import report
-from gaqat.train import CHECKPOINT, DONE, RESULTS, TrainConfig, run
+from gaqat.runfolder import CHECKPOINT, DONE, RESULTS
+from gaqat.train import TrainConfig, run
 
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
 STATES = ("done", "incomplete", "new")

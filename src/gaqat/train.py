@@ -30,14 +30,10 @@ from gaqat import hparams as hparams_registry
 from gaqat.algorithms import Algorithm, get_recipe
 from gaqat.checkpoint import load_checkpoint, save_atomic
 from gaqat.data import load_dataset, make_loaders
-from gaqat.jsonl import append_jsonl, truncate_jsonl
+from gaqat.runfolder import CHECKPOINT, DONE, GRADIENTS, RESULTS, append_jsonl, truncate_jsonl
 from gaqat.models import ModelConfig
 from gaqat.quant import check_step_sizes
 
-RESULTS = "results.jsonl"
-GRADIENTS = "gradients.jsonl"
-CHECKPOINT = "checkpoint.pt"
-DONE = "done"
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,7 +1,15 @@
-"""JSON-lines files of a run folder: appended by training, read by reports and plots.
+"""The files of a run folder, and the JSON-lines files among them.
+
+``gaqat train`` writes them; ``report``, ``plots``, ``sweep`` and ``demo`` read them:
+
+- ``results.jsonl``: one record per checkpoint (DomainBed's keys);
+- ``gradients.jsonl``: GAQAT's window summaries and freeze decisions;
+- ``checkpoint.pt``: the latest checkpoint (``gaqat.checkpoint``);
+- ``done``: written last; a folder with it holds a finished run.
 
 A run killed while writing can leave a torn last line; readers skip it with a
 :class:`TornLineWarning`, and any other bad line is an error naming the file and line.
+This module imports no torch, so reading results stays light.
 """
 
 from __future__ import annotations
@@ -10,6 +18,12 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+
+
+RESULTS = "results.jsonl"
+GRADIENTS = "gradients.jsonl"
+CHECKPOINT = "checkpoint.pt"
+DONE = "done"
 
 
 class TornLineWarning(UserWarning):
