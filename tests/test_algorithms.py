@@ -8,7 +8,7 @@ import torch
 from gaqat.algorithms import ALGORITHMS, Algorithm, get_recipe, lr_lambda
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig
-from gaqat.quant import quantizers
+from gaqat.quant import quantizers, step_sizes
 
 
 def test_unknown_algorithm_lists_the_choices():
@@ -46,6 +46,16 @@ def test_update_reports_floats_and_predict_gives_logits(name):
     assert algorithm.scheduler.last_epoch == 3
     if recipe.freezing:
         assert {r["kind"] for r in algorithm.pop_gradient_records()} >= {"window"}
+
+
+def test_step_sizes_train_at_their_own_learning_rate():
+    hp = {**default_hparams("lsq_sagm", "digits"), "step_size_lr_scale": 0.1}
+    algorithm = Algorithm("lsq_sagm", ModelConfig(), hp, total_steps=10, bits=4)
+    weights, scales = algorithm.optimizer.param_groups
+    assert {id(p) for p in scales["params"]} == {id(p) for p in step_sizes(algorithm.network).values()}
+    assert scales["lr"] == hp["lr"] * 0.1 and weights["lr"] == hp["lr"]
+    algorithm.update([(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))])
+    assert math.isclose(scales["lr"] / weights["lr"], 0.1)  # the schedule scales both
 
 
 def test_qat_recipe_needs_a_bit_width():

@@ -44,7 +44,7 @@ def test_digits_defaults():
 def test_algorithm_specific_keys_only_where_used():
     common = set(default_hparams("erm", "PACS"))
     extra = {a: set(default_hparams(a, "PACS")) - common for a in ALGORITHMS}
-    quant = {"per_channel", "first_last"}
+    quant = {"per_channel", "first_last", "step_size_lr_scale"}
     freezing = {"tau", "window", "freeze_mode", "unfreeze", "disorder_metric"}
     assert extra == {"erm": set(), "sagm": {"rho", "alpha"}, "lsq": quant,
                      "lsq_sam": {"rho"} | quant, "lsq_sagm": {"rho", "alpha"} | quant,

@@ -77,13 +77,23 @@ class Algorithm:
             self.quant_config = quant_config_for(hparams, bits)
             quantize_model(self.network, self.quant_config)
         # The optimizer is built after quantize_model so that it holds every step size.
-        base = torch.optim.Adam(self.network.parameters(), lr=hparams["lr"],
+        base = torch.optim.Adam(self._param_groups(hparams), lr=hparams["lr"],
                                 weight_decay=hparams["weight_decay"])
         if self.recipe.quantized:
             check_optimizer(base, self.network)
         self.optimizer = self._objective(base, hparams)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             base, lr_lambda(hparams["lr_schedule"], total_steps))
+
+    def _param_groups(self, hparams: dict) -> list[dict]:
+        """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``."""
+        if not self.recipe.quantized:
+            return [{"params": list(self.network.parameters())}]
+        scales = {id(p) for p in step_sizes(self.network).values()}
+        params = list(self.network.parameters())
+        return [{"params": [p for p in params if id(p) not in scales]},
+                {"params": [p for p in params if id(p) in scales],
+                 "lr": hparams["lr"] * hparams["step_size_lr_scale"]}]
 
     def _objective(self, base: torch.optim.Optimizer, hparams: dict) -> torch.optim.Optimizer:
         if self.recipe.freezing:

@@ -146,6 +146,9 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     if quantized:
         declare("per_channel", False)
         declare("first_last", "float")
+        # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
+        # step (STUDY.md); a separate rate for them is the knob that is left.
+        declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5))
 
     # Selective freezing.
     if recipe.freezing:
