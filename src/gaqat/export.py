@@ -93,18 +93,10 @@ def _layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, _QUANTIZED_TYPES)}
 
 
-def _step(quantizer) -> torch.Tensor:
-    """The step size the forward pass uses."""
-    return quantizer.scale.detach().clamp_min(MIN_STEP)
-
-
 def weight_codes(layer: QuantConv2d | QuantLinear) -> torch.Tensor:
     """int8 codes of the layer's weight, with the fake quantizer's arithmetic, so that
     ``codes * step`` equals the fake-quantized weight bit for bit."""
-    q = layer.weight_quantizer
-    step = _step(q)
-    codes = (layer.weight.detach() * step.reciprocal()).round_().clamp_(q.q_min, q.q_max)
-    return codes.to(torch.int8)
+    return layer.weight_quantizer.codes(layer.weight).to(torch.int8)
 
 
 def _layer_info(layer: QuantConv2d | QuantLinear) -> dict:
@@ -361,7 +353,7 @@ class _ExportedWeight(nn.Module):
         q = layer.weight_quantizer
         self.per_channel = q.per_channel
         self.register_buffer("codes", weight_codes(layer))
-        self.register_buffer("step", _step(q).flatten() if q.per_channel else _step(q).view(()))
+        self.register_buffer("step", q.step_size().flatten() if q.per_channel else q.step_size().view(()))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _Dequantize.apply(self.codes, self.step, self.per_channel)
@@ -374,7 +366,7 @@ class _ExportedInput(nn.Module):
         super().__init__()
         q = layer.input_quantizer
         self.q_min, self.q_max = q.q_min, q.q_max
-        self.register_buffer("step", _step(q).view(()))
+        self.register_buffer("step", q.step_size().view(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FakeQuantize.apply(x, self.step, self.q_min, self.q_max)

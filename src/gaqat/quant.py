@@ -176,12 +176,21 @@ class LsqQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
             self._initialize(x)
-        q_max = self.q_max
         if not torch.is_grad_enabled():  # evaluation: no mask, no saved tensors
-            step, _, y = _scaled(x, self.scale)
-            return y.round_().clamp_(self.q_min, q_max).mul_(step)
+            return self.codes(x).mul_(self.step_size())
+        q_max = self.q_max
         n = self._weight_numel or (x[0].numel() if x.dim() > 1 else x.numel())
         return _LsqQuantize.apply(x, self.scale, self.q_min, q_max, 1.0 / math.sqrt(n * q_max))
+
+    def step_size(self) -> torch.Tensor:
+        """The step size the forward pass uses (floored at ``MIN_STEP``), without autograd."""
+        return self.scale.detach().clamp_min(MIN_STEP)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer levels round(clamp(x/s)) (as floats), with the forward pass's
+        arithmetic: ``codes(x) * step_size()`` is the fake-quantized ``x`` bit for bit."""
+        _, _, y = _scaled(x.detach(), self.step_size())
+        return y.round_().clamp_(self.q_min, self.q_max)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
