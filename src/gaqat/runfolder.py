@@ -26,6 +26,19 @@ CHECKPOINT = "checkpoint.pt"
 DONE = "done"
 
 
+STATES = ("done", "incomplete", "new")
+
+
+def run_state(folder: Path) -> str:
+    """"done" (finished), "incomplete" (started: results or a checkpoint) or "new"."""
+    folder = Path(folder)
+    if (folder / DONE).exists():
+        return "done"
+    if (folder / RESULTS).exists() or (folder / CHECKPOINT).exists():
+        return "incomplete"
+    return "new"
+
+
 class TornLineWarning(UserWarning):
     """The last line of a JSON-lines file is incomplete (the run was killed mid-write)."""
 

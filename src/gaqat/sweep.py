@@ -21,16 +21,13 @@ from typing import Sequence
 
 from gaqat import hparams as hparams_registry
 from gaqat.algorithms import ALGORITHMS, get_recipe
-from gaqat.data.digits import DOMAINS as DIGITS_DOMAINS
-from gaqat.data.registry import DIGITS_NAMES, load_dataset
-from gaqat.data.specs import SPECS
+from gaqat.data import dataset_domains
 from gaqat.quant import BITS_RANGE
 from gaqat.report import report
-from gaqat.runfolder import CHECKPOINT, DONE, RESULTS
+from gaqat.runfolder import CHECKPOINT, STATES, run_state
 from gaqat.train import TrainConfig, run
 
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
-STATES = ("done", "incomplete", "new")
 SWEEP_RECORD = "sweep.json"
 HASH_CHARS = 8
 
@@ -62,24 +59,6 @@ def job_hash(key: dict) -> str:
     """A short hash of canonical JSON: equal on every machine, Python version and run."""
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:HASH_CHARS]
-
-
-def job_state(folder: Path) -> str:
-    if (folder / DONE).exists():
-        return "done"
-    if (folder / RESULTS).exists() or (folder / CHECKPOINT).exists():
-        return "incomplete"
-    return "new"
-
-
-def dataset_domains(dataset: str, data_dir: Path | None = None) -> tuple[str, ...]:
-    """The dataset's domains; named datasets without reading (or building) any image."""
-    key = dataset.lower()
-    if key in DIGITS_NAMES:
-        return DIGITS_DOMAINS
-    if key in SPECS:
-        return SPECS[key].domains
-    return tuple(load_dataset(dataset, data_dir).domains)
 
 
 def test_env_indices(dataset: str, data_dir: Path | None,
@@ -156,7 +135,7 @@ def plan(output: Path, dataset: str, algorithms: Sequence[str], test_envs: Seque
                              checkpoint_freq=checkpoint_freq, trial_seed=seed,
                              hparams_seed=hp_seed, hparams=key["hparams"],
                              init=init.folder / CHECKPOINT if init else None, resume=True)
-        return Job(config, key, job_state(folder), init.folder if init else None)
+        return Job(config, key, run_state(folder), init.folder if init else None)
 
     planned: dict[str, Job] = {}
     for seed in seeds:
@@ -219,7 +198,7 @@ def launch(jobs: Sequence[Job], *, skip_failed: bool = False, device: str | None
             broken[job.folder] = f"needs {job.needs.name}, which {broken[job.needs]}"
             note(job, "skipped", broken[job.folder])
             continue
-        if job_state(job.folder) == "done":
+        if run_state(job.folder) == "done":
             note(job, "kept", "finished earlier")
             continue
         tic = time.perf_counter()

@@ -30,7 +30,8 @@ from gaqat import hparams as hparams_registry
 from gaqat.algorithms import Algorithm, get_recipe
 from gaqat.checkpoint import load_checkpoint, save_atomic
 from gaqat.data import load_dataset, make_loaders
-from gaqat.runfolder import CHECKPOINT, DONE, GRADIENTS, RESULTS, append_jsonl, truncate_jsonl
+from gaqat.runfolder import (CHECKPOINT, DONE, GRADIENTS, RESULTS, append_jsonl, run_state,
+                             truncate_jsonl)
 from gaqat.models import ModelConfig
 from gaqat.quant import check_step_sizes
 
@@ -87,14 +88,15 @@ def _prepare_output(config: TrainConfig) -> Path | None:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
+    state = run_state(out)
     if config.overwrite:
         for name in (RESULTS, GRADIENTS, CHECKPOINT, DONE):
             (out / name).unlink(missing_ok=True)
-    elif (out / DONE).exists():
+    elif state == "done":
         raise ValueError(f"{out} holds a finished run ({DONE} exists); pass --overwrite to replace it")
     elif config.resume:
         return checkpoint if checkpoint.exists() else None
-    elif (out / RESULTS).exists() or checkpoint.exists():
+    elif state == "incomplete":
         raise ValueError(f"{out} holds an unfinished run; pass --resume to continue it or "
                          f"--overwrite to start again")
     return None

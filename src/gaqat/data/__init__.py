@@ -35,7 +35,7 @@ from gaqat.data.download import download_dataset
 from gaqat.data.loaders import DomainLoaders, Split, TrainBatches, holdout_split, make_loaders
 from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
 from gaqat.data.preview import preview_grid
-from gaqat.data.registry import dataset_names, load_dataset
+from gaqat.data.registry import dataset_domains, dataset_names, load_dataset
 from gaqat.data.specs import SPECS, FolderSpec
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "Split",
     "TrainBatches",
     "build_digits",
+    "dataset_domains",
     "dataset_names",
     "default_data_dir",
     "download_dataset",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gaqat.data.digits import DOMAINS as DIGITS_DOMAINS
 from gaqat.data.digits import default_data_dir, load_digits
 from gaqat.data.folders import find_dataset_folder, load_image_folder
 from gaqat.data.multidomain import MultiDomainDataset
@@ -16,6 +17,17 @@ FOLDER_PREFIX = "folder:"
 def dataset_names() -> list[str]:
     """The names ``load_dataset`` accepts, besides ``folder:PATH``."""
     return ["digits", *(spec.name for spec in SPECS.values())]
+
+
+def dataset_domains(name: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """The domains of a dataset, in index order; for the named ones without reading (or
+    building) a single image."""
+    key = name.lower()
+    if key in DIGITS_NAMES:
+        return DIGITS_DOMAINS
+    if key in SPECS:
+        return SPECS[key].domains
+    return tuple(load_dataset(name, root).domains)
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> MultiDomainDataset:
