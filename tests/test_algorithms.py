@@ -58,6 +58,14 @@ def test_step_sizes_train_at_their_own_learning_rate():
     assert math.isclose(scales["lr"] / weights["lr"], 0.1)  # the schedule scales both
 
 
+@pytest.mark.parametrize("name", ["sagm", "lsq_sam", "lsq_sagm", "gaqat"])
+def test_two_pass_objectives_take_the_perturbed_pass_rng_hparam(name):
+    hp = {**default_hparams(name, "digits"), "perturbed_pass_rng": "fresh"}
+    bits = 4 if get_recipe(name).quantized else None
+    algorithm = Algorithm(name, ModelConfig(), hp, total_steps=1, bits=bits)
+    assert algorithm.optimizer.perturbed_pass_rng == "fresh"
+
+
 def test_qat_recipe_needs_a_bit_width():
     with pytest.raises(ValueError, match="--bits"):
         Algorithm("lsq", ModelConfig(), default_hparams("lsq", "digits"), total_steps=1)

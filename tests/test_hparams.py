@@ -46,10 +46,12 @@ def test_algorithm_specific_keys_only_where_used():
     extra = {a: set(default_hparams(a, "PACS")) - common for a in ALGORITHMS}
     quant = {"per_channel", "first_last", "step_size_lr_scale"}
     freezing = {"tau", "window", "freeze_mode", "unfreeze", "disorder_metric"}
-    assert extra == {"erm": set(), "sagm": {"rho", "alpha"}, "lsq": quant,
-                     "lsq_sam": {"rho"} | quant, "lsq_sagm": {"rho", "alpha"} | quant,
-                     "gaqat": {"rho", "alpha"} | quant | freezing}
+    sam = {"rho", "perturbed_pass_rng"}
+    sagm = sam | {"alpha"}
+    assert extra == {"erm": set(), "sagm": sagm, "lsq": quant, "lsq_sam": sam | quant,
+                     "lsq_sagm": sagm | quant, "gaqat": sagm | quant | freezing}
     gaqat = default_hparams("gaqat", "PACS")
+    assert gaqat["perturbed_pass_rng"] == "replay"
     assert (gaqat["tau"], gaqat["freeze_mode"], gaqat["unfreeze"], gaqat["disorder_metric"]) == \
         (0.3, "task", False, "sign_flip")
     assert (gaqat["per_channel"], gaqat["first_last"]) == (False, "float")
@@ -135,6 +137,7 @@ def test_unknown_override_key_lists_valid_ones():
     ('{"unfreeze": 1}', "'unfreeze': expected bool"),
     ('{"freeze_mode": "some"}', r"'freeze_mode': 'some' is not one of \('task', 'all'\)"),
     ('{"disorder_metric": 3}', "'disorder_metric': expected str"),
+    ('{"perturbed_pass_rng": "same"}', r"'perturbed_pass_rng': 'same' is not one of \('replay', "),
     ('{"lr": 1e-3', "not valid JSON"),
     ('[1, 2]', "expected a JSON object"),
 ])

@@ -14,27 +14,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaqat.freezing import GAQAT
 from gaqat.optim import SAGM, SAM
 
 torch.set_num_threads(1)
 
 
 class TinyMLP(nn.Module):
-    """Linear-tanh-linear with a per-channel weight scale and a scalar activation scale."""
+    """Linear-tanh-dropout-linear with a per-channel weight scale and a scalar activation scale."""
 
-    def __init__(self):
+    def __init__(self, dropout=0.0):
         super().__init__()
         self.fc1 = nn.Linear(4, 6)
         self.fc2 = nn.Linear(6, 3)
+        self.drop = nn.Dropout(dropout)
         self.w_scale = nn.Parameter(torch.full((6, 1), 0.9))
         self.a_scale = nn.Parameter(torch.tensor(1.1))
 
     def forward(self, x):
         h = torch.tanh(F.linear(x, self.fc1.weight * self.w_scale, self.fc1.bias) * self.a_scale)
-        return self.fc2(h)
+        return self.fc2(self.drop(h))
 
     def step_sizes(self):
         return {"w_scale": self.w_scale, "a_scale": self.a_scale}
+
+
+class TinyDropout(TinyMLP):
+    """TinyMLP with dropout 0.5: each pass draws its own mask unless the step replays it."""
+
+    def __init__(self):
+        super().__init__(dropout=0.5)
 
 
 class TinyConvBN(nn.Module):
@@ -58,7 +67,7 @@ class TinyConvBN(nn.Module):
 def make(model_cls, seed=0):
     torch.manual_seed(seed)
     model = model_cls().double()
-    shape = (8, 4) if model_cls is TinyMLP else (8, 2, 5, 5)
+    shape = (8, 2, 5, 5) if model_cls is TinyConvBN else (8, 4)
     x = torch.randn(*shape, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
     return model, x, y
@@ -132,6 +141,36 @@ def test_parameters_are_restored_bit_for_bit():
     before = [p.detach().clone() for p in model.parameters()]
     SAGM(torch.optim.SGD(model.parameters(), lr=0.0), rho=3.0).step(closure_for(model, x, y))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+# Each two-pass optimizer at ρ = α = 0, where the perturbed pass runs at θ itself.
+AT_ZERO_RADIUS = {
+    "SAM": lambda base, model, **kw: SAM(base, rho=0.0, watch=model.step_sizes(), **kw),
+    "SAGM": lambda base, model, **kw: SAGM(base, rho=0.0, alpha=0.0, watch=model.step_sizes(),
+                                           **kw),
+    "GAQAT": lambda base, model, **kw: GAQAT(base, model.step_sizes(), rho=0.0, alpha=0.0,
+                                             tau=0.0, window=2, **kw),
+}
+
+
+@pytest.mark.parametrize("rng", ["replay", "fresh"])
+@pytest.mark.parametrize("wrapper", AT_ZERO_RADIUS)
+def test_replayed_dropout_masks_make_a_zero_radius_step_a_plain_gradient_step(wrapper, rng):
+    """With fresh masks g_smooth = g_p − g would be dropout noise, not curvature."""
+    model, x, y = make(TinyDropout)
+    closure = closure_for(model, x, y)
+    torch.manual_seed(1)
+    closure()
+    plain = {p: p.grad.clone() for p in model.parameters()}
+    model.zero_grad(set_to_none=True)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = capture_grads(base)
+    opt = AT_ZERO_RADIUS[wrapper](base, model, perturbed_pass_rng=rng)
+    torch.manual_seed(1)
+    opt.step(closure)
+    replayed = rng == "replay"
+    assert all(torch.equal(seen[p], plain[p]) for p in model.parameters()) == replayed
+    assert (not any(g.any() for g in opt.g_smooth.values())) == replayed
 
 
 def test_bn_running_stats_move_as_after_one_plain_forward():
@@ -245,6 +284,7 @@ def test_fp16_grad_scaler_is_refused_with_a_clear_error():
 @pytest.mark.parametrize("kwargs, match", [
     ({"rho": -0.1}, "rho"),
     ({"alpha": float("nan")}, "alpha"),
+    ({"perturbed_pass_rng": "same"}, "perturbed_pass_rng.*replay"),
 ])
 def test_bad_hyperparameters_are_named(kwargs, match):
     model, _, _ = make(TinyMLP)

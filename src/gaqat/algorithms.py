@@ -96,15 +96,17 @@ class Algorithm:
                  "lr": hparams["lr"] * hparams["step_size_lr_scale"]}]
 
     def _objective(self, base: torch.optim.Optimizer, hparams: dict) -> torch.optim.Optimizer:
+        if self.recipe.objective == "erm":
+            return base
+        rng = hparams["perturbed_pass_rng"]
         if self.recipe.freezing:
             return GAQAT(base, step_sizes(self.network), rho=hparams["rho"], alpha=hparams["alpha"],
                          tau=hparams["tau"], window=hparams["window"], mode=hparams["freeze_mode"],
-                         unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"])
+                         unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"],
+                         perturbed_pass_rng=rng)
         if self.recipe.objective == "sagm":
-            return SAGM(base, rho=hparams["rho"], alpha=hparams["alpha"])
-        if self.recipe.objective == "sam":
-            return SAM(base, rho=hparams["rho"])
-        return base
+            return SAGM(base, rho=hparams["rho"], alpha=hparams["alpha"], perturbed_pass_rng=rng)
+        return SAM(base, rho=hparams["rho"], perturbed_pass_rng=rng)
 
     def to(self, device: torch.device) -> "Algorithm":
         self.network.to(device)

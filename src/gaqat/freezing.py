@@ -115,8 +115,9 @@ class GAQAT(SAGM):
     def __init__(self, base_optimizer: torch.optim.Optimizer, step_sizes: Mapping[str, nn.Parameter],
                  rho: float = 0.05, alpha: float = 1e-3, tau: float = 0.3, window: int = 350,
                  mode: str = "task", unfreeze: bool = False, metric: str = "sign_flip",
-                 warmup_windows: int = 1):
-        super().__init__(base_optimizer, rho, alpha, watch=step_sizes)
+                 warmup_windows: int = 1, perturbed_pass_rng: str = "replay"):
+        super().__init__(base_optimizer, rho, alpha, watch=step_sizes,
+                         perturbed_pass_rng=perturbed_pass_rng)
         self.freezer = Freezer(step_sizes, tau, window, mode, unfreeze, warmup_windows, metric)
         self.steps = 0
 

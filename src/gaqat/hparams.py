@@ -29,6 +29,7 @@ from gaqat.algorithms import SCHEDULES, get_recipe
 from gaqat.disorder import METRICS
 from gaqat.freezing import MODES
 from gaqat.models import ARCHITECTURES
+from gaqat.optim import PERTURBED_PASS_RNG
 from gaqat.quant import FIRST_LAST_POLICIES
 
 DATASETS = ("digits", "PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet")
@@ -58,6 +59,7 @@ CHOICES: dict[str, tuple] = {
     "freeze_mode": MODES,
     "disorder_metric": tuple(METRICS),
     "first_last": FIRST_LAST_POLICIES,
+    "perturbed_pass_rng": PERTURBED_PASS_RNG,
 }
 
 
@@ -139,6 +141,8 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     # Flatness objective.
     if recipe.objective in ("sam", "sagm"):
         declare("rho", 0.05, lambda r: 10 ** r.uniform(-2, -1))
+        # "replay": both passes draw the same dropout masks (gaqat.optim); "fresh": SAGM's code.
+        declare("perturbed_pass_rng", "replay")
     if recipe.objective == "sagm":
         declare("alpha", 1e-3 if digits else alpha, lambda r: 10 ** r.uniform(-4, -2.5))
 

@@ -6,6 +6,18 @@ bit-for-bit, writes the final gradient (SAM: g_p; SAGM: ½·(g + g_p), METHOD.md
 calls the base optimizer. The wrappers share the base optimizer's ``param_groups`` and
 ``state``, so learning-rate schedulers and checkpoints see one optimizer.
 
+Randomness: g_p − g should measure how the loss bends around θ, but if the two passes
+draw different dropout masks (or other random numbers) it also carries that noise.
+``perturbed_pass_rng`` chooses:
+
+- ``"replay"`` (default): the step saves torch's CPU random state (and every CUDA
+  device's, when CUDA is already initialised) before the first pass and restores it
+  before the perturbed one, so both passes draw the same masks. At ρ = α = 0 the final
+  gradient is then a plain single pass's and g_smooth is exactly 0 (bit for bit where
+  the kernels are deterministic). Draws from a ``torch.Generator`` of your own are not
+  replayed.
+- ``"fresh"``: the perturbed pass draws new masks, as SAGM's released code does.
+
 Watched parameters (the quantizers' step sizes) keep the two components of METHOD.md §4
 after every step, ``g_task = g`` and ``g_smooth = g_p − g``, as device tensors: they fall
 out of the two passes, cost no extra pass and no host synchronisation.
@@ -39,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 _NORM_EPS = 1e-12
+PERTURBED_PASS_RNG = ("replay", "fresh")
 
 
 @contextmanager
@@ -71,19 +84,26 @@ class SAM(torch.optim.Optimizer):
 
     ``watch`` maps names to parameters whose components are kept after each step in
     ``g_task`` and ``g_smooth`` (name -> tensor shaped like the parameter).
+    ``perturbed_pass_rng``: "replay" the first pass's dropout masks in the perturbed pass,
+    or draw "fresh" ones (module docstring).
     """
 
     # GradScaler.step hands the call to optimizers that claim this, so step() can refuse it.
     _step_supports_amp_scaling = True
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, *,
-                 watch: Mapping[str, nn.Parameter] | None = None):
+                 watch: Mapping[str, nn.Parameter] | None = None,
+                 perturbed_pass_rng: str = "replay"):
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAM):
             raise ValueError(f"{type(self).__name__}: base_optimizer must be a plain "
                              f"torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if perturbed_pass_rng not in PERTURBED_PASS_RNG:
+            raise ValueError(f"{type(self).__name__}.perturbed_pass_rng: {perturbed_pass_rng!r} "
+                             f"is not one of {PERTURBED_PASS_RNG}")
         self.base_optimizer = base_optimizer
         self.rho = self._non_negative("rho", rho)
         self.alpha = 0.0
+        self.perturbed_pass_rng = perturbed_pass_rng
         super().__init__(base_optimizer.param_groups, dict(base_optimizer.defaults))
         self._share_base()
         self.watch = dict(watch or {})
@@ -122,6 +142,7 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure that runs forward and "
                              "backward on the step's minibatch and returns the loss")
         params = [p for group in self.param_groups for p in group["params"]]
+        rng = _rng_state() if self.perturbed_pass_rng == "replay" else None
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
@@ -138,6 +159,8 @@ class SAM(torch.optim.Optimizer):
         torch._foreach_add_(moved, torch._foreach_mul(g, self.rho / (norm + _NORM_EPS) - self.alpha))
 
         self.zero_grad(set_to_none=True)
+        if rng is not None:
+            _set_rng_state(rng)
         with torch.enable_grad(), frozen_running_stats():
             closure()
         torch._foreach_copy_(moved, theta)
@@ -180,8 +203,9 @@ class SAGM(SAM):
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
-                 alpha: float = 1e-3, *, watch: Mapping[str, nn.Parameter] | None = None):
-        super().__init__(base_optimizer, rho, watch=watch)
+                 alpha: float = 1e-3, *, watch: Mapping[str, nn.Parameter] | None = None,
+                 perturbed_pass_rng: str = "replay"):
+        super().__init__(base_optimizer, rho, watch=watch, perturbed_pass_rng=perturbed_pass_rng)
         self.alpha = self._non_negative("alpha", alpha)
 
     def _combine(self, g: list[torch.Tensor], g_p: list[torch.Tensor]) -> None:
@@ -191,3 +215,20 @@ class SAGM(SAM):
 
 def _grad_or_zeros(param: nn.Parameter) -> torch.Tensor:
     return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+_RngState = tuple[torch.Tensor, list[torch.Tensor] | None]
+
+
+def _rng_state() -> _RngState:
+    """Torch's global generators: the CPU one, and CUDA's only when CUDA is initialised
+    (asking for them would initialise it, and a CPU run must not need a GPU)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: _RngState) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
