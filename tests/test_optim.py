@@ -143,6 +143,24 @@ def test_parameters_are_restored_bit_for_bit():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_parameters_are_restored_when_the_perturbed_pass_raises():
+    model, x, y = make(TinyConvBN)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(len(calls))
+        loss = F.cross_entropy(model(x), y)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the perturbed pass")
+        loss.backward()
+        return loss
+    with pytest.raises(RuntimeError, match="perturbed pass"):
+        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), rho=3.0).step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert model.bn.track_running_stats
+
+
 # Each two-pass optimizer at ρ = α = 0, where the perturbed pass runs at θ itself.
 AT_ZERO_RADIUS = {
     "SAM": lambda base, model, **kw: SAM(base, rho=0.0, watch=model.step_sizes(), **kw),

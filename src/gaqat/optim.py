@@ -156,14 +156,16 @@ class SAM(torch.optim.Optimizer):
 
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
         theta = torch._foreach_mul(moved, 1.0)  # an exact copy, to restore θ bit-for-bit
-        torch._foreach_add_(moved, torch._foreach_mul(g, self.rho / (norm + _NORM_EPS) - self.alpha))
-
+        e = torch._foreach_mul(g, self.rho / (norm + _NORM_EPS) - self.alpha)
         self.zero_grad(set_to_none=True)
         if rng is not None:
             _set_rng_state(rng)
-        with torch.enable_grad(), frozen_running_stats():
-            closure()
-        torch._foreach_copy_(moved, theta)
+        try:  # θ comes back even when the perturbed pass raises
+            torch._foreach_add_(moved, e)
+            with torch.enable_grad(), frozen_running_stats():
+                closure()
+        finally:
+            torch._foreach_copy_(moved, theta)
         for p, h in zip(params, has_grad):
             if not h:  # no gradient at θ: SAM/SAGM has no update for it
                 p.grad = None
