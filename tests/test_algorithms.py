@@ -58,6 +58,26 @@ def test_step_sizes_train_at_their_own_learning_rate():
     assert math.isclose(scales["lr"] / weights["lr"], 0.1)  # the schedule scales both
 
 
+def test_weight_decay_spares_step_sizes_so_a_frozen_one_stays_put():
+    """Freeze mode "task" steps a frozen step size with ½·g_smooth, which is 0 here (ρ = α = 0,
+    no dropout): weight decay must not move it instead."""
+    torch.manual_seed(0)
+    hp = {**default_hparams("gaqat", "digits"), "weight_decay": 1e-2, "rho": 0.0, "alpha": 0.0,
+          "freeze_mode": "task"}
+    algorithm = Algorithm("gaqat", ModelConfig(), hp, total_steps=10, bits=4)
+    weights, scales = algorithm.optimizer.param_groups
+    assert (weights["weight_decay"], scales["weight_decay"]) == (1e-2, 0.0)
+    sizes = step_sizes(algorithm.network)
+    algorithm.optimizer.freezer.frozen = set(sizes)  # from the first step: no Adam momentum
+    batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    algorithm.update(batch)  # initialises the quantizers
+    before = {name: s.detach().clone() for name, s in sizes.items()}
+    for _ in range(2):
+        algorithm.update(batch)
+        assert not any(g.any() for g in algorithm.optimizer.g_smooth.values())
+    assert all(torch.equal(sizes[name], value) for name, value in before.items())
+
+
 @pytest.mark.parametrize("name", ["sagm", "lsq_sam", "lsq_sagm", "gaqat"])
 def test_two_pass_objectives_take_the_perturbed_pass_rng_hparam(name):
     hp = {**default_hparams(name, "digits"), "perturbed_pass_rng": "fresh"}

@@ -86,14 +86,16 @@ class Algorithm:
             base, lr_lambda(hparams["lr_schedule"], total_steps))
 
     def _param_groups(self, hparams: dict) -> list[dict]:
-        """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``."""
+        """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
+        and without weight decay, which would pull a quantizer's range towards zero (and,
+        through Adam, move a frozen step size by about lr per step)."""
         if not self.recipe.quantized:
             return [{"params": list(self.network.parameters())}]
         scales = {id(p) for p in step_sizes(self.network).values()}
         params = list(self.network.parameters())
         return [{"params": [p for p in params if id(p) not in scales]},
                 {"params": [p for p in params if id(p) in scales],
-                 "lr": hparams["lr"] * hparams["step_size_lr_scale"]}]
+                 "lr": hparams["lr"] * hparams["step_size_lr_scale"], "weight_decay": 0.0}]
 
     def _objective(self, base: torch.optim.Optimizer, hparams: dict) -> torch.optim.Optimizer:
         if self.recipe.objective == "erm":
