@@ -66,6 +66,17 @@ def test_window_records_say_whether_the_step_size_was_frozen_during_the_window()
                                                                         (3, 12, True)]
 
 
+def test_a_disorder_equal_to_tau_does_not_freeze():
+    """7 flips in 20 transitions is D = 0.35 exactly, not float32's 0.3499999940."""
+    freezer = Freezer({"s": nn.Parameter(torch.tensor(1.0))}, tau=0.35, window=21,
+                      warmup_windows=0)
+    signs = [(-1.0) ** min(i, 7) for i in range(21)]  # alternates for 7 transitions, then holds
+    for step, sign in enumerate(signs, 1):
+        freezer.observe(step, {"s": torch.tensor(sign)}, {"s": torch.tensor(0.0)})
+    assert [(r["kind"], r["d_task"]) for r in freezer.pop_records()] == [("window", 0.35)]
+    assert freezer.frozen == set()
+
+
 @pytest.mark.parametrize("kwargs, match", [({"tau": 1.5}, "tau"), ({"mode": "some"}, "mode"),
                                            ({"warmup_windows": -1}, "warmup"),
                                            ({"metric": "kl"}, "metric")])
