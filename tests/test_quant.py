@@ -234,6 +234,32 @@ def test_quantized_resnet18_trains():
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in step_sizes(model).values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_step_sizes_take_the_dtype_of_their_layer(dtype):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)).to(dtype)
+    quantize_model(model, QuantConfig(first_last="same"))
+    assert {s.dtype for s in step_sizes(model).values()} == {dtype}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_float64_model_gets_float64_step_size_gradients(per_channel):
+    """A float32 step size would round its gradient to float32 (relative error ~1e-8)."""
+    torch.manual_seed(0)
+    layer = quantize_model(nn.Sequential(nn.Linear(5, 4)).double(),
+                           QuantConfig(first_last="same", per_channel=per_channel))[0]
+    x, grad = sample(0, (6, 5), 1.0, torch.float64), sample(1, (6, 4), 1.0, torch.float64)
+    layer(x).backward(grad)
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    w_hat = wq.codes(layer.weight) * wq.step_size()
+    x_hat = aq.codes(x) * aq.step_size()
+    # (quantizer, its input, dL/d(its output), N of its gradient scale)
+    for q, v, upstream, n in ((wq, layer.weight, grad.T @ x_hat, 5 if per_channel else 20),
+                              (aq, x, grad @ w_hat, 5)):
+        _, want = closed_form(v.detach(), q.scale.detach(), q.q_min, q.q_max, upstream,
+                              1 / math.sqrt(n * q.q_max))
+        torch.testing.assert_close(q.scale.grad, want, rtol=1e-10, atol=1e-12)
+
+
 def test_state_dict_round_trip_keeps_scales_and_flags():
     config = QuantConfig(per_channel=True)
     model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),

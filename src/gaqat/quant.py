@@ -115,11 +115,13 @@ class LsqQuantizer(nn.Module):
     Activation quantizers leave ``signed=None`` to decide on the first batch: unsigned
     when it has no negative value. The step size is initialised on the first forward
     pass, whatever the mode; ``is_initialized`` and ``signedness`` are buffers, so a
-    loaded state_dict restores them and nothing is re-initialised.
+    loaded state_dict restores them and nothing is re-initialised. ``dtype``: the step
+    size's, which quantized layers take from their weight (a float64 model gets float64
+    step sizes and gradients).
     """
 
     def __init__(self, bits: int, signed: bool | None, per_channel: bool = False,
-                 weight_shape: Sequence[int] | None = None):
+                 weight_shape: Sequence[int] | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.bits = _check_bits(bits, "LsqQuantizer.bits")
         self.per_channel = per_channel
@@ -129,7 +131,7 @@ class LsqQuantizer(nn.Module):
                              "only; pass weight_shape")
         scale_shape = (self.weight_shape[0],) + (1,) * (len(self.weight_shape) - 1) \
             if per_channel else (1,)
-        self.scale = nn.Parameter(torch.ones(scale_shape))
+        self.scale = nn.Parameter(torch.ones(scale_shape, dtype=dtype))
         self.register_buffer("is_initialized", torch.tensor(False))
         self.register_buffer("signedness", torch.tensor(-1 if signed is None else int(signed),
                                                         dtype=torch.int8))
@@ -215,19 +217,22 @@ class _QuantizedLayer:
     def __init__(self, *args, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        dtype = self.weight.dtype
         self.weight_quantizer = LsqQuantizer(weight_bits, signed=True, per_channel=per_channel,
-                                             weight_shape=self.weight.shape)
-        self.input_quantizer = LsqQuantizer(act_bits, signed=None)
+                                             weight_shape=self.weight.shape, dtype=dtype)
+        self.input_quantizer = LsqQuantizer(act_bits, signed=None, dtype=dtype)
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight_bits: int, act_bits: int, per_channel: bool):
-        """A quantized layer holding ``layer``'s very weight and bias Parameter objects.
+        """A quantized layer holding ``layer``'s very weight and bias Parameter objects, and
+        step sizes of their dtype.
 
         Built on the meta device first: no allocation and no draw from the global RNG.
         """
         args, kwargs = cls._float_arguments(layer)
         new = cls(*args, **kwargs, bias=layer.bias is not None, device="meta",
-                  weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel)
+                  dtype=layer.weight.dtype, weight_bits=weight_bits, act_bits=act_bits,
+                  per_channel=per_channel)
         new.weight = layer.weight
         new.bias = layer.bias
         new.train(layer.training)
