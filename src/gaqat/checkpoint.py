@@ -10,11 +10,12 @@ A checkpoint is one ``torch.save`` dict. Its keys:
 
 ``load_model`` is all that ``export`` and evaluation need: it rebuilds the architecture
 from the stored configs, so a checkpoint is usable without the command that made it.
+Checkpoints hold tensors and plain Python values only and are read with
+``weights_only=True``: opening someone else's checkpoint never runs pickled code.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,17 +23,14 @@ import torch
 
 from gaqat.models import ModelConfig, Network, build_model
 from gaqat.quant import QuantConfig, quantize_model
+from gaqat.runfolder import replace_atomic
 
 REQUIRED_KEYS = ("model", "model_config", "quant_config", "meta")
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves
-    a half-written checkpoint where a good one was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A crash never leaves a half-written checkpoint where a good one was."""
+    replace_atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -40,9 +38,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} is not a readable torch file ({error})") from error
+        refused = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
+        if refused:
+            raise ValueError(f"checkpoint {path} holds Python objects, not only tensors and plain "
+                             f"values ({refused}); gaqat reads checkpoints with weights_only=True "
+                             f"and never runs code from a file") from None
+        raise ValueError(f"checkpoint {path} is not a readable torch file") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, found {type(checkpoint).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]

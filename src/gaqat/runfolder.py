@@ -5,7 +5,10 @@
 - ``results.jsonl``: one record per checkpoint (DomainBed's keys);
 - ``gradients.jsonl``: GAQAT's window summaries and freeze decisions;
 - ``checkpoint.pt``: the latest checkpoint (``gaqat.checkpoint``);
-- ``done``: written last; a folder with it holds a finished run.
+- ``done``: written last; a folder with it holds a finished run;
+- ``.lock``: held by the process writing the folder (:func:`locked`);
+- ``.previous/``: a run being overwritten, kept until the new one has its first
+  checkpoint (:func:`set_aside`).
 
 A run killed while writing can leave a torn last line; readers skip it with a
 :class:`TornLineWarning`, and any other bad line is an error naming the file and line.
@@ -14,9 +17,15 @@ This module imports no torch, so reading results stays light.
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import shutil
+import socket
+import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -24,14 +33,23 @@ RESULTS = "results.jsonl"
 GRADIENTS = "gradients.jsonl"
 CHECKPOINT = "checkpoint.pt"
 DONE = "done"
+LOCK = ".lock"
+PREVIOUS = ".previous"
+RUN_FILES = (RESULTS, GRADIENTS, CHECKPOINT, DONE)
 
 
 STATES = ("done", "incomplete", "new")
 
 
 def run_state(folder: Path) -> str:
-    """"done" (finished), "incomplete" (started: results or a checkpoint) or "new"."""
+    """"done" (finished), "incomplete" (started: results or a checkpoint) or "new".
+
+    An overwrite that died before its first checkpoint counts as the run it was replacing,
+    which :func:`settle` puts back.
+    """
     folder = Path(folder)
+    if (folder / PREVIOUS).is_dir() and not (folder / CHECKPOINT).exists():
+        folder = folder / PREVIOUS
     if (folder / DONE).exists():
         return "done"
     if (folder / RESULTS).exists() or (folder / CHECKPOINT).exists():
@@ -62,18 +80,125 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
 
 
 def append_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Append and flush to disk: the lines must be there before the checkpoint covering them."""
     lines = [json.dumps(r) + "\n" for r in records]
     if lines:
         with Path(path).open("a") as f:
             f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``: a crash
+    leaves either the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the records whose ``step`` is at most ``last_step`` (a torn line goes too): what
-    a run resumed from the checkpoint of ``last_step`` has already written."""
-    if path.exists():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TornLineWarning)
-            kept = [r for _, r in read_jsonl(path) if r["step"] <= last_step]
-        path.write_text("")
-        append_jsonl(path, kept)
+    """Keep the records whose ``step`` is at most ``last_step``: what a run resumed from
+    the checkpoint of ``last_step`` has already written. The file is replaced atomically.
+
+    A torn last line (the run was killed while writing it) is dropped with a warning; so
+    is a missing record of ``last_step`` itself, whose evaluation is then lost.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    records = read_jsonl(path)  # warns about a torn last line
+    kept = [r for _, r in records if r["step"] <= last_step]
+    if path.name == RESULTS and last_step and not any(r["step"] == last_step for r in kept):
+        warnings.warn(f"{path}: no complete record of step {last_step}, which the checkpoint "
+                      f"covers; that evaluation is missing from the resumed run",
+                      TornLineWarning, stacklevel=2)
+    if len(kept) < len(records) or path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        replace_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting (byte 0 on Windows, the file on POSIX)."""
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold the folder's exclusive lock while the block runs, or raise FolderBusyError.
+
+    The operating system drops the lock when the holder dies (``kill -9`` included), so a
+    crash never leaves a stale lock. After byte 0 the lock file says who holds it. A
+    folder this call created is removed again when nothing but the lock was written.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd):
+            with path.open("rb") as f:
+                f.seek(1)
+                holder = f.read().decode("utf-8", "replace").strip() or "unknown process"
+            raise FolderBusyError(f"{folder} is in use by another process ({holder}); wait for "
+                                  f"it to finish or stop it, then run the command again")
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {since}: {' '.join(sys.argv)}"
+        os.ftruncate(fd, 1)
+        os.lseek(fd, 1, os.SEEK_SET)
+        os.write(fd, holder.encode("utf-8"))
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:
+            path.unlink()
+            folder.rmdir()
+
+
+def set_aside(folder: Path) -> None:
+    """Move a run's files into ``.previous/`` before it is overwritten (see :func:`settle`)."""
+    folder = Path(folder)
+    previous = folder / PREVIOUS
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for name in RUN_FILES:
+        if (folder / name).exists():
+            os.replace(folder / name, previous / name)
+
+
+def settle(folder: Path, keep_new: bool) -> None:
+    """End an overwrite: drop the set-aside run (``keep_new``: the new run has a checkpoint)
+    or put it back in place of the new run's partial files. Nothing to do without one."""
+    folder = Path(folder)
+    previous = folder / PREVIOUS
+    if not previous.is_dir():
+        return
+    if not keep_new:
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+            if (previous / name).exists():
+                os.replace(previous / name, folder / name)
+    shutil.rmtree(previous)
