@@ -141,7 +141,7 @@ def test_bad_arguments_get_clear_errors(tmp_path, digits_dir, float_init):
         run(_config(tmp_path, digits_dir, "a", "nope"))
     with pytest.raises(ValueError, match="--bits"):
         run(_config(tmp_path, digits_dir, "b", "lsq"))
-    with pytest.raises(ValueError, match="test_envs .* leave no training domain"):
+    with pytest.raises(ValueError, match="--test-envs .* leave no training domain"):
         run(_config(tmp_path, digits_dir, "c", test_envs=(0, 1, 2, 3)))
     quantized = run(_config(tmp_path, digits_dir, "q", "lsq", bits=4, init=float_init))
     with pytest.raises(ValueError, match="float checkpoint"):

@@ -9,15 +9,21 @@ The output folder holds what DomainBed's tools and ours read:
   states and step, replaced atomically at every checkpoint;
 - ``done``: written last; a folder with it is a finished run.
 
-Lines of the two JSONL files are written before the checkpoint that covers them, so
-resuming drops every line newer than the checkpoint and the run rewrites them: a killed
-run resumed gives the same files and weights as a run that was never killed.
+A run goes in three stages. :func:`check` validates every argument and loads what the
+run starts from, touching no output file, so a typo never costs a finished run. Then
+the folder is locked against a second process and claimed: a finished run is replaced
+only with ``overwrite`` (and set aside until the new run has its first checkpoint), an
+unfinished one is continued only with ``resume`` and only by the same run. Then the
+loop trains. Lines of the two JSONL files are written before the checkpoint that covers
+them, so resuming drops every line newer than the checkpoint and the run rewrites them:
+a killed run resumed gives the same files and weights as a run that was never killed.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,18 +33,23 @@ import torch
 from tqdm import tqdm
 
 from gaqat import hparams as hparams_registry
-from gaqat.algorithms import Algorithm, get_recipe
+from gaqat.algorithms import Algorithm, Recipe, get_recipe
 from gaqat.checkpoint import load_checkpoint, save_atomic
 from gaqat.data import load_dataset, make_loaders
-from gaqat.runfolder import (CHECKPOINT, DONE, GRADIENTS, RESULTS, append_jsonl, run_state,
-                             truncate_jsonl)
+from gaqat.data.multidomain import MultiDomainDataset
+from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
-from gaqat.quant import check_step_sizes
-
+from gaqat.quant import BITS_RANGE, check_step_sizes
+from gaqat.runfolder import (CHECKPOINT, DONE, GRADIENTS, PREVIOUS, RESULTS, append_jsonl,
+                             locked, read_jsonl, run_state, set_aside, settle, truncate_jsonl)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; the message says what was kept."""
 
 
 @dataclass
@@ -55,12 +66,15 @@ class TrainConfig:
     hparams_seed: int = 0               # 0: defaults; otherwise a random-search draw
     hparams: dict = field(default_factory=dict)  # overrides, applied last
     init: Path | None = None            # float checkpoint that QAT starts from
+    from_scratch: bool = False          # QAT of a randomly initialised network, knowingly
     weights: str | None = "default"     # ResNets: "imagenet", a file, None; "default" decides
     resume: bool = False
     overwrite: bool = False
+    new_lr: float | None = None         # with resume: continue at this base learning rate
     num_workers: int = 0
     image_size: int | None = None       # None: the dataset's (224 photos, 32 digits)
     device: str | None = None
+    deterministic: bool = False         # PyTorch's deterministic algorithms, cuDNN included
     progress: bool = True
 
     def to_args(self) -> dict:
@@ -83,27 +97,195 @@ def resolve_hparams(config: TrainConfig) -> dict:
     return hp
 
 
-def _prepare_output(config: TrainConfig) -> Path | None:
-    """Refuse to clobber a run; return the checkpoint to resume from, if any."""
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`check` derives from a config: everything the run needs to start."""
+
+    recipe: Recipe
+    bits: int | None
+    hparams: dict
+    dataset: MultiDomainDataset
+    model_config: ModelConfig
+    init_state: dict | None
+    device: torch.device
+
+    def identity(self, config: TrainConfig) -> dict:
+        """What a resumed run must share with the run it continues."""
+        return {"dataset": self.dataset.name, "algorithm": config.algorithm, "bits": self.bits,
+                "test_envs": sorted(config.test_envs), "trial_seed": config.trial_seed,
+                "hparams_seed": config.hparams_seed, "image_size": config.image_size,
+                **{f"hparams.{k}": v for k, v in self.hparams.items()}}
+
+
+def _stored_identity(checkpoint: dict) -> dict:
+    meta, args = checkpoint["meta"], checkpoint["args"]
+    return {"dataset": meta["dataset"], "algorithm": meta["algorithm"], "bits": meta["bits"],
+            "test_envs": sorted(meta["test_envs"]), "trial_seed": args["trial_seed"],
+            "hparams_seed": args["hparams_seed"], "image_size": args.get("image_size"),
+            **{f"hparams.{k}": v for k, v in checkpoint["hparams"].items()}}
+
+
+def _positive(value: object, option: str, kind: type = int) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and value > 0 and (kind is float or isinstance(value, int))
+    if not ok:
+        raise UsageError(f"{option}: expected a positive {'number' if kind is float else 'integer'}, "
+                         f"got {value!r}")
+
+
+def check(config: TrainConfig) -> Plan:
+    """Validate every argument and load the data and init the run starts from.
+
+    Raises :class:`UsageError` naming the argument; touches no output file.
+    """
+    with as_usage_errors():
+        hp = check_arguments(config)
+        recipe = get_recipe(config.algorithm)
+        dataset = load_dataset(config.dataset, config.data_dir)
+        bad = [e for e in config.test_envs if not 0 <= e < len(dataset)]
+        if bad or not config.test_envs:
+            listing = ", ".join(f"{i}={name}" for i, name in enumerate(dataset.domains))
+            raise UsageError(f"--test-envs: {bad or 'none given'} not among {dataset.name}'s "
+                             f"domains ({listing})")
+        if len(set(config.test_envs)) == len(dataset):
+            raise UsageError(f"--test-envs {list(config.test_envs)} leave no training domain "
+                             f"in {dataset.name}")
+        model_config = _model_config(config, hp, dataset.num_classes)
+        return Plan(recipe, config.bits if recipe.quantized else None, hp, dataset, model_config,
+                    _init_state(config, model_config, recipe), _device(config.device))
+
+
+def check_arguments(config: TrainConfig) -> dict:
+    """The checks that read no file (what a sweep runs on all its jobs before the first);
+    returns the resolved hyperparameters."""
+    with as_usage_errors():
+        return _check_arguments(config)
+
+
+def _check_arguments(config: TrainConfig) -> dict:
+    recipe = get_recipe(config.algorithm)
+    if recipe.quantized:
+        if config.bits is None:
+            raise UsageError(f"--algorithm {config.algorithm} is a QAT method: give --bits "
+                             f"({BITS_RANGE[0]}..{BITS_RANGE[1]})")
+        if isinstance(config.bits, bool) or not isinstance(config.bits, int) or \
+                not BITS_RANGE[0] <= config.bits <= BITS_RANGE[1]:
+            raise UsageError(f"--bits: expected an integer from {BITS_RANGE[0]} to "
+                             f"{BITS_RANGE[1]}, got {config.bits!r}")
+    elif config.bits is not None:
+        raise UsageError(f"--bits {config.bits}: {config.algorithm} trains a float model; "
+                         f"--bits is for the QAT methods (lsq, lsq_sam, lsq_sagm, gaqat)")
+    for option, value in (("--steps", config.steps), ("--checkpoint-freq", config.checkpoint_freq),
+                          ("--image-size", config.image_size)):
+        if value is not None:
+            _positive(value, option)
+    if config.num_workers < 0:
+        raise UsageError(f"--num-workers: expected an integer >= 0, got {config.num_workers}")
+    for option, seed in (("--seed", config.trial_seed), ("--hparams-seed", config.hparams_seed)):
+        if not 0 <= seed < 2**31:
+            raise UsageError(f"{option}: expected an integer from 0 to 2**31 - 1, got {seed}")
+    if config.new_lr is not None:
+        if not config.resume:
+            raise UsageError("--new-lr changes the learning rate of a run being resumed: "
+                             "use it with --resume")
+        _positive(config.new_lr, "--new-lr", float)
+    if config.resume and config.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: choose one")
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: a file is in the way; expected a run folder")
+    _device(config.device)
+    hp = resolve_hparams(config)
+    _positive(hp["steps"], "hparams.steps")
+    _positive(hp["checkpoint_freq"], "hparams.checkpoint_freq")
+    return hp
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfig:
+    weights = config.weights
+    if weights == "default":
+        # QAT starts from --init; float ResNets from ImageNet weights (DomainBed).
+        weights = "imagenet" if hp["arch"] != "small_cnn" and config.init is None else None
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise UsageError(f"--weights {weights}: no such file (expected imagenet, none, or a "
+                         f"state_dict file)")
+    return ModelConfig(arch=hp["arch"], num_classes=num_classes, weights=weights,
+                       freeze_bn=hp["freeze_bn"], dropout=hp["resnet_dropout"])
+
+
+def _init_state(config: TrainConfig, model_config: ModelConfig, recipe: Recipe) -> dict | None:
+    if config.init is None:
+        if recipe.quantized and model_config.weights is None and not config.from_scratch:
+            raise UsageError(
+                f"--algorithm {config.algorithm} quantizes a {model_config.arch} that has no float "
+                f"starting point: give --init FLOAT_CHECKPOINT (the checkpoint.pt of an erm run "
+                f"on the same data), or --from-scratch to quantize a randomly initialised "
+                f"network on purpose")
+        return None
+    if config.from_scratch:
+        raise UsageError("--from-scratch and --init contradict each other: choose one")
+    checkpoint = load_checkpoint(config.init)
+    if checkpoint["quant_config"] is not None:
+        raise UsageError(f"--init {config.init}: QAT starts from a float checkpoint, this one "
+                         f"is quantized ({checkpoint['meta'].get('algorithm')})")
+    stored = checkpoint["model_config"]
+    for key in ("arch", "num_classes"):
+        if stored[key] != getattr(model_config, key):
+            raise UsageError(f"--init {config.init}: model_config.{key} is {stored[key]!r}, "
+                             f"this run needs {getattr(model_config, key)!r}")
+    return checkpoint["model"]
+
+
+def _claim(out: Path, config: TrainConfig, plan: Plan) -> dict | None:
+    """Take the (locked) folder for this run; return the checkpoint to resume from, if any.
+
+    Every refusal comes before any change. An overwritten run is set aside, not deleted.
+    """
+    settle(out, keep_new=(out / CHECKPOINT).exists())  # an overwrite killed early, if any
     state = run_state(out)
-    if config.overwrite:
-        for name in (RESULTS, GRADIENTS, CHECKPOINT, DONE):
-            (out / name).unlink(missing_ok=True)
-    elif state == "done":
-        raise ValueError(f"{out} holds a finished run ({DONE} exists); pass --overwrite to replace it")
-    elif config.resume:
-        return checkpoint if checkpoint.exists() else None
-    elif state == "incomplete":
-        raise ValueError(f"{out} holds an unfinished run; pass --resume to continue it or "
+    if state == "new" or config.overwrite:
+        if state != "new":
+            set_aside(out)
+        return None
+    if state == "done":
+        raise UsageError(f"{out} holds a finished run ({DONE} exists); pass --overwrite to "
+                         f"replace it (it is kept until the new run's first checkpoint)")
+    if not config.resume:
+        raise UsageError(f"{out} holds an unfinished run; pass --resume to continue it or "
                          f"--overwrite to start again")
-    return None
+    if not (out / CHECKPOINT).exists():
+        return None  # killed before its first checkpoint: nothing to continue
+    checkpoint = load_checkpoint(out / CHECKPOINT, map_location=plan.device)
+    stored, wanted = _stored_identity(checkpoint), plan.identity(config)
+    shown = lambda d, key: repr(d[key]) if key in d else "(absent)"  # noqa: E731
+    differences = [f"{key}: {shown(stored, key)} in the run, {shown(wanted, key)} in this command"
+                   for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+    if differences:
+        raise UsageError(f"--resume: {out} holds another run than this command asks for ("
+                         + "; ".join(differences) + "). Resume with the run's own arguments "
+                         "(to change the learning rate, add --new-lr), or train into another "
+                         "folder")
+    return checkpoint
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state, in types that ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -111,7 +293,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -123,9 +306,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def set_deterministic() -> None:
+    """PyTorch's deterministic algorithms and cuDNN settings (an error where an operation
+    has no deterministic implementation, rather than silent run-to-run variation)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before use
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    """Peak memory of the device (CUDA) or of the process (POSIX); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
@@ -145,73 +342,75 @@ def evaluate(algorithm: Algorithm, loaders: dict, device: torch.device) -> dict[
     return {f"{name}_acc": accuracy(algorithm, loader, device) for name, loader in loaders.items()}
 
 
-def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfig:
-    weights = config.weights
-    if weights == "default":
-        # QAT starts from --init; float ResNets from ImageNet weights (DomainBed).
-        weights = "imagenet" if hp["arch"] != "small_cnn" and config.init is None else None
-    return ModelConfig(arch=hp["arch"], num_classes=num_classes, weights=weights,
-                       freeze_bn=hp["freeze_bn"], dropout=hp["resnet_dropout"])
+def _change_lr(algorithm: Algorithm, new_lr: float) -> float:
+    """Rescale every group's learning rate (and its schedule) so the base rate is ``new_lr``;
+    returns the old base rate. Group ratios (the step sizes' scale) are kept."""
+    scheduler = algorithm.scheduler
+    old = scheduler.base_lrs[0]
+    factor = new_lr / old
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] *= factor
+        group["lr"] *= factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return old
 
 
-def _init_state(config: TrainConfig, model_config: ModelConfig) -> dict | None:
-    if config.init is None:
-        return None
-    checkpoint = load_checkpoint(config.init)
-    if checkpoint["quant_config"] is not None:
-        raise ValueError(f"--init {config.init}: QAT starts from a float checkpoint, this one "
-                         f"is quantized ({checkpoint['meta'].get('algorithm')})")
-    stored = checkpoint["model_config"]
-    for key in ("arch", "num_classes"):
-        if stored[key] != getattr(model_config, key):
-            raise ValueError(f"--init {config.init}: model_config.{key} is {stored[key]!r}, "
-                             f"this run needs {getattr(model_config, key)!r}")
-    return checkpoint["model"]
-
-
-def _checkpoint(algorithm: Algorithm, model_config: ModelConfig, meta: dict, step: int,
-                hp: dict, args: dict) -> dict:
+def _checkpoint(algorithm: Algorithm, plan: Plan, meta: dict, step: int, args: dict,
+                lr_changes: list) -> dict:
     """What ``gaqat.checkpoint`` documents, plus everything a resumed run needs."""
     quant = algorithm.quant_config
-    return {"model": algorithm.network.state_dict(), "model_config": model_config.to_dict(),
+    return {"model": algorithm.network.state_dict(), "model_config": plan.model_config.to_dict(),
             "quant_config": asdict(quant) if quant else None, "meta": meta, "step": step,
-            "training": algorithm.optimizer_state(), "rng": _rng_state(), "hparams": hp,
-            "args": args}
+            "training": algorithm.optimizer_state(), "rng": _rng_state(),
+            "hparams": plan.hparams, "args": args, "lr_changes": lr_changes}
 
 
 def run(config: TrainConfig) -> Path:
     """Train one (algorithm, dataset, test domains, seed) run; returns the output folder."""
-    recipe = get_recipe(config.algorithm)
-    if recipe.quantized and config.bits is None:
-        raise ValueError(f"algorithm {config.algorithm!r} is a QAT method: give --bits (2..8)")
-    bits = config.bits if recipe.quantized else None
+    plan = check(config)
     out = Path(config.output)
-    resume_from = _prepare_output(config)
+    with locked(out):
+        resume_from = _claim(out, config, plan)
+        try:
+            _train(config, plan, out, resume_from)
+        except BaseException as error:
+            restored = (out / PREVIOUS).is_dir() and not (out / CHECKPOINT).exists()
+            settle(out, keep_new=(out / CHECKPOINT).exists())
+            if isinstance(error, KeyboardInterrupt) and restored:
+                raise RunInterrupted(f"{error} The run it was overwriting is back in place.") \
+                    from None
+            raise
+    return out
 
-    hp = resolve_hparams(config)
-    dataset = load_dataset(config.dataset, config.data_dir)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None) -> None:
+    hp, dataset, device = plan.hparams, plan.dataset, plan.device
+    if config.deterministic:
+        set_deterministic()
     _seed_everything(config.trial_seed)
     loaders = make_loaders(dataset, list(config.test_envs), hp["batch_size"], seed=config.trial_seed,
                            num_workers=config.num_workers, image_size=config.image_size)
-    model_config = _model_config(config, hp, dataset.num_classes)
     steps, freq = hp["steps"], hp["checkpoint_freq"]
-    algorithm = Algorithm(config.algorithm, model_config, hp, steps, bits,
-                          _init_state(config, model_config)).to(device)
+    algorithm = Algorithm(config.algorithm, plan.model_config, hp, steps, plan.bits,
+                          plan.init_state).to(device)
 
-    start, saved_step = 0, None
+    start, saved_step, lr_changes = 0, None, []
     if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        algorithm.network.load_state_dict(state["model"])
-        algorithm.load_optimizer_state(state["training"])
-        _set_rng_state(state["rng"])
-        start = saved_step = state["step"]
+        algorithm.network.load_state_dict(resume_from["model"])
+        algorithm.load_optimizer_state(resume_from["training"])
+        _set_rng_state(resume_from["rng"])
+        start = saved_step = resume_from["step"]
+        lr_changes = list(resume_from.get("lr_changes", []))
+        if config.new_lr is not None:
+            _change_lr(algorithm, config.new_lr)
+            lr_changes.append([start, config.new_lr])
     for name in (RESULTS, GRADIENTS):
         truncate_jsonl(out / name, start)
 
     meta = {"dataset": dataset.name, "classes": list(dataset.classes), "domains": list(dataset.domains),
-            "algorithm": config.algorithm, "bits": bits, "test_envs": list(config.test_envs)}
-    args = {**config.to_args(), "dataset": dataset.name, "bits": bits, "domains": meta["domains"]}
+            "algorithm": config.algorithm, "bits": plan.bits, "test_envs": list(config.test_envs)}
+    args = {**config.to_args(), "dataset": dataset.name, "bits": plan.bits, "domains": meta["domains"]}
     steps_per_epoch = min(len(split.in_indices) for i, split in enumerate(loaders.splits)
                           if i not in config.test_envs) / hp["batch_size"]
 
@@ -219,39 +418,73 @@ def run(config: TrainConfig) -> Path:
                dynamic_ncols=True)
     batches = loaders.train_batches(start)
     loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
-    for step in range(start, steps):
-        tic = time.perf_counter()
-        minibatches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                       for x, y in next(batches)]
-        stats = algorithm.update(minibatches)
-        step_time_sum += time.perf_counter() - tic
-        if not np.isfinite(stats["loss"]):
-            bar.close()
-            kept = (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT}"
-                    if saved_step is not None else "no checkpoint had been written yet")
-            raise NonFiniteLossError(f"the loss became {stats['loss']} at step {step + 1}; stopped: "
-                                     f"{kept}. Lower the learning rate (--hparams '{{\"lr\": ...}}')")
-        loss_sum += stats["loss"]
-        n_since += 1
-        bar.update(1)
-        done_steps = step + 1
-        if done_steps % freq and done_steps != steps:
-            continue
+    step = start
+    try:
+        for step in range(start, steps):
+            tic = time.perf_counter()
+            minibatches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                           for x, y in next(batches)]
+            stats = algorithm.update(minibatches)
+            step_time_sum += time.perf_counter() - tic
+            if not np.isfinite(stats["loss"]):
+                raise NonFiniteLossError(_nan_message(stats["loss"], step + 1, saved_step, out,
+                                                      algorithm.scheduler.base_lrs[0]))
+            loss_sum += stats["loss"]
+            n_since += 1
+            bar.update(1)
+            done_steps = step + 1
+            if done_steps % freq and done_steps != steps:
+                continue
 
-        record = evaluate(algorithm, loaders.eval, device)
-        record.update(step=done_steps, epoch=done_steps / steps_per_epoch, loss=loss_sum / n_since,
-                      step_time=step_time_sum / n_since, mem_gb=_peak_memory_gb(device),
-                      hparams=hp, args=args)
-        if recipe.quantized:
-            record.update(bits=bits, n_frozen=stats.get("n_frozen", 0))
-        append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
-        append_jsonl(out / RESULTS, [record])
-        save_atomic(_checkpoint(algorithm, model_config, meta, done_steps, hp, args),
-                    out / CHECKPOINT)
-        saved_step = done_steps
-        targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
-        bar.set_postfix(loss=f"{record['loss']:.3f}", target=f"{np.mean(targets):.3f}")
-        loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
-    bar.close()
+            record = evaluate(algorithm, loaders.eval, device)
+            record.update(step=done_steps, epoch=done_steps / steps_per_epoch,
+                          loss=loss_sum / n_since, step_time=step_time_sum / n_since,
+                          mem_gb=_peak_memory_gb(device), hparams=hp, args=args)
+            if plan.recipe.quantized:
+                record.update(bits=plan.bits, n_frozen=stats.get("n_frozen", 0))
+            if lr_changes:
+                record["lr_changes"] = lr_changes
+            append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
+            append_jsonl(out / RESULTS, [record])
+            save_atomic(_checkpoint(algorithm, plan, meta, done_steps, args, lr_changes),
+                        out / CHECKPOINT)
+            settle(out, keep_new=True)  # an overwritten run goes once this one has a checkpoint
+            saved_step = done_steps
+            targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
+            bar.set_postfix(loss=f"{record['loss']:.3f}", target=f"{np.mean(targets):.3f}")
+            loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
+    except KeyboardInterrupt:
+        kept = (f"{out / CHECKPOINT} keeps step {saved_step}" if saved_step is not None
+                else "no checkpoint had been written yet")
+        raise RunInterrupted(f"interrupted at step {step + 1} of {steps}: {kept}.") from None
+    finally:
+        bar.close()
     (out / DONE).write_text("done\n")
-    return out
+
+
+def _nan_message(loss: float, step: int, saved_step: int | None, out: Path, lr: float) -> str:
+    kept = (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT}; "
+            f"continue from it at a lower learning rate with the same command plus "
+            f"--resume --new-lr {lr / 3:.3g} (the current base rate is {lr:.3g})"
+            if saved_step is not None else
+            "no checkpoint had been written yet; start again with a lower learning rate "
+            f"(--overwrite --hparams '{{\"lr\": {lr / 3:.3g}}}')")
+    return f"the loss became {loss} at step {step}; stopped: {kept}"
+
+
+def run_summary(folder: Path) -> str:
+    """What ``gaqat train`` prints at the end: held-out accuracy at the checkpoint that
+    training-domain validation selects and at the last one, and where the files are."""
+    folder = Path(folder)
+    records = [record for _, record in read_jsonl(folder / RESULTS)]
+    last = records[-1]
+    domains, test_envs = last["args"]["domains"], last["args"]["test_envs"]
+    train_envs = [i for i in range(len(domains)) if i not in test_envs]
+    best = max(records, key=lambda r: np.mean([r[f"env{i}_out_acc"] for i in train_envs]))
+    lines = [f"finished {folder}: {RESULTS}, {CHECKPOINT}"
+             + (f", {GRADIENTS}" if (folder / GRADIENTS).exists() else "")]
+    for e in test_envs:
+        lines.append(f"  held-out {domains[e]}: {100 * best[f'env{e}_in_acc']:.1f}% at step "
+                     f"{best['step']} (training-domain validation), "
+                     f"{100 * last[f'env{e}_in_acc']:.1f}% at the last step {last['step']}")
+    return "\n".join(lines)
