@@ -33,13 +33,19 @@ def fake_run(monkeypatch):
     return calls
 
 
+def _config(output, algorithms, test_envs, *, bits=(4,), seeds=(0,), hparams_seeds=(0,),
+            **options):
+    return sweep.SweepConfig("digits", output, algorithms, test_envs, bits=bits, seeds=seeds,
+                             hparams_seeds=hparams_seeds, options=options)
+
+
 def _names(jobs):
     return [job.folder.name for job in jobs]
 
 
 def test_qat_jobs_start_from_an_added_erm_run_of_their_domain_and_seed(tmp_path):
-    jobs = sweep.plan(tmp_path, "digits", ["gaqat", "lsq_sagm"], [0, 2], bits=[4, 3],
-                      seeds=[0, 1], hparams={**TINY, "window": 2})
+    jobs = sweep.plan(_config(tmp_path, ["gaqat", "lsq_sagm"], [0, 2], bits=[4, 3], seeds=[0, 1],
+                              hparams={**TINY, "window": 2}))
     assert len(jobs) == 2 * 2 * (1 + 2 * 2)  # (seed, env) groups x (erm + 2 methods x 2 widths)
     position = {job.folder: i for i, job in enumerate(jobs)}
     floats = [job for job in jobs if job.needs is None]
@@ -68,8 +74,8 @@ def test_qat_jobs_start_from_an_added_erm_run_of_their_domain_and_seed(tmp_path)
 
 
 def test_float_methods_ignore_bits_and_a_requested_erm_is_not_doubled(tmp_path):
-    jobs = sweep.plan(tmp_path, "digits", ["lsq", "erm", "sagm"], [1], bits=[4, 3],
-                      hparams_seeds=[0, 1])
+    jobs = sweep.plan(_config(tmp_path, ["lsq", "erm", "sagm"], [1], bits=[4, 3],
+                              hparams_seeds=[0, 1]))
     algorithms = [(job.key["algorithm"], job.key["bits"], job.key["hparams_seed"]) for job in jobs]
     assert algorithms == [("erm", None, 0), ("erm", None, 1), ("sagm", None, 0), ("sagm", None, 1),
                           ("lsq", 4, 0), ("lsq", 3, 0), ("lsq", 4, 1), ("lsq", 3, 1)]
@@ -81,19 +87,20 @@ def test_folder_names_are_stable_and_distinct(tmp_path):
     # Fixed values: a change here renames every folder, and relaunching old sweeps reruns them.
     assert sweep.job_hash({"b": [1, 2], "a": None}) == "ee743f2f"
     assert sweep.job_hash({"a": None, "b": [1, 2]}) == "ee743f2f"
-    assert _names(sweep.plan(tmp_path, "digits", ["gaqat"], [1])) == [
+    assert _names(sweep.plan(_config(tmp_path, ["gaqat"], [1]))) == [
         "erm_env1_seed0_61e9c916", "gaqat_w4_env1_seed0_68a5df4c"]
     # where the data lives and where the sweep is are not part of a run's identity
-    moved = sweep.plan(tmp_path / "elsewhere", "digits", ["gaqat"], [1], data_dir=tmp_path)
+    moved = sweep.plan(_config(tmp_path / "elsewhere", ["gaqat"], [1], data_dir=tmp_path))
     assert _names(moved) == ["erm_env1_seed0_61e9c916", "gaqat_w4_env1_seed0_68a5df4c"]
 
-    grid = sweep.plan(tmp_path, "digits", ["erm", "sagm", "lsq", "gaqat"], [0, 1, 2, 3],
-                      bits=[2, 3, 4, 8], seeds=[0, 1, 2], hparams_seeds=[0, 1, 2])
+    grid = sweep.plan(_config(tmp_path, ["erm", "sagm", "lsq", "gaqat"], [0, 1, 2, 3],
+                              bits=[2, 3, 4, 8], seeds=[0, 1, 2], hparams_seeds=[0, 1, 2]))
     assert len(grid) == 4 * 3 * (2 * 3 + 2 * 4 * 3) == len(set(_names(grid)))
-    variants = [sweep.plan(tmp_path, "digits", ["gaqat"], [1], **kw)[1].folder.name
-                for kw in ({}, {"steps": 10}, {"checkpoint_freq": 5}, {"hparams": {"tau": 0.2}})]
+    variants = [sweep.plan(_config(tmp_path, ["gaqat"], [1], **kw))[1].folder.name
+                for kw in ({}, {"steps": 10}, {"checkpoint_freq": 5}, {"hparams": {"tau": 0.2}},
+                           {"image_size": 64}, {"weights": None})]
     assert len(set(variants)) == len(variants)
-    erm, gaqat = sweep.plan(tmp_path, "digits", ["gaqat"], [1])
+    erm, gaqat = sweep.plan(_config(tmp_path, ["gaqat"], [1]))
     assert gaqat.key["init"] == erm.folder.name  # a QAT run's identity includes its init
 
 
@@ -108,7 +115,7 @@ def test_folder_names_are_stable_and_distinct(tmp_path):
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, kwargs, message):
     arguments = {"algorithms": ["gaqat"], **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sweep.plan(tmp_path, "digits", arguments.pop("algorithms"), [1], **arguments)
+        sweep.plan(_config(tmp_path, arguments.pop("algorithms"), [1], **arguments))
     assert not any(tmp_path.iterdir())
 
 
@@ -122,21 +129,21 @@ def test_test_envs_all_and_indices_are_checked_against_the_domains():
 
 
 def test_relaunching_runs_nothing_finished_and_resumes_the_unfinished(tmp_path, fake_run):
-    jobs = sweep.plan(tmp_path, "digits", ["erm", "gaqat"], [0, 1])
+    jobs = sweep.plan(_config(tmp_path, ["erm", "gaqat"], [0, 1]))
     incomplete = jobs[3].folder  # gaqat on env 1: a killed run left a results file only
     incomplete.mkdir()
     (incomplete / RESULTS).write_text("{}\n")
-    jobs = sweep.plan(tmp_path, "digits", ["erm", "gaqat"], [0, 1])
+    jobs = sweep.plan(_config(tmp_path, ["erm", "gaqat"], [0, 1]))
     assert [job.state for job in jobs] == ["new", "new", "new", "incomplete"]
 
-    outcomes = sweep.launch(jobs, device="cpu", progress=False)
+    outcomes = sweep.launch(jobs)
     assert [o.status for o in outcomes] == ["ran"] * 4
     assert [Path(c.output) for c in fake_run] == [job.folder for job in jobs]
-    assert all(c.resume and c.device == "cpu" and not c.progress for c in fake_run)
+    assert all(c.resume for c in fake_run)
 
-    again = sweep.plan(tmp_path, "digits", ["erm", "gaqat"], [0, 1])
+    again = sweep.plan(_config(tmp_path, ["erm", "gaqat"], [0, 1]))
     assert [job.state for job in again] == ["done"] * 4
-    assert [o.status for o in sweep.launch(again, progress=False)] == ["kept"] * 4
+    assert [o.status for o in sweep.launch(again)] == ["kept"] * 4
     assert len(fake_run) == 4  # the second launch trained nothing
 
 
@@ -174,12 +181,12 @@ def test_a_failure_stops_the_sweep_or_with_skip_failed_skips_its_dependants(
         return ran(config)
 
     monkeypatch.setattr(sweep, "run", fail_on_env0_erm)
-    jobs = sweep.plan(tmp_path, "digits", ["lsq"], [0, 1])
-    stopped = sweep.launch(jobs, progress=False)
+    jobs = sweep.plan(_config(tmp_path, ["lsq"], [0, 1]))
+    stopped = sweep.launch(jobs)
     assert [o.status for o in stopped] == ["failed"] and not fake_run
     assert f"[1/4] failed  {jobs[0].folder}: RuntimeError: disk full" in capsys.readouterr().out
 
-    outcomes = sweep.launch(jobs, skip_failed=True, progress=False)
+    outcomes = sweep.launch(jobs, skip_failed=True)
     assert [o.status for o in outcomes] == ["failed", "skipped", "ran", "ran"]
     assert outcomes[1].detail == f"needs {jobs[0].folder.name}, which failed"
     assert [Path(c.output) for c in fake_run] == [job.folder for job in jobs[2:]]
@@ -189,7 +196,7 @@ def test_a_failure_stops_the_sweep_or_with_skip_failed_skips_its_dependants(
     assert cli.main(argv) == 1  # the report of what finished, then the failures
     captured = capsys.readouterr()
     assert "[3/4] kept" in captured.out and "| lsq | 4 | 50.0 |" in captured.out
-    assert "2 job(s) failed or skipped; launching the same sweep again retries them" in captured.err
+    assert "2 job(s) failed, busy or skipped; launching the same sweep again retries them" in captured.err
 
 
 def test_ctrl_c_stops_the_sweep_and_leaves_the_run_resumable(tmp_path, monkeypatch, capsys):
@@ -216,7 +223,7 @@ def test_a_tiny_sweep_end_to_end_reports_both_methods_and_resumes(tmp_path, digi
     assert [r["step"] for r in records] == [2]
     assert records[0]["args"]["init"] == str(erm / CHECKPOINT)
     record = json.loads((out / sweep.SWEEP_RECORD).read_text())
-    assert record["arguments"]["test_envs"] == [1]
+    assert record["config"]["test_envs"] == ["1"] and record["config"]["options"]["steps"] == 2
     assert [j["folder"] for j in record["jobs"]] == [erm.name, qat.name]
 
     (qat / DONE).unlink()  # as if killed after its last checkpoint

@@ -1,28 +1,45 @@
-"""The ``gaqat`` command: argument parsing only; every command calls one function elsewhere.
+"""The ``gaqat`` command: parsing, printing and exit codes; the work happens elsewhere.
 
-Each subcommand has its own ``_add_<name>`` function below, so adding or changing one
-command touches one block.
+Every subcommand is an ``_add_<name>`` function declaring its options and a
+``_<name>(args) -> int`` handler that calls the library and prints. Exit status: 0 on
+success, 1 for a failure at run time, 2 for a usage error (bad arguments: nothing was
+started), 130 when interrupted (Ctrl-C or SIGTERM; the message says how to resume).
+``--debug`` shows the traceback of any error; an unexpected one always shows it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gaqat import __version__
+from gaqat.errors import UsageError, as_usage_errors
 
-@contextmanager
-def _plain_warnings(command: str) -> Iterator[None]:
-    """Warnings (e.g. a torn last line of a killed run) as one plain stderr line each."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for warning in caught:
-        print(f"gaqat {command}: warning: {warning.message}", file=sys.stderr)
+ALGORITHM_HELP = "erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat"
+DATASET_HELP = ("digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, or a folder in "
+                "DomainBed's layout ROOT/<domain>/<class>/<image>")
+DATA_DIR_HELP = ("dataset root (digits: cache folder; named datasets: the folder holding e.g. "
+                 "PACS/); default $GAQAT_DATA or ~/.cache/gaqat")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows an option's default when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if flag or not action.option_strings or "default" in text or default is None or \
+                default is argparse.SUPPRESS or default in ([], {}):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _json_object(text: str) -> dict:
@@ -37,36 +54,52 @@ def _json_object(text: str) -> dict:
     return value
 
 
+@contextmanager
+def _plain_warnings(command: str, quiet: bool = False) -> Iterator[None]:
+    """Warnings (e.g. a torn last line of a killed run) as one plain stderr line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        if not quiet or not issubclass(warning.category, UserWarning):
+            print(f"gaqat {command}: warning: {warning.message}", file=sys.stderr)
+
+
+def _subparser(sub: argparse._SubParsersAction, name: str, help: str, description: str,
+               handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true",
+                        help="no progress bars or status lines; results and errors only")
+    common.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    parser = sub.add_parser(name, help=help, description=description, parents=[common],
+                            formatter_class=_Formatter)
+    parser.set_defaults(func=handler, resume_hint=None)
+    return parser
+
+
+# --- data -------------------------------------------------------------------------------
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     """``gaqat data build|info|preview|download``."""
-
-    def run(action: str):
-        def call(args: argparse.Namespace) -> int:
-            from gaqat.data import commands  # lazy: keeps `gaqat --help` free of torch
-
-            return getattr(commands, action)(args)
-
-        return call
-
-    data = sub.add_parser("data", help="build, inspect, preview or download datasets")
-    actions = data.add_subparsers(dest="action", required=True)
-    root_help = ("data directory (digits: cache folder; named datasets: the folder holding "
-                 "e.g. PACS/); default $GAQAT_DATA or ~/.cache/gaqat")
-    names = ("digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, or a folder in "
-             "DomainBed's layout")
+    data = sub.add_parser("data", help="build, inspect, preview or download datasets",
+                          formatter_class=_Formatter)
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     specs = {
         "build": ("build the offline DigitsDG benchmark into the data directory", "digits"),
-        "info": ("domains, classes and images per domain and class", names),
-        "preview": ("write a PNG grid of samples per domain", names),
-        "download": ("download a real dataset into the DomainBed layout",
+        "info": ("domains, classes and images per domain and class; undecodable images",
+                 DATASET_HELP),
+        "preview": ("write a PNG grid of samples per domain", DATASET_HELP),
+        "download": ("download a real dataset into DomainBed's layout",
                      "PACS, VLCS, OfficeHome, TerraIncognita or DomainNet"),
     }
     for action, (help_text, name_help) in specs.items():
-        p = actions.add_parser(action, help=help_text)
+        p = _subparser(actions, action, help_text, help_text, _data)
         p.add_argument("name", help=name_help)
         p.add_argument("--root", "--data-dir", type=Path, dest="root",
-                       required=action == "download", help=root_help)
-        p.set_defaults(func=run(action))
+                       required=action == "download", help=DATA_DIR_HELP)
+        if action == "info":
+            p.add_argument("--quick", action="store_true",
+                           help="count files by their headers only, without decoding every image")
         if action == "preview":
             p.add_argument("--out", type=Path, required=True, help="PNG file to write")
             p.add_argument("--per-domain", type=int, default=10, help="samples per domain")
@@ -76,194 +109,321 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                            help="keep the downloaded archives under ROOT/_downloads")
 
 
+def _data(args: argparse.Namespace) -> int:
+    from gaqat.data import commands  # lazy: keeps `gaqat --help` free of torch
+
+    with _plain_warnings(f"data {args.action}", args.quiet):
+        return getattr(commands, args.action)(args)
+
+
+# --- train and demo ---------------------------------------------------------------------
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of one run that a sweep hands to every run alike."""
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
+    p.add_argument("--steps", type=int, help="training steps (default: the dataset's: 1000 "
+                   "digits, 5000 PACS/VLCS/OfficeHome/TerraIncognita, 15000 DomainNet)")
+    p.add_argument("--checkpoint-freq", type=int,
+                   help="steps between evaluations and checkpoints (default: the dataset's)")
+    p.add_argument("--hparams", type=_json_object, default={},
+                   help='JSON object of hyperparameter overrides, e.g. \'{"lr": 1e-4}\'')
+    p.add_argument("--weights", default="default",
+                   help="ResNet start: imagenet, none, or a state_dict file; default: imagenet "
+                        "for float ResNets, none when --init is given")
+    p.add_argument("--image-size", type=int,
+                   help="input side in pixels (default: 224 photos, 32 digits)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loading processes")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="PyTorch's deterministic algorithms and cuDNN settings (slower on GPUs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (--quiet implies it)")
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return {"data_dir": args.data_dir, "steps": args.steps,
+            "checkpoint_freq": args.checkpoint_freq, "hparams": args.hparams,
+            "weights": None if args.weights == "none" else args.weights,
+            "image_size": args.image_size, "num_workers": args.num_workers,
+            "device": args.device, "deterministic": args.deterministic,
+            "progress": args.progress and not args.quiet}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    """``gaqat train`` and ``gaqat demo``."""
-    p = sub.add_parser("train", help="train one run under the DomainBed protocol")
-    p.add_argument("--dataset", required=True, help="digits, PACS, VLCS, OfficeHome, "
-                   "TerraIncognita, DomainNet, or a folder in DomainBed's layout")
-    p.add_argument("--data-dir", type=Path, help="dataset root (digits: cache folder; "
-                   "default $GAQAT_DATA or ~/.cache/gaqat)")
+    """``gaqat train``."""
+    p = _subparser(sub, "train", "train one run under the DomainBed protocol",
+                   "Train one (algorithm, bit width, held-out domains, seed) run into a run "
+                   "folder: results.jsonl (DomainBed's records), gradients.jsonl, "
+                   "checkpoint.pt, done.", _train)
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--test-envs", type=int, nargs="+", required=True, metavar="I",
                    help="indices of the held-out domains")
-    p.add_argument("--algorithm", default="erm", help="erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat")
-    p.add_argument("--bits", type=int, help="weight and activation bit width of QAT methods")
+    p.add_argument("--algorithm", default="erm", help=ALGORITHM_HELP)
+    p.add_argument("--bits", type=int, help="weight and activation bit width of QAT methods (2..8)")
     p.add_argument("--output", type=Path, required=True, help="run folder")
-    p.add_argument("--steps", type=int, help="training steps (default: the dataset's)")
-    p.add_argument("--checkpoint-freq", type=int, help="steps between evaluations")
     p.add_argument("--seed", type=int, default=0, dest="trial_seed",
                    help="trial seed: data split and training randomness")
     p.add_argument("--hparams-seed", type=int, default=0, help="0: defaults; else a random draw")
-    p.add_argument("--hparams", type=_json_object, default={}, help="JSON object of overrides")
-    p.add_argument("--init", type=Path, help="float checkpoint that QAT starts from")
-    p.add_argument("--weights", default="default",
-                   help="ResNet start: imagenet, none, or a state_dict file")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run")
-    p.add_argument("--num-workers", type=int, default=0, help="data loading processes")
-    p.add_argument("--image-size", type=int, help="input side (default: 224 photos, 32 digits)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=_train)
+    p.add_argument("--init", type=Path, help="float checkpoint that QAT starts from (the "
+                   "checkpoint.pt of an erm run)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="QAT of a randomly initialised network, without --init")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run (kept until the new run writes its first checkpoint)")
+    p.add_argument("--new-lr", type=float, help="with --resume: continue at this base learning "
+                   "rate (e.g. after the loss became NaN)")
+    _add_run_options(p)
+    p.set_defaults(resume_hint=_train_resume_hint)
 
-    p = sub.add_parser("demo", help="the embedded default job: DigitsDG, float -> 4-bit "
-                       "lsq_sagm and gaqat, report on the held-out domain")
-    p.add_argument("--output", type=Path, default=Path("runs/demo"))
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--bits", type=int, default=4)
+
+def _train_resume_hint(argv: list[str]) -> str:
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return f"continue with: gaqat {shlex.join([*kept, '--resume'])}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gaqat.train import TrainConfig, run, run_summary
+
+    config = TrainConfig(dataset=args.dataset, output=args.output,
+                         test_envs=tuple(args.test_envs), algorithm=args.algorithm,
+                         bits=args.bits, trial_seed=args.trial_seed,
+                         hparams_seed=args.hparams_seed, init=args.init,
+                         from_scratch=args.from_scratch, resume=args.resume,
+                         overwrite=args.overwrite, new_lr=args.new_lr, **_run_options(args))
+    with _plain_warnings("train", args.quiet):
+        out = run(config)
+    print(run_summary(out))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """``gaqat demo``."""
+    from gaqat.quant import BITS_RANGE
+
+    p = _subparser(sub, "demo", "the embedded default job: DigitsDG, float -> b-bit lsq_sagm "
+                   "and gaqat, report on the held-out domain",
+                   "Build DigitsDG, train a float model with mnist_m held out, start lsq_sagm "
+                   "and gaqat from it, print the report. Finished runs are kept, interrupted "
+                   "ones resumed.", _demo)
+    p.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder of the runs")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
+    p.add_argument("--bits", type=int, default=4, choices=range(BITS_RANGE[0], BITS_RANGE[1] + 1),
+                   metavar="B", help=f"QAT bit width ({BITS_RANGE[0]}..{BITS_RANGE[1]})")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
-    p.set_defaults(func=_demo)
+    p.set_defaults(resume_hint=lambda argv: "run the same command again to resume")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from gaqat.train import TrainConfig, run
-
-    weights = None if args.weights == "none" else args.weights
-    run(TrainConfig(dataset=args.dataset, output=args.output, test_envs=tuple(args.test_envs),
-                    algorithm=args.algorithm, bits=args.bits, data_dir=args.data_dir,
-                    steps=args.steps, checkpoint_freq=args.checkpoint_freq,
-                    trial_seed=args.trial_seed, hparams_seed=args.hparams_seed,
-                    hparams=args.hparams, init=args.init, weights=weights, resume=args.resume,
-                    overwrite=args.overwrite, num_workers=args.num_workers,
-                    image_size=args.image_size, device=args.device,
-                    progress=args.progress))
-
-
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace) -> int:
     from gaqat.demo import demo
 
-    print(demo(args.output, data_dir=args.data_dir, bits=args.bits, overwrite=args.overwrite))
+    with _plain_warnings("demo", args.quiet):
+        print(demo(args.output, data_dir=args.data_dir, bits=args.bits,
+                   overwrite=args.overwrite, progress=not args.quiet,
+                   note=(lambda _: None) if args.quiet else print))
+    return 0
 
+
+# --- sweep ------------------------------------------------------------------------------
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     """``gaqat sweep``."""
-
-    def run(args: argparse.Namespace) -> int:
-        from gaqat.sweep import main  # lazy: keeps `gaqat --help` free of torch
-
-        return main({k: v for k, v in vars(args).items() if k not in ("func", "command")})
-
-    p = sub.add_parser(
-        "sweep", help="launch or resume a DomainBed-style sweep of runs",
-        description="One run per (algorithm, bits, held-out domain, trial seed, hparams seed), "
-                    "each in OUTPUT/<name>_<hash of its arguments>: launching the same sweep "
-                    "again skips finished runs and resumes unfinished ones. QAT runs start "
-                    "from the erm run of their held-out domain and seed (added if not asked "
-                    "for), so methods are compared in pairs. Prints the report at the end.")
-    p.add_argument("--dataset", required=True, help="digits, PACS, VLCS, OfficeHome, "
-                   "TerraIncognita, DomainNet, or a folder in DomainBed's layout")
-    p.add_argument("--data-dir", type=Path, help="dataset root (as for gaqat train)")
-    p.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
-                   help="erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat")
+    p = _subparser(
+        sub, "sweep", "launch or resume a DomainBed-style sweep of runs",
+        "One run per (algorithm, bits, held-out domain, trial seed, hparams seed), each in "
+        "OUTPUT/<name>_<hash of its arguments>: launching the same sweep again skips finished "
+        "runs, resumes unfinished ones and leaves runs another process holds to it. QAT runs "
+        "start from the erm run of their held-out domain and seed (added if not asked for), "
+        "so methods are compared in pairs. Prints the report at the end.", _sweep)
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
+    p.add_argument("--algorithms", nargs="+", required=True, metavar="NAME", help=ALGORITHM_HELP)
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="bit widths of QAT methods")
     p.add_argument("--test-envs", nargs="+", default=["all"], metavar="I",
-                   help="held-out domains, one per run: 'all' (default) or indices")
+                   help="held-out domains, one per run: 'all' or indices")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="trial seeds")
     p.add_argument("--hparams-seeds", type=int, nargs="+", default=[0],
                    help="0: defaults; else random-search draws")
-    p.add_argument("--steps", type=int, help="training steps per run (default: the dataset's)")
-    p.add_argument("--checkpoint-freq", type=int, help="steps between evaluations")
-    p.add_argument("--hparams", type=_json_object, default={},
-                   help="JSON object of overrides; each run takes the keys its algorithm has")
     p.add_argument("--output", type=Path, required=True, help="sweep folder")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
     p.add_argument("--skip-failed", action="store_true",
                    help="go on after a failed run (runs starting from it are skipped)")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=run)
+    _add_run_options(p)
+    p.set_defaults(resume_hint=lambda argv: "launch the same sweep again to resume")
 
+
+def _sweep(args: argparse.Namespace) -> int:
+    from gaqat import sweep
+    from gaqat.report import report
+    from gaqat.train import check_arguments
+
+    config = sweep.SweepConfig(dataset=args.dataset, output=args.output,
+                               algorithms=args.algorithms, test_envs=args.test_envs,
+                               bits=args.bits, seeds=args.seeds,
+                               hparams_seeds=args.hparams_seeds, options=_run_options(args))
+    with as_usage_errors():
+        jobs = sweep.plan(config)
+    for job in jobs:  # every job's arguments are checked before the first one runs
+        check_arguments(job.config)
+    print(sweep.table(jobs), flush=True)
+    if args.dry_run:
+        return 0
+    sweep.save_record(config, jobs)
+    note = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
+    with _plain_warnings("sweep", args.quiet):
+        outcomes = sweep.launch(jobs, skip_failed=args.skip_failed, note=note)
+        if any(o.status in ("kept", "ran") for o in outcomes):
+            print(report([args.output], selection="all"))
+    unfinished = [o for o in outcomes if o.status in ("failed", "skipped", "busy")]
+    not_started = len(jobs) - len(outcomes)
+    if unfinished or not_started:
+        stopped = (f", {not_started} not started (--skip-failed goes on past a failure)"
+                   if not_started else "")
+        print(f"gaqat sweep: {len(unfinished)} job(s) failed, busy or skipped{stopped}; "
+              f"launching the same sweep again retries them", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- report, plot, export ---------------------------------------------------------------
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     """``gaqat report``."""
     from gaqat import report
 
-    def run(args: argparse.Namespace) -> None:
-        with _plain_warnings("report"):
-            text = report.report(args.dirs, args.format, args.selection, args.paired)
-        print(text, end="" if text.endswith("\n") else "\n")
+    p = _subparser(
+        sub, "report", "per-domain accuracy tables (mean ± standard error over trial seeds)",
+        "Read every results.jsonl below the folders and print, per dataset, algorithm and bit "
+        "width, the test-domain accuracies under a model selection method (the oracle is "
+        "labelled as such); with --paired, the paired differences to a baseline algorithm "
+        "instead.", _report)
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively")
+    p.add_argument("--format", choices=report.FORMATS, default="markdown", help="output format")
+    p.add_argument("--selection", choices=report.SELECTIONS, default="training",
+                   help="training-domain validation, test-domain oracle, or all")
+    p.add_argument("--paired", metavar="BASELINE",
+                   help="instead of accuracies, per-pair differences to this algorithm "
+                        "(e.g. lsq_sagm): runs sharing test domains, trial and hparams seed; "
+                        "mean ± standard error (ddof=1), wins/ties/losses")
 
-    parser = sub.add_parser(
-        "report", help="per-domain accuracy tables (mean ± standard error over trial seeds)",
-        description="Read every results.jsonl below the folders and print, per dataset, "
-                    "algorithm and bit width, the test-domain accuracies under a model "
-                    "selection method (the oracle is labelled as such); with --paired, "
-                    "the paired differences to a baseline algorithm instead.")
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively")
-    parser.add_argument("--format", choices=report.FORMATS, default="markdown")
-    parser.add_argument("--selection", choices=report.SELECTIONS, default="training",
-                        help="training-domain validation (default), test-domain oracle, or both")
-    parser.add_argument("--paired", metavar="BASELINE",
-                        help="instead of accuracies, per-pair differences to this algorithm "
-                             "(e.g. lsq_sagm): runs sharing test domains, trial and hparams "
-                             "seed; mean ± standard error (ddof=1), wins/ties/losses")
-    parser.set_defaults(func=run)
+
+def _report(args: argparse.Namespace) -> int:
+    from gaqat import report
+
+    with _plain_warnings("report", args.quiet), as_usage_errors():
+        text = report.report(args.dirs, args.format, args.selection, args.paired)
+    print(text, end="" if text.endswith("\n") else "\n")
+    return 0
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     """``gaqat plot``."""
-
-    def run(args: argparse.Namespace) -> None:
-        from gaqat.plots import plot_run  # lazy: keeps `gaqat --help` free of matplotlib
-
-        with _plain_warnings("plot"):
-            paths = plot_run(args.run_dir, args.out, args.tau)
-        print("\n".join(map(str, paths)))
-
-    p = sub.add_parser(
-        "plot", help="the paper's figures from a gaqat run's gradients.jsonl",
-        description="Write cumulative.png (task vs smoothness gradient per window, Figures "
-                    "2/5), disorder.png (D_task and D_smooth per layer and window, Figure 3) "
-                    "and freezing.png (freeze timeline, Figure 4).")
+    p = _subparser(
+        sub, "plot", "the paper's figures from a gaqat run's gradients.jsonl",
+        "Write cumulative.png (task vs smoothness gradient per window, Figures 2/5), "
+        "disorder.png (D_task and D_smooth per layer and window, Figure 3) and freezing.png "
+        "(freeze timeline, Figure 4).", _plot)
     p.add_argument("run_dir", type=Path, help="folder of a `gaqat train --algorithm gaqat` run")
     p.add_argument("--out", type=Path, help="folder for the PNGs (default: the run folder)")
-    p.add_argument("--tau", type=float, help="freezing threshold to draw (default: the run's)")
-    p.set_defaults(func=run)
+    p.add_argument("--tau", type=float, help="freezing threshold to draw, in [0, 1] "
+                   "(default: the run's)")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from gaqat.plots import plot_run  # lazy: keeps `gaqat --help` free of matplotlib
+
+    with _plain_warnings("plot", args.quiet), as_usage_errors():
+        paths = plot_run(args.run_dir, args.out, args.tau)
+    print("\n".join(map(str, paths)))
+    return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     """``gaqat export``."""
-
-    def run(args: argparse.Namespace) -> None:
-        from gaqat.export import export_checkpoint
-
-        print(export_checkpoint(args.checkpoint, args.format, args.out, fold_bn=args.fold_bn,
-                                input_size=args.input_size))
-
-    p = sub.add_parser(
-        "export", help="write a QAT checkpoint as integer codes (safetensors) or ONNX QDQ",
-        description="int: b-bit weight codes as int8, step sizes, float remainder and metadata "
-                    "in one safetensors file. onnx: QuantizeLinear/DequantizeLinear around every "
-                    "quantized layer's weight and input, checked with ONNX Runtime.")
+    p = _subparser(
+        sub, "export", "write a QAT checkpoint as integer codes (safetensors) or ONNX QDQ",
+        "int: b-bit weight codes as int8, step sizes, float remainder and metadata in one "
+        "safetensors file. onnx: QuantizeLinear/DequantizeLinear around every quantized "
+        "layer's weight and input, checked with ONNX Runtime.", _export)
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt of a quantized run")
-    p.add_argument("--format", choices=("int", "onnx"), required=True)
+    p.add_argument("--format", choices=("int", "onnx"), required=True, help="file format")
     p.add_argument("--out", type=Path, required=True, help="file to write")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold batch norm into the float convolutions before it (not into "
                         "quantized ones: that would change their integer weights)")
-    p.add_argument("--input-size", type=int, help="image side for tracing and the probe "
-                   "check (default: 32 for small_cnn, 224 for ResNets)")
-    p.set_defaults(func=run)
+    p.add_argument("--input-size", type=int, help="image side for tracing and the probe check "
+                   "(default: 32 for small_cnn, 224 for ResNets)")
 
+
+def _export(args: argparse.Namespace) -> int:
+    from gaqat.export import export_checkpoint
+
+    with as_usage_errors():  # what is wrong is the checkpoint or an option given
+        summary = export_checkpoint(args.checkpoint, args.format, args.out, fold_bn=args.fold_bn,
+                                    input_size=args.input_size)
+    print(summary)
+    return 0
+
+
+# --- the command ------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gaqat", description="Low-bit quantization-aware training for domain "
-        "generalization: LSQ + SAGM + disorder-guided freezing (GAQAT).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_sweep, _add_report, _add_plot, _add_export):
+        prog="gaqat", formatter_class=_Formatter,
+        description="Low-bit quantization-aware training for domain generalization: "
+                    "LSQ + SAGM + disorder-guided freezing (GAQAT).")
+    parser.add_argument("--version", action="version", version=f"gaqat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_data, _add_train, _add_demo, _add_sweep, _add_report, _add_plot,
+                _add_export):
         add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, ``kill``) stops the run like Ctrl-C: cleanly, resumable."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        # Bad input and known failure modes: one clear line, no traceback.
-        print(f"gaqat {args.command}: error: {error}", file=sys.stderr)
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    name = " ".join(["gaqat", args.command, *([args.action] if "action" in args else [])])
+    try:
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as error:
+        hint = args.resume_hint(argv) if args.resume_hint else ""
+        print(f"{name}: {str(error) or 'interrupted.'} {hint}".rstrip(), file=sys.stderr)
+        return 130
+    except (UsageError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"{name}: error: {_describe(error)}", file=sys.stderr)
         return 2
+    except (ValueError, OSError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"{name}: error: {_describe(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from gaqat.errors import UsageError
 from gaqat.runfolder import GRADIENTS, RESULTS, read_jsonl
 
 FILES = {"cumulative": "cumulative.png", "disorder": "disorder.png", "freezing": "freezing.png"}
@@ -388,6 +389,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
     ``tau`` defaults to the run's own (``results.jsonl``, first record's ``hparams.tau``).
     """
     run_dir = Path(run_dir)
+    if tau is not None and not (math.isfinite(tau) and 0.0 <= tau <= 1.0):
+        raise UsageError(f"--tau: expected a freezing threshold in [0, 1], got {tau}")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     records = load_gradients(run_dir / GRADIENTS)

@@ -13,23 +13,52 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from gaqat import hparams as hparams_registry
 from gaqat.algorithms import ALGORITHMS, get_recipe
 from gaqat.data import dataset_domains
 from gaqat.quant import BITS_RANGE
-from gaqat.report import report
-from gaqat.runfolder import CHECKPOINT, STATES, run_state
+from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, run_state
 from gaqat.train import TrainConfig, run
 
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
 SWEEP_RECORD = "sweep.json"
 HASH_CHARS = 8
+IDENTITY_DEFAULTS = {"image_size": None, "weights": "default"}  # TrainConfig's defaults
+
+
+RUN_OPTIONS = ("data_dir", "steps", "checkpoint_freq", "hparams", "weights", "image_size",
+               "num_workers", "device", "deterministic", "progress")
+"""The TrainConfig fields a sweep hands to every run alike; the others differ per run."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid: one run per (algorithm, bits, held-out domain, trial seed, hparams seed).
+
+    ``test_envs`` holds domain indices or ``"all"``; ``options`` the :data:`RUN_OPTIONS`
+    every run shares (``hparams``: overrides, each run taking the keys its method has).
+    """
+
+    dataset: str
+    output: Path
+    algorithms: Sequence[str]
+    test_envs: Sequence[int | str] = ("all",)
+    bits: Sequence[int] = (4,)
+    seeds: Sequence[int] = (0,)
+    hparams_seeds: Sequence[int] = (0,)
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready, for ``sweep.json``."""
+        text = lambda v: str(v) if isinstance(v, Path) else v  # noqa: E731
+        return {k: ({o: text(x) for o, x in v.items()} if k == "options" else
+                    text(v) if not isinstance(v, (list, tuple)) else list(v))
+                for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -48,7 +77,8 @@ class Job:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What ``launch`` did with a job: "kept" (finished earlier), "ran", "failed", "skipped"."""
+    """What ``launch`` did with a job: "kept" (finished earlier), "ran", "failed", "busy"
+    (another process runs it) or "skipped" (its float init failed or is busy)."""
 
     job: Job
     status: str
@@ -102,43 +132,51 @@ def _prefix(key: dict) -> str:
     return f"{key['algorithm']}{bits}_env{key['test_envs'][0]}_seed{key['trial_seed']}{hp}"
 
 
-def plan(output: Path, dataset: str, algorithms: Sequence[str], test_envs: Sequence[int], *,
-         bits: Sequence[int] = (4,), seeds: Sequence[int] = (0,),
-         hparams_seeds: Sequence[int] = (0,), steps: int | None = None,
-         checkpoint_freq: int | None = None, hparams: dict | None = None,
-         data_dir: Path | None = None) -> list[Job]:
+def plan(config: SweepConfig) -> list[Job]:
     """The sweep's jobs, float runs before the QAT runs that start from them.
 
     Jobs come grouped by (trial seed, held-out domain), so a sweep stopped halfway has
     whole pairs. Repeated combinations are one job. Reads nothing but job states.
     """
-    output, hparams = Path(output), dict(hparams or {})
+    output, dataset, algorithms = Path(config.output), config.dataset, list(config.algorithms)
+    options = dict(config.options)
+    unknown = sorted(set(options) - set(RUN_OPTIONS))
+    if unknown:
+        raise ValueError(f"SweepConfig.options: {unknown} are not shared run options "
+                         f"({', '.join(RUN_OPTIONS)})")
+    hparams = dict(options.pop("hparams", None) or {})
     if not algorithms:
         raise ValueError("--algorithms: give at least one of " + ", ".join(ALGORITHMS))
+    test_envs = test_env_indices(dataset, options.get("data_dir"), config.test_envs)
+    bits = list(config.bits)
     quantized = [a for a in algorithms if get_recipe(a).quantized]
     if quantized and (not bits or not all(BITS_RANGE[0] <= b <= BITS_RANGE[1] for b in bits)):
         raise ValueError(f"--bits: QAT methods ({', '.join(quantized)}) need bit widths from "
-                         f"{BITS_RANGE[0]} to {BITS_RANGE[1]}, got {list(bits)}")
-    needed = [FLOAT_INIT, *algorithms] if quantized else list(algorithms)
+                         f"{BITS_RANGE[0]} to {BITS_RANGE[1]}, got {bits}")
+    needed = [FLOAT_INIT, *algorithms] if quantized else algorithms
     _check_overrides(needed, dataset, hparams)
+    # Options that change a run's result are part of its identity; the others (devices,
+    # workers, data location) are not. Keys absent at their defaults keep old hashes valid.
+    identity = {"steps": options.get("steps"), "checkpoint_freq": options.get("checkpoint_freq")}
+    identity |= {k: options[k] for k in ("image_size", "weights")
+                 if options.get(k, IDENTITY_DEFAULTS[k]) != IDENTITY_DEFAULTS[k]}
 
     def job(algorithm: str, width: int | None, env: int, seed: int, hp_seed: int,
             init: Job | None = None) -> Job:
         key = {"dataset": dataset, "algorithm": algorithm, "bits": width, "test_envs": [env],
-               "trial_seed": seed, "hparams_seed": hp_seed, "steps": steps,
-               "checkpoint_freq": checkpoint_freq,
+               "trial_seed": seed, "hparams_seed": hp_seed, **identity,
                "hparams": _overrides_for(algorithm, dataset, hparams),
                "init": init.folder.name if init else None}
         folder = output / f"{_prefix(key)}_{job_hash(key)}"
-        config = TrainConfig(dataset=dataset, output=folder, test_envs=(env,), algorithm=algorithm,
-                             bits=width, data_dir=data_dir, steps=steps,
-                             checkpoint_freq=checkpoint_freq, trial_seed=seed,
-                             hparams_seed=hp_seed, hparams=key["hparams"],
-                             init=init.folder / CHECKPOINT if init else None, resume=True)
-        return Job(config, key, run_state(folder), init.folder if init else None)
+        run_config = TrainConfig(dataset=dataset, output=folder, test_envs=(env,),
+                                 algorithm=algorithm, bits=width, trial_seed=seed,
+                                 hparams_seed=hp_seed, hparams=key["hparams"],
+                                 init=init.folder / CHECKPOINT if init else None, resume=True,
+                                 **options)
+        return Job(run_config, key, run_state(folder), init.folder if init else None)
 
     planned: dict[str, Job] = {}
-    for seed in seeds:
+    for seed in config.seeds:
         for env in test_envs:
             init = job(FLOAT_INIT, None, env, seed, 0) if quantized else None
             group = [init] if init else []
@@ -146,7 +184,7 @@ def plan(output: Path, dataset: str, algorithms: Sequence[str], test_envs: Seque
                 widths = bits if algorithm in quantized else [None]
                 start = init if algorithm in quantized else None
                 group += [job(algorithm, width, env, seed, hp_seed, start)
-                          for hp_seed in hparams_seeds for width in widths]
+                          for hp_seed in config.hparams_seeds for width in widths]
             for member in sorted(group, key=lambda j: j.needs is not None):  # stable: floats first
                 planned.setdefault(member.folder.name, member)
     return list(planned.values())
@@ -165,88 +203,57 @@ def table(jobs: Sequence[Job]) -> str:
     return "\n".join(lines + [f"{len(jobs)} jobs: {', '.join(counts)}"])
 
 
-def save_record(output: Path, arguments: dict, jobs: Sequence[Job]) -> Path:
-    """``OUT/sweep.json``: the arguments and job list, for the record (jobs are their hashes)."""
-    path = Path(output) / SWEEP_RECORD
+def save_record(config: SweepConfig, jobs: Sequence[Job]) -> Path:
+    """``OUT/sweep.json``: the sweep's config and job list, for the record."""
+    path = Path(config.output) / SWEEP_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in arguments.items()}
-    record = {"arguments": args,
-              "jobs": [{"folder": j.folder.name, **j.key} for j in jobs]}
+    record = {"config": config.to_dict(), "jobs": [{"folder": j.folder.name, **j.key} for j in jobs]}
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
 
-def launch(jobs: Sequence[Job], *, skip_failed: bool = False, device: str | None = None,
-           num_workers: int = 0, progress: bool = True) -> list[Outcome]:
-    """Run the jobs one after another in this process, printing one status line per job.
+def launch(jobs: Sequence[Job], *, skip_failed: bool = False,
+           note: Callable[[str], None] = print) -> list[Outcome]:
+    """Run the jobs one after another in this process, reporting one line per job to ``note``.
 
-    A finished folder is kept, an unfinished one resumed. A failing job stops the sweep,
-    or with ``skip_failed`` is reported and the sweep goes on without the jobs that start
-    from it. Ctrl-C stops inside a run: its last checkpoint is where a relaunch resumes.
-    Returns one outcome per job reached.
+    A finished folder is kept, an unfinished one resumed, one that another process holds
+    is left to it ("busy"). A failing job stops the sweep, or with ``skip_failed`` is
+    reported and the sweep goes on without the jobs that start from it. Ctrl-C stops
+    inside a run: its last checkpoint is where a relaunch resumes. Returns one outcome
+    per job reached.
     """
     outcomes: list[Outcome] = []
-    broken: dict[Path, str] = {}  # float runs that failed or were skipped: folder -> why
+    unusable: dict[Path, str] = {}  # float runs that failed, are busy or were skipped: why
 
-    def note(job: Job, status: str, detail: str = "") -> None:
+    def report(job: Job, status: str, detail: str = "") -> None:
         outcomes.append(Outcome(job, status, detail))
         n = f"[{len(outcomes)}/{len(jobs)}]"
-        print(f"{n} {status:<7} {job.folder}" + (f": {detail}" if detail else ""), flush=True)
+        note(f"{n} {status:<7} {job.folder}" + (f": {detail}" if detail else ""))
 
     for job in jobs:
-        if job.needs in broken:
-            broken[job.folder] = f"needs {job.needs.name}, which {broken[job.needs]}"
-            note(job, "skipped", broken[job.folder])
+        if job.needs in unusable:
+            unusable[job.folder] = f"needs {job.needs.name}, which {unusable[job.needs]}"
+            report(job, "skipped", unusable[job.folder])
             continue
         if run_state(job.folder) == "done":
-            note(job, "kept", "finished earlier")
+            report(job, "kept", "finished earlier")
             continue
         tic = time.perf_counter()
         try:
-            run(replace(job.config, resume=True, device=device, num_workers=num_workers,
-                        progress=progress))
+            run(job.config)
         except KeyboardInterrupt:
-            print(f"interrupted: {job.folder} resumes from its last checkpoint when the "
-                  f"sweep is launched again", flush=True)
+            note(f"interrupted: {job.folder} resumes from its last checkpoint when the sweep "
+                 f"is launched again")
             raise
+        except FolderBusyError as error:
+            unusable[job.folder] = "another process is running"
+            report(job, "busy", str(error))
+            continue
         except Exception as error:  # any failure of one run is reported, not only ours
-            broken[job.folder] = "failed"
-            note(job, "failed", f"{type(error).__name__}: {error}")
+            unusable[job.folder] = "failed"
+            report(job, "failed", f"{type(error).__name__}: {error}")
             if not skip_failed:
                 break
             continue
-        note(job, "ran", f"{time.perf_counter() - tic:.1f} s")
+        report(job, "ran", f"{time.perf_counter() - tic:.1f} s")
     return outcomes
-
-
-def main(arguments: dict) -> int:
-    """``gaqat sweep``: plan, print the job table, then (unless ``dry_run``) launch and report.
-
-    ``arguments`` holds the command line's options by name. Exit status: 0 when every
-    job finished, 1 when one failed or was skipped, 130 on Ctrl-C.
-    """
-    a = {**arguments, "test_envs": test_env_indices(arguments["dataset"], arguments["data_dir"],
-                                                     arguments["test_envs"])}
-    jobs = plan(a["output"], a["dataset"], a["algorithms"], a["test_envs"], bits=a["bits"],
-                seeds=a["seeds"], hparams_seeds=a["hparams_seeds"], steps=a["steps"],
-                checkpoint_freq=a["checkpoint_freq"], hparams=a["hparams"], data_dir=a["data_dir"])
-    print(table(jobs), flush=True)
-    if a["dry_run"]:
-        return 0
-    save_record(a["output"], a, jobs)
-    try:
-        outcomes = launch(jobs, skip_failed=a["skip_failed"], device=a["device"],
-                          num_workers=a["num_workers"], progress=a["progress"])
-    except KeyboardInterrupt:
-        return 130
-    if any(o.status in ("kept", "ran") for o in outcomes):
-        print(report([a["output"]], selection="all"))
-    not_done = [o for o in outcomes if o.status in ("failed", "skipped")]
-    not_started = len(jobs) - len(outcomes)
-    if not_done or not_started:
-        stopped = (f", {not_started} not started (--skip-failed goes on past a failure)"
-                   if not_started else "")
-        print(f"gaqat sweep: {len(not_done)} job(s) failed or skipped{stopped}; launching "
-              f"the same sweep again retries them", file=sys.stderr)
-        return 1
-    return 0

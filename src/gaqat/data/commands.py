@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+
+import numpy as np
 
 from gaqat.data.digits import build_digits, default_data_dir
 from gaqat.data.download import download_dataset
+from gaqat.data.folders import ImageFolderDomain
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.data.preview import preview_grid
 from gaqat.data.registry import DIGITS_NAMES, load_dataset
+from gaqat.errors import UsageError, as_usage_errors
 
 
 def build(args: argparse.Namespace) -> int:
     if args.name.lower() not in DIGITS_NAMES:
-        raise ValueError(f"only 'digits' is built locally; use `gaqat data download "
+        raise UsageError(f"only 'digits' is built locally; use `gaqat data download "
                          f"{args.name} --root DIR` for a real dataset")
     start = time.perf_counter()
     _, manifest = build_digits(args.root)
@@ -26,12 +31,28 @@ def build(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    print(format_info(load_dataset(args.name, args.root)))
-    return 0
+    """The table of ``format_info``; unless ``--quick``, every image is decoded first and
+    the ones that fail are left out of the counts and listed (exit status 1)."""
+    ds = _load(args)
+    bad = {} if args.quick else {
+        i: domain.undecodable() for i, domain in enumerate(ds.datasets)
+        if isinstance(domain, ImageFolderDomain)}
+    bad = {i: indices for i, indices in bad.items() if indices}
+    print(format_info(ds, exclude=bad))
+    if not bad:
+        return 0
+    paths = [ds.datasets[i].paths[j] for i, indices in bad.items() for j in indices]
+    shown = "\n  ".join(paths[:20]) + (f"\n  ... and {len(paths) - 20} more" if len(paths) > 20 else "")
+    print(f"{len(paths)} image(s) fail to decode (truncated or corrupt) and are not counted "
+          f"above; training stops when it draws one. Replace or delete them:\n  {shown}",
+          file=sys.stderr)
+    return 1
 
 
 def preview(args: argparse.Namespace) -> int:
-    path = preview_grid(load_dataset(args.name, args.root), args.out, args.per_domain, args.seed)
+    if args.per_domain < 1:
+        raise UsageError(f"--per-domain: expected a positive integer, got {args.per_domain}")
+    path = preview_grid(_load(args), args.out, args.per_domain, args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -43,9 +64,17 @@ def download(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_info(ds: MultiDomainDataset) -> str:
-    """Domains, classes, and images per domain and class, as a plain-text table."""
+def _load(args: argparse.Namespace) -> MultiDomainDataset:
+    with as_usage_errors():  # an unknown name or a missing folder is a bad argument
+        return load_dataset(args.name, args.root)
+
+
+def format_info(ds: MultiDomainDataset, exclude: dict[int, list[int]] | None = None) -> str:
+    """Domains, classes, and images per domain and class, as a plain-text table;
+    ``exclude`` maps a domain index to image indices not to count."""
     counts = ds.class_counts()
+    for i, indices in (exclude or {}).items():
+        np.subtract.at(counts[i], ds.datasets[i].labels[indices], 1)
     c, h, w = ds.input_shape
     lines = [f"{ds.name}: {len(ds)} domains, {ds.num_classes} classes, {int(counts.sum())} "
              f"images, input {c}x{h}x{w}"]

@@ -47,6 +47,13 @@ class ImageFolderDomain(DomainDataset):
     def make_transform(self, image_size: int, train: bool) -> Callable:
         return photo_transform(image_size, train)
 
+    def undecodable(self) -> list[int]:
+        """Indices of the images whose pixels fail to decode (truncated or corrupt files,
+        which a header check lets through and which would stop training when drawn)."""
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            decodes = list(pool.map(_decodes, self.paths))
+        return [i for i, ok in enumerate(decodes) if not ok]
+
 
 def load_image_folder(
     root: str | Path, spec: FolderSpec | None = None, name: str | None = None
@@ -153,6 +160,15 @@ def _scan_domain(
     good = [c for c, ok in zip(candidates, readable) if ok]
     bad = [p for (p, _), ok in zip(candidates, readable) if not ok]
     return [p for p, _ in good], [y for _, y in good], bad
+
+
+def _decodes(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
 
 
 def _readable(path: Path) -> bool:
