@@ -333,8 +333,8 @@ def checkpoint(test_envs, ins, algorithm="erm", trial=0, hparams_seed=0, step=10
 def test_runs_with_two_test_domains_serve_leave_one_domain_out_only(tmp_path):
     for envs, ins in {(0,): (0.5, 0, 0), (1,): (0, 0.6, 0), (2,): (0, 0, 0.7),
                       (0, 1): (0.25, 0.75, 0), (0, 2): (0.5, 0, 0.5)}.items():
-        write_run(tmp_path / "_".join(map(str, envs)), [checkpoint(envs, ins)])
-    text = report([tmp_path], selection="all")
+        write_run(tmp_path / "sweep" / "_".join(map(str, envs)), [checkpoint(envs, ins)])
+    text = report([tmp_path / "sweep"], selection="all")
     assert "| Algorithm | Bits | mnist | mnist_m | syn | Avg | Trials |" in text  # no "a+b"
     # Training-domain validation and the oracle score the three runs with one test domain.
     assert text.count("| erm | 32 | 50.0 | 60.0 | 70.0 | 60.0 | 1 |") == 2
@@ -343,6 +343,9 @@ def test_runs_with_two_test_domains_serve_leave_one_domain_out_only(tmp_path):
     # holding out (mnist_m, syn).
     assert "| erm | 32 | 50.0 | – | – | – | 1 |" in text
     assert "there are none here" not in text
+    # A domain no run holds out alone is no column: no method can score it.
+    write_run(tmp_path / "pairs_only" / "0_1", [checkpoint((0, 1), (0.5, 0.5, 0))])
+    assert "| Algorithm | Bits | Avg | Trials |" in report([tmp_path / "pairs_only"])
 
 
 def domainbed_run(folder, test_env, trial, test_acc, algorithm="ERM", dataset="PACS", n_envs=4):

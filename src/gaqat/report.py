@@ -394,13 +394,14 @@ def _row(method: SelectionMethod, algorithm: str, bits: int, trials: int,
 
 
 def build_tables(runs: list[Run], selection: str) -> list[Table]:
-    """One table per dataset: rows (algorithm, bits), columns the test domains seen."""
+    """One table per dataset: rows (algorithm, bits), columns the domains some run holds
+    out alone (every method needs such a run to score a domain)."""
     method = SELECTION_METHODS[selection]
     groups = _groups(runs)
     tables = []
     for dataset in sorted({run.dataset for run in runs}):
         mine = [run for run in runs if run.dataset == dataset]
-        columns = sorted({env for run in mine for env in run.test_envs})
+        columns = sorted({run.test_envs[0] for run in mine if len(run.test_envs) == 1})
         rows = []
         for key in sorted({(run.algorithm, run.bits) for run in mine}, key=_row_order):
             trials = len({run.trial_seed for run in mine if (run.algorithm, run.bits) == key})
