@@ -20,6 +20,7 @@ Public API (what training code calls)::
     loaders.eval                       {"env{i}_in" | "env{i}_out": DataLoader}
     loaders.splits                     [Split(domain, in_indices, out_indices)]: DomainBed's
                                        holdout, domain i seeded with seed_hash(seed, i)
+    loaders.seed, loaders.holdout_fraction   what the splits and batches came from
 
 Transforms: photos follow DomainBed (224, RandomResizedCrop 0.7-1, flip, colour jitter
 0.3, random grayscale, ImageNet normalisation; resize only at test time). DigitsDG is
