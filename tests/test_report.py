@@ -188,7 +188,8 @@ def test_missing_folders_and_bad_options(tmp_path):
         report([tmp_path])
     with pytest.raises(ValueError, match="format 'html' is not one of markdown, csv, latex"):
         report([tmp_path], fmt="html")
-    with pytest.raises(ValueError, match="selection 'best' is not one of training, leave-one-out, oracle, all"):
+    with pytest.raises(ValueError, match="selection 'best' is not one of training, "
+                                         "leave-one-out, oracle, all"):
         report([tmp_path], selection="best")
 
 

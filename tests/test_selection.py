@@ -76,7 +76,8 @@ def test_leave_one_domain_out_skips_steps_without_every_run():
     draw = loo_draw(test_in=(0.4, 0.5), val_ins=((0.75, 0.75, 0.75), (0.5, 0.5, 0.5)))
     gap = [r for r in draw if not (r["step"] == 100 and r["args"]["test_envs"] == [1, 3])]
     assert LeaveOneDomainOut().run_acc(gap) == (0.5, 0.5)
-    assert LeaveOneDomainOut().run_acc([r for r in draw if len(r["args"]["test_envs"]) == 1]) is None
+    alone = [r for r in draw if len(r["args"]["test_envs"]) == 1]
+    assert LeaveOneDomainOut().run_acc(alone) is None
     twice = draw + [r for r in draw if r["args"]["test_envs"] == [3]]  # two runs hold out 3
     assert LeaveOneDomainOut().run_acc(twice) is None
 

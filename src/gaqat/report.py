@@ -379,13 +379,17 @@ def _records(runs: Iterable[Run]) -> list[dict]:
     return [r for run in runs for r in run.records]
 
 
+def _runs(group: dict[int, list[Run]]) -> list[Run]:
+    return [run for runs in group.values() for run in runs]
+
+
 def _row(method: SelectionMethod, algorithm: str, bits: int, trials: int,
          columns: list[dict[int, list[Run]]]) -> Row:
     """One table row from its groups: per column, ``{trial seed: runs}``."""
     per_column = [{trial: acc[1] for trial, runs in sorted(group.items())
                    if (acc := method.sweep_acc(_records(runs))) is not None}
                   for group in columns]
-    cells = [Cell(tuple(accs.values()), any(not r.complete for runs in group.values() for r in runs))
+    cells = [Cell(tuple(accs.values()), not all(run.complete for run in _runs(group)))
              for accs, group in zip(per_column, columns)]
     covering = set.intersection(*(set(accs) for accs in per_column)) if columns else set()
     averages = tuple(float(np.mean([accs[t] for accs in per_column])) for t in sorted(covering))
@@ -405,7 +409,8 @@ def build_tables(runs: list[Run], selection: str) -> list[Table]:
         rows = []
         for key in sorted({(run.algorithm, run.bits) for run in mine}, key=_row_order):
             trials = len({run.trial_seed for run in mine if (run.algorithm, run.bits) == key})
-            rows.append(_row(method, *key, trials, [groups[(dataset, *key, env)] for env in columns]))
+            rows.append(_row(method, *key, trials,
+                             [groups[(dataset, *key, env)] for env in columns]))
         names = [mine[0].domains[env] for env in columns]
         tables.append(Table(dataset, selection, [*names, "Avg"], rows))
     return tables
