@@ -194,31 +194,55 @@ def test_vlcs_tar_gz_is_extracted(server, tmp_path):
     assert load_dataset("vlcs", tmp_path / "data").domains == list(spec.domains)
 
 
-def test_terra_incognita_is_sorted_by_location_and_category(server, tmp_path):
+def terra_archives(server, tmp_path, labels_name="caltech_images_20210113.json"):
+    """DomainBed's two TerraIncognita files in miniature: the image archive (one flat
+    folder) and the zipped labels JSON, with a decoy JSON beside it."""
     images = tmp_path / "images"
-    make_tree(images, {"flat": ["all"]}, per_class=5)
+    make_tree(images, {"flat": ["all"]}, per_class=6)
     files = sorted((images / "flat" / "all").iterdir())
-    locations = [100, 38, 43, 46, 7]  # location 7 is not one of the four domains
+    locations = ["100", "38", "43", "46", "7", 38]  # 7 is not one of the four domains
     annotations = {
-        "categories": [{"id": 1, "name": "bobcat"}, {"id": 2, "name": "car"}, {"id": 3, "name": "empty"}],
+        "categories": [{"id": 1, "name": "bobcat"}, {"id": 2, "name": "car"},
+                       {"id": 3, "name": "empty"}, {"id": 4, "name": "coyote"}],
         "images": [{"id": f"im{i}", "file_name": f.name, "location": loc}
                    for i, (f, loc) in enumerate(zip(files, locations))],
-        "annotations": [{"image_id": f"im{i}", "category_id": 1 if i % 2 else 3} for i in range(5)]
-        + [{"image_id": "im0", "category_id": 2}],  # not a TerraIncognita class
+        "annotations": [{"image_id": f"im{i}", "category_id": 1 if i % 2 else 3} for i in range(6)]
+        + [{"image_id": "im0", "category_id": 2},  # not a TerraIncognita class
+           {"image_id": "im1", "category_id": 4}],  # a second class: a second copy
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("caltech_images_20210113.json", json.dumps(annotations))
+        z.writestr(labels_name, json.dumps(annotations))
+        z.writestr("a_decoy.json", json.dumps({"categories": [], "images": [], "annotations": []}))
     server.files["images.tar.gz"] = tar_tree(images / "flat" / "all", "eccv_18_all_images_sm")
     server.files["labels.zip"] = buffer.getvalue()
-    archives = (Archive(server.url("images.tar.gz"), "images.tar.gz"),
-                Archive(server.url("labels.zip"), "labels.zip"))
+    return (Archive(server.url("images.tar.gz"), "images.tar.gz"),
+            Archive(server.url("labels.zip"), "labels.zip"))
+
+
+def test_terra_incognita_is_sorted_as_domainbed_sorts_it(server, tmp_path):
+    lila = "https://lilablobssc.blob.core.windows.net/caltechcameratraps"
+    assert [a.url for a in download_module.SOURCES["terraincognita"]] == [  # DomainBed's
+        f"{lila}/eccv_18_all_images_sm.tar.gz", f"{lila}/labels/caltech_camera_traps.json.zip"]
     with pytest.warns(UserWarning):
-        target = download_dataset("TerraIncognita", tmp_path / "data", archives=archives,
-                                  progress=False)
+        target = download_dataset("TerraIncognita", tmp_path / "data", progress=False,
+                                  archives=terra_archives(server, tmp_path))
     laid_out = sorted(p.relative_to(target).as_posix() for p in target.rglob("*.png"))
     assert laid_out == ["location_100/empty/0.png", "location_38/bobcat/1.png",
+                        "location_38/bobcat/5.png", "location_38/coyote/1.png",
                         "location_43/empty/2.png", "location_46/bobcat/3.png"]
+    with pytest.warns(UserWarning, match="has no images of class"):
+        ds = load_dataset("TerraIncognita", tmp_path / "data")
+    assert ds.domains == ["location_100", "location_38", "location_43", "location_46"]
+
+
+def test_terra_incognita_needs_domainbeds_labels_file(server, tmp_path):
+    archives = terra_archives(server, tmp_path, labels_name="caltech_bboxes_20200316.json")
+    with pytest.raises(RuntimeError, match=r"caltech_images_20210113.json not found in the "
+                                           r"TerraIncognita archives \(found: a_decoy.json, "
+                                           r"caltech_bboxes_20200316.json\)"), \
+            pytest.warns(UserWarning):
+        download_dataset("TerraIncognita", tmp_path / "data", archives=archives, progress=False)
 
 
 def test_cli_download_failure_prints_the_layout(monkeypatch, tmp_path, capsys):

@@ -3,6 +3,8 @@ evaluation loaders over every split."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,30 @@ def test_holdout_split_is_pinned_disjoint_and_complete():
     assert not np.array_equal(holdout_split(1000, 0.2, seed=4)[1], a_out)
     with pytest.raises(ValueError, match="holdout_fraction"):
         holdout_split(10, 1.0)
+
+
+def domainbed_holdout(n: int, trial_seed: int, env: int, fraction: float = 0.2):
+    """DomainBed's split of domain ``env``, written out independently of gaqat: an md5 seed
+    of the string "(trial_seed, env)", a shuffled list, the first int(n * fraction) out."""
+    seed = int(hashlib.md5(str((trial_seed, env)).encode("utf-8")).hexdigest(), 16) % 2**31
+    keys = list(range(n))
+    np.random.RandomState(seed).shuffle(keys)
+    return keys[int(n * fraction):], keys[:int(n * fraction)]
+
+
+@pytest.mark.parametrize("trial_seed", [0, 1, 7])
+@pytest.mark.parametrize("fraction", [0.2, 0.35])
+def test_each_domain_is_split_as_domainbed_splits_it(trial_seed, fraction):
+    sizes = (50, 50, 37, 64, 11)  # two of equal size: they must still get different splits
+    loaders = make_loaders(indexed_dataset(sizes), [1], batch_size=4, seed=trial_seed,
+                           holdout_fraction=fraction)
+    assert loaders.holdout_fraction == fraction
+    for i, n in enumerate(sizes):
+        ref_in, ref_out = domainbed_holdout(n, trial_seed, i, fraction)
+        split = loaders.splits[i]
+        assert split.in_indices.tolist() == sorted(ref_in)
+        assert split.out_indices.tolist() == sorted(ref_out)
+    assert loaders.splits[0].out_indices.tolist() != loaders.splits[1].out_indices.tolist()
 
 
 def test_training_batches_are_balanced_and_from_the_in_splits():

@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -22,14 +24,16 @@ CHOSEN = {("erm", 0): [0.5, 0.6, 0.7], ("erm", 1): [0.4, 0.4, 0.7],
 
 
 def records(algorithm, bits, test_env, trial, chosen, hparams_seed=0, train_out=0.9):
-    """Two checkpoints: the first is best on the training domains' out splits (its test-in
-    accuracy is ``chosen``); the last has test-in ``chosen`` + 0.1 (what the oracle takes)."""
+    """Two checkpoints as gaqat writes them: the first is best on the training domains' out
+    splits (its test-in accuracy is ``chosen``); the last has test-in ``chosen`` + 0.1 (what
+    the oracle takes). A QAT run's name carries its bit width, as DomainBed's tools need."""
     out = []
     for step, train_acc, test_in, test_out in ((100, train_out, chosen, 0.3),
                                                (200, train_out - 0.1, chosen + 0.1, 0.6)):
         r = {"step": step, "epoch": step / 10, "loss": 0.5, "step_time": 0.1, "mem_gb": 0.0,
              "hparams": {"lr": 1e-3},
-             "args": {"dataset": "digits", "algorithm": algorithm, "test_envs": [test_env],
+             "args": {"dataset": "digits", "test_envs": [test_env],
+                      "algorithm": algorithm if bits is None else f"{algorithm}_w{bits}",
                       "trial_seed": trial, "hparams_seed": hparams_seed, "bits": bits,
                       "domains": DOMAINS}}
         for i in range(len(DOMAINS)):
@@ -77,20 +81,24 @@ def test_markdown_means_and_standard_errors(sweep):
     assert "| lsq | 4 | 40.0 ± 4.7* | 20.0 ± 0.0* | 30.0 ± 2.4* | 3 |" in text
     assert text.index("| erm |") < text.index("| lsq |")  # float rows first
     assert "13 runs (6 without a `done` file, marked *)" in text
-    assert "oracle" not in text
+    assert "oracle" not in text and "leave-one-domain-out" not in text
 
 
 def test_oracle_takes_last_checkpoint_and_is_labelled(sweep):
     text = report([sweep], selection="oracle")
     assert "### digits: test-domain validation set (oracle)" in text
     assert "| erm | 32 | 70.0 ± 4.7 | 60.0 ± 8.2 | 65.0 ± 6.2 | 3 |" in text
-    both = report([sweep], selection="all")
-    assert both.index("training-domain validation set") < both.index("(oracle)")
+    every = report([sweep], selection="all")
+    assert (every.index("training-domain validation set")
+            < every.index("### digits: leave-one-domain-out cross-validation")
+            < every.index("(oracle)"))
+    # No run holds out two domains: leave-one-domain-out scores nothing, and says why.
+    assert "| erm | 32 | – | – | – | 3 |" in every and "there are none here" in every
 
 
 def test_csv_parses_with_unrounded_numbers(sweep):
     rows = list(csv.DictReader(io.StringIO(report([sweep], fmt="csv", selection="all"))))
-    assert len(rows) == 2 * 2 * 3  # selections x rows x (2 domains + Avg)
+    assert len(rows) == 3 * 2 * 3  # selections x rows x (2 domains + Avg)
     cell = {(r["selection"], r["algorithm"], r["domain"]): r for r in rows}
     erm = cell[("training", "erm", "mnist_m")]
     assert (erm["bits"], erm["n"], erm["incomplete"]) == ("32", "3", "0")
@@ -99,6 +107,8 @@ def test_csv_parses_with_unrounded_numbers(sweep):
     assert float(cell[("training", "erm", "Avg")]["stderr"]) == pytest.approx(6.2361, abs=1e-4)
     assert float(cell[("oracle", "lsq", "mnist")]["mean"]) == pytest.approx(50.0)
     assert cell[("oracle", "lsq", "mnist")]["incomplete"] == "1"
+    assert (cell[("leave-one-out", "erm", "mnist")]["mean"],
+            cell[("leave-one-out", "erm", "mnist")]["n"]) == ("", "0")
 
 
 def test_latex_table_parses(sweep):
@@ -178,7 +188,8 @@ def test_missing_folders_and_bad_options(tmp_path):
         report([tmp_path])
     with pytest.raises(ValueError, match="format 'html' is not one of markdown, csv, latex"):
         report([tmp_path], fmt="html")
-    with pytest.raises(ValueError, match="selection 'best' is not one of training, oracle, all"):
+    with pytest.raises(ValueError, match="selection 'best' is not one of training, "
+                                         "leave-one-out, oracle, all"):
         report([tmp_path], selection="best")
 
 
@@ -253,7 +264,7 @@ def test_paired_csv_and_unpaired_warnings(pairs):
     assert messages[0].startswith("digits: erm 32-bit not compared")
     assert messages[1].startswith("digits: gaqat 4-bit vs lsq_sagm 4-bit: 2 unpaired runs")
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert len(rows) == 2 * 3  # selections x (2 domains + All), one compared row
+    assert len(rows) == 3 * 3  # selections x (2 domains + All), one compared row
     cell = {(r["selection"], r["domain"]): r for r in rows}
     all_ = cell[("training", "All")]
     assert (all_["algorithm"], all_["bits"], all_["baseline"], all_["baseline_bits"]) == (
@@ -291,7 +302,8 @@ def test_paired_errors(pairs, tmp_path):
         report([pairs], paired="sgd")
     write_run(tmp_path / "copy" / "again", records("lsq_sagm", 4, 0, 1, 0.6))
     with pytest.raises(ValueError, match="two lsq_sagm 4-bit runs with the same test domains, "
-                                         "trial seed and hparams seed"):
+                                         "trial seed and hparams seed; a paired comparison"), \
+            pytest.warns(UserWarning, match="pooled as one draw"):
         report([pairs], paired="lsq_sagm")
 
 
@@ -306,3 +318,101 @@ def test_cli_report_paired(pairs, capsys):
         captured.err)
     assert cli.main(["report", str(pairs), "--paired", "sgd"]) == 2
     assert "not among the algorithms found: erm, gaqat, lsq_sagm" in capsys.readouterr().err
+
+
+# DomainBed's grouping: a run holding out two domains lands in the group of each.
+def checkpoint(test_envs, ins, algorithm="erm", trial=0, hparams_seed=0, step=100):
+    """One gaqat record over DOMAINS with the given ``in`` accuracies (``out`` all 0.9)."""
+    r = {"step": step, "hparams": {}, "args": {
+        "dataset": "digits", "algorithm": algorithm, "test_envs": list(test_envs), "bits": None,
+        "trial_seed": trial, "hparams_seed": hparams_seed, "domains": DOMAINS}}
+    for i, acc in enumerate(ins):
+        r[f"env{i}_in_acc"], r[f"env{i}_out_acc"] = acc, 0.9
+    return r
+
+
+def test_runs_with_two_test_domains_serve_leave_one_domain_out_only(tmp_path):
+    for envs, ins in {(0,): (0.5, 0, 0), (1,): (0, 0.6, 0), (2,): (0, 0, 0.7),
+                      (0, 1): (0.25, 0.75, 0), (0, 2): (0.5, 0, 0.5)}.items():
+        write_run(tmp_path / "sweep" / "_".join(map(str, envs)), [checkpoint(envs, ins)])
+    text = report([tmp_path / "sweep"], selection="all")
+    assert "| Algorithm | Bits | mnist | mnist_m | syn | Avg | Trials |" in text  # no "a+b"
+    # Training-domain validation and the oracle score the three runs with one test domain.
+    assert text.count("| erm | 32 | 50.0 | 60.0 | 70.0 | 60.0 | 1 |") == 2
+    # Leave-one-domain-out for mnist: validation (0.75 on mnist_m + 0.5 on syn) / 2 from the
+    # runs holding out (mnist, mnist_m) and (mnist, syn); mnist_m and syn lack a run
+    # holding out (mnist_m, syn).
+    assert "| erm | 32 | 50.0 | – | – | – | 1 |" in text
+    assert "there are none here" not in text
+    # A domain no run holds out alone is no column: no method can score it.
+    write_run(tmp_path / "pairs_only" / "0_1", [checkpoint((0, 1), (0.5, 0.5, 0))])
+    assert "| Algorithm | Bits | Avg | Trials |" in report([tmp_path / "pairs_only"])
+
+
+def domainbed_run(folder, test_env, trial, test_acc, algorithm="ERM", dataset="PACS", n_envs=4):
+    """A run as DomainBed's train.py writes it: no bits, no domain names, steps from 0."""
+    recs = []
+    for step, acc in ((0, 0.1), (4999, test_acc)):
+        r = {"step": step, "epoch": step / 50, "loss": 0.3, "mem_gb": 1.0, "step_time": 0.2,
+             "hparams": {"lr": 5e-5, "batch_size": 32},
+             "args": {"dataset": dataset, "algorithm": algorithm, "test_envs": [test_env],
+                      "trial_seed": trial, "hparams_seed": 0, "seed": 0, "holdout_fraction": 0.2,
+                      "output_dir": str(folder), "data_dir": "/data", "hparams": None}}
+        for i in range(n_envs):
+            r[f"env{i}_in_acc"] = acc if i == test_env else 0.9
+            r[f"env{i}_out_acc"] = 0.5 if i == test_env else 0.8 if step == 0 else 0.9
+        recs.append(r)
+    write_run(folder, recs)
+
+
+def gaqat_pacs_run(folder, algorithm, bits, trial, test_acc, legacy=False):
+    """A gaqat PACS run; ``legacy``: as gaqat wrote it before names carried the bit width."""
+    recs = records(algorithm, bits, 0, trial, test_acc)
+    for r in recs:
+        r["args"].update(dataset="PACS", domains=["art_painting", "cartoon", "photo", "sketch"])
+        r["env3_in_acc"], r["env3_out_acc"] = 0.95, r["env1_out_acc"]
+        if legacy:
+            r["args"]["algorithm"] = algorithm
+    write_run(folder, recs)
+
+
+def test_domainbed_and_gaqat_records_share_one_table(tmp_path):
+    domainbed_run(tmp_path / "domainbed" / "a", 0, 0, 0.80)
+    domainbed_run(tmp_path / "domainbed" / "b", 0, 1, 0.86)
+    gaqat_pacs_run(tmp_path / "gaqat" / "a", "lsq_sagm", 4, 0, 0.70)
+    gaqat_pacs_run(tmp_path / "gaqat" / "b", "lsq_sagm", 4, 1, 0.74)
+    gaqat_pacs_run(tmp_path / "old" / "a", "lsq_sagm", 3, 0, 0.60, legacy=True)
+    text = report([tmp_path / "domainbed", tmp_path / "gaqat", tmp_path / "old"])
+    assert "| Algorithm | Bits | art_painting | Avg | Trials |" in text  # the registry's names
+    # ERM [80, 86]: SE 3 / sqrt(2) = 2.1; lsq_sagm 4-bit [70, 74]: SE 2 / sqrt(2) = 1.4.
+    assert "| ERM | 32 | 83.0 ± 2.1 | 83.0 ± 2.1 | 2 |" in text
+    assert "| lsq_sagm | 4 | 72.0 ± 1.4 | 72.0 ± 1.4 | 2 |" in text
+    assert "| lsq_sagm | 3 | 60.0 | 60.0 | 1 |" in text
+    paired = report([tmp_path], paired="ERM")
+    # lsq_sagm 4-bit − ERM: [-10, -12]: mean -11, sample std sqrt(2), SE 1.
+    assert "| lsq_sagm | 4 | 32 | -11.0 ± 1.0 (2: 0/0/2) | -11.0 ± 1.0 (2: 0/0/2) |" in paired
+    assert "| lsq_sagm | 3 | 32 | -20.0 (1: 0/0/1) |" in paired
+    assert "ERM 32-bit not compared" in report([tmp_path], paired="lsq_sagm")
+
+
+def test_domainbed_records_of_datasets_gaqat_does_not_know(tmp_path):
+    domainbed_run(tmp_path / "cmnist" / "a", 2, 0, 0.3, dataset="ColoredMNIST", n_envs=3)
+    text = report([tmp_path / "cmnist"])
+    assert "| Algorithm | Bits | env2 | Avg | Trials |" in text
+    domainbed_run(tmp_path / "vlcs" / "a", 0, 0, 0.3, dataset="VLCS", n_envs=3)
+    with pytest.raises(ValueError, match="VLCS: records have 3 domains, gaqat's VLCS has 4"):
+        report([tmp_path / "vlcs"])
+
+
+def test_two_runs_of_one_draw_are_pooled_with_a_warning(tmp_path):
+    write_run(tmp_path / "a", records("erm", None, 0, 0, 0.4))
+    write_run(tmp_path / "b", records("erm", None, 0, 0, 0.6, train_out=0.95))
+    with pytest.warns(UserWarning, match="two erm 32-bit runs .* pooled as one draw"):
+        text = report([tmp_path])
+    assert "| erm | 32 | 60.0 | 60.0 | 1 |" in text  # the best checkpoint of both runs
+
+
+def test_report_on_gaqat_records_does_not_import_torch(sweep):
+    code = (f"import sys; from gaqat.report import report; report([{str(sweep)!r}], "
+            f"selection='all'); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

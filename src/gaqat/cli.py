@@ -300,7 +300,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively")
     p.add_argument("--format", choices=report.FORMATS, default="markdown", help="output format")
     p.add_argument("--selection", choices=report.SELECTIONS, default="training",
-                   help="training-domain validation, test-domain oracle, or all")
+                   help="training-domain validation, leave-one-domain-out cross-validation, "
+                        "test-domain oracle, or all three")
     p.add_argument("--paired", metavar="BASELINE",
                    help="instead of accuracies, per-pair differences to this algorithm "
                         "(e.g. lsq_sagm): runs sharing test domains, trial and hparams seed; "

@@ -18,7 +18,6 @@ DomainBed's layout) gets DomainBed's generic image-dataset defaults.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +30,7 @@ from gaqat.freezing import MODES
 from gaqat.models import ARCHITECTURES
 from gaqat.optim import PERTURBED_PASS_RNG
 from gaqat.quant import FIRST_LAST_POLICIES
+from gaqat.seeding import seed_hash
 
 DATASETS = ("digits", "PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet")
 
@@ -67,15 +67,6 @@ CHOICES: dict[str, tuple] = {
 class Hparam:
     default: Any
     draw: Callable[[np.random.RandomState], Any]
-
-
-def seed_hash(*args: Any) -> int:
-    """A seed in [0, 2^31) from any printable arguments, equal on every machine and run.
-
-    Python's ``hash()`` of a string changes between interpreter runs, so it cannot be used.
-    """
-    digest = hashlib.md5(repr(args).encode("utf-8")).hexdigest()
-    return int(digest, 16) % (2**31)
 
 
 def canonical_dataset(name: str) -> str:

@@ -1,21 +1,34 @@
-"""Result tables from the ``results.jsonl`` files of training runs.
+"""Result tables from the ``results.jsonl`` files of training runs: gaqat's and DomainBed's.
 
-Each ``results.jsonl`` is one run. Runs are grouped by (dataset, algorithm, bit width,
-test domains, trial seed); a selection method (:mod:`gaqat.selection`) turns each group,
-whatever its hyperparameter draws, into one test accuracy. A table cell is the mean ±
-standard error of those accuracies over trial seeds, in percent, with DomainBed's
-standard error: numpy's ``std`` (population, ddof=0) divided by sqrt(n). With a single
-trial seed there is no error to show, so the cell shows the mean alone. ``Avg`` averages
-a row's columns per trial seed, over the trial seeds that cover every column, then takes
-mean ± standard error of those averages (DomainBed's "Averages" table).
+Each ``results.jsonl`` is one run. Table rows are (algorithm, bit width). A gaqat QAT
+record names its bit width twice: in ``args.bits`` and in ``args.algorithm``
+(``lsq_sagm_w4``, so that DomainBed's tools, which group by that name alone, keep bit
+widths apart); the row is named without the ``_w4``. Records of older gaqat versions
+(``lsq_sagm`` with ``args.bits`` 4) read the same. A record without ``args.bits`` (a
+float run, or any of DomainBed's own) is 32-bit. Domain names come from ``args.domains``;
+DomainBed's records have none, so they come from gaqat's registry for the datasets it
+knows (``PACS``, ``VLCS``, ...), else ``env0``, ``env1``, ... So a gaqat sweep and a
+DomainBed sweep can share one table.
 
-A run folder without a ``done`` file (killed or still running) is used and its cells
-are marked ``*``. A torn last line (a run killed while writing) is skipped with a
-warning; any other bad line is an error naming the file, line and key.
+Aggregation is DomainBed's (``collect_results``): a *group* (dataset, algorithm, bit
+width, test domain, trial seed) holds every run holding out that domain, alone or with
+others, and a selection method (:mod:`gaqat.selection`) turns it, whatever its
+hyperparameter draws, into one test accuracy. Runs of one group sharing an hparams seed
+are one draw to DomainBed, their records pooled; two such runs holding out the same
+domains are pooled here too, with a warning. A table cell is the mean ± standard error
+of those accuracies over trial seeds, in percent, with DomainBed's standard error:
+numpy's ``std`` (population, ddof=0) divided by sqrt(n). With a single trial seed there
+is no error to show, so the cell shows the mean alone. ``Avg`` averages a row's columns
+per trial seed, over the trial seeds that cover every column, then takes mean ± standard
+error of those averages (DomainBed's "Averages" table).
 
-Between-seed noise is as large as the effects studied (STUDY.md), so ``paired=BASELINE``
-reports paired differences instead: each run against the baseline run sharing its
-dataset, test domains, trial seed and hyperparameter seed (same init, data split, batches
+A run folder without a ``done`` file (killed or still running) is used and the cells
+that hold it are marked ``*``. A torn last line (a run killed while writing) is skipped
+with a warning; any other bad line is an error naming the file, line and key.
+
+Between-seed noise can be as large as the effects studied, so ``paired=BASELINE``
+reports paired differences instead: each draw against the baseline's draw sharing its
+dataset, test domain, trial seed and hyperparameter seed (same init, data split, batches
 and shared hyperparameters), each side's checkpoint chosen by the selection method. There
 is no choice among hyperparameter draws: every draw is a pair of its own. A row is paired
 with the baseline at its own bit width or, when the baseline has none there (a float
@@ -27,6 +40,7 @@ sample std (ddof=1, the paired t-test's) and the wins/ties/losses of the algorit
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import warnings
 from collections import defaultdict
@@ -37,13 +51,13 @@ from typing import ClassVar, Iterable, Sequence
 import numpy as np
 
 from gaqat.runfolder import DONE, RESULTS, read_jsonl
-from gaqat.selection import SELECTION_METHODS, SelectionMethod
+from gaqat.selection import SELECTION_METHODS, SelectionMethod, count_domains
 
 FORMATS = ("markdown", "csv", "latex")
 SELECTIONS = (*SELECTION_METHODS, "all")
-ALGORITHM_ORDER = ("erm", "sagm", "lsq", "lsq_sam", "lsq_sagm", "gaqat")  # METHOD.md §8
+ALGORITHM_ORDER = ("erm", "sagm", "lsq", "lsq_sam", "lsq_sagm", "gaqat")  # float, QAT, ours
 FLOAT_BITS = 32
-ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed", "bits", "domains")
+ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")  # DomainBed's
 TIE = 1e-9  # accuracy difference (fraction) below which a pair is a tie: float noise only
 
 
@@ -60,15 +74,35 @@ class Run:
     hparams_seed: int
     domains: tuple[str, ...]
 
-    @property
-    def pair_key(self) -> tuple:
-        """What a paired run shares: init, data split, batches and hyperparameter draw."""
-        return self.dataset, self.test_envs, self.trial_seed, self.hparams_seed
-
     def describe(self) -> str:
         envs = "+".join(self.domains[i] for i in self.test_envs) or "(none)"
         return (f"{self.algorithm} {self.bits}-bit, test {envs}, trial {self.trial_seed}, "
                 f"hparams {self.hparams_seed} ({self.path.parent})")
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One hyperparameter draw of a group: the runs of one (dataset, algorithm, bits, trial
+    seed, hparams seed) that hold out ``test_env``. ``alone`` holds it out alone (what
+    every selection method scores); the others hold out a second domain too
+    (leave-one-domain-out's validation)."""
+
+    test_env: int
+    alone: Run
+    runs: tuple[Run, ...]
+
+    @property
+    def pair_key(self) -> tuple:
+        """What a paired draw shares: init, data split, batches and hyperparameter draw."""
+        return self.alone.dataset, self.test_env, self.alone.trial_seed, self.alone.hparams_seed
+
+    @property
+    def records(self) -> list[dict]:
+        return _records(self.runs)
+
+    @property
+    def complete(self) -> bool:
+        return all(run.complete for run in self.runs)
 
 
 @dataclass(frozen=True)
@@ -173,8 +207,8 @@ class Comparison:
     bits: int
     baseline: str
     baseline_bits: int | None
-    pairs: list[tuple[Run, Run]]  # (run, baseline run)
-    unpaired: list[Run]  # runs of either side without a partner
+    pairs: list[tuple[Draw, Draw]]  # (draw, baseline draw)
+    unpaired: list[Draw]  # draws of either side without a partner
 
 
 @dataclass(frozen=True)
@@ -228,10 +262,10 @@ def _check_record(record: object, where: str) -> dict:
     for key in ARGS_KEYS:
         if key not in args:
             raise ValueError(f"{where}: missing key 'args.{key}'")
-    n = len(args["domains"])
+    n = len(args["domains"]) if "domains" in args else count_domains(record)
     if not all(isinstance(e, int) and 0 <= e < n for e in args["test_envs"]):
         raise ValueError(f"{where}: args.test_envs {args['test_envs']} are not domain indices "
-                         f"0..{n - 1} of {args['domains']}")
+                         f"0..{n - 1}")
     for i in range(n):
         for split in ("in", "out"):
             key = f"env{i}_{split}_acc"
@@ -244,8 +278,31 @@ def _check_record(record: object, where: str) -> dict:
 
 def _group_key(record: dict) -> tuple:
     args = record["args"]
-    return (args["dataset"], args["algorithm"], args["bits"], tuple(args["test_envs"]),
-            args["trial_seed"], args["hparams_seed"], tuple(args["domains"]))
+    return (args["dataset"], args["algorithm"], args.get("bits"), tuple(args["test_envs"]),
+            args["trial_seed"], args["hparams_seed"], tuple(args.get("domains", ())))
+
+
+def _row_name(args: dict) -> tuple[str, int]:
+    """(algorithm, bits) of a record: ``lsq_sagm_w4`` with bits 4 is row (lsq_sagm, 4)."""
+    bits = args.get("bits")
+    if bits is None:
+        return args["algorithm"], FLOAT_BITS
+    return args["algorithm"].removesuffix(f"_w{bits}"), bits
+
+
+@functools.cache
+def _registry_domains(dataset: str, n: int) -> tuple[str, ...]:
+    """Domain names for records that carry none (DomainBed's): the registry's, for a
+    dataset gaqat knows, else ``env0``, ``env1``, ..."""
+    from gaqat.data.registry import DIGITS_NAMES, SPECS, dataset_domains  # imports torch
+
+    if dataset.lower() not in (*DIGITS_NAMES, *SPECS):
+        return tuple(f"env{i}" for i in range(n))
+    domains = dataset_domains(dataset)
+    if len(domains) != n:
+        raise ValueError(f"{dataset}: records have {n} domains, gaqat's {dataset} has "
+                         f"{len(domains)} ({', '.join(domains)})")
+    return domains
 
 
 def load_run(path: Path) -> Run | None:
@@ -260,11 +317,13 @@ def load_run(path: Path) -> Run | None:
         warnings.warn(f"{path}: no records, skipped", stacklevel=2)
         return None
     args = records[0]["args"]
+    algorithm, bits = _row_name(args)
+    domains = (tuple(args["domains"]) if "domains" in args
+               else _registry_domains(args["dataset"], count_domains(records[0])))
     return Run(path=path, records=records, complete=(path.parent / DONE).exists(),
-               dataset=args["dataset"], algorithm=args["algorithm"],
-               bits=FLOAT_BITS if args["bits"] is None else args["bits"],
+               dataset=args["dataset"], algorithm=algorithm, bits=bits,
                test_envs=tuple(args["test_envs"]), trial_seed=args["trial_seed"],
-               hparams_seed=args["hparams_seed"], domains=tuple(args["domains"]))
+               hparams_seed=args["hparams_seed"], domains=domains)
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -278,76 +337,103 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
         raise FileNotFoundError(f"no {RESULTS} below {', '.join(map(str, dirs))}")
     runs = [run for run in map(load_run, paths) if run is not None]
     domains: dict[str, Run] = {}
+    draws: dict[tuple, Run] = {}
     for run in runs:
         first = domains.setdefault(run.dataset, run)
         if run.domains != first.domains:
             raise ValueError(f"dataset {run.dataset}: {first.path} has domains "
                              f"{list(first.domains)} "
                              f"but {run.path} has {list(run.domains)}")
+        other = draws.setdefault((run.dataset, run.algorithm, run.bits, run.test_envs,
+                                  run.trial_seed, run.hparams_seed), run)
+        if other is not run:
+            warnings.warn(f"{other.path} and {run.path}: {_same_draw(run)}; their records are "
+                          f"pooled as one draw, as DomainBed's tools pool them", stacklevel=2)
     return runs
 
 
+def _same_draw(run: Run) -> str:
+    return (f"two {run.algorithm} {run.bits}-bit runs with the same test domains, trial seed "
+            f"and hparams seed")
+
+
 def _row_order(key: tuple[str, int]) -> tuple:
-    """Float rows first, then by falling bit width; methods in METHOD.md's order."""
+    """Float rows first, then by falling bit width; gaqat's methods in ALGORITHM_ORDER, then
+    any other (DomainBed's) by name."""
     algorithm, bits = key
     known = algorithm in ALGORITHM_ORDER
     return (-bits, not known, ALGORITHM_ORDER.index(algorithm) if known else 0, algorithm)
 
 
-def _column_names(runs: list[Run], columns: list[tuple[int, ...]]) -> list[str]:
-    return ["+".join(runs[0].domains[i] for i in envs) if envs else "(none)" for envs in columns]
-
-
-def _trial_accs(method: SelectionMethod, runs: list[Run],
-                test_envs: tuple[int, ...]) -> dict[int, float]:
-    """Test accuracy per trial seed of the runs holding out ``test_envs`` (best draw each)."""
-    groups: dict[int, list[list[dict]]] = defaultdict(list)
+def _groups(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:
+    """DomainBed's groups: (dataset, algorithm, bits, test domain) -> trial seed -> every
+    run holding out that domain, alone or with others."""
+    groups: dict[tuple, dict[int, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if run.test_envs == test_envs:
-            groups[run.trial_seed].append(run.records)
-    accs = {trial: method.sweep_acc(group) for trial, group in sorted(groups.items())}
-    return {trial: acc[1] for trial, acc in accs.items() if acc is not None}
+        for env in run.test_envs:
+            groups[run.dataset, run.algorithm, run.bits, env][run.trial_seed].append(run)
+    return groups
 
 
-def _row(method: SelectionMethod, algorithm: str, bits: int, runs: list[Run],
-         columns: list[tuple[int, ...]]) -> Row:
-    per_column = [_trial_accs(method, runs, test_envs) for test_envs in columns]
-    cells = [Cell(tuple(accs.values()), any(not r.complete for r in runs if r.test_envs == envs))
-             for accs, envs in zip(per_column, columns)]
-    covering = set.intersection(*(set(accs) for accs in per_column))
+def _records(runs: Iterable[Run]) -> list[dict]:
+    return [r for run in runs for r in run.records]
+
+
+def _runs(group: dict[int, list[Run]]) -> list[Run]:
+    return [run for runs in group.values() for run in runs]
+
+
+def _row(method: SelectionMethod, algorithm: str, bits: int, trials: int,
+         columns: list[dict[int, list[Run]]]) -> Row:
+    """One table row from its groups: per column, ``{trial seed: runs}``."""
+    per_column = [{trial: acc[1] for trial, runs in sorted(group.items())
+                   if (acc := method.sweep_acc(_records(runs))) is not None}
+                  for group in columns]
+    cells = [Cell(tuple(accs.values()), not all(run.complete for run in _runs(group)))
+             for accs, group in zip(per_column, columns)]
+    covering = set.intersection(*(set(accs) for accs in per_column)) if columns else set()
     averages = tuple(float(np.mean([accs[t] for accs in per_column])) for t in sorted(covering))
     cells.append(Cell(averages, any(cell.incomplete for cell in cells)))
-    return Row(algorithm, bits, len({run.trial_seed for run in runs}), cells)
+    return Row(algorithm, bits, trials, cells)
 
 
 def build_tables(runs: list[Run], selection: str) -> list[Table]:
-    """One table per dataset: rows (algorithm, bits), columns the test domains seen."""
+    """One table per dataset: rows (algorithm, bits), columns the domains some run holds
+    out alone (every method needs such a run to score a domain)."""
     method = SELECTION_METHODS[selection]
+    groups = _groups(runs)
     tables = []
     for dataset in sorted({run.dataset for run in runs}):
         mine = [run for run in runs if run.dataset == dataset]
-        columns = sorted({run.test_envs for run in mine})
-        keys = sorted({(run.algorithm, run.bits) for run in mine}, key=_row_order)
-        rows = [_row(method, *key, [r for r in mine if (r.algorithm, r.bits) == key], columns)
-                for key in keys]
-        tables.append(Table(dataset, selection, [*_column_names(mine, columns), "Avg"], rows))
+        columns = sorted({run.test_envs[0] for run in mine if len(run.test_envs) == 1})
+        rows = []
+        for key in sorted({(run.algorithm, run.bits) for run in mine}, key=_row_order):
+            trials = len({run.trial_seed for run in mine if (run.algorithm, run.bits) == key})
+            rows.append(_row(method, *key, trials,
+                             [groups[(dataset, *key, env)] for env in columns]))
+        names = [mine[0].domains[env] for env in columns]
+        tables.append(Table(dataset, selection, [*names, "Avg"], rows))
     return tables
 
 
-def _by_pair_key(runs: list[Run]) -> dict[tuple, Run]:
-    """Runs by pair key; two runs of one (algorithm, bits) sharing a key cannot be paired."""
-    keyed: dict[tuple, Run] = {}
+def _draws(env: int, runs: list[Run]) -> list[Draw]:
+    """A group's draws that have a run holding out ``env`` alone (the others score nothing)."""
+    by_seed: dict[int, list[Run]] = defaultdict(list)
     for run in runs:
-        other = keyed.setdefault(run.pair_key, run)
-        if other is not run:
-            raise ValueError(f"{other.path} and {run.path}: two {run.algorithm} {run.bits}-bit "
-                             f"runs with the same test domains, trial seed and hparams seed; "
+        by_seed[run.hparams_seed].append(run)
+    draws = []
+    for members in by_seed.values():
+        alone = [run for run in members if len(run.test_envs) == 1]
+        if len(alone) > 1:
+            raise ValueError(f"{alone[0].path} and {alone[1].path}: {_same_draw(alone[0])}; "
                              f"a paired comparison needs one (report their folders separately)")
-    return keyed
+        if alone:
+            draws.append(Draw(env, alone[0], tuple(members)))
+    return draws
 
 
 def pair_runs(runs: list[Run], baseline: str) -> list[Comparison]:
-    """Every other (dataset, algorithm, bits) paired with ``baseline``'s runs.
+    """Every other (dataset, algorithm, bits) paired with ``baseline``'s draws.
 
     A row is paired at its own bit width, or with the float baseline when the baseline
     has no runs at that width; otherwise it is not compared (``baseline_bits`` None).
@@ -356,33 +442,33 @@ def pair_runs(runs: list[Run], baseline: str) -> list[Comparison]:
     if baseline not in algorithms:
         raise ValueError(f"baseline {baseline!r} is not among the algorithms found: "
                          f"{', '.join(algorithms)}")
+    draws: dict[tuple, dict[tuple, Draw]] = defaultdict(dict)  # (dataset, algorithm, bits)
+    for (dataset, algorithm, bits, env), trials in _groups(runs).items():
+        for members in trials.values():
+            draws[dataset, algorithm, bits].update((d.pair_key, d) for d in _draws(env, members))
     comparisons = []
     for dataset in sorted({run.dataset for run in runs}):
-        groups: dict[tuple[str, int], list[Run]] = defaultdict(list)
-        for run in runs:
-            if run.dataset == dataset:
-                groups[run.algorithm, run.bits].append(run)
-        base = {bits: _by_pair_key(group) for (algorithm, bits), group in groups.items()
-                if algorithm == baseline}
-        for algorithm, bits in sorted(groups, key=_row_order):
+        rows = {key[1:]: keyed for key, keyed in draws.items() if key[0] == dataset}
+        base = {bits: keyed for (algorithm, bits), keyed in rows.items() if algorithm == baseline}
+        for algorithm, bits in sorted(rows, key=_row_order):
             if algorithm == baseline:
                 continue
-            mine = _by_pair_key(groups[algorithm, bits])
+            mine = rows[algorithm, bits]
             base_bits = bits if bits in base else FLOAT_BITS if FLOAT_BITS in base else None
             theirs = base.get(base_bits, {})
             pairs = [(mine[key], theirs[key]) for key in mine if key in theirs]
-            unpaired = [run for key, run in mine.items() if key not in theirs]
+            unpaired = [draw for key, draw in mine.items() if key not in theirs]
             if base_bits is not None:
-                unpaired += [run for key, run in theirs.items() if key not in mine]
+                unpaired += [draw for key, draw in theirs.items() if key not in mine]
             comparisons.append(Comparison(dataset, algorithm, bits, baseline, base_bits, pairs,
                                           unpaired))
     return comparisons
 
 
-def _difference(method: SelectionMethod, pairs: list[tuple[Run, Run]]) -> Difference:
-    accs = [(method.run_acc(run.records), method.run_acc(base.records)) for run, base in pairs]
+def _difference(method: SelectionMethod, pairs: list[tuple[Draw, Draw]]) -> Difference:
+    accs = [(method.run_acc(draw.records), method.run_acc(base.records)) for draw, base in pairs]
     return Difference(tuple(a[1] - b[1] for a, b in accs if a is not None and b is not None),
-                      any(not run.complete for pair in pairs for run in pair))
+                      any(not draw.complete for pair in pairs for draw in pair))
 
 
 def paired_tables(comparisons: list[Comparison], selection: str) -> list[PairedTable]:
@@ -392,25 +478,31 @@ def paired_tables(comparisons: list[Comparison], selection: str) -> list[PairedT
     tables = []
     for dataset in sorted({c.dataset for c in comparisons}):
         mine = [c for c in comparisons if c.dataset == dataset and c.baseline_bits is not None]
-        runs = [run for c in mine for run, _ in c.pairs]
-        if not runs:
+        draws = [draw for c in mine for draw, _ in c.pairs]
+        if not draws:
             continue
-        columns = sorted({run.test_envs for run in runs})
+        columns = sorted({draw.test_env for draw in draws})
         rows = [PairedRow(c.algorithm, c.bits, c.baseline_bits,
-                          [*(_difference(method, [p for p in c.pairs if p[0].test_envs == envs])
-                             for envs in columns), _difference(method, c.pairs)])
+                          [*(_difference(method, [p for p in c.pairs if p[0].test_env == env])
+                             for env in columns), _difference(method, c.pairs)])
                 for c in mine]
-        tables.append(PairedTable(dataset, selection, mine[0].baseline,
-                                  [*_column_names(runs, columns), "All"], rows))
+        names = [draws[0].alone.domains[env] for env in columns]
+        tables.append(PairedTable(dataset, selection, mine[0].baseline, [*names, "All"], rows))
     return tables
 
 
-def _notes(runs: list[Run]) -> list[str]:
+def _notes(runs: list[Run], selections: list[str]) -> list[str]:
     n_incomplete = sum(not run.complete for run in runs)
-    return [f"{len(runs)} runs ({n_incomplete} without a `{DONE}` file, marked *).",
-            "Test-domain accuracy (%), mean ± standard error over trial seeds "
-            "(numpy std with ddof=0 / sqrt(n), as DomainBed; no error shown for one seed). "
-            "Avg: mean over the columns per trial seed, over the seeds that cover every column."]
+    notes = [f"{len(runs)} runs ({n_incomplete} without a `{DONE}` file, marked *).",
+             "Test-domain accuracy (%), mean ± standard error over trial seeds "
+             "(numpy std with ddof=0 / sqrt(n), as DomainBed; no error shown for one seed). "
+             "Avg: mean over the columns per trial seed, over the seeds that cover every "
+             "column. As DomainBed, only runs with one test domain are scored."]
+    if "leave-one-out" in selections and not any(len(run.test_envs) == 2 for run in runs):
+        notes.append("Leave-one-domain-out cross-validation scores a domain only with runs "
+                     "holding it out together with each other domain (--test-envs i j); "
+                     "there are none here.")
+    return notes
 
 
 def _pairing_notes(comparisons: list[Comparison]) -> list[str]:
@@ -423,12 +515,12 @@ def _pairing_notes(comparisons: list[Comparison]) -> list[str]:
                          f"runs ({len(c.unpaired)} runs).")
         elif c.unpaired:
             notes.append(f"{name} vs {c.baseline} {c.baseline_bits}-bit: {len(c.unpaired)} "
-                         f"unpaired runs: " + "; ".join(run.describe() for run in c.unpaired))
+                         f"unpaired runs: " + "; ".join(d.alone.describe() for d in c.unpaired))
     return notes
 
 
 def _paired_notes(runs: list[Run], comparisons: list[Comparison]) -> list[str]:
-    return [_notes(runs)[0],
+    return [_notes(runs, [])[0],
             "Paired difference in test-domain accuracy (points), algorithm − baseline, over "
             "the runs sharing test domains, trial seed and hparams seed; each run's checkpoint "
             "chosen by the selection method, no choice among hyperparameter draws. A row is "
@@ -479,7 +571,7 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _selections(selection: str) -> Iterable[str]:
+def _selections(selection: str) -> list[str]:
     if selection not in SELECTIONS:
         raise ValueError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
     return list(SELECTION_METHODS) if selection == "all" else [selection]
@@ -498,7 +590,7 @@ def report(dirs: Sequence[str | Path], fmt: str = "markdown", selection: str = "
     runs = load_runs(dirs)
     if paired is None:
         tables: list = [table for name in names for table in build_tables(runs, name)]
-        kind, notes = Table, _notes(runs)
+        kind, notes = Table, _notes(runs, names)
     else:
         comparisons = pair_runs(runs, paired)
         tables = [table for name in names for table in paired_tables(comparisons, name)]

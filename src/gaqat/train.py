@@ -410,7 +410,12 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
 
     meta = {"dataset": dataset.name, "classes": list(dataset.classes), "domains": list(dataset.domains),
             "algorithm": config.algorithm, "bits": plan.bits, "test_envs": list(config.test_envs)}
-    args = {**config.to_args(), "dataset": dataset.name, "bits": plan.bits, "domains": meta["domains"]}
+    # DomainBed's tools group runs by args.algorithm and ignore bits, so the name carries the
+    # bit width; they also read output_dir and holdout_fraction.
+    bits = plan.bits
+    args = {**config.to_args(), "dataset": dataset.name, "bits": bits, "domains": meta["domains"],
+            "algorithm": config.algorithm if bits is None else f"{config.algorithm}_w{bits}",
+            "output_dir": str(out), "holdout_fraction": loaders.holdout_fraction}
     steps_per_epoch = min(len(split.in_indices) for i, split in enumerate(loaders.splits)
                           if i not in config.test_envs) / hp["batch_size"]
 

@@ -14,20 +14,22 @@ Public API (what training code calls)::
 
     loaders = make_loaders(ds, test_envs, batch_size, *, seed=0, holdout_fraction=0.2,
                            augment=True, num_workers=0, image_size=None,
-                           eval_batch_size=None, split_seed=None)
+                           eval_batch_size=None)
     loaders.train                      iterator; next() -> [(x, y) per training domain]
     loaders.train_batches(start_step)  the same stream from any step (resume)
     loaders.eval                       {"env{i}_in" | "env{i}_out": DataLoader}
-    loaders.splits                     [Split(domain, in_indices, out_indices)]
+    loaders.splits                     [Split(domain, in_indices, out_indices)]: DomainBed's
+                                       holdout, domain i seeded with seed_hash(seed, i)
+    loaders.seed, loaders.holdout_fraction   what the splits and batches came from
 
-Transforms: photos follow DATA.md (224, RandomResizedCrop 0.7-1, flip, colour jitter
+Transforms: photos follow DomainBed (224, RandomResizedCrop 0.7-1, flip, colour jitter
 0.3, random grayscale, ImageNet normalisation; resize only at test time). DigitsDG is
 32x32 normalised to [-1, 1], trained with shifts of at most 2 pixels only: flips and
 colour jitter would destroy digits or the colour cues that separate their domains.
 
 Other entry points: ``build_digits`` / ``ensure_digits`` (the DigitsDG cache),
 ``download_dataset`` (the five real datasets), ``preview_grid`` (a PNG of samples),
-``holdout_split`` (the seeded 80/20 split).
+``holdout_split`` (DomainBed's seeded 80/20 split of one domain).
 """
 
 from gaqat.data.digits import build_digits, default_data_dir, ensure_digits

@@ -5,7 +5,9 @@ Broken downloads are DomainBed users' most common complaint, so: downloads resum
 and every failure ends with the manual layout.
 
 Sources are DomainBed's (``domainbed/scripts/download.py``): Google Drive archives for
-PACS, VLCS and OfficeHome, the VisDA-2019 server for DomainNet, LILA for TerraIncognita.
+PACS, VLCS and OfficeHome, the VisDA-2019 server for DomainNet, LILA for TerraIncognita
+(the ``eccv_18_all_images_sm`` images and the ``caltech_images_20210113.json`` labels,
+sorted as DomainBed sorts them: locations 38, 43, 46 and 100, its ten categories).
 DomainBed publishes no checksums and none could be verified offline, so ``sha256`` is
 None for every archive: the check is skipped with a warning that prints the downloaded
 file's SHA-256 for the user to compare. DomainBed also deletes a list of DomainNet
@@ -52,6 +54,8 @@ def _google_drive(file_id: str) -> str:
 
 _VISDA = "http://csr.bu.edu/ftp/visda/2019/multi-source"
 _LILA = "https://lilablobssc.blob.core.windows.net/caltechcameratraps"
+TERRA_IMAGES = "eccv_18_all_images_sm"  # the archive's image folder
+TERRA_LABELS = "caltech_images_20210113.json"  # inside caltech_camera_traps.json.zip
 
 SOURCES: dict[str, tuple[Archive, ...]] = {
     "pacs": (Archive(_google_drive("1JFr8f805nMUelQWWmfnJR3y4_SYoN5Pd"), "PACS.zip"),),
@@ -63,7 +67,7 @@ SOURCES: dict[str, tuple[Archive, ...]] = {
                      "real", "sketch")
     ),
     "terraincognita": (
-        Archive(f"{_LILA}/eccv_18_all_images_sm.tar.gz", "terra_incognita_images.tar.gz"),
+        Archive(f"{_LILA}/{TERRA_IMAGES}.tar.gz", "terra_incognita_images.tar.gz"),
         Archive(f"{_LILA}/labels/caltech_camera_traps.json.zip", "caltech_camera_traps.json.zip"),
     ),
 }
@@ -240,15 +244,19 @@ def _dirs(root: Path, depth: int) -> list[Path]:
 
 
 def _arrange_terra_incognita(staging: Path, target: Path, spec: FolderSpec) -> None:
-    """Sort camera-trap images into ``location_<id>/<category>/`` from the annotations JSON."""
-    candidates = sorted(staging.rglob("*.json"))
-    if not candidates:
-        raise RuntimeError(f"no annotations .json found in the {spec.name} archives")
-    data = json.loads(candidates[0].read_text())
+    """Sort camera-trap images into ``location_<id>/<category>/<file name>`` as DomainBed
+    does: every annotation of an image at one of the four locations with one of the ten
+    categories copies it there (an image annotated twice lands in both folders)."""
+    labels = sorted(staging.rglob(TERRA_LABELS))
+    if not labels:
+        found = ", ".join(p.name for p in sorted(staging.rglob("*.json"))) or "no .json file"
+        raise RuntimeError(f"{TERRA_LABELS} not found in the {spec.name} archives (found: "
+                           f"{found})")
+    data = json.loads(labels[0].read_text())
     categories = {c["id"]: c["name"] for c in data["categories"]}
     locations = {d.removeprefix("location_") for d in spec.domains}
     images = {im["id"]: im for im in data["images"] if str(im["location"]) in locations}
-    folders = [p for p in _dirs(staging, depth=2) if p.name == "eccv_18_all_images_sm"]
+    folders = [p for p in _dirs(staging, depth=2) if p.name == TERRA_IMAGES]
     image_root = folders[0] if folders else staging
     missing = 0
     for annotation in data["annotations"]:
@@ -270,4 +278,4 @@ def _arrange_terra_incognita(staging: Path, target: Path, spec: FolderSpec) -> N
     absent = [d for d in spec.domains if not (target / d).is_dir()]
     if absent:
         raise RuntimeError(f"{spec.name}: no images for {', '.join(absent)} after sorting "
-                           f"{candidates[0].name}")
+                           f"{TERRA_LABELS}")

@@ -1,6 +1,10 @@
 """DomainBed's data protocol: seeded in/out holdout per domain, one equal minibatch per
 training domain per step, evaluation loaders over every split.
 
+The holdout is DomainBed's own: domain i under trial seed t is split with
+``seed_hash(t, i)``, so a domain whose images are listed in the same order as DomainBed's
+``ImageFolder`` lists them gets the same in and out images as a DomainBed run.
+
 Training batches are a pure function of (seed, domain, step): sample indices come from
 per-epoch permutations that any step can recompute, and each sample's augmentation runs
 under its own seed. A run resumed at step t therefore sees exactly the batches a straight
@@ -18,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
+from gaqat.seeding import seed_hash
 
 DEFAULT_EVAL_BATCH_SIZE = 128
 
@@ -25,8 +30,11 @@ DEFAULT_EVAL_BATCH_SIZE = 128
 def holdout_split(size: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(in, out) sorted index arrays: ``int(size * fraction)`` indices held out.
 
-    A function of (seed, size) only, through numpy's ``RandomState``, whose stream is
-    fixed across platforms and numpy versions.
+    DomainBed's ``split_dataset``: ``RandomState(seed)`` shuffles the indices (the stream is
+    fixed across platforms and numpy versions) and the first ``int(size * fraction)`` are
+    out. They come back sorted: the order carries nothing here (training batches come from
+    ``StepSampler``'s own permutations, evaluation counts), and sorted indices read a
+    domain's files in order.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
@@ -139,16 +147,18 @@ class TrainBatches:
 
 
 class DomainLoaders:
-    """What ``make_loaders`` returns: ``train`` (from step 0), ``eval``, ``splits``."""
+    """What ``make_loaders`` returns: ``train`` (from step 0), ``eval``, ``splits``, and the
+    ``seed`` and ``holdout_fraction`` they came from (a run's record states them)."""
 
     def __init__(self, dataset: MultiDomainDataset, test_envs: Sequence[int], batch_size: int,
-                 seed: int, splits: list[Split], augment: bool, num_workers: int,
-                 image_size: int, eval_batch_size: int) -> None:
+                 seed: int, holdout_fraction: float, splits: list[Split], augment: bool,
+                 num_workers: int, image_size: int, eval_batch_size: int) -> None:
         self.dataset = dataset
         self.test_envs = tuple(test_envs)
         self.train_envs = tuple(i for i in range(len(dataset)) if i not in self.test_envs)
         self.batch_size = batch_size
         self.seed = seed
+        self.holdout_fraction = holdout_fraction
         self.splits = splits
         self.image_size = image_size
         self.num_workers = num_workers
@@ -205,12 +215,11 @@ def make_loaders(
     num_workers: int = 0,
     image_size: int | None = None,
     eval_batch_size: int | None = None,
-    split_seed: int | None = None,
 ) -> DomainLoaders:
     """Splits and loaders for training on every domain not in ``test_envs``.
 
-    ``split_seed`` (default ``seed``) fixes the holdout, as DomainBed's trial seed does,
-    so that runs with different training seeds can share one split.
+    ``seed`` is DomainBed's trial seed: it fixes each domain's holdout (through
+    ``seed_hash(seed, domain index)``, as DomainBed) and the training batches.
     """
     test_envs = sorted({int(i) for i in test_envs})
     bad = [i for i in test_envs if not 0 <= i < len(ds)]
@@ -221,16 +230,16 @@ def make_loaders(
         raise ValueError(f"test_envs {test_envs} leave no training domain in {ds.name}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    split_seed = seed if split_seed is None else split_seed
-    for label, value in (("seed", seed), ("split_seed", split_seed)):
-        if not 0 <= value < 2**32:
-            raise ValueError(f"{label} must be in [0, 2**32), got {value}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     splits = []
     for i, domain in enumerate(ds.domains):
-        in_indices, out_indices = holdout_split(len(ds[i]), holdout_fraction, split_seed)
+        in_indices, out_indices = holdout_split(len(ds[i]), holdout_fraction,
+                                                seed_hash(int(seed), i))
         if i not in test_envs and len(in_indices) == 0:
             raise ValueError(f"{ds.name}: training domain {domain!r} has no images left "
                              f"after holding out {holdout_fraction:.0%}")
         splits.append(Split(domain, in_indices, out_indices))
-    return DomainLoaders(ds, test_envs, batch_size, seed, splits, augment, num_workers,
-                         image_size or ds.image_size, eval_batch_size or DEFAULT_EVAL_BATCH_SIZE)
+    return DomainLoaders(ds, test_envs, batch_size, seed, holdout_fraction, splits, augment,
+                         num_workers, image_size or ds.image_size,
+                         eval_batch_size or DEFAULT_EVAL_BATCH_SIZE)
