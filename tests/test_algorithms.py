@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from gaqat.algorithms import ALGORITHMS, Algorithm, get_recipe, lr_lambda
+from gaqat.algorithms import Algorithm, lr_lambda
+from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig
 from gaqat.quant import quantizers, step_sizes

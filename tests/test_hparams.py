@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gaqat import hparams
-from gaqat.algorithms import ALGORITHMS
-from gaqat.hparams import (CHOICES, DATASETS, Hparam, apply_overrides,
+from gaqat.names import ALGORITHMS, DATASETS
+from gaqat.hparams import (CHOICES, Hparam, apply_overrides,
                            default_hparams, random_hparams, seed_hash)
 
 IMAGE_DATASETS = [d for d in DATASETS if d != "digits"]
@@ -83,7 +83,7 @@ def test_random_draws_are_deterministic_and_json_ready():
     assert {k: type(v) for k, v in a.items()} == {k: type(v) for k, v in defaults.items()}
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("dataset", list(DATASETS))
 def test_draws_stay_in_their_ranges(dataset):
     for seed in range(1, 40):
         hp = random_hparams("gaqat", dataset, seed)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gaqat import cli
-from gaqat.algorithms import ALGORITHMS, Algorithm, get_recipe
+from gaqat.algorithms import Algorithm
+from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.checkpoint import load_model
 from gaqat.runfolder import CHECKPOINT, DONE, GRADIENTS, RESULTS
 from gaqat.train import NonFiniteLossError, TrainConfig, run

@@ -1,54 +1,27 @@
-"""The compared methods (METHOD.md §8) as compositions of three independent choices.
+"""The compared methods as compositions of three independent choices.
 
-A method is not a class: it is a :class:`Recipe` (float or quantized model, which
+A method is not a class: it is a :class:`gaqat.names.Recipe` (float or quantized model, which
 objective, whether step sizes are frozen), and one :class:`Algorithm` runs any recipe.
-A new method is a new row in ``ALGORITHMS``.
+A new method is a new row in ``gaqat.names.ALGORITHMS``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from gaqat.freezing import GAQAT
 from gaqat.models import ModelConfig, Network, build_model
+from gaqat.names import LR_SCHEDULES, get_recipe
 from gaqat.optim import SAGM, SAM
 from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
-
-
-@dataclass(frozen=True)
-class Recipe:
-    quantized: bool
-    objective: str
-    freezing: bool = False
-
-
-ALGORITHMS: dict[str, Recipe] = {
-    "erm": Recipe(quantized=False, objective="erm"),
-    "sagm": Recipe(quantized=False, objective="sagm"),
-    "lsq": Recipe(quantized=True, objective="erm"),
-    "lsq_sam": Recipe(quantized=True, objective="sam"),
-    "lsq_sagm": Recipe(quantized=True, objective="sagm"),
-    "gaqat": Recipe(quantized=True, objective="sagm", freezing=True),
-}
-
-
-def get_recipe(name: str) -> Recipe:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; choices: {', '.join(ALGORITHMS)}") from None
 
 
 def quant_config_for(hparams: dict, bits: int) -> QuantConfig:
     return QuantConfig(weight_bits=bits, act_bits=bits, per_channel=hparams["per_channel"],
                        first_last=hparams["first_last"])
-
-
-SCHEDULES = ("constant", "cosine")
 
 
 def lr_lambda(schedule: str, total_steps: int):
@@ -57,7 +30,7 @@ def lr_lambda(schedule: str, total_steps: int):
         return lambda step: 1.0
     if schedule == "cosine":
         return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    raise ValueError(f"hparams.lr_schedule: {schedule!r} is not one of {SCHEDULES}")
+    raise ValueError(f"hparams.lr_schedule: {schedule!r} is not one of {LR_SCHEDULES}")
 
 
 class Algorithm:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from gaqat import __version__
 from gaqat.errors import UsageError, as_usage_errors
+from gaqat.names import ALGORITHMS, BITS_RANGE, DATASETS
 
-ALGORITHM_HELP = "erm, sagm, lsq, lsq_sam, lsq_sagm, gaqat"
-DATASET_HELP = ("digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, or a folder in "
-                "DomainBed's layout ROOT/<domain>/<class>/<image>")
+DATASET_HELP = (f"{', '.join(DATASETS)}, or a folder in DomainBed's layout "
+                f"ROOT/<domain>/<class>/<image>")
 DATA_DIR_HELP = ("dataset root (digits: cache folder; named datasets: the folder holding e.g. "
                  "PACS/); default $GAQAT_DATA or ~/.cache/gaqat")
 
@@ -90,7 +90,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                  DATASET_HELP),
         "preview": ("write a PNG grid of samples per domain", DATASET_HELP),
         "download": ("download a real dataset into DomainBed's layout",
-                     "PACS, VLCS, OfficeHome, TerraIncognita or DomainNet"),
+                     ", ".join(d for d in DATASETS if d != "digits")),
     }
     for action, (help_text, name_help) in specs.items():
         p = _subparser(actions, action, help_text, help_text, _data)
@@ -158,8 +158,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--test-envs", type=int, nargs="+", required=True, metavar="I",
                    help="indices of the held-out domains")
-    p.add_argument("--algorithm", default="erm", help=ALGORITHM_HELP)
-    p.add_argument("--bits", type=int, help="weight and activation bit width of QAT methods (2..8)")
+    p.add_argument("--algorithm", default="erm", choices=ALGORITHMS, help="the method")
+    p.add_argument("--bits", type=int, help=f"weight and activation bit width of QAT methods "
+                   f"({BITS_RANGE[0]}..{BITS_RANGE[1]})")
     p.add_argument("--output", type=Path, required=True, help="run folder")
     p.add_argument("--seed", type=int, default=0, dest="trial_seed",
                    help="trial seed: data split and training randomness")
@@ -200,8 +201,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     """``gaqat demo``."""
-    from gaqat.quant import BITS_RANGE
-
     p = _subparser(sub, "demo", "the embedded default job: DigitsDG, float -> b-bit lsq_sagm "
                    "and gaqat, report on the held-out domain",
                    "Build DigitsDG, train a float model with mnist_m held out, start lsq_sagm "
@@ -237,7 +236,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "start from the erm run of their held-out domain and seed (added if not asked for), "
         "so methods are compared in pairs. Prints the report at the end.", _sweep)
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
-    p.add_argument("--algorithms", nargs="+", required=True, metavar="NAME", help=ALGORITHM_HELP)
+    p.add_argument("--algorithms", nargs="+", required=True, choices=ALGORITHMS, metavar="NAME",
+                   help=f"the methods: {', '.join(ALGORITHMS)}")
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="bit widths of QAT methods")
     p.add_argument("--test-envs", nargs="+", default=["all"], metavar="I",
                    help="held-out domains, one per run: 'all' or indices")

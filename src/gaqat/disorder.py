@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from gaqat.names import DISORDER_METRICS
+
 
 def _sign_flips(seq: torch.Tensor) -> torch.Tensor:
     """Fraction of consecutive steps whose sign differs, along dim 0 (sign(0) = 0)."""
@@ -33,10 +35,8 @@ def _cancellation(seq: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, (1 - ratio).clamp(0, 1), torch.zeros_like(mass))
 
 
-METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sign_flip": _sign_flips,
-    "cancellation": _cancellation,
-}
+METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = dict(
+    zip(DISORDER_METRICS, (_sign_flips, _cancellation), strict=True))
 
 
 def _as_sequence(sequence: object, who: str) -> torch.Tensor:

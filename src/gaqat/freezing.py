@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from gaqat.disorder import METRICS, DisorderTracker
+from gaqat.names import FREEZE_MODES
 from gaqat.optim import SAGM
-
-MODES = ("task", "all")
 
 
 class Freezer:
@@ -34,8 +33,8 @@ class Freezer:
                  warmup_windows: int = 1, metric: str = "sign_flip"):
         if not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
             raise ValueError(f"Freezer.tau: expected a number in [0, 1] (0 never freezes), got {tau!r}")
-        if mode not in MODES:
-            raise ValueError(f"Freezer.mode: {mode!r} is not one of {MODES}")
+        if mode not in FREEZE_MODES:
+            raise ValueError(f"Freezer.mode: {mode!r} is not one of {FREEZE_MODES}")
         if not isinstance(warmup_windows, int) or warmup_windows < 0:
             raise ValueError(f"Freezer.warmup_windows: expected an integer >= 0, got {warmup_windows!r}")
         if metric not in METRICS:

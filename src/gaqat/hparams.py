@@ -24,15 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gaqat.algorithms import SCHEDULES, get_recipe
-from gaqat.disorder import METRICS
-from gaqat.freezing import MODES
-from gaqat.models import ARCHITECTURES
-from gaqat.optim import PERTURBED_PASS_RNG
-from gaqat.quant import FIRST_LAST_POLICIES
+from gaqat.names import (ARCHITECTURES, DISORDER_METRICS, FIRST_LAST_POLICIES,
+                         FREEZE_MODES, LR_SCHEDULES, PERTURBED_PASS_RNG, canonical_dataset,
+                         get_recipe)
 from gaqat.seeding import seed_hash
 
-DATASETS = ("digits", "PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet")
 
 # SAGM release (ANCHORS.md): learning rate, weight decay, alpha.
 _SAGM_PUBLISHED = {
@@ -55,9 +51,9 @@ _DEFAULT_WINDOW = 350
 # Values of the hyperparameters that take one of a few names.
 CHOICES: dict[str, tuple] = {
     "arch": ARCHITECTURES,
-    "lr_schedule": SCHEDULES,
-    "freeze_mode": MODES,
-    "disorder_metric": tuple(METRICS),
+    "lr_schedule": LR_SCHEDULES,
+    "freeze_mode": FREEZE_MODES,
+    "disorder_metric": DISORDER_METRICS,
     "first_last": FIRST_LAST_POLICIES,
     "perturbed_pass_rng": PERTURBED_PASS_RNG,
 }
@@ -67,13 +63,6 @@ CHOICES: dict[str, tuple] = {
 class Hparam:
     default: Any
     draw: Callable[[np.random.RandomState], Any]
-
-
-def canonical_dataset(name: str) -> str:
-    """The registry's spelling of a dataset name: ``load_dataset`` takes any case (and
-    "DigitsDG"), so "pacs" must get PACS's defaults, not the generic ones."""
-    aliases = {d.lower(): d for d in DATASETS} | {"digitsdg": "digits"}
-    return aliases.get(name.lower(), name)
 
 
 def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-ARCHITECTURES = ("small_cnn", "resnet18", "resnet50")
+from gaqat.names import ARCHITECTURES
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from gaqat.names import PERTURBED_PASS_RNG
+
 _NORM_EPS = 1e-12
-PERTURBED_PASS_RNG = ("replay", "fresh")
 
 
 @contextmanager

@@ -28,11 +28,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gaqat.names import BITS_RANGE, FIRST_LAST_POLICIES
+
 MIN_STEP = 1e-8
 """Floor applied to step sizes in the forward pass (see the module docstring)."""
-
-BITS_RANGE = (2, 8)
-FIRST_LAST_POLICIES = ("float", "int8", "same")
 
 
 def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -40,7 +40,6 @@ sample std (ddof=1, the paired t-test's) and the wins/ties/losses of the algorit
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import warnings
 from collections import defaultdict
@@ -50,12 +49,12 @@ from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from gaqat.names import ALGORITHMS, DATASETS, canonical_dataset
 from gaqat.runfolder import DONE, RESULTS, read_jsonl
 from gaqat.selection import SELECTION_METHODS, SelectionMethod, count_domains
 
 FORMATS = ("markdown", "csv", "latex")
 SELECTIONS = (*SELECTION_METHODS, "all")
-ALGORITHM_ORDER = ("erm", "sagm", "lsq", "lsq_sam", "lsq_sagm", "gaqat")  # float, QAT, ours
 FLOAT_BITS = 32
 ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")  # DomainBed's
 TIE = 1e-9  # accuracy difference (fraction) below which a pair is a tie: float noise only
@@ -290,15 +289,12 @@ def _row_name(args: dict) -> tuple[str, int]:
     return args["algorithm"].removesuffix(f"_w{bits}"), bits
 
 
-@functools.cache
-def _registry_domains(dataset: str, n: int) -> tuple[str, ...]:
-    """Domain names for records that carry none (DomainBed's): the registry's, for a
-    dataset gaqat knows, else ``env0``, ``env1``, ..."""
-    from gaqat.data.registry import DIGITS_NAMES, SPECS, dataset_domains  # imports torch
-
-    if dataset.lower() not in (*DIGITS_NAMES, *SPECS):
+def _known_domains(dataset: str, n: int) -> tuple[str, ...]:
+    """Domain names for records that carry none (DomainBed's): gaqat's, for a dataset it
+    knows (``gaqat.names``), else ``env0``, ``env1``, ..."""
+    domains = DATASETS.get(canonical_dataset(dataset))
+    if domains is None:
         return tuple(f"env{i}" for i in range(n))
-    domains = dataset_domains(dataset)
     if len(domains) != n:
         raise ValueError(f"{dataset}: records have {n} domains, gaqat's {dataset} has "
                          f"{len(domains)} ({', '.join(domains)})")
@@ -319,7 +315,7 @@ def load_run(path: Path) -> Run | None:
     args = records[0]["args"]
     algorithm, bits = _row_name(args)
     domains = (tuple(args["domains"]) if "domains" in args
-               else _registry_domains(args["dataset"], count_domains(records[0])))
+               else _known_domains(args["dataset"], count_domains(records[0])))
     return Run(path=path, records=records, complete=(path.parent / DONE).exists(),
                dataset=args["dataset"], algorithm=algorithm, bits=bits,
                test_envs=tuple(args["test_envs"]), trial_seed=args["trial_seed"],
@@ -358,11 +354,12 @@ def _same_draw(run: Run) -> str:
 
 
 def _row_order(key: tuple[str, int]) -> tuple:
-    """Float rows first, then by falling bit width; gaqat's methods in ALGORITHM_ORDER, then
+    """Float rows first, then by falling bit width; gaqat's methods in the order of ``gaqat.names.ALGORITHMS``, then
     any other (DomainBed's) by name."""
     algorithm, bits = key
-    known = algorithm in ALGORITHM_ORDER
-    return (-bits, not known, ALGORITHM_ORDER.index(algorithm) if known else 0, algorithm)
+    order = list(ALGORITHMS)
+    known = algorithm in order
+    return (-bits, not known, order.index(algorithm) if known else 0, algorithm)
 
 
 def _groups(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:

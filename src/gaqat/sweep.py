@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gaqat import hparams as hparams_registry
-from gaqat.algorithms import ALGORITHMS, get_recipe
 from gaqat.data import dataset_domains
-from gaqat.quant import BITS_RANGE
+from gaqat.names import ALGORITHMS, BITS_RANGE, get_recipe
 from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, run_state
 from gaqat.train import TrainConfig, run
 

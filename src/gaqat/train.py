@@ -33,13 +33,14 @@ import torch
 from tqdm import tqdm
 
 from gaqat import hparams as hparams_registry
-from gaqat.algorithms import Algorithm, Recipe, get_recipe
+from gaqat.algorithms import Algorithm
 from gaqat.checkpoint import load_checkpoint, save_atomic
 from gaqat.data import load_dataset, make_loaders
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
-from gaqat.quant import BITS_RANGE, check_step_sizes
+from gaqat.names import BITS_RANGE, Recipe, get_recipe
+from gaqat.quant import check_step_sizes
 from gaqat.runfolder import (CHECKPOINT, DONE, GRADIENTS, PREVIOUS, RESULTS, append_jsonl,
                              locked, read_jsonl, run_state, set_aside, settle, truncate_jsonl)
 

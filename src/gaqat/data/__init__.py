@@ -37,7 +37,7 @@ from gaqat.data.download import download_dataset
 from gaqat.data.loaders import DomainLoaders, Split, TrainBatches, holdout_split, make_loaders
 from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
 from gaqat.data.preview import preview_grid
-from gaqat.data.registry import dataset_domains, dataset_names, load_dataset
+from gaqat.data.registry import dataset_domains, load_dataset
 from gaqat.data.specs import SPECS, FolderSpec
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "TrainBatches",
     "build_digits",
     "dataset_domains",
-    "dataset_names",
     "default_data_dir",
     "download_dataset",
     "ensure_digits",

@@ -13,12 +13,13 @@ from gaqat.data.download import download_dataset
 from gaqat.data.folders import ImageFolderDomain
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.data.preview import preview_grid
-from gaqat.data.registry import DIGITS_NAMES, load_dataset
+from gaqat.data.registry import load_dataset
 from gaqat.errors import UsageError, as_usage_errors
+from gaqat.names import canonical_dataset
 
 
 def build(args: argparse.Namespace) -> int:
-    if args.name.lower() not in DIGITS_NAMES:
+    if canonical_dataset(args.name) != "digits":
         raise UsageError(f"only 'digits' is built locally; use `gaqat data download "
                          f"{args.name} --root DIR` for a real dataset")
     start = time.perf_counter()

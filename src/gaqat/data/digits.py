@@ -29,9 +29,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
 from gaqat.data.transforms import DigitsTransform
+from gaqat.names import DATASETS
 
 NAME = "DigitsDG"
-DOMAINS = ("mnist", "mnist_m", "syn", "optdigits")
+DOMAINS = DATASETS["digits"]
 CLASSES = tuple(str(k) for k in range(10))
 SIZE = 32
 SEED = 2024

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gaqat.names import DATASETS
+
 
 @dataclass(frozen=True)
 class FolderSpec:
@@ -85,31 +87,31 @@ SPECS: dict[str, FolderSpec] = {
         FolderSpec(
             "PACS",
             "PACS",
-            ("art_painting", "cartoon", "photo", "sketch"),
+            DATASETS["PACS"],
             _names("dog elephant giraffe guitar horse house person"),
         ),
         FolderSpec(
             "VLCS",
             "VLCS",
-            ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
+            DATASETS["VLCS"],
             _names("bird car chair dog person"),
         ),
         FolderSpec(
             "OfficeHome",
             "office_home",
-            ("Art", "Clipart", "Product", "Real World"),
+            DATASETS["OfficeHome"],
             _names(_OFFICE_HOME_CLASSES),
         ),
         FolderSpec(
             "TerraIncognita",
             "terra_incognita",
-            ("location_100", "location_38", "location_43", "location_46"),
+            DATASETS["TerraIncognita"],
             _names("bird bobcat cat coyote dog empty opossum rabbit raccoon squirrel"),
         ),
         FolderSpec(
             "DomainNet",
             "domain_net",
-            ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+            DATASETS["DomainNet"],
             _names(_DOMAIN_NET_CLASSES),
         ),
     )

@@ -1,0 +1,70 @@
+"""Every name gaqat accepts, in one torch-free module.
+
+The methods (each a name and the recipe it stands for), the datasets with their
+aliases, and the values of the options and hyperparameters that take a name. The
+command line's choices, the hyperparameter registry, the report's row order and the
+dataset registry all read them here, so a new method or dataset is named once, and
+reading these costs no torch import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method as three independent choices: float or quantized model, the objective
+    ("erm", "sam" or "sagm"), and whether step sizes are frozen by their disorder."""
+
+    quantized: bool
+    objective: str
+    freezing: bool = False
+
+
+# The methods, in the order of the paper's table: float, QAT baselines, GAQAT.
+ALGORITHMS: dict[str, Recipe] = {
+    "erm": Recipe(quantized=False, objective="erm"),
+    "sagm": Recipe(quantized=False, objective="sagm"),
+    "lsq": Recipe(quantized=True, objective="erm"),
+    "lsq_sam": Recipe(quantized=True, objective="sam"),
+    "lsq_sagm": Recipe(quantized=True, objective="sagm"),
+    "gaqat": Recipe(quantized=True, objective="sagm", freezing=True),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choices: {', '.join(ALGORITHMS)}") from None
+
+
+# Named datasets (DomainBed's spelling) with their domains in index order, and the other
+# names they go by, in any case.
+DATASETS: dict[str, tuple[str, ...]] = {
+    "digits": ("mnist", "mnist_m", "syn", "optdigits"),
+    "PACS": ("art_painting", "cartoon", "photo", "sketch"),
+    "VLCS": ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
+    "OfficeHome": ("Art", "Clipart", "Product", "Real World"),
+    "TerraIncognita": ("location_100", "location_38", "location_43", "location_46"),
+    "DomainNet": ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+}
+DATASET_ALIASES = {"digitsdg": "digits"}
+
+
+def canonical_dataset(name: str) -> str:
+    """The registry's spelling of a dataset name given in any case (``pacs`` -> ``PACS``,
+    ``DigitsDG`` -> ``digits``); any other name (a folder) comes back unchanged."""
+    spellings = {d.lower(): d for d in DATASETS} | DATASET_ALIASES
+    return spellings.get(name.lower(), name)
+
+
+# Values of the options and hyperparameters that take one of a few names.
+BITS_RANGE = (2, 8)
+ARCHITECTURES = ("small_cnn", "resnet18", "resnet50")
+LR_SCHEDULES = ("constant", "cosine")
+FIRST_LAST_POLICIES = ("float", "int8", "same")
+PERTURBED_PASS_RNG = ("replay", "fresh")
+FREEZE_MODES = ("task", "all")
+DISORDER_METRICS = ("sign_flip", "cancellation")
