@@ -128,3 +128,11 @@ def test_a_second_sweep_skips_the_runs_another_process_holds(tmp_path, capsys):
     assert [o.status for o in outcomes] == ["busy", "skipped"]
     assert "in use by another process" in outcomes[0].detail
     assert outcomes[1].detail.endswith("which another process is running")
+
+
+def test_a_missing_extra_names_the_pip_command(tmp_path, monkeypatch, capsys):
+    for module in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "gaqat.plots", raising=False)
+    assert cli.main(["plot", str(tmp_path)]) == 1
+    assert 'pip install "gaqat[plot]"' in capsys.readouterr().err

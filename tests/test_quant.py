@@ -40,7 +40,7 @@ def sample(seed, shape, spread, dtype=torch.float32):
 
 
 def closed_form(x, scale, q_min, q_max, grad, grad_scale):
-    """METHOD.md §2 written out element by element (float64), reduced to scale's shape."""
+    """docs/method.md §2 written out element by element (float64), reduced to scale's shape."""
     y = x / scale
     inside = (y > q_min) & (y < q_max)
     d_scale = torch.where(y <= q_min, float(q_min),

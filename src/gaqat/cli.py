@@ -398,6 +398,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# The optional dependencies and the extra that brings each (pyproject.toml).
+EXTRAS = {"mlxtend": "digits", "sklearn": "digits", "skimage": "digits", "matplotlib": "plot",
+          "safetensors": "export", "onnx": "export", "onnxruntime": "export"}
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename and error.strerror:
         return f"{error.filename}: {error.strerror}"
@@ -411,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
             return int(args.func(args) or 0)
+    except ModuleNotFoundError as error:
+        top = (error.name or "").split(".")[0]
+        if args.debug or top not in EXTRAS:
+            raise
+        print(f"{name}: error: this needs {top}, which is not installed; it comes with "
+              f"gaqat's extra: pip install \"gaqat[{EXTRAS[top]}]\"", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as error:
         hint = args.resume_hint(argv) if args.resume_hint else ""
         print(f"{name}: {str(error) or 'interrupted.'} {hint}".rstrip(), file=sys.stderr)

@@ -17,7 +17,7 @@ from gaqat.runfolder import CHECKPOINT, DONE
 from gaqat.train import TrainConfig, check_arguments, run
 
 DATASET = "digits"
-TEST_ENV = 1  # mnist_m: the domain with the largest gap (STUDY.md)
+TEST_ENV = 1  # mnist_m: the domain with the largest gap to the other three
 FLOAT_STEPS = 1000
 QAT_STEPS = 500
 QAT_ALGORITHMS = ("lsq_sagm", "gaqat")

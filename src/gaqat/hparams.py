@@ -8,9 +8,9 @@ is a protocol choice or an ablation switch rather than a searched value (archite
 schedule, step count, freeze mode, ...) has no range: its draw is its default.
 
 Defaults: on the five image datasets, SAGM's published per-dataset learning rate,
-weight decay and alpha (ANCHORS.md) with ResNet-50, frozen batch norm, dropout 0.5 and
+weight decay and alpha (from the SAGM release) with ResNet-50, frozen batch norm, dropout 0.5 and
 32 images per domain; DomainBed's ranges for the random search. On ``digits`` (the
-offline DigitsDG, small CNN) the feasibility run's settings (STUDY.md): Adam 1e-3 for
+offline DigitsDG, small CNN) the settings a feasibility run found: Adam 1e-3 for
 float training, 3e-4 for QAT, cosine decay because a constant rate left the last
 checkpoints swinging by several points. A dataset not listed (a user's own folder in
 DomainBed's layout) gets DomainBed's generic image-dataset defaults.
@@ -30,7 +30,7 @@ from gaqat.names import (ARCHITECTURES, DISORDER_METRICS, FIRST_LAST_POLICIES,
 from gaqat.seeding import seed_hash
 
 
-# SAGM release (ANCHORS.md): learning rate, weight decay, alpha.
+# SAGM's released per-dataset settings: learning rate, weight decay, alpha.
 _SAGM_PUBLISHED = {
     "PACS": (3e-5, 1e-4, 1e-3),
     "VLCS": (1e-5, 1e-4, 1e-3),
@@ -43,7 +43,7 @@ _GENERIC_IMAGE = (5e-5, 0.0, 1e-3)
 
 # GAQAT's window: the paper's figures use 350 steps on PACS and 2111 on DomainNet.
 # VLCS, OfficeHome and TerraIncognita train 5000 steps with PACS's batches, so PACS's
-# 350 gives them the same ~14 windows per run. DigitsDG: 50 (STUDY.md, ~20 windows in
+# 350 gives them the same ~14 windows per run. DigitsDG: 50 (~20 windows in
 # a 1000-step run).
 _WINDOW = {"digits": 50, "DomainNet": 2111}
 _DEFAULT_WINDOW = 350
@@ -107,7 +107,8 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)))
     declare("lr_schedule", "cosine" if digits else "constant")
 
-    # Run length (DATA.md; DomainBed's checkpoint frequencies; STUDY.md for digits).
+    # Run length: DomainBed's steps and checkpoint frequencies; digits: 1000 steps, which
+    # a feasibility run found enough for the small CNN.
     if digits:
         declare("steps", 1000)
         declare("checkpoint_freq", 100)
@@ -131,7 +132,7 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         declare("per_channel", False)
         declare("first_last", "float")
         # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
-        # step (STUDY.md); a separate rate for them is the knob that is left.
+        # step; a separate rate for them is the knob that is left.
         declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5))
 
     # Selective freezing.

@@ -1,6 +1,6 @@
 """LSQ fake quantization (Esser et al., ICLR 2020) and quantization of whole models.
 
-METHOD.md §2 fixes the rules: v_hat = round(clamp(v/s, q_min, q_max)) * s with a learned
+docs/method.md §2 fixes the rules: v_hat = round(clamp(v/s, q_min, q_max)) * s with a learned
 step size s, LSQ's clamp-then-round gradients, gradient scale 1/sqrt(N*q_max), and the
 2*mean|v|/sqrt(q_max) initialisation on the first forward pass.
 

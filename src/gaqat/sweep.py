@@ -6,7 +6,8 @@ one resumed, a new one started; a job's identity never depends on which sweep as
 for it. Unlike DomainBed, QAT runs start from a float checkpoint: every QAT job gets
 the ``erm`` run of its (held-out domain, trial seed) as ``init``, added to the sweep if
 not asked for, so the QAT methods of one pair share init, seed and batches and their
-difference is a paired comparison (STUDY.md, "Accuracy and noise").
+difference is a paired comparison: between seeds, accuracies differ by as much as the
+methods do.
 """
 
 from __future__ import annotations
