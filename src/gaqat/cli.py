@@ -248,6 +248,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
     p.add_argument("--skip-failed", action="store_true",
                    help="go on after a failed run (runs starting from it are skipped)")
+    p.add_argument("--float-steps", type=int,
+                   help="training steps of the float runs (erm, sagm), which QAT starts from "
+                        "(default: --steps)")
+    p.add_argument("--float-checkpoint-freq", type=int,
+                   help="steps between evaluations of the float runs (default: --checkpoint-freq)")
     _add_run_options(p)
     p.set_defaults(resume_hint=lambda argv: "launch the same sweep again to resume")
 
@@ -260,7 +265,10 @@ def _sweep(args: argparse.Namespace) -> int:
     config = sweep.SweepConfig(dataset=args.dataset, output=args.output,
                                algorithms=args.algorithms, test_envs=args.test_envs,
                                bits=args.bits, seeds=args.seeds,
-                               hparams_seeds=args.hparams_seeds, options=_run_options(args))
+                               hparams_seeds=args.hparams_seeds, options=_run_options(args),
+                               float_options={k: v for k, v in (
+                                   ("steps", args.float_steps),
+                                   ("checkpoint_freq", args.float_checkpoint_freq)) if v is not None})
     with as_usage_errors():
         jobs = sweep.plan(config)
     for job in jobs:  # every job's arguments are checked before the first one runs

@@ -91,9 +91,10 @@ def append_jsonl(path: Path, records: Iterable[dict]) -> None:
 
 def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``: a crash
-    leaves either the old file or the new one, never a mix."""
+    leaves either the old file or the new one, never a mix. The temporary name is the
+    process's own, so two processes writing one file (a shared cache) do not collide."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

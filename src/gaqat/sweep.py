@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from gaqat import hparams as hparams_registry
@@ -41,7 +41,9 @@ class SweepConfig:
     """A grid: one run per (algorithm, bits, held-out domain, trial seed, hparams seed).
 
     ``test_envs`` holds domain indices or ``"all"``; ``options`` the :data:`RUN_OPTIONS`
-    every run shares (``hparams``: overrides, each run taking the keys its method has).
+    every run shares (``hparams``: overrides, each run taking the keys its method has);
+    ``float_options`` replaces some of them for the float runs (erm, sagm), which usually
+    train longer than the QAT runs that start from them.
     """
 
     dataset: str
@@ -52,11 +54,12 @@ class SweepConfig:
     seeds: Sequence[int] = (0,)
     hparams_seeds: Sequence[int] = (0,)
     options: dict = field(default_factory=dict)
+    float_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready, for ``sweep.json``."""
         text = lambda v: str(v) if isinstance(v, Path) else v  # noqa: E731
-        return {k: ({o: text(x) for o, x in v.items()} if k == "options" else
+        return {k: ({o: text(x) for o, x in v.items()} if isinstance(v, dict) else
                     text(v) if not isinstance(v, (list, tuple)) else list(v))
                 for k, v in asdict(self).items()}
 
@@ -132,6 +135,15 @@ def _prefix(key: dict) -> str:
     return f"{key['algorithm']}{bits}_env{key['test_envs'][0]}_seed{key['trial_seed']}{hp}"
 
 
+def _identity(options: dict) -> dict:
+    """The options that change a run's result, hashed into its folder name; the others
+    (devices, workers, data location) are not. Keys absent at their defaults keep the
+    hashes of older sweeps valid."""
+    identity = {"steps": options.get("steps"), "checkpoint_freq": options.get("checkpoint_freq")}
+    return identity | {k: options[k] for k in ("image_size", "weights")
+                       if options.get(k, IDENTITY_DEFAULTS[k]) != IDENTITY_DEFAULTS[k]}
+
+
 def plan(config: SweepConfig) -> list[Job]:
     """The sweep's jobs, float runs before the QAT runs that start from them.
 
@@ -139,12 +151,14 @@ def plan(config: SweepConfig) -> list[Job]:
     whole pairs. Repeated combinations are one job. Reads nothing but job states.
     """
     output, dataset, algorithms = Path(config.output), config.dataset, list(config.algorithms)
+    for field_name in ("options", "float_options"):
+        unknown = sorted(set(getattr(config, field_name)) - set(RUN_OPTIONS))
+        if unknown:
+            raise ValueError(f"SweepConfig.{field_name}: {unknown} are not shared run options "
+                             f"({', '.join(RUN_OPTIONS)})")
     options = dict(config.options)
-    unknown = sorted(set(options) - set(RUN_OPTIONS))
-    if unknown:
-        raise ValueError(f"SweepConfig.options: {unknown} are not shared run options "
-                         f"({', '.join(RUN_OPTIONS)})")
     hparams = dict(options.pop("hparams", None) or {})
+    float_options = {**options, **config.float_options}
     if not algorithms:
         raise ValueError("--algorithms: give at least one of " + ", ".join(ALGORITHMS))
     test_envs = test_env_indices(dataset, options.get("data_dir"), config.test_envs)
@@ -155,16 +169,11 @@ def plan(config: SweepConfig) -> list[Job]:
                          f"{BITS_RANGE[0]} to {BITS_RANGE[1]}, got {bits}")
     needed = [FLOAT_INIT, *algorithms] if quantized else algorithms
     _check_overrides(needed, dataset, hparams)
-    # Options that change a run's result are part of its identity; the others (devices,
-    # workers, data location) are not. Keys absent at their defaults keep old hashes valid.
-    identity = {"steps": options.get("steps"), "checkpoint_freq": options.get("checkpoint_freq")}
-    identity |= {k: options[k] for k in ("image_size", "weights")
-                 if options.get(k, IDENTITY_DEFAULTS[k]) != IDENTITY_DEFAULTS[k]}
-
     def job(algorithm: str, width: int | None, env: int, seed: int, hp_seed: int,
             init: Job | None = None) -> Job:
+        mine = float_options if width is None else options
         key = {"dataset": dataset, "algorithm": algorithm, "bits": width, "test_envs": [env],
-               "trial_seed": seed, "hparams_seed": hp_seed, **identity,
+               "trial_seed": seed, "hparams_seed": hp_seed, **_identity(mine),
                "hparams": _overrides_for(algorithm, dataset, hparams),
                "init": init.folder.name if init else None}
         folder = output / f"{_prefix(key)}_{job_hash(key)}"
@@ -172,7 +181,7 @@ def plan(config: SweepConfig) -> list[Job]:
                                  algorithm=algorithm, bits=width, trial_seed=seed,
                                  hparams_seed=hp_seed, hparams=key["hparams"],
                                  init=init.folder / CHECKPOINT if init else None, resume=True,
-                                 **options)
+                                 **mine)
         return Job(run_config, key, run_state(folder), init.folder if init else None)
 
     planned: dict[str, Job] = {}
@@ -212,12 +221,12 @@ def save_record(config: SweepConfig, jobs: Sequence[Job]) -> Path:
     return path
 
 
-def launch(jobs: Sequence[Job], *, skip_failed: bool = False,
+def launch(jobs: Sequence[Job], *, skip_failed: bool = False, overwrite: bool = False,
            note: Callable[[str], None] = print) -> list[Outcome]:
     """Run the jobs one after another in this process, reporting one line per job to ``note``.
 
-    A finished folder is kept, an unfinished one resumed, one that another process holds
-    is left to it ("busy"). A failing job stops the sweep, or with ``skip_failed`` is
+    A finished folder is kept (with ``overwrite``: trained again), an unfinished one
+    resumed, one that another process holds is left to it ("busy"). A failing job stops the sweep, or with ``skip_failed`` is
     reported and the sweep goes on without the jobs that start from it. Ctrl-C stops
     inside a run: its last checkpoint is where a relaunch resumes. Returns one outcome
     per job reached.
@@ -235,12 +244,12 @@ def launch(jobs: Sequence[Job], *, skip_failed: bool = False,
             unusable[job.folder] = f"needs {job.needs.name}, which {unusable[job.needs]}"
             report(job, "skipped", unusable[job.folder])
             continue
-        if run_state(job.folder) == "done":
+        if run_state(job.folder) == "done" and not overwrite:
             report(job, "kept", "finished earlier")
             continue
         tic = time.perf_counter()
         try:
-            run(job.config)
+            run(replace(job.config, resume=False, overwrite=True) if overwrite else job.config)
         except KeyboardInterrupt:
             note(f"interrupted: {job.folder} resumes from its last checkpoint when the sweep "
                  f"is launched again")
