@@ -124,7 +124,8 @@ def test_load_gradients_round_trip_and_torn_line(tmp_path):
     ("not json", r"line 2: not valid JSON"),
     ("[1, 2]", r"line 2: expected a JSON object"),
     ('{"kind": "thaw"}', r"line 2: field 'kind' is 'thaw'"),
-    ('{"kind": "freeze", "step": 3, "name": "x", "d_task": 0.1}', r"lacks field 'd_smooth'"),
+    ('{"kind": "freeze", "step": 3, "name": "x", "d_task": 0.1}',
+     r"line 2: missing field 'd_smooth'"),
     ('{"kind": "freeze", "step": true, "name": "x", "d_task": 0.1, "d_smooth": 0}',
      r"field 'step' is True, expected int"),
 ])
