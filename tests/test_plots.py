@@ -150,8 +150,18 @@ def test_window_table_rejects_appended_runs():
 def test_run_tau(tmp_path):
     assert run_tau(write_run(tmp_path / "a", [], tau=0.25)) == 0.25
     assert run_tau(write_run(tmp_path / "b", [], tau=None)) is None
-    with pytest.raises(ValueError, match=r"hparams.tau' is 'high', expected a number"):
+    with pytest.raises(ValueError,
+                       match=r"line 1: field 'hparams.tau' is 'high', expected a number"):
         run_tau(write_run(tmp_path / "c", [], tau="high"))
+    # Read as every JSON-lines file is: a torn last line is skipped with a warning.
+    torn = write_run(tmp_path / "d", [], tau=0.25)
+    with (torn / "results.jsonl").open("a") as f:
+        f.write('{"step": 8')
+    with pytest.warns(TornLineWarning, match="line 2: torn last line"):
+        assert run_tau(torn) == 0.25
+    (torn / "results.jsonl").write_text('{"step": 4')
+    with pytest.warns(TornLineWarning, match="line 1: torn last line"):
+        assert run_tau(torn) is None
 
 
 def assert_png(path):

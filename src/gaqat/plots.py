@@ -15,7 +15,6 @@ canvas), so no pyplot state is kept and no display is needed.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from gaqat.errors import UsageError
-from gaqat.fields import check_fields, is_a
+from gaqat.fields import check_fields
 from gaqat.runfolder import GRADIENTS, RESULTS, read_jsonl
 
 FILES = {"cumulative": "cumulative.png", "disorder": "disorder.png", "freezing": "freezing.png"}
@@ -67,17 +66,12 @@ def load_gradients(path: str | Path) -> list[dict]:
 def run_tau(run_dir: str | Path) -> float | None:
     """τ from the first record of the run's ``results.jsonl`` (None when not recorded)."""
     path = Path(run_dir) / RESULTS
-    if not path.is_file():
+    records = read_jsonl(path) if path.is_file() else []
+    if not records:  # no record yet, or a torn first one (killed before its first checkpoint)
         return None
-    first = next((line for line in path.read_text().splitlines() if line.strip()), None)
-    try:
-        record = json.loads(first) if first is not None else {}
-    except json.JSONDecodeError:
-        return None  # a torn first record: the run was killed before its first checkpoint
-    hparams = record.get("hparams") if isinstance(record, dict) else None
-    tau = hparams.get("tau") if isinstance(hparams, dict) else None
-    if tau is not None and not is_a(tau, float):
-        raise ValueError(f"{path}, line 1: field 'hparams.tau' is {tau!r}, expected a number")
+    where, first = records[0]
+    check_fields(first, {"hparams": dict, "hparams.tau": float}, where, required=False)
+    tau = first.get("hparams", {}).get("tau")
     return None if tau is None else float(tau)
 
 
