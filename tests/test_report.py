@@ -157,7 +157,7 @@ def test_missing_key_names_file_line_and_key(tmp_path, drop, key):
     recs = records("erm", None, 1, 0, 0.4)
     drop(recs[1])
     write_run(tmp_path / "run", recs)
-    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: missing key {key}"):
+    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: missing field {key}"):
         report([tmp_path])
 
 

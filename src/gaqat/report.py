@@ -49,6 +49,7 @@ from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from gaqat.fields import check_fields, is_a
 from gaqat.names import ALGORITHMS, DATASETS, canonical_dataset
 from gaqat.runfolder import DONE, RESULTS, read_jsonl
 from gaqat.selection import SELECTION_METHODS, SelectionMethod, count_domains
@@ -56,7 +57,9 @@ from gaqat.selection import SELECTION_METHODS, SelectionMethod, count_domains
 FORMATS = ("markdown", "csv", "latex")
 SELECTIONS = (*SELECTION_METHODS, "all")
 FLOAT_BITS = 32
-ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")  # DomainBed's
+# The fields every record needs: its checkpoint and the args DomainBed's scripts read.
+FIELDS = {"step": int, "args": dict, "args.dataset": str, "args.algorithm": str,
+          "args.test_envs": list, "args.trial_seed": int, "args.hparams_seed": int}
 TIE = 1e-9  # accuracy difference (fraction) below which a pair is a tie: float noise only
 
 
@@ -251,28 +254,16 @@ class PairedTable:
 
 
 def _check_record(record: object, where: str) -> dict:
-    """The record if it has every key the report reads, else an error naming the key."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key in ("step", "args"):
-        if key not in record:
-            raise ValueError(f"{where}: missing key {key!r}")
+    """The record if it has every field the report reads, else an error naming the field."""
+    check_fields(record, FIELDS, where)
     args = record["args"]
-    for key in ARGS_KEYS:
-        if key not in args:
-            raise ValueError(f"{where}: missing key 'args.{key}'")
+    check_fields(record, {"args.domains": list}, where, required=False)  # DomainBed's: none
     n = len(args["domains"]) if "domains" in args else count_domains(record)
-    if not all(isinstance(e, int) and 0 <= e < n for e in args["test_envs"]):
+    if not all(is_a(e, int) and 0 <= e < n for e in args["test_envs"]):
         raise ValueError(f"{where}: args.test_envs {args['test_envs']} are not domain indices "
                          f"0..{n - 1}")
-    for i in range(n):
-        for split in ("in", "out"):
-            key = f"env{i}_{split}_acc"
-            if key not in record:
-                raise ValueError(f"{where}: missing key {key!r}")
-            if not isinstance(record[key], (int, float)):
-                raise ValueError(f"{where}: {key} is {record[key]!r}, expected a number")
-    return record
+    return check_fields(record, {f"env{i}_{split}_acc": float
+                                 for i in range(n) for split in ("in", "out")}, where)
 
 
 def _group_key(record: dict) -> tuple:
