@@ -148,16 +148,18 @@ def test_bad_line_inside_the_file_is_an_error(tmp_path):
         report([tmp_path])
 
 
-@pytest.mark.parametrize("drop, key", [
-    (lambda r: r.pop("env1_out_acc"), "'env1_out_acc'"),
-    (lambda r: r["args"].pop("trial_seed"), "'args.trial_seed'"),
-    (lambda r: r.pop("step"), "'step'"),
+@pytest.mark.parametrize("spoil, message", [
+    (lambda r: r.pop("env1_out_acc"), "missing field 'env1_out_acc'"),
+    (lambda r: r["args"].pop("trial_seed"), "missing field 'args.trial_seed'"),
+    (lambda r: r.pop("step"), "missing field 'step'"),
+    (lambda r: r.update(env0_in_acc="high"), "field 'env0_in_acc' is 'high', expected a number"),
+    (lambda r: r["args"].update(test_envs=1), "field 'args.test_envs' is 1, expected a JSON array"),
 ])
-def test_missing_key_names_file_line_and_key(tmp_path, drop, key):
+def test_bad_field_names_file_line_and_field(tmp_path, spoil, message):
     recs = records("erm", None, 1, 0, 0.4)
-    drop(recs[1])
+    spoil(recs[1])
     write_run(tmp_path / "run", recs)
-    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: missing field {key}"):
+    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: {message}"):
         report([tmp_path])
 
 
