@@ -10,7 +10,7 @@ import pytest
 
 from gaqat import cli
 from gaqat.runfolder import TornLineWarning
-from gaqat.report import load_runs, pair_runs, paired_tables, report
+from gaqat.report import MARKDOWN, load_runs, pair_runs, paired_tables, report
 
 DOMAINS = ["mnist", "mnist_m", "syn"]
 
@@ -249,14 +249,15 @@ def test_float_baseline_pairs_across_bit_widths(pairs):
     assert [(c.algorithm, c.bits, c.baseline_bits, len(c.pairs), len(c.unpaired))
             for c in comparisons] == [("lsq_sagm", 4, 32, 3, 3), ("gaqat", 4, 32, 3, 3)]
     (table,) = paired_tables(comparisons, "training")
-    assert table.columns == ["mnist", "All"]  # erm holds out mnist only
+    assert table.header == ["Algorithm", "Bits", "erm bits", "mnist", "All"]  # erm: mnist only
     # lsq_sagm − erm [-5, +2, +10]: mean 2.33, SE sqrt(56.33)/sqrt(3) = 4.33.
     # gaqat − erm [-3, +3, +10]: mean 3.33, SE sqrt(42.33)/sqrt(3) = 3.76.
-    rows = {row.algorithm: row for row in table.rows}
-    assert rows["lsq_sagm"].texts("±", "–") == [
+    rows = {row[0].value: row for row in table.rows}
+    assert [cell.text(MARKDOWN) for cell in rows["lsq_sagm"]] == [
         "lsq_sagm", "4", "32", "+2.3 ± 4.3 (3: 2/0/1)", "+2.3 ± 4.3 (3: 2/0/1)"]
-    assert rows["gaqat"].cells[0].stderr == pytest.approx((127 / 9) ** 0.5, abs=1e-9)
-    assert rows["gaqat"].cells[0].counts == (2, 0, 1)
+    mnist = rows["gaqat"][3]
+    assert mnist.stderr == pytest.approx((127 / 9) ** 0.5, abs=1e-9)
+    assert mnist.counts == (2, 0, 1)
 
 
 def test_paired_csv_and_unpaired_warnings(pairs):

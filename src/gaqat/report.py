@@ -45,7 +45,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,6 +60,10 @@ FLOAT_BITS = 32
 # The fields every record needs: its checkpoint and the args DomainBed's scripts read.
 FIELDS = {"step": int, "args": dict, "args.dataset": str, "args.algorithm": str,
           "args.test_envs": list, "args.trial_seed": int, "args.hparams_seed": int}
+ACCURACY_CSV = ("selection", "dataset", "algorithm", "bits", "domain", "mean", "stderr", "n",
+                "incomplete")
+PAIRED_CSV = ("selection", "dataset", "algorithm", "bits", "baseline", "baseline_bits", "domain",
+              "mean_diff", "stderr", "n", "wins", "ties", "losses", "incomplete")
 TIE = 1e-9  # accuracy difference (fraction) below which a pair is a tie: float noise only
 
 
@@ -108,8 +112,30 @@ class Draw:
 
 
 @dataclass(frozen=True)
-class Cell:
-    """Accuracies (fractions) of one table cell, one per trial seed."""
+class Style:
+    """How a format prints cells: its ± sign, its empty cell, its escaping of names."""
+
+    pm: str
+    missing: str
+    escape: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Label:
+    """Part of a row's name (algorithm, bit width, trial count), printed as it is;
+    ``field`` is its CSV column (None: not in the CSV)."""
+
+    value: str
+    field: str | None = None
+
+    def text(self, style: Style) -> str:
+        return style.escape(self.value)
+
+
+@dataclass(frozen=True)
+class Mean:
+    """Accuracies (fractions) of one table cell, one per trial seed, printed in percent as
+    mean ± standard error, with ``*`` when a run behind it has not finished."""
 
     values: tuple[float, ...]
     incomplete: bool
@@ -126,18 +152,24 @@ class Cell:
         n = len(self.values)
         return 100 * float(np.std(self.values, ddof=self.ddof)) / np.sqrt(n) if n > 1 else None
 
-    def text(self, pm: str, missing: str) -> str:
+    def text(self, style: Style) -> str:
         if self.mean is None:
-            return missing
+            return style.missing
         text = f"{self.mean:{self.sign}.1f}"
         if self.stderr is not None:
-            text += f" {pm} {self.stderr:.1f}"
+            text += f" {style.pm} {self.stderr:.1f}"
         return text + ("*" if self.incomplete else "")
+
+    def stats(self) -> dict[str, object]:
+        """The cell's CSV columns."""
+        return {"mean": _number(self.mean), "stderr": _number(self.stderr),
+                "n": len(self.values), "incomplete": int(self.incomplete)}
 
 
 @dataclass(frozen=True)
-class Difference(Cell):
-    """Paired differences (algorithm − baseline, fractions) of one cell, one per pair.
+class Difference(Mean):
+    """Paired differences (algorithm − baseline, fractions) of one cell, one per pair,
+    printed with the number of pairs and the algorithm's wins/ties/losses.
 
     The standard error uses the sample std (ddof=1): the paired t-test's, honest for the
     few pairs a study has, where ddof=0 would understate it.
@@ -153,48 +185,42 @@ class Difference(Cell):
         losses = sum(d < -TIE for d in self.values)
         return wins, len(self.values) - wins - losses, losses
 
-    def text(self, pm: str, missing: str) -> str:
+    def text(self, style: Style) -> str:
         if not self.values:
-            return missing
+            return style.missing
         counts = "/".join(map(str, self.counts))
-        return f"{super().text(pm, missing)} ({len(self.values)}: {counts})"
+        return f"{super().text(style)} ({len(self.values)}: {counts})"
+
+    def stats(self) -> dict[str, object]:
+        stats = super().stats()
+        wins, ties, losses = self.counts
+        return {"mean_diff": stats.pop("mean"), **stats, "wins": wins, "ties": ties,
+                "losses": losses}
 
 
-@dataclass(frozen=True)
-class Row:
-    algorithm: str
-    bits: int
-    trials: int  # distinct trial seeds among the row's runs
-    cells: list[Cell]  # one per column
-
-    def texts(self, pm: str, missing: str) -> list[str]:
-        return [self.algorithm, str(self.bits), *(c.text(pm, missing) for c in self.cells),
-                str(self.trials)]
+Cell = Label | Mean
 
 
 @dataclass(frozen=True)
 class Table:
-    dataset: str
-    selection: str  # a key of SELECTION_METHODS
-    columns: list[str]  # test domain names; then "Avg"
-    rows: list[Row]
-    CSV_HEADER: ClassVar[tuple[str, ...]] = ("selection", "dataset", "algorithm", "bits",
-                                             "domain", "mean", "stderr", "n", "incomplete")
+    """What every format prints: a title, a header and rows of cells.
 
-    @property
-    def title(self) -> str:
-        return f"{self.dataset}: {SELECTION_METHODS[self.selection].name}"
+    ``keys`` are the CSV columns every cell of the table shares (selection, dataset...).
+    """
 
-    @property
-    def header(self) -> list[str]:
-        return ["Algorithm", "Bits", *self.columns, "Trials"]
+    title: str
+    keys: dict[str, object]
+    header: list[str]
+    rows: list[list[Cell]]
 
-    def csv_rows(self) -> Iterable[list]:
+    def csv_lines(self) -> Iterator[dict[str, object]]:
+        """One line per statistic cell: the table's keys, its row's labels, its column
+        (the ``domain``) and its statistics."""
         for row in self.rows:
-            for column, cell in zip(self.columns, row.cells):
-                yield [self.selection, self.dataset, row.algorithm, row.bits, column,
-                       _number(cell.mean), _number(cell.stderr), len(cell.values),
-                       int(cell.incomplete)]
+            labels = {c.field: c.value for c in row if isinstance(c, Label) and c.field}
+            for column, cell in zip(self.header, row):
+                if isinstance(cell, Mean):
+                    yield {**self.keys, **labels, "domain": column, **cell.stats()}
 
 
 @dataclass(frozen=True)
@@ -211,46 +237,6 @@ class Comparison:
     baseline_bits: int | None
     pairs: list[tuple[Draw, Draw]]  # (draw, baseline draw)
     unpaired: list[Draw]  # draws of either side without a partner
-
-
-@dataclass(frozen=True)
-class PairedRow:
-    algorithm: str
-    bits: int
-    baseline_bits: int
-    cells: list[Difference]  # one per column
-
-    def texts(self, pm: str, missing: str) -> list[str]:
-        return [self.algorithm, str(self.bits), str(self.baseline_bits),
-                *(c.text(pm, missing) for c in self.cells)]
-
-
-@dataclass(frozen=True)
-class PairedTable:
-    dataset: str
-    selection: str
-    baseline: str
-    columns: list[str]  # test domain names; then "All" (every pair of the row)
-    rows: list[PairedRow]
-    CSV_HEADER: ClassVar[tuple[str, ...]] = (
-        "selection", "dataset", "algorithm", "bits", "baseline", "baseline_bits", "domain",
-        "mean_diff", "stderr", "n", "wins", "ties", "losses", "incomplete")
-
-    @property
-    def title(self) -> str:
-        return (f"{self.dataset}: paired difference to {self.baseline}, "
-                f"{SELECTION_METHODS[self.selection].name}")
-
-    @property
-    def header(self) -> list[str]:
-        return ["Algorithm", "Bits", f"{self.baseline} bits", *self.columns]
-
-    def csv_rows(self) -> Iterable[list]:
-        for row in self.rows:
-            for column, cell in zip(self.columns, row.cells):
-                yield [self.selection, self.dataset, row.algorithm, row.bits, self.baseline,
-                       row.baseline_bits, column, _number(cell.mean), _number(cell.stderr),
-                       len(cell.values), *cell.counts, int(cell.incomplete)]
 
 
 def _check_record(record: object, where: str) -> dict:
@@ -372,17 +358,17 @@ def _runs(group: dict[int, list[Run]]) -> list[Run]:
 
 
 def _row(method: SelectionMethod, algorithm: str, bits: int, trials: int,
-         columns: list[dict[int, list[Run]]]) -> Row:
+         columns: list[dict[int, list[Run]]]) -> list[Cell]:
     """One table row from its groups: per column, ``{trial seed: runs}``."""
     per_column = [{trial: acc[1] for trial, runs in sorted(group.items())
                    if (acc := method.sweep_acc(_records(runs))) is not None}
                   for group in columns]
-    cells = [Cell(tuple(accs.values()), not all(run.complete for run in _runs(group)))
+    cells = [Mean(tuple(accs.values()), not all(run.complete for run in _runs(group)))
              for accs, group in zip(per_column, columns)]
     covering = set.intersection(*(set(accs) for accs in per_column)) if columns else set()
     averages = tuple(float(np.mean([accs[t] for accs in per_column])) for t in sorted(covering))
-    cells.append(Cell(averages, any(cell.incomplete for cell in cells)))
-    return Row(algorithm, bits, trials, cells)
+    cells.append(Mean(averages, any(cell.incomplete for cell in cells)))
+    return [Label(algorithm, "algorithm"), Label(str(bits), "bits"), *cells, Label(str(trials))]
 
 
 def build_tables(runs: list[Run], selection: str) -> list[Table]:
@@ -400,7 +386,9 @@ def build_tables(runs: list[Run], selection: str) -> list[Table]:
             rows.append(_row(method, *key, trials,
                              [groups[(dataset, *key, env)] for env in columns]))
         names = [mine[0].domains[env] for env in columns]
-        tables.append(Table(dataset, selection, [*names, "Avg"], rows))
+        tables.append(Table(f"{dataset}: {method.name}",
+                            {"selection": selection, "dataset": dataset},
+                            ["Algorithm", "Bits", *names, "Avg", "Trials"], rows))
     return tables
 
 
@@ -459,7 +447,7 @@ def _difference(method: SelectionMethod, pairs: list[tuple[Draw, Draw]]) -> Diff
                       any(not draw.complete for pair in pairs for draw in pair))
 
 
-def paired_tables(comparisons: list[Comparison], selection: str) -> list[PairedTable]:
+def paired_tables(comparisons: list[Comparison], selection: str) -> list[Table]:
     """One table per dataset with pairs: rows the compared (algorithm, bits), columns the
     test domains paired, then "All" pooling every pair of the row."""
     method = SELECTION_METHODS[selection]
@@ -470,12 +458,16 @@ def paired_tables(comparisons: list[Comparison], selection: str) -> list[PairedT
         if not draws:
             continue
         columns = sorted({draw.test_env for draw in draws})
-        rows = [PairedRow(c.algorithm, c.bits, c.baseline_bits,
-                          [*(_difference(method, [p for p in c.pairs if p[0].test_env == env])
-                             for env in columns), _difference(method, c.pairs)])
+        rows = [[Label(c.algorithm, "algorithm"), Label(str(c.bits), "bits"),
+                 Label(str(c.baseline_bits), "baseline_bits"),
+                 *(_difference(method, [p for p in c.pairs if p[0].test_env == env])
+                   for env in columns), _difference(method, c.pairs)]
                 for c in mine]
         names = [draws[0].alone.domains[env] for env in columns]
-        tables.append(PairedTable(dataset, selection, mine[0].baseline, [*names, "All"], rows))
+        baseline = mine[0].baseline
+        tables.append(Table(f"{dataset}: paired difference to {baseline}, {method.name}",
+                            {"selection": selection, "dataset": dataset, "baseline": baseline},
+                            ["Algorithm", "Bits", f"{baseline} bits", *names, "All"], rows))
     return tables
 
 
@@ -518,14 +510,8 @@ def _paired_notes(runs: list[Run], comparisons: list[Comparison]) -> list[str]:
             *(f"- {note}" for note in _pairing_notes(comparisons))]
 
 
-def _markdown(notes: list[str], tables: list[Table] | list[PairedTable]) -> str:
-    out = [*notes, ""]
-    for table in tables:
-        out += [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
-                "|" + "---|" * len(table.header)]
-        out += ["| " + " | ".join(row.texts("±", "–")) + " |" for row in table.rows]
-        out.append("")
-    return "\n".join(out)
+def _same(text: str) -> str:
+    return text
 
 
 def _latex_escape(text: str) -> str:
@@ -533,25 +519,38 @@ def _latex_escape(text: str) -> str:
         .replace("%", r"\%").replace("#", r"\#")
 
 
-def _latex(notes: list[str], tables: list[Table] | list[PairedTable]) -> str:
+MARKDOWN = Style(pm="±", missing="–", escape=_same)
+LATEX = Style(pm=r"$\pm$", missing="--", escape=_latex_escape)
+
+
+def _markdown(notes: list[str], tables: list[Table]) -> str:
+    out = [*notes, ""]
+    for table in tables:
+        out += [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
+                "|" + "---|" * len(table.header)]
+        out += ["| " + " | ".join(cell.text(MARKDOWN) for cell in row) + " |"
+                for row in table.rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def _latex(notes: list[str], tables: list[Table]) -> str:
     out = ["% " + note for note in notes]
     for table in tables:
         out += ["", f"% {table.title}",
                 r"\begin{tabular}{ll" + "c" * (len(table.header) - 2) + "}", r"\toprule",
                 " & ".join(map(_latex_escape, table.header)) + r" \\", r"\midrule"]
-        for row in table.rows:
-            texts = row.texts(r"$\pm$", "--")
-            out.append(" & ".join([_latex_escape(texts[0]), *texts[1:]]) + r" \\")
+        out += [" & ".join(cell.text(LATEX) for cell in row) + r" \\" for row in table.rows]
         out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"
 
 
-def _csv(header: Sequence[str], tables: list[Table] | list[PairedTable]) -> str:
-    """Long format, one row per cell: easy to pivot; numbers unrounded beyond 1e-4."""
+def _csv(header: Sequence[str], tables: list[Table]) -> str:
+    """Long format, one line per statistic cell: easy to pivot; numbers unrounded beyond 1e-4."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(row for table in tables for row in table.csv_rows())
+    writer = csv.DictWriter(buffer, header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(line for table in tables for line in table.csv_lines())
     return buffer.getvalue()
 
 
@@ -578,14 +577,14 @@ def report(dirs: Sequence[str | Path], fmt: str = "markdown", selection: str = "
     runs = load_runs(dirs)
     if paired is None:
         tables: list = [table for name in names for table in build_tables(runs, name)]
-        kind, notes = Table, _notes(runs, names)
+        header, notes = ACCURACY_CSV, _notes(runs, names)
     else:
         comparisons = pair_runs(runs, paired)
         tables = [table for name in names for table in paired_tables(comparisons, name)]
-        kind, notes = PairedTable, _paired_notes(runs, comparisons)
+        header, notes = PAIRED_CSV, _paired_notes(runs, comparisons)
         if fmt == "csv":
             for note in _pairing_notes(comparisons):
                 warnings.warn(note, stacklevel=2)
     if fmt == "csv":
-        return _csv(kind.CSV_HEADER, tables)
+        return _csv(header, tables)
     return _latex(notes, tables) if fmt == "latex" else _markdown(notes, tables)
