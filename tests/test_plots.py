@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from gaqat import cli
+from gaqat.plots import (below_tau_fraction, freeze_steps, frozen_counts, load_gradients,
+                         opposite_signs, plot_disorder, run_tau, short_label, short_labels,
+                         smooth_factors, window_table)
 from gaqat.runfolder import TornLineWarning
-from gaqat.plots import (below_tau_fraction, freeze_steps, frozen_counts,
-                         load_gradients, opposite_signs, plot_disorder, run_tau, short_label,
-                         short_labels, smooth_factors, window_table)
 
 # Model order deliberately not alphabetical: the figures must keep it.
 NAMES = ["featurizer.9.weight_quantizer", "featurizer.3.input_quantizer",

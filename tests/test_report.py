@@ -9,8 +9,11 @@ import sys
 import pytest
 
 from gaqat import cli
+from gaqat.report import report
+from gaqat.report.aggregate import pair_runs, paired_tables
+from gaqat.report.render import MARKDOWN
+from gaqat.report.runs import load_runs
 from gaqat.runfolder import TornLineWarning
-from gaqat.report import MARKDOWN, load_runs, pair_runs, paired_tables, report
 
 DOMAINS = ["mnist", "mnist_m", "syn"]
 
