@@ -11,7 +11,7 @@ import pytest
 from gaqat import cli
 from gaqat.report import report
 from gaqat.report.aggregate import pair_runs, paired_tables
-from gaqat.report.render import MARKDOWN
+from gaqat.report.render import MARKDOWN, latex_escape
 from gaqat.report.runs import load_runs
 from gaqat.runfolder import TornLineWarning
 
@@ -123,6 +123,21 @@ def test_latex_table_parses(sweep):
     assert rows[1][0] == r"lsq" and rows[1][2].endswith("*")
     assert r"Algorithm & Bits & mnist & mnist\_m & Avg & Trials \\" in text
     assert r"\begin{tabular}{llcccc}" in text
+
+
+def test_latex_escapes_every_special_character():
+    assert latex_escape(r"a\b&c%d$e#f_g{h}i~j^k") == (
+        r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k")
+
+
+def test_latex_table_escapes_names_not_numbers(tmp_path):
+    recs = records("lsq_{x}", 4, 0, 0, 0.5)
+    for r in recs:
+        r["args"]["domains"] = ["a&b", "50%", "c$"]
+    write_run(tmp_path / "run", recs)
+    text = report([tmp_path], fmt="latex")
+    assert r"Algorithm & Bits & a\&b & Avg & Trials \\" in text
+    assert r"lsq\_\{x\} & 4 & 50.0 & 50.0 & 1 \\" in text
 
 
 def test_single_trial_shows_no_error_and_missing_average(tmp_path):

@@ -17,9 +17,15 @@ def _same(text: str) -> str:
     return text
 
 
+# Every character LaTeX gives a meaning to in running text, as text.
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
 def latex_escape(text: str) -> str:
-    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&") \
-        .replace("%", r"\%").replace("#", r"\#")
+    """``text`` as LaTeX prints it literally (algorithm and domain names may hold anything)."""
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
 
 
 MARKDOWN = Style(pm="±", missing="–", escape=_same)
