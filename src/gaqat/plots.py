@@ -1,4 +1,4 @@
-"""The paper's figures 2–5 from a GAQAT run's ``gradients.jsonl`` (METHOD.md §7).
+"""The paper's figures 2–5 from a GAQAT run's ``gradients.jsonl`` (docs/method.md §7).
 
 - :func:`plot_cumulative` (Figures 2 and 5): per step size, the window sums of g_task and
   g_smooth as bars; windows where the two have opposite signs are shaded.
