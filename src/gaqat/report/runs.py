@@ -28,12 +28,14 @@ from gaqat.selection import count_domains
 
 FLOAT_BITS = 32
 # The fields every record needs: its checkpoint and the args DomainBed's scripts read.
-FIELDS = {"step": int, "args": dict, "args.dataset": str, "args.algorithm": str,
-          "args.test_envs": list, "args.trial_seed": int, "args.hparams_seed": int}
+_FIELDS = {"step": int, "args": dict, "args.dataset": str, "args.algorithm": str,
+           "args.test_envs": list, "args.trial_seed": int, "args.hparams_seed": int}
 
 
 @dataclass(frozen=True)
 class Run:
+    """One ``results.jsonl``: its records and what every one of them shares."""
+
     path: Path
     records: list[dict]
     complete: bool
@@ -59,7 +61,7 @@ def same_draw(run: Run) -> str:
 
 def _check_record(record: object, where: str) -> dict:
     """The record if it has every field the report reads, else an error naming the field."""
-    check_fields(record, FIELDS, where)
+    check_fields(record, _FIELDS, where)
     args = record["args"]
     check_fields(record, {"args.domains": list}, where, required=False)  # DomainBed's: none
     n = len(args["domains"]) if "domains" in args else count_domains(record)
