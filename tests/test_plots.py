@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from gaqat import cli
+from gaqat.plots import (below_tau_fraction, freeze_steps, frozen_counts, load_gradients,
+                         opposite_signs, plot_disorder, run_tau, short_label, short_labels,
+                         smooth_factors, window_table)
 from gaqat.runfolder import TornLineWarning
-from gaqat.plots import (below_tau_fraction, freeze_steps, frozen_counts,
-                         load_gradients, opposite_signs, plot_disorder, run_tau, short_label,
-                         short_labels, smooth_factors, window_table)
 
 # Model order deliberately not alphabetical: the figures must keep it.
 NAMES = ["featurizer.9.weight_quantizer", "featurizer.3.input_quantizer",
@@ -124,7 +124,8 @@ def test_load_gradients_round_trip_and_torn_line(tmp_path):
     ("not json", r"line 2: not valid JSON"),
     ("[1, 2]", r"line 2: expected a JSON object"),
     ('{"kind": "thaw"}', r"line 2: field 'kind' is 'thaw'"),
-    ('{"kind": "freeze", "step": 3, "name": "x", "d_task": 0.1}', r"lacks field 'd_smooth'"),
+    ('{"kind": "freeze", "step": 3, "name": "x", "d_task": 0.1}',
+     r"line 2: missing field 'd_smooth'"),
     ('{"kind": "freeze", "step": true, "name": "x", "d_task": 0.1, "d_smooth": 0}',
      r"field 'step' is True, expected int"),
 ])
@@ -149,8 +150,18 @@ def test_window_table_rejects_appended_runs():
 def test_run_tau(tmp_path):
     assert run_tau(write_run(tmp_path / "a", [], tau=0.25)) == 0.25
     assert run_tau(write_run(tmp_path / "b", [], tau=None)) is None
-    with pytest.raises(ValueError, match=r"hparams.tau' is 'high', expected a number"):
+    with pytest.raises(ValueError,
+                       match=r"line 1: field 'hparams.tau' is 'high', expected a number"):
         run_tau(write_run(tmp_path / "c", [], tau="high"))
+    # Read as every JSON-lines file is: a torn last line is skipped with a warning.
+    torn = write_run(tmp_path / "d", [], tau=0.25)
+    with (torn / "results.jsonl").open("a") as f:
+        f.write('{"step": 8')
+    with pytest.warns(TornLineWarning, match="line 2: torn last line"):
+        assert run_tau(torn) == 0.25
+    (torn / "results.jsonl").write_text('{"step": 4')
+    with pytest.warns(TornLineWarning, match="line 1: torn last line"):
+        assert run_tau(torn) is None
 
 
 def assert_png(path):

@@ -9,8 +9,11 @@ import sys
 import pytest
 
 from gaqat import cli
+from gaqat.report import report
+from gaqat.report.aggregate import pair_runs, paired_tables
+from gaqat.report.render import MARKDOWN, latex_escape
+from gaqat.report.runs import load_runs
 from gaqat.runfolder import TornLineWarning
-from gaqat.report import load_runs, pair_runs, paired_tables, report
 
 DOMAINS = ["mnist", "mnist_m", "syn"]
 
@@ -122,6 +125,21 @@ def test_latex_table_parses(sweep):
     assert r"\begin{tabular}{llcccc}" in text
 
 
+def test_latex_escapes_every_special_character():
+    assert latex_escape(r"a\b&c%d$e#f_g{h}i~j^k") == (
+        r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k")
+
+
+def test_latex_table_escapes_names_not_numbers(tmp_path):
+    recs = records("lsq_{x}", 4, 0, 0, 0.5)
+    for r in recs:
+        r["args"]["domains"] = ["a&b", "50%", "c$"]
+    write_run(tmp_path / "run", recs)
+    text = report([tmp_path], fmt="latex")
+    assert r"Algorithm & Bits & a\&b & Avg & Trials \\" in text
+    assert r"lsq\_\{x\} & 4 & 50.0 & 50.0 & 1 \\" in text
+
+
 def test_single_trial_shows_no_error_and_missing_average(tmp_path):
     write_run(tmp_path / "a", records("gaqat", 3, 1, 0, 0.42))
     write_run(tmp_path / "b", records("gaqat", 4, 0, 0, 0.5))
@@ -148,16 +166,18 @@ def test_bad_line_inside_the_file_is_an_error(tmp_path):
         report([tmp_path])
 
 
-@pytest.mark.parametrize("drop, key", [
-    (lambda r: r.pop("env1_out_acc"), "'env1_out_acc'"),
-    (lambda r: r["args"].pop("trial_seed"), "'args.trial_seed'"),
-    (lambda r: r.pop("step"), "'step'"),
+@pytest.mark.parametrize("spoil, message", [
+    (lambda r: r.pop("env1_out_acc"), "missing field 'env1_out_acc'"),
+    (lambda r: r["args"].pop("trial_seed"), "missing field 'args.trial_seed'"),
+    (lambda r: r.pop("step"), "missing field 'step'"),
+    (lambda r: r.update(env0_in_acc="high"), "field 'env0_in_acc' is 'high', expected a number"),
+    (lambda r: r["args"].update(test_envs=1), "field 'args.test_envs' is 1, expected a JSON array"),
 ])
-def test_missing_key_names_file_line_and_key(tmp_path, drop, key):
+def test_bad_field_names_file_line_and_field(tmp_path, spoil, message):
     recs = records("erm", None, 1, 0, 0.4)
-    drop(recs[1])
+    spoil(recs[1])
     write_run(tmp_path / "run", recs)
-    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: missing key {key}"):
+    with pytest.raises(ValueError, match=rf"results.jsonl, line 2: {message}"):
         report([tmp_path])
 
 
@@ -247,14 +267,15 @@ def test_float_baseline_pairs_across_bit_widths(pairs):
     assert [(c.algorithm, c.bits, c.baseline_bits, len(c.pairs), len(c.unpaired))
             for c in comparisons] == [("lsq_sagm", 4, 32, 3, 3), ("gaqat", 4, 32, 3, 3)]
     (table,) = paired_tables(comparisons, "training")
-    assert table.columns == ["mnist", "All"]  # erm holds out mnist only
+    assert table.header == ["Algorithm", "Bits", "erm bits", "mnist", "All"]  # erm: mnist only
     # lsq_sagm − erm [-5, +2, +10]: mean 2.33, SE sqrt(56.33)/sqrt(3) = 4.33.
     # gaqat − erm [-3, +3, +10]: mean 3.33, SE sqrt(42.33)/sqrt(3) = 3.76.
-    rows = {row.algorithm: row for row in table.rows}
-    assert rows["lsq_sagm"].texts("±", "–") == [
+    rows = {row[0].value: row for row in table.rows}
+    assert [cell.text(MARKDOWN) for cell in rows["lsq_sagm"]] == [
         "lsq_sagm", "4", "32", "+2.3 ± 4.3 (3: 2/0/1)", "+2.3 ± 4.3 (3: 2/0/1)"]
-    assert rows["gaqat"].cells[0].stderr == pytest.approx((127 / 9) ** 0.5, abs=1e-9)
-    assert rows["gaqat"].cells[0].counts == (2, 0, 1)
+    mnist = rows["gaqat"][3]
+    assert mnist.stderr == pytest.approx((127 / 9) ** 0.5, abs=1e-9)
+    assert mnist.counts == (2, 0, 1)
 
 
 def test_paired_csv_and_unpaired_warnings(pairs):

@@ -1,4 +1,4 @@
-"""The paper's figures 2–5 from a GAQAT run's ``gradients.jsonl`` (METHOD.md §7).
+"""The paper's figures 2–5 from a GAQAT run's ``gradients.jsonl`` (docs/method.md §7).
 
 - :func:`plot_cumulative` (Figures 2 and 5): per step size, the window sums of g_task and
   g_smooth as bars; windows where the two have opposite signs are shaded.
@@ -15,7 +15,6 @@ canvas), so no pyplot state is kept and no display is needed.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from gaqat.errors import UsageError
+from gaqat.fields import check_fields
 from gaqat.runfolder import GRADIENTS, RESULTS, read_jsonl
 
 FILES = {"cumulative": "cumulative.png", "disorder": "disorder.png", "freezing": "freezing.png"}
 
-# Expected fields per record kind; float fields also take ints, no field takes a bool but
-# "frozen".
+# The fields of each kind of record.
 _FIELDS = {
     "window": {"step": int, "window": int, "name": str, "g_task": float, "g_smooth": float,
                "d_task": float, "d_smooth": float, "frozen": bool},
@@ -45,27 +44,11 @@ _PREFIX = "featurizer."
 TASK_COLOR, SMOOTH_COLOR, CONFLICT_COLOR = "tab:blue", "tab:orange", "#f4c7c3"
 
 
-def _check_field(value: object, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-
-
 def _check_record(record: object, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    fields = _FIELDS.get(record.get("kind"))
-    if fields is None:
-        raise ValueError(f"{where}: field 'kind' is {record.get('kind')!r}, expected one of "
-                         f"{list(_FIELDS)}")
-    for key, kind in fields.items():
-        if key not in record:
-            raise ValueError(f"{where}: {record['kind']} record lacks field {key!r}")
-        if not _check_field(record[key], kind):
-            raise ValueError(f"{where}: field {key!r} is {record[key]!r}, expected {kind.__name__}")
-    return record
+    kind = check_fields(record, {"kind": str}, where)["kind"]
+    if kind not in _FIELDS:
+        raise ValueError(f"{where}: field 'kind' is {kind!r}, expected one of {list(_FIELDS)}")
+    return check_fields(record, _FIELDS[kind], where)
 
 
 def load_gradients(path: str | Path) -> list[dict]:
@@ -83,17 +66,12 @@ def load_gradients(path: str | Path) -> list[dict]:
 def run_tau(run_dir: str | Path) -> float | None:
     """τ from the first record of the run's ``results.jsonl`` (None when not recorded)."""
     path = Path(run_dir) / RESULTS
-    if not path.is_file():
+    records = read_jsonl(path) if path.is_file() else []
+    if not records:  # no record yet, or a torn first one (killed before its first checkpoint)
         return None
-    first = next((line for line in path.read_text().splitlines() if line.strip()), None)
-    try:
-        record = json.loads(first) if first is not None else {}
-    except json.JSONDecodeError:
-        return None  # a torn first record: the run was killed before its first checkpoint
-    hparams = record.get("hparams") if isinstance(record, dict) else None
-    tau = hparams.get("tau") if isinstance(hparams, dict) else None
-    if tau is not None and not _check_field(tau, float):
-        raise ValueError(f"{path}, line 1: field 'hparams.tau' is {tau!r}, expected a number")
+    where, first = records[0]
+    check_fields(first, {"hparams": dict, "hparams.tau": float}, where, required=False)
+    tau = first.get("hparams", {}).get("tau")
     return None if tau is None else float(tau)
 
 

@@ -1,0 +1,150 @@
+"""The runs the report reads: one per ``results.jsonl``, gaqat's or DomainBed's, checked.
+
+A run's table row is (algorithm, bit width). A gaqat QAT record names its bit width
+twice: in ``args.bits`` and in ``args.algorithm`` (``lsq_sagm_w4``, so that DomainBed's
+tools, which group by that name alone, keep bit widths apart); the row is named without
+the ``_w4``. Records of older gaqat versions (``lsq_sagm`` with ``args.bits`` 4) read the
+same. A record without ``args.bits`` (a float run, or any of DomainBed's own) is 32-bit.
+Domain names come from ``args.domains``; DomainBed's records have none, so they come
+from gaqat's registry for the datasets it knows (``PACS``, ``VLCS``, ...), else ``env0``,
+``env1``, ... So a gaqat sweep and a DomainBed sweep can share one table.
+
+A run folder without a ``done`` file (killed or still running) is read and marked
+incomplete. A torn last line (a run killed while writing) is skipped with a warning; any
+other bad line is an error naming the file, line and field (:mod:`gaqat.fields`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gaqat.fields import check_fields, is_a
+from gaqat.names import DATASETS, canonical_dataset
+from gaqat.runfolder import DONE, RESULTS, read_jsonl
+from gaqat.selection import count_domains
+
+FLOAT_BITS = 32
+# The fields every record needs: its checkpoint and the args DomainBed's scripts read.
+_FIELDS = {"step": int, "args": dict, "args.dataset": str, "args.algorithm": str,
+           "args.test_envs": list, "args.trial_seed": int, "args.hparams_seed": int}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``results.jsonl``: its records and what every one of them shares."""
+
+    path: Path
+    records: list[dict]
+    complete: bool
+    dataset: str
+    algorithm: str
+    bits: int  # FLOAT_BITS for float runs
+    test_envs: tuple[int, ...]
+    trial_seed: int
+    hparams_seed: int
+    domains: tuple[str, ...]
+
+    def describe(self) -> str:
+        envs = "+".join(self.domains[i] for i in self.test_envs) or "(none)"
+        return (f"{self.algorithm} {self.bits}-bit, test {envs}, trial {self.trial_seed}, "
+                f"hparams {self.hparams_seed} ({self.path.parent})")
+
+
+def same_draw(run: Run) -> str:
+    """What two runs of one draw holding out the same domains are, in messages."""
+    return (f"two {run.algorithm} {run.bits}-bit runs with the same test domains, trial seed "
+            f"and hparams seed")
+
+
+def _check_record(record: object, where: str) -> dict:
+    """The record if it has every field the report reads, else an error naming the field."""
+    check_fields(record, _FIELDS, where)
+    args = record["args"]
+    check_fields(record, {"args.domains": list}, where, required=False)  # DomainBed's: none
+    n = len(args["domains"]) if "domains" in args else count_domains(record)
+    if not all(is_a(e, int) and 0 <= e < n for e in args["test_envs"]):
+        raise ValueError(f"{where}: args.test_envs {args['test_envs']} are not domain indices "
+                         f"0..{n - 1}")
+    return check_fields(record, {f"env{i}_{split}_acc": float
+                                 for i in range(n) for split in ("in", "out")}, where)
+
+
+def _run_key(record: dict) -> tuple:
+    """What every record of one run shares."""
+    args = record["args"]
+    return (args["dataset"], args["algorithm"], args.get("bits"), tuple(args["test_envs"]),
+            args["trial_seed"], args["hparams_seed"], tuple(args.get("domains", ())))
+
+
+def _row_name(args: dict) -> tuple[str, int]:
+    """(algorithm, bits) of a record: ``lsq_sagm_w4`` with bits 4 is row (lsq_sagm, 4)."""
+    bits = args.get("bits")
+    if bits is None:
+        return args["algorithm"], FLOAT_BITS
+    return args["algorithm"].removesuffix(f"_w{bits}"), bits
+
+
+def _known_domains(dataset: str, n: int) -> tuple[str, ...]:
+    """Domain names for records that carry none (DomainBed's): gaqat's, for a dataset it
+    knows (``gaqat.names``), else ``env0``, ``env1``, ..."""
+    domains = DATASETS.get(canonical_dataset(dataset))
+    if domains is None:
+        return tuple(f"env{i}" for i in range(n))
+    if len(domains) != n:
+        raise ValueError(f"{dataset}: records have {n} domains, gaqat's {dataset} has "
+                         f"{len(domains)} ({', '.join(domains)})")
+    return domains
+
+
+def load_run(path: Path) -> Run | None:
+    """One run from its ``results.jsonl``; None (with a warning) when it holds no record."""
+    records: list[dict] = []
+    for where, record in read_jsonl(path):
+        records.append(_check_record(record, where))
+        if _run_key(record) != _run_key(records[0]):
+            raise ValueError(f"{where}: args (dataset, algorithm, bits, test_envs, seeds, domains) "
+                             f"differ from line 1's; one results.jsonl must hold one run")
+    if not records:
+        warnings.warn(f"{path}: no records, skipped", stacklevel=2)
+        return None
+    args = records[0]["args"]
+    algorithm, bits = _row_name(args)
+    domains = (tuple(args["domains"]) if "domains" in args
+               else _known_domains(args["dataset"], count_domains(records[0])))
+    return Run(path=path, records=records, complete=(path.parent / DONE).exists(),
+               dataset=args["dataset"], algorithm=algorithm, bits=bits,
+               test_envs=tuple(args["test_envs"]), trial_seed=args["trial_seed"],
+               hparams_seed=args["hparams_seed"], domains=domains)
+
+
+def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
+    """Every run whose ``results.jsonl`` lies below one of ``dirs`` (each file once).
+
+    A dataset's runs must agree on its domains. Two runs of one draw holding out the
+    same domains are kept, with a warning: their records are pooled as DomainBed pools them.
+    """
+    paths: dict[Path, None] = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such folder")
+        paths.update(dict.fromkeys(p.resolve() for p in sorted(d.rglob(RESULTS))))
+    if not paths:
+        raise FileNotFoundError(f"no {RESULTS} below {', '.join(map(str, dirs))}")
+    runs = [run for run in map(load_run, paths) if run is not None]
+    domains: dict[str, Run] = {}
+    draws: dict[tuple, Run] = {}
+    for run in runs:
+        first = domains.setdefault(run.dataset, run)
+        if run.domains != first.domains:
+            raise ValueError(f"dataset {run.dataset}: {first.path} has domains "
+                             f"{list(first.domains)} "
+                             f"but {run.path} has {list(run.domains)}")
+        other = draws.setdefault((run.dataset, run.algorithm, run.bits, run.test_envs,
+                                  run.trial_seed, run.hparams_seed), run)
+        if other is not run:
+            warnings.warn(f"{other.path} and {run.path}: {same_draw(run)}; their records are "
+                          f"pooled as one draw, as DomainBed's tools pool them", stacklevel=2)
+    return runs
