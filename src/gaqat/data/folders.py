@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 
-#: Image side of the photo datasets (DATA.md); ``make_loaders(image_size=...)`` overrides it.
+#: Image side of the photo datasets, as in DomainBed; ``make_loaders(image_size=...)`` overrides it.
 PHOTO_SIZE = 224
 
 

@@ -40,7 +40,7 @@ class SeededTransform:
 
 
 def photo_transform(image_size: int, train: bool) -> Callable:
-    """DATA.md's recipe for PIL photos: crop/flip/jitter/grayscale for training only."""
+    """DomainBed's recipe for PIL photos: crop/flip/jitter/grayscale for training only."""
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not train:
         return T.Compose([T.Resize((image_size, image_size)), *normalize])
