@@ -8,7 +8,6 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from test_data_folders import make_tree
 
 from gaqat.data import holdout_split, load_dataset, make_loaders
 from gaqat.data.digits import ArrayDomain
@@ -159,7 +158,7 @@ def test_bad_test_envs_and_seeds_are_errors():
         make_loaders(ds, [0], batch_size=4, seed=-1)
 
 
-def test_photo_folders_train_at_a_configurable_size(tmp_path):
+def test_photo_folders_train_at_a_configurable_size(tmp_path, make_tree):
     root = make_tree(tmp_path / "toy", {"a": ["x", "y"], "b": ["x", "y"], "c": ["x", "y"]},
                      per_class=5, size=40)
     ds = load_dataset(f"folder:{root}")
