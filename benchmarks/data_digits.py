@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from gaqat.data import build_digits, load_dataset, make_loaders
-from gaqat.data.digits import ARRAYS_FILE, CACHE_FOLDER
+from gaqat.data.digits_cache import ARRAYS_FILE, CACHE_FOLDER
 from timing import print_table, time_interleaved, timing_rows, write_json
 
 BUILD_GOAL_S = 30.0

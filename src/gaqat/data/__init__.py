@@ -32,7 +32,7 @@ Other entry points: ``build_digits`` / ``ensure_digits`` (the DigitsDG cache),
 ``holdout_split`` (DomainBed's seeded 80/20 split of one domain).
 """
 
-from gaqat.data.digits import build_digits, default_data_dir, ensure_digits
+from gaqat.data.digits_cache import build_digits, default_data_dir, ensure_digits
 from gaqat.data.download import download_dataset
 from gaqat.data.loaders import DomainLoaders, Split, TrainBatches, holdout_split, make_loaders
 from gaqat.data.multidomain import DomainDataset, MultiDomainDataset

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gaqat.data.digits import default_data_dir, load_digits
+from gaqat.data.digits import load_digits
+from gaqat.data.digits_cache import default_data_dir
 from gaqat.data.folders import find_dataset_folder, load_image_folder
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.data.specs import SPECS
