@@ -3,7 +3,7 @@
 Building takes seconds, so the arrays are kept as a compressed ``.npz`` beside a JSON
 manifest that records how they were made (seed, fonts, photos, package versions) and a
 SHA-256 of their content. The hash is checked on every load, so a truncated or edited
-cache is rebuilt, not trusted. Both files are written atomically.
+cache is rebuilt, not trusted. Both files are written atomically, as checkpoints are.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -80,10 +78,10 @@ def build_digits(data_dir: str | Path | None = None) -> tuple[dict[str, np.ndarr
         "sources": {p: version(p) for p in SOURCE_PACKAGES},
     }
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / ARRAYS_FILE, lambda f: np.savez_compressed(f, **arrays))
+    replace_atomic(folder / ARRAYS_FILE, lambda tmp: _write_arrays(tmp, arrays))
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
     text = json.dumps(manifest, indent=2).encode()
-    _atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text))
+    replace_atomic(folder / MANIFEST_FILE, lambda tmp: tmp.write_bytes(text))
     return arrays, manifest
 
 
@@ -118,13 +116,6 @@ def _array_keys() -> list[str]:
     return [f"{d}_{part}" for d in DOMAINS for part in ("x", "y")]
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder, so readers never see half a file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as f:
-        try:
-            write(f)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.chmod(f.name, 0o644)  # temporary files are created private; the cache is not
-    os.replace(f.name, path)
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as f:  # given a path, numpy would add ".npz" to the temporary name
+        np.savez_compressed(f, **arrays)
