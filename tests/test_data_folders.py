@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -145,6 +147,13 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path, make_tree):
     position = ds[0].paths.index(str(path))
     with pytest.raises(RuntimeError, match="0.jpg"):
         ds[0][position]
+
+
+def test_named_datasets_and_downloads_cost_no_torch_import():
+    code = ("import sys; from gaqat.data import SPECS, dataset_domains, download_dataset; "
+            "assert dataset_domains('pacs') == SPECS['pacs'].domains; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_name_lists_the_choices():
