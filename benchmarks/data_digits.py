@@ -1,9 +1,9 @@
 """What DigitsDG data costs: building the cache, loading it, training batches, evaluation.
 
 Goal (issue 4): a fresh build in under 30 s on 2 cores. The other rows say whether data
-can starve training: a training step of the small CNN is ~90 ms (benchmarks/step_cost.py), so one step's
-batches (3 source domains x 32, with or without the shift augmentation) should cost a
-few ms, and a full evaluation pass over every split well under a second.
+can starve training: a training step of the small CNN is ~90 ms (``step_cost.py``), so
+one step's batches (3 source domains x 32, with or without the shift augmentation)
+should cost a few ms, and a full evaluation pass over every split well under a second.
 
     python benchmarks/data_digits.py [--short] [--build-rounds 3] [--rounds 20]
 """
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from gaqat.data import build_digits, load_dataset, make_loaders
-from gaqat.data.digits import ARRAYS_FILE, CACHE_FOLDER
+from gaqat.data.digits_cache import ARRAYS_FILE, CACHE_FOLDER
 from timing import print_table, time_interleaved, timing_rows, write_json
 
 BUILD_GOAL_S = 30.0

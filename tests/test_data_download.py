@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_data_folders import make_tree
 
 from gaqat import cli
 from gaqat.data import SPECS, download_dataset, load_dataset
@@ -96,7 +95,7 @@ def tar_tree(folder: Path, top: str) -> bytes:
 
 
 @pytest.fixture
-def pacs_zip(tmp_path) -> bytes:
+def pacs_zip(tmp_path, make_tree) -> bytes:
     """PACS as its archive ships it: a top folder ``kfold/`` holding the domains."""
     spec = SPECS["pacs"]
     tree = make_tree(tmp_path / "src", {d: list(spec.classes) for d in spec.domains}, per_class=1)
@@ -184,7 +183,7 @@ def test_a_web_page_instead_of_the_archive_is_an_error(server, tmp_path):
                          archives=(Archive(server.url("PACS.zip"), "PACS.zip"),))
 
 
-def test_vlcs_tar_gz_is_extracted(server, tmp_path):
+def test_vlcs_tar_gz_is_extracted(server, tmp_path, make_tree):
     spec = SPECS["vlcs"]
     tree = make_tree(tmp_path / "src", {d: list(spec.classes) for d in spec.domains}, per_class=1)
     server.files["VLCS.tar.gz"] = tar_tree(tree, "VLCS")
@@ -194,7 +193,7 @@ def test_vlcs_tar_gz_is_extracted(server, tmp_path):
     assert load_dataset("vlcs", tmp_path / "data").domains == list(spec.domains)
 
 
-def terra_archives(server, tmp_path, labels_name="caltech_images_20210113.json"):
+def terra_archives(server, tmp_path, make_tree, labels_name="caltech_images_20210113.json"):
     """DomainBed's two TerraIncognita files in miniature: the image archive (one flat
     folder) and the zipped labels JSON, with a decoy JSON beside it."""
     images = tmp_path / "images"
@@ -220,13 +219,13 @@ def terra_archives(server, tmp_path, labels_name="caltech_images_20210113.json")
             Archive(server.url("labels.zip"), "labels.zip"))
 
 
-def test_terra_incognita_is_sorted_as_domainbed_sorts_it(server, tmp_path):
+def test_terra_incognita_is_sorted_as_domainbed_sorts_it(server, tmp_path, make_tree):
     lila = "https://lilablobssc.blob.core.windows.net/caltechcameratraps"
     assert [a.url for a in download_module.SOURCES["terraincognita"]] == [  # DomainBed's
         f"{lila}/eccv_18_all_images_sm.tar.gz", f"{lila}/labels/caltech_camera_traps.json.zip"]
     with pytest.warns(UserWarning):
         target = download_dataset("TerraIncognita", tmp_path / "data", progress=False,
-                                  archives=terra_archives(server, tmp_path))
+                                  archives=terra_archives(server, tmp_path, make_tree))
     laid_out = sorted(p.relative_to(target).as_posix() for p in target.rglob("*.png"))
     assert laid_out == ["location_100/empty/0.png", "location_38/bobcat/1.png",
                         "location_38/bobcat/5.png", "location_38/coyote/1.png",
@@ -236,8 +235,9 @@ def test_terra_incognita_is_sorted_as_domainbed_sorts_it(server, tmp_path):
     assert ds.domains == ["location_100", "location_38", "location_43", "location_46"]
 
 
-def test_terra_incognita_needs_domainbeds_labels_file(server, tmp_path):
-    archives = terra_archives(server, tmp_path, labels_name="caltech_bboxes_20200316.json")
+def test_terra_incognita_needs_domainbeds_labels_file(server, tmp_path, make_tree):
+    archives = terra_archives(server, tmp_path, make_tree,
+                              labels_name="caltech_bboxes_20200316.json")
     with pytest.raises(RuntimeError, match=r"caltech_images_20210113.json not found in the "
                                            r"TerraIncognita archives \(found: a_decoy.json, "
                                            r"caltech_bboxes_20200316.json\)"), \

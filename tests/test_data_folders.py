@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,24 +17,12 @@ from gaqat.data import SPECS, load_dataset
 from gaqat.data.folders import load_image_folder
 
 
-def make_tree(root: Path, layout: dict[str, list[str]], per_class: int = 2, size: int = 12) -> Path:
-    """Write ``root/<domain>/<class>/<k>.png``: small images whose colour encodes the class."""
-    for d, (domain, classes) in enumerate(layout.items()):
-        for c, name in enumerate(classes):
-            folder = root / domain / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for k in range(per_class):
-                colour = (20 * c % 256, 40 * d % 256, 30 * k % 256)
-                Image.new("RGB", (size, size + k), colour).save(folder / f"{k}.png")
-    return root
-
-
 def spec_layout(spec, classes: int = 3) -> dict[str, list[str]]:
     return {domain: list(spec.classes[:classes]) for domain in spec.domains}
 
 
 @pytest.mark.parametrize("key", sorted(SPECS))
-def test_named_spec_loads_with_the_spec_domains_and_classes(tmp_path, key):
+def test_named_spec_loads_with_the_spec_domains_and_classes(tmp_path, key, make_tree):
     spec = SPECS[key]
     make_tree(tmp_path / spec.folder, spec_layout(spec))
     with pytest.warns(UserWarning, match="has no images of class"):
@@ -47,7 +37,7 @@ def test_named_spec_loads_with_the_spec_domains_and_classes(tmp_path, key):
     assert y == ds.classes.index(spec.classes[0])
 
 
-def test_root_may_be_the_dataset_folder_itself(tmp_path):
+def test_root_may_be_the_dataset_folder_itself(tmp_path, make_tree):
     spec = SPECS["pacs"]
     make_tree(tmp_path / "PACS", spec_layout(spec, classes=7))
     a = load_dataset("pacs", tmp_path)
@@ -55,7 +45,7 @@ def test_root_may_be_the_dataset_folder_itself(tmp_path):
     assert [d.paths for d in a.datasets] == [d.paths for d in b.datasets]
 
 
-def test_custom_dataset_by_folder_prefix_or_path(tmp_path):
+def test_custom_dataset_by_folder_prefix_or_path(tmp_path, make_tree):
     root = make_tree(tmp_path / "mine", {"b": ["x", "y"], "a": ["x", "y"]})
     for ds in (load_dataset(f"folder:{root}"), load_dataset("folder:", root),
                load_dataset(str(root))):
@@ -63,7 +53,7 @@ def test_custom_dataset_by_folder_prefix_or_path(tmp_path):
         assert [len(d) for d in ds.datasets] == [4, 4]
 
 
-def test_labels_follow_the_union_of_classes_when_a_domain_lacks_one(tmp_path):
+def test_labels_follow_the_union_of_classes_when_a_domain_lacks_one(tmp_path, make_tree):
     root = make_tree(tmp_path, {"A": ["cat", "dog", "zebra"], "B": ["dog", "zebra"]}, per_class=1)
     with pytest.warns(UserWarning) as caught:
         ds = load_image_folder(root)
@@ -96,7 +86,7 @@ def test_custom_dataset_without_domains_is_an_error(tmp_path):
         load_dataset(f"folder:{tmp_path}")
 
 
-def test_missing_domain_folder_lists_expected_and_found(tmp_path):
+def test_missing_domain_folder_lists_expected_and_found(tmp_path, make_tree):
     spec = SPECS["pacs"]
     layout = spec_layout(spec, classes=7)
     del layout["sketch"]
@@ -109,7 +99,7 @@ def test_missing_domain_folder_lists_expected_and_found(tmp_path):
     assert str(tmp_path / "PACS") in message
 
 
-def test_stray_class_folder_of_a_named_dataset_is_an_error(tmp_path):
+def test_stray_class_folder_of_a_named_dataset_is_an_error(tmp_path, make_tree):
     spec = SPECS["pacs"]
     layout = spec_layout(spec, classes=7)
     layout["photo"].append("unicorn")
@@ -118,7 +108,7 @@ def test_stray_class_folder_of_a_named_dataset_is_an_error(tmp_path):
         load_dataset("PACS", tmp_path)
 
 
-def test_corrupt_images_are_skipped_with_one_counting_warning(tmp_path):
+def test_corrupt_images_are_skipped_with_one_counting_warning(tmp_path, make_tree):
     root = make_tree(tmp_path, {"a": ["x", "y"], "b": ["x", "y"]})
     (root / "a" / "x" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (root / "b" / "y" / "empty.png").write_bytes(b"")
@@ -129,7 +119,7 @@ def test_corrupt_images_are_skipped_with_one_counting_warning(tmp_path):
     assert [len(d) for d in ds.datasets] == [4, 4]
 
 
-def test_non_image_files_are_ignored_without_warning(tmp_path):
+def test_non_image_files_are_ignored_without_warning(tmp_path, make_tree):
     root = make_tree(tmp_path, {"a": ["x"], "b": ["x"]})
     (root / "a" / "x" / "labels.csv").write_text("1,2,3")
     (root / "b" / "readme.md").write_text("domain-level file")
@@ -140,7 +130,7 @@ def test_non_image_files_are_ignored_without_warning(tmp_path):
     assert ds.domains == ["a", "b"] and [len(d) for d in ds.datasets] == [2, 2]
 
 
-def test_domain_without_images_is_an_error(tmp_path):
+def test_domain_without_images_is_an_error(tmp_path, make_tree):
     root = make_tree(tmp_path, {"a": ["x"]})
     (root / "b" / "x").mkdir(parents=True)
     (root / "b" / "x" / "notes.txt").write_text("no images here")
@@ -148,7 +138,7 @@ def test_domain_without_images_is_an_error(tmp_path):
         load_image_folder(root)
 
 
-def test_truncated_image_fails_at_decode_naming_the_file(tmp_path):
+def test_truncated_image_fails_at_decode_naming_the_file(tmp_path, make_tree):
     root = make_tree(tmp_path, {"a": ["x"]}, per_class=1, size=64)
     path = root / "a" / "x" / "0.jpg"
     Image.effect_noise((64, 64), 50).convert("RGB").save(path, quality=95)
@@ -159,12 +149,19 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path):
         ds[0][position]
 
 
+def test_named_datasets_and_downloads_cost_no_torch_import():
+    code = ("import sys; from gaqat.data import SPECS, dataset_domains, download_dataset; "
+            "assert dataset_domains('pacs') == SPECS['pacs'].domains; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_unknown_name_lists_the_choices():
     with pytest.raises(ValueError, match="digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet"):
         load_dataset("imagenet")
 
 
-def test_cli_info_and_preview(tmp_path, capsys):
+def test_cli_info_and_preview(tmp_path, capsys, make_tree):
     root = make_tree(tmp_path / "toy", {"d0": ["cat", "dog"], "d1": ["cat", "dog"]}, per_class=3)
     assert cli.main(["data", "info", f"folder:{root}"]) == 0
     table = capsys.readouterr().out

@@ -30,31 +30,37 @@ colour jitter would destroy digits or the colour cues that separate their domain
 Other entry points: ``build_digits`` / ``ensure_digits`` (the DigitsDG cache),
 ``download_dataset`` (the five real datasets), ``preview_grid`` (a PNG of samples),
 ``holdout_split`` (DomainBed's seeded 80/20 split of one domain).
+
+Each name is imported from its module on first use, so that what needs no torch stays
+free of it: ``gaqat.data.specs``, ``gaqat.data.download``, the DigitsDG cache, and
+``dataset_domains`` of a named dataset.
 """
 
-from gaqat.data.digits import build_digits, default_data_dir, ensure_digits
-from gaqat.data.download import download_dataset
-from gaqat.data.loaders import DomainLoaders, Split, TrainBatches, holdout_split, make_loaders
-from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
-from gaqat.data.preview import preview_grid
-from gaqat.data.registry import dataset_domains, load_dataset
-from gaqat.data.specs import SPECS, FolderSpec
+from importlib import import_module
 
-__all__ = [
-    "SPECS",
-    "DomainDataset",
-    "DomainLoaders",
-    "FolderSpec",
-    "MultiDomainDataset",
-    "Split",
-    "TrainBatches",
-    "build_digits",
-    "dataset_domains",
-    "default_data_dir",
-    "download_dataset",
-    "ensure_digits",
-    "holdout_split",
-    "load_dataset",
-    "make_loaders",
-    "preview_grid",
-]
+#: Each public name and the module that defines it.
+_MODULES = {
+    "SPECS": "specs",
+    "DomainDataset": "multidomain",
+    "DomainLoaders": "loaders",
+    "FolderSpec": "specs",
+    "MultiDomainDataset": "multidomain",
+    "Split": "loaders",
+    "TrainBatches": "loaders",
+    "build_digits": "digits_cache",
+    "dataset_domains": "registry",
+    "default_data_dir": "digits_cache",
+    "download_dataset": "download",
+    "ensure_digits": "digits_cache",
+    "holdout_split": "loaders",
+    "load_dataset": "registry",
+    "make_loaders": "loaders",
+    "preview_grid": "preview",
+}
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_MODULES[name]}"), name)

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from gaqat.data.digits import build_digits, default_data_dir
+from gaqat.data.digits_cache import build_digits, default_data_dir
 from gaqat.data.download import download_dataset
 from gaqat.data.folders import ImageFolderDomain
 from gaqat.data.multidomain import MultiDomainDataset

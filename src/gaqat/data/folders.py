@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 
-#: Image side of the photo datasets (DATA.md); ``make_loaders(image_size=...)`` overrides it.
+#: Image side of the photo datasets, as in DomainBed; ``make_loaders(image_size=...)`` overrides it.
 PHOTO_SIZE = 224
 
 
@@ -55,9 +55,7 @@ class ImageFolderDomain(DomainDataset):
         return [i for i, ok in enumerate(decodes) if not ok]
 
 
-def load_image_folder(
-    root: str | Path, spec: FolderSpec | None = None, name: str | None = None
-) -> MultiDomainDataset:
+def load_image_folder(root: str | Path, spec: FolderSpec | None = None) -> MultiDomainDataset:
     """Load a dataset folder whose subfolders are domains.
 
     With ``spec`` (a named dataset) the domains and classes must be the spec's; without,
@@ -65,7 +63,7 @@ def load_image_folder(
     their class folders.
     """
     root = Path(root)
-    label = spec.name if spec else (name or root.name)
+    label = spec.name if spec else root.name
     domains = _domain_folders(root, spec, label)
     class_dirs = {d: _subfolders(root / d) for d in domains}
     if spec is not None:

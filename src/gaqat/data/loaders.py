@@ -122,7 +122,6 @@ class TrainBatches:
 
     def __init__(self, views: Sequence[SplitView], streams: Sequence[int], batch_size: int,
                  seed: int, start_step: int, num_workers: int, pin_memory: bool) -> None:
-        self.step = start_step
         self._loaders = [
             DataLoader(
                 view,
@@ -141,9 +140,7 @@ class TrainBatches:
     def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._iterators is None:  # workers start on first use, not at construction
             self._iterators = [iter(loader) for loader in self._loaders]
-        batches = [next(it) for it in self._iterators]
-        self.step += 1
-        return batches
+        return [next(it) for it in self._iterators]
 
 
 class DomainLoaders:
@@ -153,14 +150,11 @@ class DomainLoaders:
     def __init__(self, dataset: MultiDomainDataset, test_envs: Sequence[int], batch_size: int,
                  seed: int, holdout_fraction: float, splits: list[Split], augment: bool,
                  num_workers: int, image_size: int, eval_batch_size: int) -> None:
-        self.dataset = dataset
-        self.test_envs = tuple(test_envs)
-        self.train_envs = tuple(i for i in range(len(dataset)) if i not in self.test_envs)
+        self.train_envs = tuple(i for i in range(len(dataset)) if i not in test_envs)
         self.batch_size = batch_size
         self.seed = seed
         self.holdout_fraction = holdout_fraction
         self.splits = splits
-        self.image_size = image_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available()
         self._train_views = [
@@ -179,10 +173,6 @@ class DomainLoaders:
                         persistent_workers=num_workers > 0, generator=_private_generator(seed),
                     )
         self._train: TrainBatches | None = None
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
 
     @property
     def train(self) -> TrainBatches:

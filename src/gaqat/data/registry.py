@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gaqat.data.digits import default_data_dir, load_digits
-from gaqat.data.folders import find_dataset_folder, load_image_folder
-from gaqat.data.multidomain import MultiDomainDataset
+from gaqat.data.digits_cache import default_data_dir
 from gaqat.data.specs import SPECS
 from gaqat.names import DATASETS, canonical_dataset
+
+if TYPE_CHECKING:
+    from gaqat.data.multidomain import MultiDomainDataset
 
 FOLDER_PREFIX = "folder:"
 
@@ -31,6 +33,10 @@ def load_dataset(name: str, root: str | Path | None = None) -> MultiDomainDatase
     - ``"folder:PATH"``, ``"folder:"`` with ``root``, or any existing directory: a custom
       dataset in DomainBed's layout, one subfolder per domain.
     """
+    # Imported here: the datasets need torch, the names in dataset_domains do not.
+    from gaqat.data.digits import load_digits
+    from gaqat.data.folders import find_dataset_folder, load_image_folder
+
     key = canonical_dataset(name)
     if key == "digits":
         return load_digits(root)

@@ -31,16 +31,14 @@ class SeededTransform:
     def __init__(self, transform: Callable) -> None:
         self.transform = transform
 
-    def __call__(self, image, seed: int | None = None) -> torch.Tensor:
-        if seed is None:
-            return self.transform(image)
+    def __call__(self, image, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU only: no lazy CUDA seeding
             return self.transform(image)
 
 
 def photo_transform(image_size: int, train: bool) -> Callable:
-    """DATA.md's recipe for PIL photos: crop/flip/jitter/grayscale for training only."""
+    """DomainBed's recipe for PIL photos: crop/flip/jitter/grayscale for training only."""
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not train:
         return T.Compose([T.Resize((image_size, image_size)), *normalize])
@@ -81,12 +79,9 @@ class DigitsTransform:
         ]
 
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        if self.train:
+        if self.train:  # the seed is a uniform 63-bit draw: its digits base 5 are two offsets
             choices = len(self.shifted)
-            if seed is None:
-                dy, dx = torch.randint(0, choices, (2,)).tolist()
-            else:  # the seed is a uniform 63-bit draw: its digits base 5 are two offsets
-                dy, dx = seed % choices, seed // choices % choices
+            dy, dx = seed % choices, seed // choices % choices
             image = image.index_select(1, self.shifted[dy]).index_select(2, self.shifted[dx])
         x = (image.float() - self.offset).div_(self.divisor)
         if self.image_size != self.native_size:
