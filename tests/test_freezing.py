@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import (TinyConvBN, TinyMLP, capture_grads, closure_for, make, pass_counter,
+                      reference_grads)
 from gaqat.freezing import GAQAT, Freezer
-from test_optim import (TinyConvBN, TinyMLP, capture_grads, closure_for, make, pass_counter,
-                        reference_grads)
 
 
 def run_windows(freezer, task_values, window):
