@@ -42,9 +42,9 @@ def training_step(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if name in ("lsq", "lsq_sagm", "gaqat"):
         check_optimizer(base, model)
     if name == "gaqat":
-        optimizer = GAQAT(base, step_sizes(model), window=window)
+        optimizer = GAQAT(base, model, step_sizes(model), window=window)
     elif name.endswith("sagm"):
-        optimizer = SAGM(base)
+        optimizer = SAGM(base, model)
     else:
         optimizer = base
 

@@ -88,7 +88,7 @@ def test_bad_freezer_arguments_are_named(kwargs, match):
 def gaqat_for(model, mode="task", lr=1e-3, **kwargs):
     base = torch.optim.Adam(model.parameters(), lr=lr)
     options = {"rho": 0.5, "alpha": 0.01, "tau": 1.0, "window": 2, "mode": mode, **kwargs}
-    return base, GAQAT(base, model.step_sizes(), **options)
+    return base, GAQAT(base, model, model.step_sizes(), **options)
 
 
 def test_frozen_step_sizes_get_half_g_smooth_and_the_rest_the_sagm_gradient():
@@ -174,7 +174,7 @@ def test_gaqat_makes_exactly_two_forward_and_two_backward_passes_per_step():
 def test_only_the_given_step_sizes_are_frozen():
     model, x, y = make(TinyMLP)
     base = torch.optim.Adam(model.parameters(), lr=1e-3)
-    opt = GAQAT(base, {"a_scale": model.a_scale}, tau=1.0, window=2)
+    opt = GAQAT(base, model, {"a_scale": model.a_scale}, tau=1.0, window=2)
     for _ in range(4):
         opt.step(closure_for(model, x, y))
     assert opt.frozen == {"a_scale"}
@@ -190,7 +190,8 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
                            QuantConfig(weight_bits=4, act_bits=4, per_channel=per_channel))
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     sizes = step_sizes(model)
-    opt = GAQAT(torch.optim.Adam(model.parameters(), lr=1e-3), sizes, tau=1.0, window=2, mode="all")
+    opt = GAQAT(torch.optim.Adam(model.parameters(), lr=1e-3), model, sizes, tau=1.0, window=2,
+                mode="all")
     closure = closure_for(model, x, y)
     for _ in range(4):
         opt.step(closure)

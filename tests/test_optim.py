@@ -32,7 +32,7 @@ def test_the_base_optimizer_gets_the_hand_computed_gradient(model_cls, wrapper, 
     g, g_p = reference_grads(model, x, y, rho=0.5, alpha=kwargs.get("alpha", 0.0))
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = capture_grads(base)
-    wrapper(base, **kwargs).step(closure_for(model, x, y))
+    wrapper(base, model, **kwargs).step(closure_for(model, x, y))
     assert set(seen) == set(model.parameters())
     for p in model.parameters():
         torch.testing.assert_close(seen[p], final(g[p], g_p[p]), rtol=0, atol=1e-10)
@@ -43,7 +43,7 @@ def test_components_split_the_sagm_gradient_of_watched_parameters():
     g, g_p = reference_grads(model, x, y, rho=0.5, alpha=0.01)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = capture_grads(base)
-    opt = SAGM(base, rho=0.5, alpha=0.01, watch=model.step_sizes())
+    opt = SAGM(base, model, rho=0.5, alpha=0.01, watch=model.step_sizes())
     opt.step(closure_for(model, x, y))
     for name, p in model.step_sizes().items():
         torch.testing.assert_close(opt.g_task[name], g[p], rtol=0, atol=1e-10)
@@ -55,7 +55,7 @@ def test_components_split_the_sagm_gradient_of_watched_parameters():
 def test_parameters_are_restored_bit_for_bit():
     model, x, y = make(TinyConvBN)
     before = [p.detach().clone() for p in model.parameters()]
-    SAGM(torch.optim.SGD(model.parameters(), lr=0.0), rho=3.0).step(closure_for(model, x, y))
+    SAGM(torch.optim.SGD(model.parameters(), lr=0.0), model, rho=3.0).step(closure_for(model, x, y))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
@@ -72,17 +72,17 @@ def test_parameters_are_restored_when_the_perturbed_pass_raises():
         loss.backward()
         return loss
     with pytest.raises(RuntimeError, match="perturbed pass"):
-        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), rho=3.0).step(closure)
+        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=3.0).step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert model.bn.track_running_stats
 
 
 # Each two-pass optimizer at ρ = α = 0, where the perturbed pass runs at θ itself.
 AT_ZERO_RADIUS = {
-    "SAM": lambda base, model, **kw: SAM(base, rho=0.0, watch=model.step_sizes(), **kw),
-    "SAGM": lambda base, model, **kw: SAGM(base, rho=0.0, alpha=0.0, watch=model.step_sizes(),
+    "SAM": lambda base, model, **kw: SAM(base, model, rho=0.0, watch=model.step_sizes(), **kw),
+    "SAGM": lambda base, model, **kw: SAGM(base, model, rho=0.0, alpha=0.0, watch=model.step_sizes(),
                                            **kw),
-    "GAQAT": lambda base, model, **kw: GAQAT(base, model.step_sizes(), rho=0.0, alpha=0.0,
+    "GAQAT": lambda base, model, **kw: GAQAT(base, model, model.step_sizes(), rho=0.0, alpha=0.0,
                                              tau=0.0, window=2, **kw),
 }
 
@@ -111,10 +111,30 @@ def test_bn_running_stats_move_as_after_one_plain_forward():
     model, x, y = make(TinyConvBN)
     plain = copy.deepcopy(model)
     plain(x)
-    SAGM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5).step(closure_for(model, x, y))
+    SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5).step(closure_for(model, x, y))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model.bn, name), getattr(plain.bn, name)), name
     assert model.bn.track_running_stats
+
+
+def test_only_the_given_models_batch_norm_is_left_alone():
+    """The context is scoped to the optimizer's model: other modules' statistics move as usual."""
+    model, x, y = make(TinyConvBN)
+    other = nn.BatchNorm1d(3).double()
+
+    def closure():
+        loss = F.cross_entropy(model(x), y) + other(model(x)).sum() * 0
+        loss.backward()
+        return loss
+    SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5).step(closure)
+    assert model.bn.num_batches_tracked == 2  # two forwards in the first pass, none in the second
+    assert other.num_batches_tracked == 2  # one forward in each pass
+
+
+def test_the_model_must_be_given():
+    model, _, _ = make(TinyMLP)
+    with pytest.raises(ValueError, match="model must be the nn.Module"):
+        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), 0.05)
 
 
 def test_instance_norm_with_running_stats_is_refused():
@@ -122,14 +142,14 @@ def test_instance_norm_with_running_stats_is_refused():
                           nn.Flatten(), nn.Linear(8, 2))
     x, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 0])
     with pytest.raises(ValueError, match="InstanceNorm2d"):
-        SAM(torch.optim.SGD(model.parameters(), lr=0.1)).step(closure_for(model, x, y))
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1), model).step(closure_for(model, x, y))
 
 
 @pytest.mark.parametrize("wrapper", [SAM, SAGM])
 def test_exactly_two_forward_and_two_backward_passes_per_step(wrapper):
     model, x, y = make(TinyConvBN)
     counts = pass_counter(model)
-    opt = wrapper(torch.optim.Adam(model.parameters(), lr=1e-3), watch=model.step_sizes())
+    opt = wrapper(torch.optim.Adam(model.parameters(), lr=1e-3), model, watch=model.step_sizes())
     for _ in range(3):
         opt.step(closure_for(model, x, y))
     assert counts == {"forward": 6, "backward": 6}
@@ -137,7 +157,7 @@ def test_exactly_two_forward_and_two_backward_passes_per_step(wrapper):
 
 def test_state_dict_round_trip_continues_identically():
     model, x, y = make(TinyMLP)
-    opt = SAGM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.1)
+    opt = SAGM(torch.optim.Adam(model.parameters(), lr=1e-2), model, rho=0.1)
     for _ in range(3):
         opt.step(closure_for(model, x, y))
     buffer = io.BytesIO()
@@ -146,7 +166,7 @@ def test_state_dict_round_trip_continues_identically():
     saved = torch.load(buffer, weights_only=True)
     twin = TinyMLP().double()
     twin.load_state_dict(saved["model"])
-    twin_opt = SAGM(torch.optim.Adam(twin.parameters(), lr=1e-2), rho=0.1)
+    twin_opt = SAGM(torch.optim.Adam(twin.parameters(), lr=1e-2), twin, rho=0.1)
     twin_opt.load_state_dict(saved["optimizer"])
     assert twin_opt.param_groups is twin_opt.base_optimizer.param_groups
     assert twin_opt.state is twin_opt.base_optimizer.state
@@ -159,7 +179,7 @@ def test_state_dict_round_trip_continues_identically():
 def test_scheduler_on_the_wrapper_drives_the_base_learning_rate():
     model, x, y = make(TinyMLP)
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
-    opt = SAGM(base)
+    opt = SAGM(base, model)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     opt.step(closure_for(model, x, y))
     scheduler.step()
@@ -170,7 +190,7 @@ def test_parameter_without_gradient_at_theta_is_not_stepped():
     model, x, y = make(TinyMLP)
     unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
     base = torch.optim.Adam([*model.parameters(), unused], lr=1e-2)
-    SAGM(base).step(closure_for(model, x, y))
+    SAGM(base, model).step(closure_for(model, x, y))
     assert unused.grad is None and torch.equal(unused, torch.ones(2, dtype=torch.float64))
 
 
@@ -178,7 +198,7 @@ def test_bfloat16_autocast_inside_the_closure_trains():
     model, x, y = make(TinyConvBN)
     model.float()
     x = x.float()
-    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), watch=model.step_sizes())
+    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, watch=model.step_sizes())
 
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -193,7 +213,7 @@ def test_bfloat16_autocast_inside_the_closure_trains():
 
 def test_fp16_grad_scaler_is_refused_with_a_clear_error():
     model, x, y = make(TinyMLP)
-    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     with pytest.raises(RuntimeError, match="GradScaler.*bfloat16"):
@@ -209,19 +229,19 @@ def test_fp16_grad_scaler_is_refused_with_a_clear_error():
 def test_bad_hyperparameters_are_named(kwargs, match):
     model, _, _ = make(TinyMLP)
     with pytest.raises(ValueError, match=match):
-        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+        SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
 
 
 def test_watched_parameter_outside_the_optimizer_is_refused():
     model, _, _ = make(TinyMLP)
     base = torch.optim.SGD(model.fc1.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="'w_scale'.*after quantize_model"):
-        SAGM(base, watch=model.step_sizes())
+        SAGM(base, model, watch=model.step_sizes())
 
 
 def test_step_without_closure_or_without_backward_is_refused():
     model, x, y = make(TinyMLP)
-    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model)
     with pytest.raises(ValueError, match="closure"):
         opt.step()
     with pytest.raises(RuntimeError, match="backward"):

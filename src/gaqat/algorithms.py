@@ -75,13 +75,13 @@ class Algorithm:
             return base
         rng = hparams["perturbed_pass_rng"]
         if self.recipe.freezing:
-            return GAQAT(base, step_sizes(self.network), rho=hparams["rho"], alpha=hparams["alpha"],
+            return GAQAT(base, self.network, step_sizes(self.network), rho=hparams["rho"], alpha=hparams["alpha"],
                          tau=hparams["tau"], window=hparams["window"], mode=hparams["freeze_mode"],
                          unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"],
                          perturbed_pass_rng=rng)
         if self.recipe.objective == "sagm":
-            return SAGM(base, rho=hparams["rho"], alpha=hparams["alpha"], perturbed_pass_rng=rng)
-        return SAM(base, rho=hparams["rho"], perturbed_pass_rng=rng)
+            return SAGM(base, self.network, rho=hparams["rho"], alpha=hparams["alpha"], perturbed_pass_rng=rng)
+        return SAM(base, self.network, rho=hparams["rho"], perturbed_pass_rng=rng)
 
     def to(self, device: torch.device) -> "Algorithm":
         self.network.to(device)

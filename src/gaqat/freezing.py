@@ -111,11 +111,11 @@ class GAQAT(SAGM):
     ``tau=0`` never freezes, which turns this into LSQ+SAGM that still logs the windows.
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, step_sizes: Mapping[str, nn.Parameter],
-                 rho: float = 0.05, alpha: float = 1e-3, tau: float = 0.3, window: int = 350,
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module,
+                 step_sizes: Mapping[str, nn.Parameter], rho: float = 0.05, alpha: float = 1e-3, tau: float = 0.3, window: int = 350,
                  mode: str = "task", unfreeze: bool = False, metric: str = "sign_flip",
                  warmup_windows: int = 1, perturbed_pass_rng: str = "replay"):
-        super().__init__(base_optimizer, rho, alpha, watch=step_sizes,
+        super().__init__(base_optimizer, model, rho, alpha, watch=step_sizes,
                          perturbed_pass_rng=perturbed_pass_rng)
         self.freezer = Freezer(step_sizes, tau, window, mode, unfreeze, warmup_windows, metric)
         self.steps = 0

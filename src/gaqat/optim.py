@@ -22,13 +22,12 @@ Watched parameters (the quantizers' step sizes) keep the two components of METHO
 after every step, ``g_task = g`` and ``g_smooth = g_p − g``, as device tensors: they fall
 out of the two passes, cost no extra pass and no host synchronisation.
 
-Batch norm: the perturbed pass must not move running statistics, but an optimizer holds
-no model. During that pass a process-wide forward pre-hook switches each train-mode
-batch-norm layer to ``track_running_stats=False`` just before it runs (it still
-normalises with batch statistics, exactly as in training, but leaves running_mean,
-running_var and num_batches_tracked alone) and switches it back afterwards. Models
-without batch norm are unaffected; do not run other forward passes in other threads
-during ``step``.
+Batch norm: the perturbed pass must not move running statistics, so the wrappers take the
+model being trained and run that pass inside :func:`frozen_running_stats` (davda54/sam's
+``disable_running_stats``/``enable_running_stats`` as one context): its batch-norm layers
+still normalise with the batch's statistics, exactly as in training, but leave
+running_mean, running_var and num_batches_tracked alone. Nothing outside the model is
+touched.
 
 Mixed precision: bfloat16 autocast inside the closure works unchanged (bf16 has fp32's
 exponent range, so no loss scaling is needed, and gradients land in the parameters'
@@ -56,26 +55,25 @@ _NORM_EPS = 1e-12
 
 
 @contextmanager
-def frozen_running_stats() -> Iterator[None]:
-    """Keep every batch-norm layer's running statistics unchanged while the block runs."""
-    switched: list[_BatchNorm] = []
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Keep ``model``'s batch-norm running statistics unchanged while the block runs.
 
-    def hook(module: nn.Module, args: object) -> None:
-        if not (module.training and getattr(module, "track_running_stats", False)):
-            return
-        if isinstance(module, _BatchNorm):
-            module.track_running_stats = False
-            switched.append(module)
-        elif isinstance(module, _InstanceNorm):
+    Each batch-norm layer that tracks them is switched to ``track_running_stats=False``:
+    in training mode it still normalises with the batch's statistics but updates nothing,
+    in eval mode it still uses the running ones. Instance norm with running statistics
+    would update them from the batch either way, so it is refused.
+    """
+    for module in model.modules():
+        if isinstance(module, _InstanceNorm) and module.training and module.track_running_stats:
             raise ValueError(f"{type(module).__name__} with track_running_stats=True is not "
                              "supported by SAM/SAGM: its running statistics would change "
                              "during the perturbed pass")
-
-    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for module in switched:
+        module.track_running_stats = False
     try:
         yield
     finally:
-        handle.remove()
         for module in switched:
             module.track_running_stats = True
 
@@ -83,6 +81,8 @@ def frozen_running_stats() -> Iterator[None]:
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimisation (Foret et al., 2021): the base optimizer steps with g_p.
 
+    ``model``: the module being trained, whose batch-norm running statistics the perturbed
+    pass leaves alone (module docstring).
     ``watch`` maps names to parameters whose components are kept after each step in
     ``g_task`` and ``g_smooth`` (name -> tensor shaped like the parameter).
     ``perturbed_pass_rng``: "replay" the first pass's dropout masks in the perturbed pass,
@@ -92,16 +92,21 @@ class SAM(torch.optim.Optimizer):
     # GradScaler.step hands the call to optimizers that claim this, so step() can refuse it.
     _step_supports_amp_scaling = True
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, *,
-                 watch: Mapping[str, nn.Parameter] | None = None,
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
+                 *, watch: Mapping[str, nn.Parameter] | None = None,
                  perturbed_pass_rng: str = "replay"):
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAM):
             raise ValueError(f"{type(self).__name__}: base_optimizer must be a plain "
                              f"torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{type(self).__name__}: model must be the nn.Module being trained "
+                             f"(its batch norm is left alone in the perturbed pass), got "
+                             f"{type(model).__name__}")
         if perturbed_pass_rng not in PERTURBED_PASS_RNG:
             raise ValueError(f"{type(self).__name__}.perturbed_pass_rng: {perturbed_pass_rng!r} "
                              f"is not one of {PERTURBED_PASS_RNG}")
         self.base_optimizer = base_optimizer
+        self.model = model
         self.rho = self._non_negative("rho", rho)
         self.alpha = 0.0
         self.perturbed_pass_rng = perturbed_pass_rng
@@ -163,7 +168,7 @@ class SAM(torch.optim.Optimizer):
             _set_rng_state(rng)
         try:  # θ comes back even when the perturbed pass raises
             torch._foreach_add_(moved, e)
-            with torch.enable_grad(), frozen_running_stats():
+            with torch.enable_grad(), frozen_running_stats(self.model):
                 closure()
         finally:
             torch._foreach_copy_(moved, theta)
@@ -205,10 +210,11 @@ class SAGM(SAM):
     The perturbation subtracts α·g from SAM's ascent step (METHOD.md §3).
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
                  alpha: float = 1e-3, *, watch: Mapping[str, nn.Parameter] | None = None,
                  perturbed_pass_rng: str = "replay"):
-        super().__init__(base_optimizer, rho, watch=watch, perturbed_pass_rng=perturbed_pass_rng)
+        super().__init__(base_optimizer, model, rho, watch=watch,
+                         perturbed_pass_rng=perturbed_pass_rng)
         self.alpha = self._non_negative("alpha", alpha)
 
     def _combine(self, g: list[torch.Tensor], g_p: list[torch.Tensor]) -> None:
