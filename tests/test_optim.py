@@ -214,11 +214,15 @@ def test_bfloat16_autocast_inside_the_closure_trains():
 def test_fp16_grad_scaler_is_refused_with_a_clear_error():
     model, x, y = make(TinyMLP)
     opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    closure = closure_for(model, x, y)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(F.cross_entropy(model(x), y)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="GradScaler.*bfloat16"):
-        scaler.step(opt, closure_for(model, x, y))
-    opt.step(closure_for(model, x, y))  # still usable without the scaler
+        scaler.step(opt, closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    torch.amp.GradScaler("cpu", enabled=False).step(opt, closure)  # a disabled scaler just steps
+    opt.step(closure)  # and the optimizer is still usable without one
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -36,6 +36,13 @@ its scale once per optimizer step, but here the perturbation is built from the f
 pass's gradients before the scaler could unscale or inspect them, an overflow in either
 pass would have to abandon the whole two-pass step, and α·g is not invariant to the loss
 scale. ``GradScaler.step(wrapper, closure)`` therefore raises; use bfloat16 instead.
+
+GradScaler offers an optimizer no public way to learn that a scaler drives it. The one
+thing an enabled scaler's ``step`` asks of every optimizer, before it unscales or checks
+anything, is ``getattr(optimizer, "_step_supports_amp_scaling", False)`` (torch's opt-in
+for fused optimizers that unscale themselves). The wrappers answer that question with the
+error: they read and write none of the scaler's state, and a disabled scaler
+(``enabled=False``, which calls ``step`` directly) keeps working.
 """
 
 from __future__ import annotations
@@ -89,8 +96,12 @@ class SAM(torch.optim.Optimizer):
     or draw "fresh" ones (module docstring).
     """
 
-    # GradScaler.step hands the call to optimizers that claim this, so step() can refuse it.
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Asked by an enabled GradScaler before it steps an optimizer: refuse it here."""
+        raise RuntimeError(f"{type(self).__name__} does not support fp16 GradScaler: a two-pass "
+                           "step cannot be loss-scaled (see gaqat.optim); use "
+                           "torch.autocast(dtype=torch.bfloat16) without a scaler")
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
                  *, watch: Mapping[str, nn.Parameter] | None = None,
@@ -139,11 +150,6 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """One two-pass step; ``closure`` runs forward and backward and returns the loss."""
-        if hasattr(self, "found_inf"):  # set by GradScaler.step just before it calls us
-            del self.found_inf, self.grad_scale  # GradScaler would delete them after the call
-            raise RuntimeError(f"{type(self).__name__} does not support fp16 GradScaler: a two-pass "
-                               "step cannot be loss-scaled (see gaqat.optim); use "
-                               "torch.autocast(dtype=torch.bfloat16) without a scaler")
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that runs forward and "
                              "backward on the step's minibatch and returns the loss")
