@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gaqat.freezing import GAQAT
+from gaqat.freezing import Freezer
 from gaqat.models import ModelConfig, build_model
-from gaqat.optim import SAGM
+from gaqat.optim import GAQAT, SAGM
 from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
 from timing import (benchmark_parser, parse_benchmark_args, print_table, time_interleaved,
                     timing_rows, write_json)
@@ -42,7 +42,7 @@ def training_step(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if name in ("lsq", "lsq_sagm", "gaqat"):
         check_optimizer(base, model)
     if name == "gaqat":
-        optimizer = GAQAT(base, model, step_sizes(model), window=window)
+        optimizer = GAQAT(base, model, Freezer(step_sizes(model), window=window))
     elif name.endswith("sagm"):
         optimizer = SAGM(base, model)
     else:

@@ -69,7 +69,7 @@ def test_weight_decay_spares_step_sizes_so_a_frozen_one_stays_put():
     weights, scales = algorithm.optimizer.param_groups
     assert (weights["weight_decay"], scales["weight_decay"]) == (1e-2, 0.0)
     sizes = step_sizes(algorithm.network)
-    algorithm.optimizer.freezer.frozen = set(sizes)  # from the first step: no Adam momentum
+    algorithm.freezer.frozen = set(sizes)  # from the first step: no Adam momentum
     batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
     algorithm.update(batch)  # initialises the quantizers
     before = {name: s.detach().clone() for name, s in sizes.items()}

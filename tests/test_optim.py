@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import (TinyConvBN, TinyDropout, TinyMLP, capture_grads, closure_for, make,
                       pass_counter, reference_grads)
-from gaqat.freezing import GAQAT
-from gaqat.optim import SAGM, SAM
+from gaqat.freezing import Freezer
+from gaqat.optim import GAQAT, SAGM, SAM
 
 torch.set_num_threads(1)
 
@@ -82,8 +82,9 @@ AT_ZERO_RADIUS = {
     "SAM": lambda base, model, **kw: SAM(base, model, rho=0.0, watch=model.step_sizes(), **kw),
     "SAGM": lambda base, model, **kw: SAGM(base, model, rho=0.0, alpha=0.0, watch=model.step_sizes(),
                                            **kw),
-    "GAQAT": lambda base, model, **kw: GAQAT(base, model, model.step_sizes(), rho=0.0, alpha=0.0,
-                                             tau=0.0, window=2, **kw),
+    "GAQAT": lambda base, model, **kw: GAQAT(base, model, Freezer(model.step_sizes(), tau=0.0,
+                                                                  window=2),
+                                             rho=0.0, alpha=0.0, **kw),
 }
 
 

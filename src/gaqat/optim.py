@@ -56,6 +56,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from gaqat.freezing import Freezer
 from gaqat.names import PERTURBED_PASS_RNG
 
 _NORM_EPS = 1e-12
@@ -226,6 +227,32 @@ class SAGM(SAM):
     def _combine(self, g: list[torch.Tensor], g_p: list[torch.Tensor]) -> None:
         torch._foreach_add_(g_p, g)
         torch._foreach_mul_(g_p, 0.5)
+
+
+class GAQAT(SAGM):
+    """SAGM whose step sizes' task and smoothness components drive a :class:`Freezer`.
+
+    One ``step(closure)`` per training step; the freezer holds the step sizes, the decisions
+    and the records (``freezer.pop_records()``). A freezer with ``tau=0`` never freezes,
+    which turns this into LSQ+SAGM that still logs the windows.
+    """
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, freezer: Freezer,
+                 rho: float = 0.05, alpha: float = 1e-3, *, perturbed_pass_rng: str = "replay"):
+        super().__init__(base_optimizer, model, rho, alpha, watch=freezer.step_sizes,
+                         perturbed_pass_rng=perturbed_pass_rng)
+        self.freezer = freezer
+
+    def _before_base_step(self) -> None:
+        self.freezer.observe(self.g_task, self.g_smooth)
+        self.freezer.edit_grads(self.g_smooth)
+
+    def state_dict(self) -> dict:
+        return {"base": super().state_dict(), "freezer": self.freezer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict["base"])
+        self.freezer.load_state_dict(state_dict["freezer"])
 
 
 def _grad_or_zeros(param: nn.Parameter) -> torch.Tensor:
