@@ -122,3 +122,15 @@ def pass_counter(model):
         output.register_hook(lambda grad: count("backward"))
     model.register_forward_hook(on_forward)
     return counts
+
+
+def record_components(freezer):
+    """The (g_task, g_smooth) dicts GAQAT hands ``freezer`` at each step, in a growing list."""
+    handed = []
+    observe = freezer.observe
+
+    def spy(g_task, g_smooth):
+        handed.append((dict(g_task), dict(g_smooth)))
+        observe(g_task, g_smooth)
+    freezer.observe = spy
+    return handed

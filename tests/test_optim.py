@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import (TinyConvBN, TinyDropout, TinyMLP, capture_grads, closure_for, make,
-                      pass_counter, reference_grads)
+                      pass_counter, record_components, reference_grads)
 from gaqat.freezing import Freezer
 from gaqat.optim import GAQAT, SAGM, SAM
 
@@ -38,18 +38,26 @@ def test_the_base_optimizer_gets_the_hand_computed_gradient(model_cls, wrapper, 
         torch.testing.assert_close(seen[p], final(g[p], g_p[p]), rtol=0, atol=1e-10)
 
 
-def test_components_split_the_sagm_gradient_of_watched_parameters():
+def test_components_split_the_two_passes_of_the_named_parameters():
     model, x, y = make(TinyMLP)
     g, g_p = reference_grads(model, x, y, rho=0.5, alpha=0.01)
+    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5, alpha=0.01)
+    g_task, g_smooth = opt.two_passes(closure_for(model, x, y)).components(model.step_sizes())
+    for name, p in model.step_sizes().items():
+        torch.testing.assert_close(g_task[name], g[p], rtol=0, atol=1e-10)
+        torch.testing.assert_close(g_smooth[name], g_p[p] - g[p], rtol=0, atol=1e-10)
+
+
+def test_gaqat_hands_the_freezer_the_components_of_the_sagm_gradient():
+    model, x, y = make(TinyMLP)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = capture_grads(base)
-    opt = SAGM(base, model, rho=0.5, alpha=0.01, watch=model.step_sizes())
-    opt.step(closure_for(model, x, y))
+    freezer = Freezer(model.step_sizes(), tau=0.0, window=2)
+    handed = record_components(freezer)
+    GAQAT(base, model, freezer, rho=0.5, alpha=0.01).step(closure_for(model, x, y))
+    (g_task, g_smooth), = handed
     for name, p in model.step_sizes().items():
-        torch.testing.assert_close(opt.g_task[name], g[p], rtol=0, atol=1e-10)
-        torch.testing.assert_close(opt.g_smooth[name], g_p[p] - g[p], rtol=0, atol=1e-10)
-        torch.testing.assert_close(opt.g_task[name] + 0.5 * opt.g_smooth[name], seen[p],
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(g_task[name] + 0.5 * g_smooth[name], seen[p], rtol=0, atol=1e-12)
 
 
 def test_parameters_are_restored_bit_for_bit():
@@ -79,9 +87,8 @@ def test_parameters_are_restored_when_the_perturbed_pass_raises():
 
 # Each two-pass optimizer at ρ = α = 0, where the perturbed pass runs at θ itself.
 AT_ZERO_RADIUS = {
-    "SAM": lambda base, model, **kw: SAM(base, model, rho=0.0, watch=model.step_sizes(), **kw),
-    "SAGM": lambda base, model, **kw: SAGM(base, model, rho=0.0, alpha=0.0, watch=model.step_sizes(),
-                                           **kw),
+    "SAM": lambda base, model, **kw: SAM(base, model, rho=0.0, **kw),
+    "SAGM": lambda base, model, **kw: SAGM(base, model, rho=0.0, alpha=0.0, **kw),
     "GAQAT": lambda base, model, **kw: GAQAT(base, model, Freezer(model.step_sizes(), tau=0.0,
                                                                   window=2),
                                              rho=0.0, alpha=0.0, **kw),
@@ -91,7 +98,6 @@ AT_ZERO_RADIUS = {
 @pytest.mark.parametrize("rng", ["replay", "fresh"])
 @pytest.mark.parametrize("wrapper", AT_ZERO_RADIUS)
 def test_replayed_dropout_masks_make_a_zero_radius_step_a_plain_gradient_step(wrapper, rng):
-    """With fresh masks g_smooth = g_p − g would be dropout noise, not curvature."""
     model, x, y = make(TinyDropout)
     closure = closure_for(model, x, y)
     torch.manual_seed(1)
@@ -103,9 +109,17 @@ def test_replayed_dropout_masks_make_a_zero_radius_step_a_plain_gradient_step(wr
     opt = AT_ZERO_RADIUS[wrapper](base, model, perturbed_pass_rng=rng)
     torch.manual_seed(1)
     opt.step(closure)
-    replayed = rng == "replay"
-    assert all(torch.equal(seen[p], plain[p]) for p in model.parameters()) == replayed
-    assert (not any(g.any() for g in opt.g_smooth.values())) == replayed
+    assert all(torch.equal(seen[p], plain[p]) for p in model.parameters()) == (rng == "replay")
+
+
+@pytest.mark.parametrize("rng", ["replay", "fresh"])
+def test_replayed_dropout_masks_make_g_smooth_exactly_zero_at_zero_radius(rng):
+    """With fresh masks g_smooth = g_p − g would be dropout noise, not curvature."""
+    model, x, y = make(TinyDropout)
+    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0, alpha=0.0,
+               perturbed_pass_rng=rng)
+    _, g_smooth = opt.two_passes(closure_for(model, x, y)).components(model.step_sizes())
+    assert (not any(g.any() for g in g_smooth.values())) == (rng == "replay")
 
 
 def test_bn_running_stats_move_as_after_one_plain_forward():
@@ -150,7 +164,7 @@ def test_instance_norm_with_running_stats_is_refused():
 def test_exactly_two_forward_and_two_backward_passes_per_step(wrapper):
     model, x, y = make(TinyConvBN)
     counts = pass_counter(model)
-    opt = wrapper(torch.optim.Adam(model.parameters(), lr=1e-3), model, watch=model.step_sizes())
+    opt = wrapper(torch.optim.Adam(model.parameters(), lr=1e-3), model)
     for _ in range(3):
         opt.step(closure_for(model, x, y))
     assert counts == {"forward": 6, "backward": 6}
@@ -199,7 +213,9 @@ def test_bfloat16_autocast_inside_the_closure_trains():
     model, x, y = make(TinyConvBN)
     model.float()
     x = x.float()
-    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, watch=model.step_sizes())
+    freezer = Freezer(model.step_sizes(), tau=0.0, window=2)
+    handed = record_components(freezer)
+    opt = GAQAT(torch.optim.SGD(model.parameters(), lr=0.1), model, freezer)
 
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -209,7 +225,7 @@ def test_bfloat16_autocast_inside_the_closure_trains():
     before = model.w_scale.detach().clone()
     opt.step(closure)
     assert model.w_scale.dtype == torch.float32 and not torch.equal(model.w_scale, before)
-    assert opt.g_smooth["w_scale"].dtype == torch.float32
+    assert handed[0][1]["w_scale"].dtype == torch.float32
 
 
 def test_fp16_grad_scaler_is_refused_with_a_clear_error():
@@ -237,11 +253,11 @@ def test_bad_hyperparameters_are_named(kwargs, match):
         SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
 
 
-def test_watched_parameter_outside_the_optimizer_is_refused():
+def test_step_size_outside_the_optimizer_is_refused():
     model, _, _ = make(TinyMLP)
     base = torch.optim.SGD(model.fc1.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="'w_scale'.*after quantize_model"):
-        SAGM(base, model, watch=model.step_sizes())
+        GAQAT(base, model, Freezer(model.step_sizes()))
 
 
 def test_step_without_closure_or_without_backward_is_refused():

@@ -100,7 +100,8 @@ class Algorithm:
             loss.backward()
             return loss
 
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.objective == "erm":  # the two-pass steps zero before each of their passes
+            self.optimizer.zero_grad(set_to_none=True)
         loss = self.optimizer.step(closure)
         self.scheduler.step()
         stats = {"loss": loss.item()}
