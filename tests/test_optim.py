@@ -1,7 +1,7 @@
-"""SAM/SAGM against a hand-computed two-pass step, in float64 on tiny models.
+"""SAM, SAGM and GAQAT's step against a hand-computed two-pass step, in float64 on tiny models.
 
-The models carry extra scalar and per-channel parameters that play the role of LSQ
-step sizes, so the optimizer is tested without depending on gaqat.quant.
+The models (conftest's TinyMLP, TinyConvBN) carry extra scalar and per-channel parameters
+that play the role of LSQ step sizes, so the optimizers are tested without gaqat.quant.
 """
 
 from __future__ import annotations
