@@ -1,9 +1,11 @@
-"""What a training step costs under each objective: erm, sagm (float); lsq, lsq_sagm, gaqat (W4A4).
+"""What a training step costs under each method: erm, sagm (float); lsq, lsq_sagm, gaqat (W4A4).
 
-One step is the algorithm's full update on fixed random data with Adam: one forward and
-backward (erm, lsq) or the two passes of SAGM (sagm, lsq_sagm, gaqat; GAQAT adds the
-task/smoothness split, the disorder tracker and the freezer). Cases: the small CNN at
-32x32, batch 96, and ResNet-18 at 64x64, batch 32. Goals (issue 3): gaqat <= 1.05x
+One step is ``gaqat.algorithms.Algorithm.update``, exactly what ``gaqat train`` runs: one
+forward and backward (erm, lsq) or SAGM's two passes (sagm, lsq_sagm, gaqat; GAQAT adds
+the task/smoothness split, the disorder tracker and the freezer), the Adam step, the
+learning-rate schedule and reading the loss, on a fixed random batch. Every method starts
+from the same float weights, with DigitsDG's default hyperparameters. Cases: the small
+CNN at 32x32, batch 96, and ResNet-18 at 64x64, batch 32. Goals (issue 3): gaqat <= 1.05x
 lsq_sagm (the bookkeeping is nearly free) and lsq_sagm <= 2.3x lsq (two passes: 2.0x is
 the floor). GAQAT runs with a short window, so that several window ends (one host sync
 and a summary each) fall inside the timed steps; the mean shows their amortised cost,
@@ -15,17 +17,15 @@ which the median ignores.
 
 from __future__ import annotations
 
-import copy
+import functools
 import statistics
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from gaqat.freezing import GAQAT
+from gaqat.algorithms import Algorithm
+from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig, build_model
-from gaqat.optim import SAGM
-from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
+from gaqat.names import get_recipe
 from timing import (benchmark_parser, parse_benchmark_args, print_table, time_interleaved,
                     timing_rows, write_json)
 
@@ -33,49 +33,28 @@ CASES = {  # name: (model config, image size, batch size)
     "small_cnn": (ModelConfig(), 32, 96),
     "resnet18": (ModelConfig(arch="resnet18"), 64, 32),
 }
+METHODS = ("erm", "sagm", "lsq", "lsq_sagm", "gaqat")
+BITS = 4
 GOALS = {"gaqat/lsq_sagm": 1.05, "lsq_sagm/lsq": 2.3}
 
 
-def training_step(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, window: int):
-    """A zero-argument callable doing one step of method ``name`` on (x, y)."""
-    base = torch.optim.Adam(model.parameters(), lr=1e-4)
-    if name in ("lsq", "lsq_sagm", "gaqat"):
-        check_optimizer(base, model)
-    if name == "gaqat":
-        optimizer = GAQAT(base, step_sizes(model), window=window)
-    elif name.endswith("sagm"):
-        optimizer = SAGM(base)
-    else:
-        optimizer = base
-
-    def closure() -> torch.Tensor:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        if optimizer is base:
-            closure()
-            base.step()
-        else:
-            optimizer.step(closure)
-
-    return step
-
-
 def candidates(case: str, device: torch.device, window: int) -> dict:
+    """Method name -> a zero-argument callable running one ``Algorithm.update``."""
     config, size, batch = CASES[case]
     torch.manual_seed(0)
-    float_model = build_model(config).to(device).train()
+    init_state = build_model(config).state_dict()
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, config.num_classes, (batch,), device=device)
     steps = {}
-    for name in ("erm", "sagm", "lsq", "lsq_sagm", "gaqat"):
-        model = copy.deepcopy(float_model)
-        if name.startswith("lsq") or name == "gaqat":
-            quantize_model(model, QuantConfig(weight_bits=4, act_bits=4))
-        steps[name] = training_step(name, model, x, y, window)
+    for name in METHODS:
+        recipe = get_recipe(name)
+        hparams = default_hparams(name, "digits")
+        if recipe.freezing:
+            hparams["window"] = window
+        algorithm = Algorithm(name, config, hparams, total_steps=10**6,
+                              bits=BITS if recipe.quantized else None,
+                              init_state=init_state).to(device)
+        steps[name] = functools.partial(algorithm.update, [(x, y)])
     return steps
 
 
@@ -114,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                             f"{args.clock} clock, {rounds} interleaved rounds "
                             f"(ratio = median / erm median)")
     print_table(ratio_rows, title="goal ratios")
-    path = write_json("step_cost", {"rounds": rounds, "warmup": warmup, "window": args.window,
+    path = write_json("step_cost", {"step": "gaqat.algorithms.Algorithm.update", "bits": BITS,
+                                    "rounds": rounds, "warmup": warmup, "window": args.window,
                                     "clock": args.clock, "goals": GOALS, "rows": rows,
                                     "ratios": ratio_rows}, device)
     print(f"\nwrote {path}")

@@ -9,20 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from gaqat.freezing import GAQAT, Freezer
-from test_optim import (TinyConvBN, TinyMLP, capture_grads, closure_for, make, pass_counter,
-                        reference_grads)
+from conftest import (TinyConvBN, TinyMLP, capture_grads, closure_for, make, pass_counter,
+                      record_components, reference_grads)
+from gaqat.freezing import Freezer
+from gaqat.optim import GAQAT
 
 
 def run_windows(freezer, task_values, window):
     """Feed one task-gradient value per window (repeated, or alternating if negative)."""
     zeros = {name: torch.zeros(()) for name in freezer.step_sizes}
-    step = freezer.windows_done * window
     for value in task_values:
         for i in range(window):
-            step += 1
             g = value if value >= 0 else (1.0 if i % 2 else -1.0)
-            freezer.observe(step, {name: torch.tensor(g) for name in freezer.step_sizes}, zeros)
+            freezer.observe({name: torch.tensor(g) for name in freezer.step_sizes}, zeros)
 
 
 def scalar_freezer(**kwargs):
@@ -71,8 +70,8 @@ def test_a_disorder_equal_to_tau_does_not_freeze():
     freezer = Freezer({"s": nn.Parameter(torch.tensor(1.0))}, tau=0.35, window=21,
                       warmup_windows=0)
     signs = [(-1.0) ** min(i, 7) for i in range(21)]  # alternates for 7 transitions, then holds
-    for step, sign in enumerate(signs, 1):
-        freezer.observe(step, {"s": torch.tensor(sign)}, {"s": torch.tensor(0.0)})
+    for sign in signs:
+        freezer.observe({"s": torch.tensor(sign)}, {"s": torch.tensor(0.0)})
     assert [(r["kind"], r["d_task"]) for r in freezer.pop_records()] == [("window", 0.35)]
     assert freezer.frozen == set()
 
@@ -85,24 +84,26 @@ def test_bad_freezer_arguments_are_named(kwargs, match):
         scalar_freezer(**kwargs)
 
 
-def gaqat_for(model, mode="task", lr=1e-3, **kwargs):
+def gaqat_for(model, mode="task", lr=1e-3, window=2):
+    """Adam and GAQAT(ρ = 0.5, α = 0.01) with a freezer that freezes at the first chance (τ = 1)."""
     base = torch.optim.Adam(model.parameters(), lr=lr)
-    options = {"rho": 0.5, "alpha": 0.01, "tau": 1.0, "window": 2, "mode": mode, **kwargs}
-    return base, GAQAT(base, model.step_sizes(), **options)
+    freezer = Freezer(model.step_sizes(), tau=1.0, window=window, mode=mode)
+    return base, GAQAT(base, model, freezer, rho=0.5, alpha=0.01)
 
 
 def test_frozen_step_sizes_get_half_g_smooth_and_the_rest_the_sagm_gradient():
     model, x, y = make(TinyMLP)
     base, opt = gaqat_for(model)
     seen = capture_grads(base)
+    handed = record_components(opt.freezer)
     closure = closure_for(model, x, y)
     for _ in range(4):  # warm-up window, then a window whose end freezes (τ = 1)
         opt.step(closure)
-    assert opt.frozen == {"w_scale", "a_scale"}
+    assert opt.freezer.frozen == {"w_scale", "a_scale"}
     g, g_p = reference_grads(model, x, y, rho=0.5, alpha=0.01)
     opt.step(closure)
     for name, p in model.step_sizes().items():
-        assert torch.equal(seen[p], 0.5 * opt.g_smooth[name])
+        assert torch.equal(seen[p], 0.5 * handed[-1][1][name])
         torch.testing.assert_close(seen[p], 0.5 * (g_p[p] - g[p]), rtol=0, atol=1e-10)
     for p in (model.fc1.weight, model.fc2.bias):
         torch.testing.assert_close(seen[p], 0.5 * (g[p] + g_p[p]), rtol=0, atol=1e-10)
@@ -116,7 +117,7 @@ def test_frozen_step_size_keeps_its_value_bit_for_bit_only_in_mode_all(mode):
     closure = closure_for(model, x, y)
     for _ in range(4):
         opt.step(closure)
-    assert opt.frozen == {"w_scale"}
+    assert opt.freezer.frozen == {"w_scale"}
     value, weight = model.w_scale.detach().clone(), model.conv.weight.detach().clone()
     for _ in range(3):
         opt.step(closure)
@@ -129,12 +130,12 @@ def test_gaqat_records_are_json_ready_and_counted_in_steps():
     _, opt = gaqat_for(model)
     for _ in range(4):
         opt.step(closure_for(model, x, y))
-    records = opt.pop_records()
+    records = opt.freezer.pop_records()
     assert {(r["kind"], r["step"], r["name"]) for r in records} == {
         ("window", 2, "w_scale"), ("window", 2, "a_scale"), ("window", 4, "w_scale"),
         ("window", 4, "a_scale"), ("freeze", 4, "w_scale"), ("freeze", 4, "a_scale")}
     assert all(type(v) in (str, int, float, bool) for r in records for v in r.values())
-    assert opt.pop_records() == []
+    assert opt.freezer.pop_records() == []
 
 
 def test_gaqat_state_dict_round_trip_resumes_mid_window_identically():
@@ -143,7 +144,7 @@ def test_gaqat_state_dict_round_trip_resumes_mid_window_identically():
     closure = closure_for(model, x, y)
     for _ in range(4):  # one warm-up window and one step of the next
         opt.step(closure)
-    opt.pop_records()
+    opt.freezer.pop_records()
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -155,10 +156,10 @@ def test_gaqat_state_dict_round_trip_resumes_mid_window_identically():
     for _ in range(5):
         opt.step(closure)
         twin_opt.step(closure_for(twin, x, y))
-    records = opt.pop_records()
+    records = opt.freezer.pop_records()
     assert any(r["kind"] == "freeze" for r in records)
-    assert records == twin_opt.pop_records()
-    assert opt.frozen == twin_opt.frozen
+    assert records == twin_opt.freezer.pop_records()
+    assert opt.freezer.frozen == twin_opt.freezer.frozen
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
@@ -168,16 +169,16 @@ def test_gaqat_makes_exactly_two_forward_and_two_backward_passes_per_step():
     _, opt = gaqat_for(model)
     for _ in range(5):  # across a freeze decision
         opt.step(closure_for(model, x, y))
-    assert opt.frozen and counts == {"forward": 10, "backward": 10}
+    assert opt.freezer.frozen and counts == {"forward": 10, "backward": 10}
 
 
 def test_only_the_given_step_sizes_are_frozen():
     model, x, y = make(TinyMLP)
     base = torch.optim.Adam(model.parameters(), lr=1e-3)
-    opt = GAQAT(base, {"a_scale": model.a_scale}, tau=1.0, window=2)
+    opt = GAQAT(base, model, Freezer({"a_scale": model.a_scale}, tau=1.0, window=2))
     for _ in range(4):
         opt.step(closure_for(model, x, y))
-    assert opt.frozen == {"a_scale"}
+    assert opt.freezer.frozen == {"a_scale"}
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -190,15 +191,17 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
                            QuantConfig(weight_bits=4, act_bits=4, per_channel=per_channel))
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     sizes = step_sizes(model)
-    opt = GAQAT(torch.optim.Adam(model.parameters(), lr=1e-3), sizes, tau=1.0, window=2, mode="all")
+    freezer = Freezer(sizes, tau=1.0, window=2, mode="all")
+    handed = record_components(freezer)
+    opt = GAQAT(torch.optim.Adam(model.parameters(), lr=1e-3), model, freezer)
     closure = closure_for(model, x, y)
     for _ in range(4):
         opt.step(closure)
-    records = opt.pop_records()
+    records = opt.freezer.pop_records()
     assert {r["name"] for r in records if r["kind"] == "window"} == set(sizes)
     assert all(0.0 <= r["d_task"] <= 1.0 for r in records if r["kind"] == "window")
-    assert {name: g.shape for name, g in opt.g_smooth.items()} == {n: p.shape for n, p in sizes.items()}
-    frozen = {name: sizes[name].detach().clone() for name in opt.frozen}
+    assert {name: g.shape for name, g in handed[-1][1].items()} == {n: p.shape for n, p in sizes.items()}
+    frozen = {name: sizes[name].detach().clone() for name in opt.freezer.frozen}
     assert frozen
     opt.step(closure)
     assert all(torch.equal(sizes[name], value) for name, value in frozen.items())

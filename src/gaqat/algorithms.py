@@ -12,10 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gaqat.freezing import GAQAT
+from gaqat.freezing import Freezer
 from gaqat.models import ModelConfig, Network, build_model
 from gaqat.names import LR_SCHEDULES, get_recipe
-from gaqat.optim import SAGM, SAM
+from gaqat.optim import GAQAT, SAGM, SAM
 from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
 
 
@@ -54,6 +54,11 @@ class Algorithm:
                                 weight_decay=hparams["weight_decay"])
         if self.recipe.quantized:
             check_optimizer(base, self.network)
+        self.freezer: Freezer | None = None
+        if self.recipe.freezing:
+            self.freezer = Freezer(step_sizes(self.network), tau=hparams["tau"],
+                                   window=hparams["window"], mode=hparams["freeze_mode"],
+                                   unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"])
         self.optimizer = self._objective(base, hparams)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             base, lr_lambda(hparams["lr_schedule"], total_steps))
@@ -73,15 +78,13 @@ class Algorithm:
     def _objective(self, base: torch.optim.Optimizer, hparams: dict) -> torch.optim.Optimizer:
         if self.recipe.objective == "erm":
             return base
-        rng = hparams["perturbed_pass_rng"]
-        if self.recipe.freezing:
-            return GAQAT(base, step_sizes(self.network), rho=hparams["rho"], alpha=hparams["alpha"],
-                         tau=hparams["tau"], window=hparams["window"], mode=hparams["freeze_mode"],
-                         unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"],
+        rho, rng = hparams["rho"], hparams["perturbed_pass_rng"]
+        if self.freezer is not None:
+            return GAQAT(base, self.network, self.freezer, rho, hparams["alpha"],
                          perturbed_pass_rng=rng)
         if self.recipe.objective == "sagm":
-            return SAGM(base, rho=hparams["rho"], alpha=hparams["alpha"], perturbed_pass_rng=rng)
-        return SAM(base, rho=hparams["rho"], perturbed_pass_rng=rng)
+            return SAGM(base, self.network, rho, hparams["alpha"], perturbed_pass_rng=rng)
+        return SAM(base, self.network, rho, perturbed_pass_rng=rng)
 
     def to(self, device: torch.device) -> "Algorithm":
         self.network.to(device)
@@ -97,12 +100,13 @@ class Algorithm:
             loss.backward()
             return loss
 
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.objective == "erm":  # the two-pass steps zero before each of their passes
+            self.optimizer.zero_grad(set_to_none=True)
         loss = self.optimizer.step(closure)
         self.scheduler.step()
         stats = {"loss": loss.item()}
-        if self.recipe.freezing:
-            stats["n_frozen"] = len(self.optimizer.frozen)
+        if self.freezer is not None:
+            stats["n_frozen"] = len(self.freezer.frozen)
         return stats
 
     @torch.no_grad()
@@ -112,7 +116,7 @@ class Algorithm:
 
     def pop_gradient_records(self) -> list[dict]:
         """GAQAT's window summaries and freeze decisions since the last call."""
-        return self.optimizer.pop_records() if self.recipe.freezing else []
+        return self.freezer.pop_records() if self.freezer is not None else []
 
     def optimizer_state(self) -> dict:
         """Everything but the network's weights (which checkpoints store once, as "model"):

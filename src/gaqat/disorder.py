@@ -1,4 +1,4 @@
-"""Gradient disorder (METHOD.md §5) and the per-window tracker of step-size gradients.
+"""Gradient disorder (docs/method.md §5) and the per-window tracker of step-size gradients.
 
 Disorder measures how erratically a gradient's direction moves over a window of steps:
 0 for a constant direction, about 0.5 for random signs, 1 for strict alternation.
@@ -56,7 +56,7 @@ def _as_sequence(sequence: object, who: str) -> torch.Tensor:
 
 
 def sign_flip_disorder(sequence: Sequence[float] | np.ndarray | torch.Tensor) -> float:
-    """D = (1/(n−1)) Σ_{t≥2} 1[sign g_t ≠ sign g_{t−1}], in [0, 1] (METHOD.md §5)."""
+    """D = (1/(n−1)) Σ_{t≥2} 1[sign g_t ≠ sign g_{t−1}], in [0, 1] (docs/method.md §5)."""
     return float(_sign_flips(_as_sequence(sequence, "sign_flip_disorder")))
 
 

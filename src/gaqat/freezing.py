@@ -1,10 +1,11 @@
-"""Disorder-guided selective freezing of quantizer step sizes, and GAQAT = SAGM + freezer.
+"""Disorder-guided selective freezing of quantizer step sizes (docs/method.md §6).
 
 A step size whose task gradient keeps its direction over a window (D_task < τ) is
-frozen (METHOD.md §6). Decisions are taken at window ends, after ``warmup_windows``
-windows (the first window's step sizes drift steadily away from their initialisation,
-which reads as order, not as convergence), and apply from the step that closes the
-window on. Only the step sizes handed in are ever touched.
+frozen. Decisions are taken at window ends, after ``warmup_windows`` windows (the first
+window's step sizes drift steadily away from their initialisation, which reads as order,
+not as convergence), and apply from the step that closes the window on. Only the step
+sizes handed in are ever touched. :class:`gaqat.optim.GAQAT` feeds a freezer the
+components of every step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import nn
 
 from gaqat.disorder import METRICS, DisorderTracker
 from gaqat.names import FREEZE_MODES
-from gaqat.optim import SAGM
 
 
 class Freezer:
@@ -49,13 +49,14 @@ class Freezer:
         self.windows_done = 0
         self._records: list[dict] = []
 
-    def observe(self, step: int, g_task: Mapping[str, torch.Tensor],
+    def observe(self, g_task: Mapping[str, torch.Tensor],
                 g_smooth: Mapping[str, torch.Tensor]) -> None:
         """Record one step's components; at a window's end, log it and decide."""
         summaries = self.tracker.record(g_task, g_smooth)
         if summaries is None:
             return
         self.windows_done += 1
+        step = self.windows_done * self.tracker.window  # windows are back to back from step 1
         self._records += [{"kind": "window", "step": step, "window": self.windows_done,
                            **s.to_dict(), "frozen": s.name in self.frozen} for s in summaries]
         if self.windows_done <= self.warmup_windows:
@@ -86,7 +87,13 @@ class Freezer:
             self.step_sizes[name].grad = half
 
     def pop_records(self) -> list[dict]:
-        """Window summaries and decisions logged since the last call (JSON-ready)."""
+        """The records logged since the last call, JSON-ready.
+
+        ``{"kind": "window", "step", "window", "name", "g_task", "g_smooth", "d_task",
+        "d_smooth", "frozen"}`` per step size and window ("frozen": during that window), then
+        ``{"kind": "freeze" | "unfreeze", "step", "name", "d_task", "d_smooth"}`` per decision;
+        ``step`` counts observed steps from 1 (docs/method.md §7).
+        """
         records, self._records = self._records, []
         return records
 
@@ -103,44 +110,3 @@ class Freezer:
         self.frozen = set(state["frozen"])
         self.windows_done = state["windows_done"]
         self._records = list(state["records"])
-
-
-class GAQAT(SAGM):
-    """SAGM whose step-size gradients feed a :class:`Freezer`: one ``step(closure)`` per step.
-
-    ``tau=0`` never freezes, which turns this into LSQ+SAGM that still logs the windows.
-    """
-
-    def __init__(self, base_optimizer: torch.optim.Optimizer, step_sizes: Mapping[str, nn.Parameter],
-                 rho: float = 0.05, alpha: float = 1e-3, tau: float = 0.3, window: int = 350,
-                 mode: str = "task", unfreeze: bool = False, metric: str = "sign_flip",
-                 warmup_windows: int = 1, perturbed_pass_rng: str = "replay"):
-        super().__init__(base_optimizer, rho, alpha, watch=step_sizes,
-                         perturbed_pass_rng=perturbed_pass_rng)
-        self.freezer = Freezer(step_sizes, tau, window, mode, unfreeze, warmup_windows, metric)
-        self.steps = 0
-
-    @property
-    def frozen(self) -> set[str]:
-        """Names of the step sizes frozen now (a copy)."""
-        return set(self.freezer.frozen)
-
-    def _before_base_step(self) -> None:
-        self.steps += 1
-        self.freezer.observe(self.steps, self.g_task, self.g_smooth)
-        self.freezer.edit_grads(self.g_smooth)
-
-    def pop_records(self) -> list[dict]:
-        """``{"kind": "window", "step", "window", "name", "g_task", "g_smooth", "d_task",
-        "d_smooth", "frozen"}`` per step size and window ("frozen": during that window), then
-        ``{"kind": "freeze" | "unfreeze", "step", "name", "d_task", "d_smooth"}`` per decision;
-        ``step`` counts this optimizer's steps from 1."""
-        return self.freezer.pop_records()
-
-    def state_dict(self) -> dict:
-        return {"base": super().state_dict(), "freezer": self.freezer.state_dict(), "steps": self.steps}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict["base"])
-        self.freezer.load_state_dict(state_dict["freezer"])
-        self.steps = state_dict["steps"]
