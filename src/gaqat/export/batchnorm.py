@@ -14,6 +14,7 @@ from collections import Counter
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from gaqat.export.layers import QUANTIZED_TYPES
 
@@ -44,34 +45,27 @@ def foldable_batchnorms(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
-def make_folded(model: nn.Module, pairs: dict[str, str]) -> None:
-    """The structure of a folded model: each BN replaced by Identity, its conv given a bias."""
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, pairs: dict[str, str] | None = None) -> dict[str, str]:
+    """Fold each BN that follows a float conv into it, in place, with the running statistics
+    (inference only); returns the folded {BN name: conv name}.
+
+    ``pairs`` folds those alone; each must be one that ``foldable_batchnorms`` finds.
+    ``load_int`` folds a freshly built model this way to give a folded file's tensors
+    their places (a conv bias, Identity for the BN).
+    """
+    foldable = foldable_batchnorms(model)
+    pairs = foldable if pairs is None else pairs
+    wrong = {bn: conv for bn, conv in pairs.items() if foldable.get(bn) != conv}
+    if wrong:
+        raise ValueError(f"cannot fold {wrong}: a BatchNorm2d folds only into the float "
+                         f"Conv2d that alone feeds it (foldable here: {foldable})")
     for bn_name, conv_name in pairs.items():
-        conv = model.get_submodule(conv_name)
-        if conv.bias is None:
-            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                            bn.running_var, bn.eps, bn.weight, bn.bias)
+        # fuse_conv_bn_weights freezes a bias the conv lacked; it should train like the weight.
+        conv.weight, conv.bias = weight, bias.requires_grad_(weight.requires_grad)
         parent, _, child = bn_name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Identity())
-
-
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> dict[str, str]:
-    """Fold each BN that follows a float conv into it, in place (inference only: the
-    running statistics are used); returns the folded {BN name: conv name}."""
-    pairs = foldable_batchnorms(model)
-    folded = {}
-    for bn_name, conv_name in pairs.items():
-        bn, conv = model.get_submodule(bn_name), model.get_submodule(conv_name)
-        gain = torch.rsqrt(bn.running_var + bn.eps)
-        shift = -bn.running_mean * gain
-        if bn.affine:
-            gain, shift = gain * bn.weight, shift * bn.weight + bn.bias
-        bias = conv.bias.detach().clone() if conv.bias is not None else None
-        folded[conv_name] = (conv.weight * gain.view(-1, 1, 1, 1),
-                             shift if bias is None else shift + bias * gain)
-    make_folded(model, pairs)
-    for conv_name, (weight, bias) in folded.items():
-        conv = model.get_submodule(conv_name)
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-    return pairs
+    return dict(pairs)

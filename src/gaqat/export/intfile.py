@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gaqat.export.batchnorm import make_folded
+from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.extra import require
 from gaqat.export.layers import layer_info, model_sizes, quantized_layers, quantized_modules, \
     weight_codes
@@ -88,8 +88,8 @@ def load_int(path: str | Path) -> Network:
     try:
         model = build_model(ModelConfig(**{**header["model_config"], "weights": None}))
         quantize_model(model, QuantConfig(**header["quant_config"]))
-        make_folded(model, header["folded_bn"])
-    except (TypeError, AttributeError) as error:  # unknown fields or module names
+        fold_batchnorm(model, header["folded_bn"])
+    except (TypeError, AttributeError) as error:  # unknown fields, a folded_bn not a dict
         raise ValueError(f"{path}: header model_config/quant_config/folded_bn do not "
                          f"describe a gaqat model ({error})") from error
     try:
