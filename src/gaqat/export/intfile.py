@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gaqat.checkpoint import build_network
 from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.extra import require
 from gaqat.export.layers import layer_info, model_sizes, quantized_layers, quantized_modules, \
     weight_codes
-from gaqat.models import ModelConfig, Network, build_model
-from gaqat.quant import MIN_STEP, QuantConfig, quantize_model
+from gaqat.models import Network
+from gaqat.quant import MIN_STEP
 
 INT_FORMAT = "gaqat-int"
 INT_FORMAT_VERSION = 1
@@ -82,14 +83,15 @@ def int_metadata(path: str | Path) -> dict:
 
 
 def load_int(path: str | Path) -> Network:
-    """Rebuild the fake-quantized model (eval mode) from an int export alone."""
+    """Rebuild the fake-quantized model (eval mode) from an int export alone: the network
+    its header's configs describe, built as a checkpoint's is, folded as the header says,
+    with weights ``codes * step``."""
     safetensors_torch = require("safetensors.torch")
     header = int_metadata(path)
     try:
-        model = build_model(ModelConfig(**{**header["model_config"], "weights": None}))
-        quantize_model(model, QuantConfig(**header["quant_config"]))
+        model = build_network(header["model_config"], header["quant_config"])
         fold_batchnorm(model, header["folded_bn"])
-    except (TypeError, AttributeError) as error:  # unknown fields, a folded_bn not a dict
+    except (ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: header model_config/quant_config/folded_bn do not "
                          f"describe a gaqat model ({error})") from error
     try:
