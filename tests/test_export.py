@@ -23,11 +23,12 @@ from torch.nn import functional as F
 
 from gaqat import cli, export
 from gaqat.checkpoint import save_atomic
-from gaqat.data import holdout_split, load_dataset
+from gaqat.data import load_dataset, make_loaders
 from gaqat.models import ModelConfig, build_model
 from gaqat.quant import QuantConfig, quantize_model
 
 BITS = (4, 3)
+TRIAL_SEED, TEST_ENVS = 0, [1]  # the run's DomainBed arguments: its splits and its meta
 STEPS, BATCH = 30, 8  # per domain: 32 images a step
 CHUNK = 64  # images per forward pass, the same for every model compared bit for bit
 # small_cnn at first_last="float": values in its three quantized convs, in the float
@@ -39,13 +40,15 @@ MIN_FOLD_AGREEMENT = 0.99  # on 359-500 images: a flip is 0.2-0.3%
 
 @pytest.fixture(scope="session")
 def digits(digits_dir):
-    """Per domain: all its images, and the indices of DomainBed's 80% training split and
-    20% held-out split."""
+    """Per domain: all its images, and the indices of its 80% training split and 20%
+    held-out split as ``gaqat train`` draws them (DomainBed's, seeded with
+    ``seed_hash(trial_seed, domain index)``)."""
     ds = load_dataset("digits", digits_dir)
     out = {}
-    for i, domain in enumerate(ds.domains):
+    for i, split in enumerate(make_loaders(ds, TEST_ENVS, BATCH, seed=TRIAL_SEED).splits):
         images = torch.stack([ds[i][j][0] for j in range(len(ds[i]))])
-        out[domain] = (images, torch.as_tensor(ds[i].labels), *holdout_split(len(images)))
+        out[split.domain] = (images, torch.as_tensor(ds[i].labels), split.in_indices,
+                             split.out_indices)
     return ds, out
 
 
@@ -54,7 +57,7 @@ def _checkpoint(model, quant, ds, bits, path):
                  "quant_config": quant and asdict(quant),
                  "meta": {"dataset": ds.name, "classes": ds.classes, "domains": ds.domains,
                           "algorithm": "lsq" if quant else "erm", "bits": bits,
-                          "test_envs": [1]}}, path)
+                          "test_envs": TEST_ENVS}}, path)
 
 
 @torch.no_grad()
