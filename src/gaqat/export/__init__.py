@@ -10,7 +10,7 @@ of two formats and checks what it wrote. One module per part:
 - ``intfile``: the ``int`` format (safetensors), ``export_int`` and ``load_int``;
 - ``qdq``: the ``onnx`` format, a QuantizeLinear/DequantizeLinear graph;
 - ``verify``: the probe batch and ONNX Runtime's logits;
-- ``extra``: the optional packages (``pip install 'gaqat[export]'``), imported when needed.
+- ``extra``: the optional packages (``pip install "gaqat[export]"``), imported when needed.
 """
 
 from __future__ import annotations

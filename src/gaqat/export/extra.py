@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-INSTALL = "install the export extra: pip install 'gaqat[export]'"
+INSTALL = 'install the export extra: pip install "gaqat[export]"'
 
 
 def require(module: str) -> ModuleType:
