@@ -4,8 +4,8 @@ Folding a BN into a quantized convolution would rescale its weights per channel,
 changes their integer codes (and makes a per-tensor step size wrong for every channel):
 that is a different model from the one trained, so those BNs stay as they are. Folding
 moves the conv's outputs by an ulp or so, which flips the rare activation code that sits
-on a rounding tie. In ONNX graphs the exporter fuses a float conv + BN pair anyway (ONNX
-Runtime would at load time), so folding changes the int file.
+on a rounding tie. The ONNX exporter fuses a float conv + BN pair on its own (ONNX
+Runtime would at load time), so folding first matters mostly for the int file.
 """
 
 from __future__ import annotations
