@@ -2,32 +2,34 @@
 ``gaqat export`` and checked against the PyTorch fake-quantized model, ONNX through
 ONNX Runtime on CPU, on every image of every domain (the held-out domain of DomainBed's
 protocol is tested on all of its images; 99.9% of 2500 leaves room for two of the rare
-.5-tie flips). The measured sizes and agreement are printed."""
+.5-tie flips). The measured sizes and agreement are printed.
+
+Each test asks only for the packages of the export extra it uses (safetensors for the
+int file; onnx and onnxruntime for the ONNX one), first, so that it skips without them
+before any training; the rest run without the extra."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
-import onnxruntime
 import pytest
 import torch
-from onnx import numpy_helper
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
 from gaqat import cli, export
 from gaqat.checkpoint import save_atomic
-from gaqat.data import holdout_split, load_dataset
+from gaqat.data import load_dataset, make_loaders
 from gaqat.models import ModelConfig, build_model
 from gaqat.quant import QuantConfig, quantize_model
 
 BITS = (4, 3)
+TRIAL_SEED, TEST_ENVS = 0, [1]  # the run's DomainBed arguments: its splits and its meta
 STEPS, BATCH = 30, 8  # per domain: 32 images a step
 CHUNK = 64  # images per forward pass, the same for every model compared bit for bit
 # small_cnn at first_last="float": values in its three quantized convs, in the float
@@ -38,14 +40,31 @@ MIN_FOLD_AGREEMENT = 0.99  # on 359-500 images: a flip is 0.2-0.3%
 
 
 @pytest.fixture(scope="session")
+def safetensors_torch():
+    return pytest.importorskip("safetensors.torch")
+
+
+@pytest.fixture(scope="session")
+def onnx():
+    return pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="session")
+def onnxruntime():
+    return pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="session")
 def digits(digits_dir):
-    """Per domain: all its images, and the indices of DomainBed's 80% training split and
-    20% held-out split."""
+    """Per domain: all its images, and the indices of its 80% training split and 20%
+    held-out split as ``gaqat train`` draws them (DomainBed's, seeded with
+    ``seed_hash(trial_seed, domain index)``)."""
     ds = load_dataset("digits", digits_dir)
     out = {}
-    for i, domain in enumerate(ds.domains):
+    for i, split in enumerate(make_loaders(ds, TEST_ENVS, BATCH, seed=TRIAL_SEED).splits):
         images = torch.stack([ds[i][j][0] for j in range(len(ds[i]))])
-        out[domain] = (images, torch.as_tensor(ds[i].labels), *holdout_split(len(images)))
+        out[split.domain] = (images, torch.as_tensor(ds[i].labels), split.in_indices,
+                             split.out_indices)
     return ds, out
 
 
@@ -54,7 +73,7 @@ def _checkpoint(model, quant, ds, bits, path):
                  "quant_config": quant and asdict(quant),
                  "meta": {"dataset": ds.name, "classes": ds.classes, "domains": ds.domains,
                           "algorithm": "lsq" if quant else "erm", "bits": bits,
-                          "test_envs": [1]}}, path)
+                          "test_envs": TEST_ENVS}}, path)
 
 
 @torch.no_grad()
@@ -64,8 +83,8 @@ def _logits(model, images):
 
 @pytest.fixture(scope="session", params=BITS, ids=lambda b: f"{b}bit")
 def run(request, digits, tmp_path_factory):
-    """A few dozen QAT steps on every domain's training split, the checkpoint, its two
-    exports (written by the CLI) and the PyTorch logits on every image of every domain."""
+    """A few dozen QAT steps on every domain's training split, the checkpoint and the
+    PyTorch logits on every image of every domain."""
     bits = request.param
     ds, data = digits
     torch.manual_seed(bits)
@@ -84,23 +103,37 @@ def run(request, digits, tmp_path_factory):
     model.eval()
     folder = tmp_path_factory.mktemp(f"export{bits}")
     _checkpoint(model, quant, ds, bits, folder / "checkpoint.pt")
-    files = {"int": folder / "model.safetensors", "onnx": folder / "model.onnx"}
-    for fmt, path in files.items():
-        assert cli.main(["export", str(folder / "checkpoint.pt"), "--format", fmt,
-                         "--out", str(path)]) == 0
     images = {d: x for d, (x, *_) in data.items()}
-    return SimpleNamespace(bits=bits, model=model, folder=folder, files=files, images=images,
+    return SimpleNamespace(bits=bits, model=model, folder=folder, images=images,
                            held_out={d: test for d, (*_, test) in data.items()},
                            logits={d: _logits(model, x) for d, x in images.items()})
+
+
+def _export(run, fmt, name, *options):
+    """``gaqat export`` of the run's checkpoint into its folder."""
+    path = run.folder / name
+    assert cli.main(["export", str(run.folder / "checkpoint.pt"), "--format", fmt,
+                     "--out", str(path), *options]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def int_file(safetensors_torch, run):
+    return _export(run, "int", "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def onnx_file(onnx, onnxruntime, run):
+    return _export(run, "onnx", "model.onnx")
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(1) == b.argmax(1)).float().mean())
 
 
-def test_onnx_runtime_matches_pytorch_on_every_domain(run, capsys):
+def test_onnx_runtime_matches_pytorch_on_every_domain(onnxruntime, onnx_file, run, capsys):
     for domain, images in run.images.items():
-        ort = export.onnx_logits(run.files["onnx"], images, CHUNK)
+        ort = export.onnx_logits(onnx_file, images, CHUNK)
         diff = float((ort - run.logits[domain]).abs().max())
         agree = _agreement(ort, run.logits[domain])
         with capsys.disabled():
@@ -111,12 +144,12 @@ def test_onnx_runtime_matches_pytorch_on_every_domain(run, capsys):
         assert diff < 0.05 * float(run.logits[domain].abs().max())
 
 
-def test_onnx_graph_is_qdq_at_the_trained_bit_width(run):
-    proto = onnx.load(run.files["onnx"])
+def test_onnx_graph_is_qdq_at_the_trained_bit_width(onnx, onnx_file, run):
+    proto = onnx.load(onnx_file)
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [12]
     nodes = proto.graph.node
-    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
               for n in nodes if n.op_type == "Constant"}
     clips = [n for n in nodes if n.op_type == "Clip"]
     layers = export.quantized_layers(run.model)
@@ -142,21 +175,22 @@ def _json_prop(proto, key):
     return json.loads({p.key: p.value for p in proto.metadata_props}[key])
 
 
-def test_int_export_round_trips_with_identical_logits(run):
-    model = export.load_int(run.files["int"])
+def test_int_export_round_trips_with_identical_logits(int_file, run):
+    model = export.load_int(int_file)
     for domain, images in run.images.items():
         n = 2 * CHUNK  # bit identity needs no more
         assert torch.equal(_logits(model, images[:n]), run.logits[domain][:n])
-    header = export.int_metadata(run.files["int"])
+    header = export.int_metadata(int_file)
     assert header["bits"] == run.bits and header["domains"][1] == "mnist_m"
     assert header["layers"]["featurizer.3"] == {
         "kind": "QuantConv2d", "weight_bits": run.bits, "per_channel": False,
         "act_bits": run.bits, "input_signed": False}
 
 
-def test_weight_codes_use_at_most_2_to_the_b_values(run):
-    tensors = load_file(run.files["int"])
-    onnx_codes = [numpy_helper.to_array(i) for i in onnx.load(run.files["onnx"]).graph.initializer
+def test_weight_codes_use_at_most_2_to_the_b_values(safetensors_torch, onnx, int_file,
+                                                    onnx_file, run):
+    tensors = safetensors_torch.load_file(int_file)
+    onnx_codes = [onnx.numpy_helper.to_array(i) for i in onnx.load(onnx_file).graph.initializer
                   if i.data_type == onnx.TensorProto.INT8]
     int_codes = [t for k, t in tensors.items() if k.endswith(".weight_codes")]
     assert len(int_codes) == len(onnx_codes) == 3
@@ -170,27 +204,42 @@ def test_weight_codes_use_at_most_2_to_the_b_values(run):
                            layer.weight_quantizer(layer.weight).detach())
 
 
-def test_packed_size_against_float(run, capsys):
+def test_packed_size_against_float(int_file, onnx_file, run, capsys):
     sizes = export.model_sizes(run.model)
     assert sizes == {"packed_bytes": QUANTIZED_WEIGHTS * run.bits // 8
                      + 4 * (FLOAT_VALUES + STEP_SIZES),
                      "float_bytes": 4 * (QUANTIZED_WEIGHTS + FLOAT_VALUES)}
-    assert export.int_metadata(run.files["int"])["packed_bytes"] == sizes["packed_bytes"]
+    assert export.int_metadata(int_file)["packed_bytes"] == sizes["packed_bytes"]
     with capsys.disabled():
         print(f"\n{run.bits}-bit sizes: {sizes}, {sizes['float_bytes'] / sizes['packed_bytes']:.2f}x "
-              f"smaller; files: int {run.files['int'].stat().st_size} B, onnx "
-              f"{run.files['onnx'].stat().st_size} B")
+              f"smaller; files: int {int_file.stat().st_size} B, onnx "
+              f"{onnx_file.stat().st_size} B")
 
 
-def test_fold_bn_folds_only_the_float_conv(run, capsys):
-    path = run.folder / "folded.safetensors"
-    assert cli.main(["export", str(run.folder / "checkpoint.pt"), "--format", "int",
-                     "--out", str(path), "--fold-bn"]) == 0
+def test_batchnorm_folds_only_into_a_float_conv():
+    """Folding is plain PyTorch: it needs no export extra."""
+    torch.manual_seed(0)
+    model = quantize_model(build_model(ModelConfig()), QuantConfig(4, 4))
+    images = torch.randn(16, 3, 32, 32)
+    model(images)  # initialises the quantizers, moves BN's running statistics
+    model.eval()
+    with torch.no_grad():
+        before = model(images)
+        with pytest.raises(ValueError, match="cannot fold .*featurizer.4"):
+            export.fold_batchnorm(model, {"featurizer.4": "featurizer.3"})  # a quantized conv
+        assert export.fold_batchnorm(model) == {"featurizer.1": "featurizer.0"}
+        change = float((model(images) - before).abs().max())
+    assert change < 0.05 * float(before.abs().max())
+
+
+def test_export_with_fold_bn_keeps_codes_and_predictions(safetensors_torch, int_file, run,
+                                                         capsys):
+    path = _export(run, "int", "folded.safetensors", "--fold-bn")
     assert "folded batch norm ['featurizer.1']" in capsys.readouterr().out
     folded = export.load_int(path)
     assert isinstance(folded.featurizer[1], nn.Identity)
     assert isinstance(folded.featurizer[4], nn.BatchNorm2d)  # after a quantized conv: kept
-    plain, codes = load_file(run.files["int"]), load_file(path)
+    plain, codes = safetensors_torch.load_file(int_file), safetensors_torch.load_file(path)
     assert all(torch.equal(plain[k], codes[k]) for k in plain if k.endswith("_codes"))
     for domain, held_out in run.held_out.items():  # the 20% split: folding is a side check
         logits, reference = _logits(folded, run.images[domain][held_out]), \
@@ -202,7 +251,7 @@ def test_fold_bn_folds_only_the_float_conv(run, capsys):
         assert agree >= MIN_FOLD_AGREEMENT and change < 0.05 * float(reference.abs().max())
 
 
-def test_per_channel_model_exports_at_opset_13(tmp_path):
+def test_per_channel_model_exports_at_opset_13(tmp_path, onnx, onnxruntime):
     torch.manual_seed(0)
     model = quantize_model(build_model(ModelConfig()), QuantConfig(4, 4, per_channel=True))
     images = torch.randn(16, 3, 32, 32)
@@ -223,30 +272,49 @@ def test_float_checkpoint_is_refused(digits, tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_corrupt_files_get_clear_errors(run, tmp_path, capsys):
+def test_corrupt_files_get_clear_errors(safetensors_torch, int_file, run, tmp_path, capsys):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
     assert cli.main(["export", str(bad), "--format", "int", "--out", str(tmp_path / "x")]) == 2
     assert "not a readable torch file" in capsys.readouterr().err
 
     truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(run.files["int"].read_bytes()[:1000])
+    truncated.write_bytes(int_file.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         export.load_int(truncated)
 
     foreign = tmp_path / "foreign.safetensors"
-    save_file({"w": torch.zeros(2)}, foreign)
+    safetensors_torch.save_file({"w": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="format is None, expected 'gaqat-int'"):
         export.load_int(foreign)
 
-    tensors = load_file(run.files["int"])
-    tensors["featurizer.3.weight_codes"][0, 0, 0, 0] = 2 ** (run.bits - 1)  # one past q_max
     tampered = tmp_path / "tampered.safetensors"
-    save_file(tensors, tampered, _raw_header(run.files["int"]))
+    header = {k: json.dumps(v) for k, v in export.int_metadata(int_file).items()}
+    for key, value, error in (
+            ("model_config", {**ModelConfig().to_dict(), "width": 3},
+             r"model_config has unknown entries \['width'\]"),
+            ("folded_bn", {"featurizer.4": "featurizer.3"}, "cannot fold")):  # a quantized conv
+        safetensors_torch.save_file(safetensors_torch.load_file(int_file), tampered,
+                                    {**header, key: json.dumps(value)})
+        with pytest.raises(ValueError, match=error):
+            export.load_int(tampered)
+
+    tensors = safetensors_torch.load_file(int_file)
+    tensors["featurizer.3.weight_codes"][0, 0, 0, 0] = 2 ** (run.bits - 1)  # one past q_max
+    safetensors_torch.save_file(tensors, tampered, header)
     with pytest.raises(ValueError, match=r"featurizer.3.weight_codes must be int8 codes"):
         export.load_int(tampered)
 
 
-def _raw_header(path):
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
+def test_export_imports_without_the_extra():
+    """gaqat.export imports without safetensors, onnx and onnxruntime; what needs one of
+    them names the extra to install."""
+    code = ("import sys\n"
+            "sys.modules.update(dict.fromkeys(['safetensors', 'onnx', 'onnxruntime']))\n"
+            "from gaqat import export\n"
+            "export.load_int('model.safetensors')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 1
+    assert "RuntimeError: export needs safetensors" in done.stderr
+    assert 'pip install "gaqat[export]"' in done.stderr

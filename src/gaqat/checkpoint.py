@@ -55,24 +55,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def _config(cls, data: dict, path: Path, key: str):
+def _config(cls, data: dict, key: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"checkpoint {path}: field {key} has unknown entries {unknown}")
+        raise ValueError(f"field {key} has unknown entries {unknown}")
     return cls(**data)
+
+
+def build_network(model_config: dict, quant_config: dict | None) -> Network:
+    """The untrained (possibly quantized) network that stored configs describe: a
+    checkpoint's, or the header of an integer export (``gaqat.export.load_int``)."""
+    model = build_model(_config(ModelConfig, {**model_config, "weights": None}, "model_config"))
+    if quant_config is not None:
+        quant = dict(quant_config)
+        quant["skip"] = tuple(quant.get("skip", ()))
+        quantize_model(model, _config(QuantConfig, quant, "quant_config"))
+    return model
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "<checkpoint>") -> Network:
     """Rebuild the (possibly quantized) network described by a checkpoint dict."""
     path = Path(path)
-    model_config = _config(ModelConfig, {**checkpoint["model_config"], "weights": None},
-                           path, "model_config")
-    model = build_model(model_config)
-    if checkpoint["quant_config"] is not None:
-        quant = dict(checkpoint["quant_config"])
-        quant["skip"] = tuple(quant.get("skip", ()))
-        quantize_model(model, _config(QuantConfig, quant, path, "quant_config"))
+    try:
+        model = build_network(checkpoint["model_config"], checkpoint["quant_config"])
+    except ValueError as error:  # a field this gaqat does not know, or a value out of range
+        raise ValueError(f"checkpoint {path}: {error}") from error
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

@@ -1,0 +1,142 @@
+"""The ``onnx`` format: a QDQ graph, integers where the trained model has them.
+
+Weights are int8 initializers of the codes followed by DequantizeLinear (the form ONNX
+Runtime's own quantizer writes: the file stores integers and the codes are those of the
+int file, bit for bit); input activations go through QuantizeLinear -> Clip ->
+DequantizeLinear ("QCDQ", as brevitas exports) with the learned step size and zero point
+0. QuantizeLinear only knows 8-bit (and, from opset 21, 4-bit) types, so a b-bit range is
+the 8-bit type clipped in the integer domain to [q_min, q_max]: exact for any b in 2..8.
+Clip takes integer tensors from opset 12 and QuantizeLinear takes a per-channel ``axis``
+from opset 13, so models are written at opset 12, or 13 with per-channel weight scales:
+the lowest opsets that express them. Float layers stay float.
+
+Rounding: the fake quantizer computes ``x * (1/s)``, QuantizeLinear ``x / s``, and ONNX
+Runtime's convolutions (the stem fused with its BN) sum in another order; any of these
+moves a value by an ulp, which changes an activation code only where the value sits on a
+.5 tie. The tests measure the effect on the logits on DigitsDG: a few images in a
+thousand differ at all, and none in top-1.
+
+The torch.export-based ONNX exporter needs onnxscript, which gaqat does not depend on;
+the TorchScript exporter (``dynamo=False``) writes these graphs through the ``symbolic``
+methods below.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gaqat.export.extra import require
+from gaqat.export.layers import quantized_layers, weight_codes
+from gaqat.quant import QuantConv2d, QuantLinear, lsq_quantize
+
+
+def onnx_opset(model: nn.Module) -> int:
+    """The lowest opset expressing the model's QDQ graph: 12 (Clip on integer tensors),
+    13 when some weight has per-channel step sizes (QuantizeLinear's ``axis``)."""
+    layers = quantized_layers(model)
+    return 13 if any(m.weight_quantizer.per_channel for m in layers.values()) else 12
+
+
+class _Dequantize(torch.autograd.Function):
+    """codes * step in PyTorch; DequantizeLinear in ONNX."""
+
+    @staticmethod
+    def forward(ctx, codes, step, per_channel):
+        shape = (-1,) + (1,) * (codes.dim() - 1) if per_channel else ()
+        return codes.to(step.dtype) * step.view(shape)
+
+    @staticmethod
+    def symbolic(g, codes, step, per_channel):
+        zero = g.op("Constant", value_t=torch.zeros(step.type().sizes(), dtype=torch.int8))
+        if per_channel:
+            return g.op("DequantizeLinear", codes, step, zero, axis_i=0)
+        return g.op("DequantizeLinear", codes, step, zero)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """LSQ's fake quantization in PyTorch; QuantizeLinear -> Clip -> DequantizeLinear in ONNX."""
+
+    @staticmethod
+    def forward(ctx, x, step, q_min, q_max):
+        return lsq_quantize(x, step, q_min, q_max, 1.0)
+
+    @staticmethod
+    def symbolic(g, x, step, q_min, q_max):
+        dtype = torch.int8 if q_min < 0 else torch.uint8
+        info = torch.iinfo(dtype)
+        zero = g.op("Constant", value_t=torch.zeros((), dtype=dtype))
+        q = g.op("QuantizeLinear", x, step, zero)
+        if (q_min, q_max) != (info.min, info.max):
+            bounds = [g.op("Constant", value_t=torch.tensor(v, dtype=dtype)) for v in (q_min, q_max)]
+            q = g.op("Clip", q, *bounds)
+        return g.op("DequantizeLinear", q, step, zero)
+
+
+class _ExportedWeight(nn.Module):
+    """Stands in for a weight quantizer: holds the codes, ignores the float weight."""
+
+    def __init__(self, layer: QuantConv2d | QuantLinear):
+        super().__init__()
+        q = layer.weight_quantizer
+        self.per_channel = q.per_channel
+        self.register_buffer("codes", weight_codes(layer))
+        self.register_buffer("step", q.step_size().flatten() if q.per_channel else q.step_size().view(()))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _Dequantize.apply(self.codes, self.step, self.per_channel)
+
+
+class _ExportedInput(nn.Module):
+    """Stands in for an input quantizer, with a fixed step size and signedness."""
+
+    def __init__(self, layer: QuantConv2d | QuantLinear):
+        super().__init__()
+        q = layer.input_quantizer
+        self.q_min, self.q_max = q.q_min, q.q_max
+        self.register_buffer("step", q.step_size().view(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FakeQuantize.apply(x, self.step, self.q_min, self.q_max)
+
+
+def onnx_ready(model: nn.Module) -> nn.Module:
+    """A CPU eval copy whose quantizers export as QDQ nodes; in PyTorch it computes the
+    same logits as ``model`` bit for bit."""
+    layers = quantized_layers(model)
+    ready = deepcopy(model).cpu().eval()
+    for name in layers:
+        layer = ready.get_submodule(name)
+        layer.weight_quantizer = _ExportedWeight(layer)
+        layer.input_quantizer = _ExportedInput(layer)
+    return ready
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_size: int,
+                properties: dict | None = None) -> int:
+    """Write the QDQ ONNX model (input "images" N x 3 x H x W, output "logits", batch and
+    image side dynamic) with ``properties`` as JSON metadata; returns the opset used."""
+    onnx = require("onnx")
+    opset = onnx_opset(model)
+    ready = onnx_ready(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(1, 3, input_size, input_size)
+    with warnings.catch_warnings():
+        # The torch.export-based exporter needs onnxscript; the TorchScript one does not,
+        # and says (twice) that it is deprecated.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(ready, (dummy,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                        "logits": {0: "batch"}})
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in (properties or {}).items()})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return opset

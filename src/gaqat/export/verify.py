@@ -1,0 +1,29 @@
+"""Checking an export: a seeded probe batch, and the logits ONNX Runtime computes from
+the written file, to hold against PyTorch's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gaqat.export.extra import require
+
+PROBE_BATCH = 8
+
+
+def probe_inputs(input_size: int, n: int = PROBE_BATCH) -> torch.Tensor:
+    """A seeded N(0,1) batch: the scale of normalised images, the same on every machine."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, input_size, input_size, generator=generator)
+
+
+def onnx_logits(path: str | Path, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Logits of an exported model under ONNX Runtime (CPU), ``batch_size`` images a run."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    # Idle threads spinning for work cost more than they save on a shared CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return torch.cat([torch.from_numpy(session.run(None, {"images": batch.cpu().numpy()})[0])
+                      for batch in images.split(batch_size)])
