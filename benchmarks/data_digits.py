@@ -14,9 +14,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from timing import print_table, time_interleaved, timing_rows, write_json
+
 from gaqat.data import build_digits, load_dataset, make_loaders
 from gaqat.data.digits_cache import ARRAYS_FILE, CACHE_FOLDER
-from timing import print_table, time_interleaved, timing_rows, write_json
 
 BUILD_GOAL_S = 30.0
 
@@ -47,26 +48,40 @@ def main() -> None:
                 for _ in loader:
                     pass
 
-        others = time_interleaved({
-            "load_cached": lambda: load_dataset("digits", data_dir),
-            "train_step_shift": lambda: next(loaders.train),
-            "train_step_plain": lambda: next(plain.train),
-            "eval_all_splits": evaluate,
-        }, rounds=rounds, warmup=1)
+        others = time_interleaved(
+            {
+                "load_cached": lambda: load_dataset("digits", data_dir),
+                "train_step_shift": lambda: next(loaders.train),
+                "train_step_plain": lambda: next(plain.train),
+                "eval_all_splits": evaluate,
+            },
+            rounds=rounds,
+            warmup=1,
+        )
         npz_mb = (data_dir / CACHE_FOLDER / ARRAYS_FILE).stat().st_size / 2**20
 
     hashes = sorted({m["content_sha256"] for m in manifests})
     rows = timing_rows({**builds, **others})
     print_table(rows, ["candidate", "median_ms", "iqr_ms"], title="DigitsDG data costs")
     build_s = builds["build"].median_ms / 1e3
-    print(f"\nbuild {build_s:.1f} s (goal < {BUILD_GOAL_S:.0f} s: "
-          f"{'met' if build_s < BUILD_GOAL_S else 'MISSED'}); cache {npz_mb:.1f} MiB; "
-          f"{len(hashes)} distinct content hash(es) over {len(manifests)} builds: {hashes[0]}")
-    path = write_json("data_digits", {
-        "short": args.short, "rows": rows, "build_goal_s": BUILD_GOAL_S,
-        "cache_mib": npz_mb, "content_sha256": hashes, "counts": manifests[0]["counts"],
-        "fonts": manifests[0]["fonts"], "sources": manifests[0]["sources"],
-    })
+    print(
+        f"\nbuild {build_s:.1f} s (goal < {BUILD_GOAL_S:.0f} s: "
+        f"{'met' if build_s < BUILD_GOAL_S else 'MISSED'}); cache {npz_mb:.1f} MiB; "
+        f"{len(hashes)} distinct content hash(es) over {len(manifests)} builds: {hashes[0]}"
+    )
+    path = write_json(
+        "data_digits",
+        {
+            "short": args.short,
+            "rows": rows,
+            "build_goal_s": BUILD_GOAL_S,
+            "cache_mib": npz_mb,
+            "content_sha256": hashes,
+            "counts": manifests[0]["counts"],
+            "fonts": manifests[0]["fonts"],
+            "sources": manifests[0]["sources"],
+        },
+    )
     print(f"wrote {path}")
 
 

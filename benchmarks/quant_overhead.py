@@ -16,13 +16,20 @@ import warnings
 
 import torch
 import torchvision
+from timing import (
+    benchmark_parser,
+    parse_benchmark_args,
+    print_table,
+    saved_tensors_mb,
+    time_interleaved,
+    timing_rows,
+    write_json,
+)
 from torch import nn
 from torch.nn import functional as F
 
 from gaqat.models import ModelConfig, build_model
 from gaqat.quant import QuantConfig, check_optimizer, quantize_model
-from timing import (benchmark_parser, parse_benchmark_args, print_table, saved_tensors_mb,
-                    time_interleaved, timing_rows, write_json)
 
 CASES = {  # name: (float model factory, image size, batch size)
     "small_cnn": (lambda: build_model(ModelConfig()), 32, 96),
@@ -62,8 +69,7 @@ def candidates(case: str, device: torch.device) -> dict:
     base = factory().to(device).train()
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    models = {"float": base,
-              "lsq_w4a4": quantize_model(copy.deepcopy(base), QuantConfig(4, 4))}
+    models = {"float": base, "lsq_w4a4": quantize_model(copy.deepcopy(base), QuantConfig(4, 4))}
     qat = torch_eager_qat(copy.deepcopy(base))
     if qat is not None:
         models["torch_eager_qat_int8"] = qat
@@ -79,18 +85,25 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for case in args.cases:
         steps = candidates(case, device)
-        timings = time_interleaved(steps, rounds=rounds, warmup=warmup, device=device,
-                                   clock=args.clock)
+        timings = time_interleaved(
+            steps, rounds=rounds, warmup=warmup, device=device, clock=args.clock
+        )
         case_rows = timing_rows(timings, baseline="float", case=case)
         for row in case_rows:
             row["saved_mb"] = saved_tensors_mb(steps[row["candidate"]])
             row["meets_goal"] = row["ratio"] <= GOAL if row["candidate"] == "lsq_w4a4" else None
         rows += case_rows
-    print_table(rows, title=f"training step, {device}, {torch.get_num_threads()} threads, "
-                            f"{args.clock} clock, {rounds} interleaved rounds "
-                            f"(ratio = median / float median; goal lsq <= {GOAL}x)")
-    path = write_json("quant_overhead", {"rounds": rounds, "warmup": warmup, "goal": GOAL,
-                                         "clock": args.clock, "rows": rows}, device)
+    print_table(
+        rows,
+        title=f"training step, {device}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock, {rounds} interleaved rounds "
+        f"(ratio = median / float median; goal lsq <= {GOAL}x)",
+    )
+    path = write_json(
+        "quant_overhead",
+        {"rounds": rounds, "warmup": warmup, "goal": GOAL, "clock": args.clock, "rows": rows},
+        device,
+    )
     print(f"\nwrote {path}")
 
 

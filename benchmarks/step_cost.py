@@ -21,13 +21,19 @@ import functools
 import statistics
 
 import torch
+from timing import (
+    benchmark_parser,
+    parse_benchmark_args,
+    print_table,
+    time_interleaved,
+    timing_rows,
+    write_json,
+)
 
 from gaqat.algorithms import Algorithm
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig, build_model
 from gaqat.names import get_recipe
-from timing import (benchmark_parser, parse_benchmark_args, print_table, time_interleaved,
-                    timing_rows, write_json)
 
 CASES = {  # name: (model config, image size, batch size)
     "small_cnn": (ModelConfig(), 32, 96),
@@ -51,9 +57,14 @@ def candidates(case: str, device: torch.device, window: int) -> dict:
         hparams = default_hparams(name, "digits")
         if recipe.freezing:
             hparams["window"] = window
-        algorithm = Algorithm(name, config, hparams, total_steps=10**6,
-                              bits=BITS if recipe.quantized else None,
-                              init_state=init_state).to(device)
+        algorithm = Algorithm(
+            name,
+            config,
+            hparams,
+            total_steps=10**6,
+            bits=BITS if recipe.quantized else None,
+            init_state=init_state,
+        ).to(device)
         steps[name] = functools.partial(algorithm.update, [(x, y)])
     return steps
 
@@ -65,10 +76,17 @@ def ratios(case: str, timings: dict) -> list[dict]:
     for label, goal in GOALS.items():
         top, bottom = (timings[name].times_ms for name in label.split("/"))
         paired = statistics.median(t / b for t, b in zip(top, bottom))
-        rows.append({"case": case, "ratio": label,
-                     "of_medians": statistics.median(top) / statistics.median(bottom),
-                     "paired": paired, "of_means": statistics.fmean(top) / statistics.fmean(bottom),
-                     "goal": goal, "meets_goal": paired <= goal})
+        rows.append(
+            {
+                "case": case,
+                "ratio": label,
+                "of_medians": statistics.median(top) / statistics.median(bottom),
+                "paired": paired,
+                "of_means": statistics.fmean(top) / statistics.fmean(bottom),
+                "goal": goal,
+                "meets_goal": paired <= goal,
+            }
+        )
     return rows
 
 
@@ -82,21 +100,40 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     rows, ratio_rows = [], []
     for case in cases:
-        timings = time_interleaved(candidates(case, device, args.window), rounds=rounds,
-                                   warmup=warmup, device=device, clock=args.clock)
+        timings = time_interleaved(
+            candidates(case, device, args.window),
+            rounds=rounds,
+            warmup=warmup,
+            device=device,
+            clock=args.clock,
+        )
         case_rows = timing_rows(timings, baseline="erm", case=case)
         for row in case_rows:
             row["mean_ms"] = statistics.fmean(timings[row["candidate"]].times_ms)
         rows += case_rows
         ratio_rows += ratios(case, timings)
-    print_table(rows, title=f"training step, {device}, {torch.get_num_threads()} threads, "
-                            f"{args.clock} clock, {rounds} interleaved rounds "
-                            f"(ratio = median / erm median)")
+    print_table(
+        rows,
+        title=f"training step, {device}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock, {rounds} interleaved rounds "
+        f"(ratio = median / erm median)",
+    )
     print_table(ratio_rows, title="goal ratios")
-    path = write_json("step_cost", {"step": "gaqat.algorithms.Algorithm.update", "bits": BITS,
-                                    "rounds": rounds, "warmup": warmup, "window": args.window,
-                                    "clock": args.clock, "goals": GOALS, "rows": rows,
-                                    "ratios": ratio_rows}, device)
+    path = write_json(
+        "step_cost",
+        {
+            "step": "gaqat.algorithms.Algorithm.update",
+            "bits": BITS,
+            "rounds": rounds,
+            "warmup": warmup,
+            "window": args.window,
+            "clock": args.clock,
+            "goals": GOALS,
+            "rows": rows,
+            "ratios": ratio_rows,
+        },
+        device,
+    )
     print(f"\nwrote {path}")
 
 

@@ -30,8 +30,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def benchmark_parser(description: str, cases: Sequence[str], rounds: int = 20,
-                     warmup: int = 3) -> argparse.ArgumentParser:
+def benchmark_parser(
+    description: str, cases: Sequence[str], rounds: int = 20, warmup: int = 3
+) -> argparse.ArgumentParser:
     """The flags benchmarks share: --quick --rounds --warmup --device --cases --threads --clock.
 
     Add a benchmark's own flags to the returned parser; parse with ``parse_benchmark_args``.
@@ -43,13 +44,18 @@ def benchmark_parser(description: str, cases: Sequence[str], rounds: int = 20,
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", nargs="+", choices=list(cases), default=list(cases))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="cpu: process CPU time (with --threads 1, on a busy machine)")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: process CPU time (with --threads 1, on a busy machine)",
+    )
     return parser
 
 
-def parse_benchmark_args(parser: argparse.ArgumentParser,
-                         argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_benchmark_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
     """Parse, and apply --threads before any tensor work starts."""
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -85,8 +91,13 @@ class Timing:
         return q3 - q1
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "median_ms": self.median_ms, "iqr_ms": self.iqr_ms,
-                "peak_memory_mb": self.peak_memory_mb, "times_ms": self.times_ms}
+        return {
+            "name": self.name,
+            "median_ms": self.median_ms,
+            "iqr_ms": self.iqr_ms,
+            "peak_memory_mb": self.peak_memory_mb,
+            "times_ms": self.times_ms,
+        }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -126,9 +137,13 @@ def saved_tensors_mb(fn: Callable[[], object]) -> float:
     return sum(storages.values()) / 2**20
 
 
-def time_interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int = 20,
-                     warmup: int = 3, device: torch.device | str = "cpu",
-                     clock: str = "wall") -> dict[str, Timing]:
+def time_interleaved(
+    candidates: Mapping[str, Callable[[], object]],
+    rounds: int = 20,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
+    clock: str = "wall",
+) -> dict[str, Timing]:
     """Time each zero-argument callable ``rounds`` times, interleaved; returns name -> Timing.
 
     Each candidate first runs ``warmup`` times on its own (allocator caches, autotuning,
@@ -145,8 +160,10 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int
     if not candidates:
         raise ValueError("time_interleaved: candidates is empty")
     if rounds < 1 or warmup < 0:
-        raise ValueError(f"time_interleaved: expected rounds >= 1 and warmup >= 0, "
-                         f"got rounds={rounds}, warmup={warmup}")
+        raise ValueError(
+            f"time_interleaved: expected rounds >= 1 and warmup >= 0, "
+            f"got rounds={rounds}, warmup={warmup}"
+        )
     if clock not in CLOCKS:
         raise ValueError(f"time_interleaved: clock must be one of {list(CLOCKS)}, got {clock!r}")
     now = CLOCKS[clock]
@@ -171,8 +188,9 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int
     return timings
 
 
-def timing_rows(timings: Mapping[str, Timing], baseline: str | None = None,
-                **extra: object) -> list[dict]:
+def timing_rows(
+    timings: Mapping[str, Timing], baseline: str | None = None, **extra: object
+) -> list[dict]:
     """One table row per candidate: median, IQR, ratios to ``baseline``, peak memory.
 
     ``ratio`` divides the medians; ``paired_ratio`` is the median over rounds of the
@@ -183,12 +201,12 @@ def timing_rows(timings: Mapping[str, Timing], baseline: str | None = None,
         raise ValueError(f"timing_rows: baseline {baseline!r} is not one of {list(timings)}")
     rows = []
     for name, timing in timings.items():
-        row = {**extra, "candidate": name, "median_ms": timing.median_ms,
-               "iqr_ms": timing.iqr_ms}
+        row = {**extra, "candidate": name, "median_ms": timing.median_ms, "iqr_ms": timing.iqr_ms}
         if baseline is not None:
             row["ratio"] = timing.median_ms / timings[baseline].median_ms
             row["paired_ratio"] = statistics.median(
-                t / b for t, b in zip(timing.times_ms, timings[baseline].times_ms))
+                t / b for t, b in zip(timing.times_ms, timings[baseline].times_ms)
+            )
         row["peak_mb"] = timing.peak_memory_mb
         rows.append(row)
     return rows
@@ -200,8 +218,7 @@ def _cell(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, object]],
-                 columns: Sequence[str] | None = None) -> str:
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
     """A markdown table of ``rows``; columns default to the keys in first-seen order."""
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -210,8 +227,11 @@ def format_table(rows: Sequence[Mapping[str, object]],
     return "\n".join(lines)
 
 
-def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None,
-                title: str | None = None) -> None:
+def print_table(
+    rows: Sequence[Mapping[str, object]],
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+) -> None:
     if title:
         print(f"\n### {title}\n")
     print(format_table(rows, columns))
@@ -220,22 +240,35 @@ def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | N
 def machine_info(device: torch.device | str = "cpu") -> dict:
     """What a reader needs to compare numbers across runs."""
     device = torch.device(device)
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device)}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def write_json(name: str, payload: Mapping[str, object], device: torch.device | str = "cpu",
-               results_dir: Path = RESULTS_DIR) -> Path:
+def write_json(
+    name: str,
+    payload: Mapping[str, object],
+    device: torch.device | str = "cpu",
+    results_dir: Path = RESULTS_DIR,
+) -> Path:
     """Write ``payload`` plus machine info and a timestamp to ``results_dir/<name>.json``."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
-    document = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "machine": machine_info(device), **payload}
+    document = {
+        "benchmark": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine_info(device),
+        **payload,
+    }
     path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
     return path
 

@@ -106,6 +106,7 @@ def closure_for(model, x, y):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -115,8 +116,15 @@ def capture_grads(base):
 
     def hook(optimizer, args, kwargs):
         seen.clear()
-        seen.update({p: p.grad.clone() for g in optimizer.param_groups for p in g["params"]
-                     if p.grad is not None})
+        seen.update(
+            {
+                p: p.grad.clone()
+                for g in optimizer.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }
+        )
+
     base.register_step_pre_hook(hook)
     return seen
 
@@ -126,7 +134,7 @@ def reference_grads(model, x, y, rho, alpha):
     ref = copy.deepcopy(model)
     params = list(ref.parameters())
     g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
-    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    norm = torch.sqrt(sum((t**2).sum() for t in g))
     with torch.no_grad():
         for p, t in zip(params, g):
             p.add_((rho / (norm + 1e-12) - alpha) * t)
@@ -144,6 +152,7 @@ def pass_counter(model):
     def on_forward(module, args, output):
         count("forward")
         output.register_hook(lambda grad: count("backward"))
+
     model.register_forward_hook(on_forward)
     return counts
 
@@ -156,5 +165,6 @@ def record_components(freezer):
     def spy(g_task, g_smooth):
         handed.append((dict(g_task), dict(g_smooth)))
         observe(g_task, g_smooth)
+
     freezer.observe = spy
     return handed

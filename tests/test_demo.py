@@ -12,7 +12,11 @@ def test_demo_trains_float_then_qat_from_it_and_reports(tmp_path, digits_dir, ca
     qat = {name: next(tmp_path.glob(f"{name}_w3_env1_seed0_*")) for name in QAT_ALGORITHMS}
     assert all((folder / DONE).exists() for folder in [erm, *qat.values()])
     assert [json.loads(line)["step"] for line in (erm / RESULTS).read_text().splitlines()] == [
-        1, 2, 3, 4]  # the float run trains longer than the QAT runs
+        1,
+        2,
+        3,
+        4,
+    ]  # the float run trains longer than the QAT runs
     for folder in qat.values():
         records = [json.loads(line) for line in (folder / RESULTS).read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2]

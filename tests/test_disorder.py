@@ -50,8 +50,15 @@ def test_both_metrics_stay_in_the_unit_interval(values):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("bad, match", [([1.0], "at least 2"), ([[1.0, 2.0]], "1-D"),
-                                        ([1.0, float("nan")], "NaN"), (["a", "b"], "numbers")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([1.0], "at least 2"),
+        ([[1.0, 2.0]], "1-D"),
+        ([1.0, float("nan")], "NaN"),
+        (["a", "b"], "numbers"),
+    ],
+)
 def test_bad_sequences_are_refused(metric, bad, match):
     with pytest.raises(ValueError, match=match):
         metric(bad)
@@ -68,7 +75,9 @@ def feed(tracker, task_rows, smooth_rows):
 def test_tracker_summarises_each_window_and_averages_channels():
     shapes = {"a": torch.zeros(()), "b": torch.zeros(2, 1)}
     tracker = DisorderTracker(shapes, window=4)
-    task = [{"a": torch.tensor(1.0), "b": torch.tensor([[0.5], [s]])} for s in (1.0, -1.0, 1.0, -1.0)]
+    task = [
+        {"a": torch.tensor(1.0), "b": torch.tensor([[0.5], [s]])} for s in (1.0, -1.0, 1.0, -1.0)
+    ]
     smooth = [{"a": torch.tensor(-s), "b": torch.zeros(2, 1)} for s in (1.0, -1.0, 1.0, 1.0)]
     assert feed(tracker, task[:3], smooth[:3]) is None
     summaries = {s.name: s for s in tracker.record(task[3], smooth[3])}
@@ -81,17 +90,24 @@ def test_tracker_summarises_each_window_and_averages_channels():
 
 def test_tracker_cancellation_metric():
     tracker = DisorderTracker({"a": torch.zeros(())}, window=2, metric="cancellation")
-    (summary,) = feed(tracker, [{"a": torch.tensor(3.0)}, {"a": torch.tensor(-1.0)}],
-                      [{"a": torch.tensor(1.0)}] * 2)
+    (summary,) = feed(
+        tracker,
+        [{"a": torch.tensor(3.0)}, {"a": torch.tensor(-1.0)}],
+        [{"a": torch.tensor(1.0)}] * 2,
+    )
     assert summary.d_task == pytest.approx(0.5) and summary.d_smooth == 0.0
 
 
 def test_tracker_resumes_a_partial_window():
     shapes = {"a": torch.zeros(()), "b": torch.zeros(3)}
     gen = torch.Generator().manual_seed(1)
-    steps = [({"a": torch.randn((), generator=gen), "b": torch.randn(3, generator=gen)},
-              {"a": torch.randn((), generator=gen), "b": torch.randn(3, generator=gen)})
-             for _ in range(5)]
+    steps = [
+        (
+            {"a": torch.randn((), generator=gen), "b": torch.randn(3, generator=gen)},
+            {"a": torch.randn((), generator=gen), "b": torch.randn(3, generator=gen)},
+        )
+        for _ in range(5)
+    ]
     whole = DisorderTracker(shapes, window=5)
     expected = feed(whole, *zip(*steps))
     first = DisorderTracker(shapes, window=5)
@@ -108,8 +124,10 @@ def test_tracker_refuses_a_checkpoint_of_other_step_sizes():
         DisorderTracker({"b": torch.zeros(())}, window=3).load_state_dict(tracker.state_dict())
 
 
-@pytest.mark.parametrize("kwargs, match", [({"window": 1}, "window"), ({"metric": "kl"}, "metric"),
-                                           ({"step_sizes": {}}, "empty")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"window": 1}, "window"), ({"metric": "kl"}, "metric"), ({"step_sizes": {}}, "empty")],
+)
 def test_tracker_bad_arguments_are_named(kwargs, match):
     args = {"step_sizes": {"a": torch.zeros(())}, "window": 3, **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -63,17 +63,32 @@ def digits(digits_dir):
     out = {}
     for i, split in enumerate(make_loaders(ds, TEST_ENVS, BATCH, seed=TRIAL_SEED).splits):
         images = torch.stack([ds[i][j][0] for j in range(len(ds[i]))])
-        out[split.domain] = (images, torch.as_tensor(ds[i].labels), split.in_indices,
-                             split.out_indices)
+        out[split.domain] = (
+            images,
+            torch.as_tensor(ds[i].labels),
+            split.in_indices,
+            split.out_indices,
+        )
     return ds, out
 
 
 def _checkpoint(model, quant, ds, bits, path):
-    save_atomic({"model": model.state_dict(), "model_config": ModelConfig().to_dict(),
-                 "quant_config": quant and asdict(quant),
-                 "meta": {"dataset": ds.name, "classes": ds.classes, "domains": ds.domains,
-                          "algorithm": "lsq" if quant else "erm", "bits": bits,
-                          "test_envs": TEST_ENVS}}, path)
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "model_config": ModelConfig().to_dict(),
+            "quant_config": quant and asdict(quant),
+            "meta": {
+                "dataset": ds.name,
+                "classes": ds.classes,
+                "domains": ds.domains,
+                "algorithm": "lsq" if quant else "erm",
+                "bits": bits,
+                "test_envs": TEST_ENVS,
+            },
+        },
+        path,
+    )
 
 
 @torch.no_grad()
@@ -93,10 +108,13 @@ def run(request, digits, tmp_path_factory):
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(STEPS):
-        picks = [(train[torch.randint(len(train), (BATCH,), generator=generator)], x, y)
-                 for x, y, train, _ in data.values()]
-        loss = F.cross_entropy(model(torch.cat([x[i] for i, x, _ in picks])),
-                               torch.cat([y[i] for i, _, y in picks]))
+        picks = [
+            (train[torch.randint(len(train), (BATCH,), generator=generator)], x, y)
+            for x, y, train, _ in data.values()
+        ]
+        loss = F.cross_entropy(
+            model(torch.cat([x[i] for i, x, _ in picks])), torch.cat([y[i] for i, _, y in picks])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -104,16 +122,33 @@ def run(request, digits, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"export{bits}")
     _checkpoint(model, quant, ds, bits, folder / "checkpoint.pt")
     images = {d: x for d, (x, *_) in data.items()}
-    return SimpleNamespace(bits=bits, model=model, folder=folder, images=images,
-                           held_out={d: test for d, (*_, test) in data.items()},
-                           logits={d: _logits(model, x) for d, x in images.items()})
+    return SimpleNamespace(
+        bits=bits,
+        model=model,
+        folder=folder,
+        images=images,
+        held_out={d: test for d, (*_, test) in data.items()},
+        logits={d: _logits(model, x) for d, x in images.items()},
+    )
 
 
 def _export(run, fmt, name, *options):
     """``gaqat export`` of the run's checkpoint into its folder."""
     path = run.folder / name
-    assert cli.main(["export", str(run.folder / "checkpoint.pt"), "--format", fmt,
-                     "--out", str(path), *options]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                str(run.folder / "checkpoint.pt"),
+                "--format",
+                fmt,
+                "--out",
+                str(path),
+                *options,
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -137,9 +172,11 @@ def test_onnx_runtime_matches_pytorch_on_every_domain(onnxruntime, onnx_file, ru
         diff = float((ort - run.logits[domain]).abs().max())
         agree = _agreement(ort, run.logits[domain])
         with capsys.disabled():
-            print(f"\n{run.bits}-bit {domain}: {len(images)} images, onnxruntime "
-                  f"{onnxruntime.__version__} vs PyTorch max |logit diff| {diff:.3g}, "
-                  f"top-1 agreement {agree:.4%}")
+            print(
+                f"\n{run.bits}-bit {domain}: {len(images)} images, onnxruntime "
+                f"{onnxruntime.__version__} vs PyTorch max |logit diff| {diff:.3g}, "
+                f"top-1 agreement {agree:.4%}"
+            )
         assert agree >= MIN_AGREEMENT
         assert diff < 0.05 * float(run.logits[domain].abs().max())
 
@@ -149,14 +186,18 @@ def test_onnx_graph_is_qdq_at_the_trained_bit_width(onnx, onnx_file, run):
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [12]
     nodes = proto.graph.node
     init = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
-              for n in nodes if n.op_type == "Constant"}
+    consts = {
+        n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+        for n in nodes
+        if n.op_type == "Constant"
+    }
     clips = [n for n in nodes if n.op_type == "Clip"]
     layers = export.quantized_layers(run.model)
     # Inputs: QuantizeLinear -> Clip to [0, 2^b - 1] (after ReLU) -> DequantizeLinear.
     assert sum(n.op_type == "QuantizeLinear" for n in nodes) == len(clips) == len(layers)
-    assert all([int(consts[c.input[1]]), int(consts[c.input[2]])] == [0, 2 ** run.bits - 1]
-               for c in clips)
+    assert all(
+        [int(consts[c.input[1]]), int(consts[c.input[2]])] == [0, 2**run.bits - 1] for c in clips
+    )
     producers = {o: n for n in nodes for o in n.output}
     for clip in clips:
         assert producers[clip.input[0]].op_type == "QuantizeLinear"
@@ -164,8 +205,9 @@ def test_onnx_graph_is_qdq_at_the_trained_bit_width(onnx, onnx_file, run):
     steps = sorted(float(init[producers[c.input[0]].input[1]]) for c in clips)
     assert steps == sorted(float(m.input_quantizer.scale.detach()) for m in layers.values())
     # Weights: int8 codes -> DequantizeLinear; the float stem conv and classifier stay float.
-    codes = [init[n.input[0]] for n in nodes if n.op_type == "DequantizeLinear"
-             and n.input[0] in init]
+    codes = [
+        init[n.input[0]] for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in init
+    ]
     assert len(codes) == len(layers) and all(c.dtype == np.int8 for c in codes)
     assert init["classifier.weight"].dtype == np.float32
     assert _json_prop(proto, "bits") == run.bits and _json_prop(proto, "classes")[0] == "0"
@@ -183,37 +225,49 @@ def test_int_export_round_trips_with_identical_logits(int_file, run):
     header = export.int_metadata(int_file)
     assert header["bits"] == run.bits and header["domains"][1] == "mnist_m"
     assert header["layers"]["featurizer.3"] == {
-        "kind": "QuantConv2d", "weight_bits": run.bits, "per_channel": False,
-        "act_bits": run.bits, "input_signed": False}
+        "kind": "QuantConv2d",
+        "weight_bits": run.bits,
+        "per_channel": False,
+        "act_bits": run.bits,
+        "input_signed": False,
+    }
 
 
-def test_weight_codes_use_at_most_2_to_the_b_values(safetensors_torch, onnx, int_file,
-                                                    onnx_file, run):
+def test_weight_codes_use_at_most_2_to_the_b_values(
+    safetensors_torch, onnx, int_file, onnx_file, run
+):
     tensors = safetensors_torch.load_file(int_file)
-    onnx_codes = [onnx.numpy_helper.to_array(i) for i in onnx.load(onnx_file).graph.initializer
-                  if i.data_type == onnx.TensorProto.INT8]
+    onnx_codes = [
+        onnx.numpy_helper.to_array(i)
+        for i in onnx.load(onnx_file).graph.initializer
+        if i.data_type == onnx.TensorProto.INT8
+    ]
     int_codes = [t for k, t in tensors.items() if k.endswith(".weight_codes")]
     assert len(int_codes) == len(onnx_codes) == 3
     for a, b in zip(int_codes, onnx_codes):
         assert a.dtype == torch.int8 and np.array_equal(a.numpy(), b)
-        assert len(torch.unique(a)) <= 2 ** run.bits
+        assert len(torch.unique(a)) <= 2**run.bits
         assert -(2 ** (run.bits - 1)) <= int(a.min()) and int(a.max()) < 2 ** (run.bits - 1)
     for name, layer in export.quantized_layers(run.model).items():
         step = tensors[f"{name}.weight_quantizer.scale"]
-        assert torch.equal(tensors[name + ".weight_codes"] * step,
-                           layer.weight_quantizer(layer.weight).detach())
+        assert torch.equal(
+            tensors[name + ".weight_codes"] * step, layer.weight_quantizer(layer.weight).detach()
+        )
 
 
 def test_packed_size_against_float(int_file, onnx_file, run, capsys):
     sizes = export.model_sizes(run.model)
-    assert sizes == {"packed_bytes": QUANTIZED_WEIGHTS * run.bits // 8
-                     + 4 * (FLOAT_VALUES + STEP_SIZES),
-                     "float_bytes": 4 * (QUANTIZED_WEIGHTS + FLOAT_VALUES)}
+    assert sizes == {
+        "packed_bytes": QUANTIZED_WEIGHTS * run.bits // 8 + 4 * (FLOAT_VALUES + STEP_SIZES),
+        "float_bytes": 4 * (QUANTIZED_WEIGHTS + FLOAT_VALUES),
+    }
     assert export.int_metadata(int_file)["packed_bytes"] == sizes["packed_bytes"]
     with capsys.disabled():
-        print(f"\n{run.bits}-bit sizes: {sizes}, {sizes['float_bytes'] / sizes['packed_bytes']:.2f}x "
-              f"smaller; files: int {int_file.stat().st_size} B, onnx "
-              f"{onnx_file.stat().st_size} B")
+        print(
+            f"\n{run.bits}-bit sizes: {sizes}, {sizes['float_bytes'] / sizes['packed_bytes']:.2f}x "
+            f"smaller; files: int {int_file.stat().st_size} B, onnx "
+            f"{onnx_file.stat().st_size} B"
+        )
 
 
 def test_batchnorm_folds_only_into_a_float_conv():
@@ -232,8 +286,7 @@ def test_batchnorm_folds_only_into_a_float_conv():
     assert change < 0.05 * float(before.abs().max())
 
 
-def test_export_with_fold_bn_keeps_codes_and_predictions(safetensors_torch, int_file, run,
-                                                         capsys):
+def test_export_with_fold_bn_keeps_codes_and_predictions(safetensors_torch, int_file, run, capsys):
     path = _export(run, "int", "folded.safetensors", "--fold-bn")
     assert "folded batch norm ['featurizer.1']" in capsys.readouterr().out
     folded = export.load_int(path)
@@ -242,12 +295,16 @@ def test_export_with_fold_bn_keeps_codes_and_predictions(safetensors_torch, int_
     plain, codes = safetensors_torch.load_file(int_file), safetensors_torch.load_file(path)
     assert all(torch.equal(plain[k], codes[k]) for k in plain if k.endswith("_codes"))
     for domain, held_out in run.held_out.items():  # the 20% split: folding is a side check
-        logits, reference = _logits(folded, run.images[domain][held_out]), \
-            run.logits[domain][held_out]
+        logits, reference = (
+            _logits(folded, run.images[domain][held_out]),
+            run.logits[domain][held_out],
+        )
         change, agree = float((logits - reference).abs().max()), _agreement(logits, reference)
         with capsys.disabled():
-            print(f"\n{run.bits}-bit {domain}: {len(held_out)} held-out images, BN folding "
-                  f"max |logit change| {change:.3g}, top-1 agreement {agree:.4%}")
+            print(
+                f"\n{run.bits}-bit {domain}: {len(held_out)} held-out images, BN folding "
+                f"max |logit change| {change:.3g}, top-1 agreement {agree:.4%}"
+            )
         assert agree >= MIN_FOLD_AGREEMENT and change < 0.05 * float(reference.abs().max())
 
 
@@ -266,8 +323,19 @@ def test_per_channel_model_exports_at_opset_13(tmp_path, onnx, onnxruntime):
 
 def test_float_checkpoint_is_refused(digits, tmp_path, capsys):
     _checkpoint(build_model(ModelConfig()), None, digits[0], None, tmp_path / "float.pt")
-    assert cli.main(["export", str(tmp_path / "float.pt"), "--format", "onnx",
-                     "--out", str(tmp_path / "m.onnx")]) == 2
+    assert (
+        cli.main(
+            [
+                "export",
+                str(tmp_path / "float.pt"),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 2
+    )
     assert "is a float model" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
 
@@ -291,11 +359,16 @@ def test_corrupt_files_get_clear_errors(safetensors_torch, int_file, run, tmp_pa
     tampered = tmp_path / "tampered.safetensors"
     header = {k: json.dumps(v) for k, v in export.int_metadata(int_file).items()}
     for key, value, error in (
-            ("model_config", {**ModelConfig().to_dict(), "width": 3},
-             r"model_config has unknown entries \['width'\]"),
-            ("folded_bn", {"featurizer.4": "featurizer.3"}, "cannot fold")):  # a quantized conv
-        safetensors_torch.save_file(safetensors_torch.load_file(int_file), tampered,
-                                    {**header, key: json.dumps(value)})
+        (
+            "model_config",
+            {**ModelConfig().to_dict(), "width": 3},
+            r"model_config has unknown entries \['width'\]",
+        ),
+        ("folded_bn", {"featurizer.4": "featurizer.3"}, "cannot fold"),
+    ):  # a quantized conv
+        safetensors_torch.save_file(
+            safetensors_torch.load_file(int_file), tampered, {**header, key: json.dumps(value)}
+        )
         with pytest.raises(ValueError, match=error):
             export.load_int(tampered)
 
@@ -309,12 +382,13 @@ def test_corrupt_files_get_clear_errors(safetensors_torch, int_file, run, tmp_pa
 def test_export_imports_without_the_extra():
     """gaqat.export imports without safetensors, onnx and onnxruntime; what needs one of
     them names the extra to install."""
-    code = ("import sys\n"
-            "sys.modules.update(dict.fromkeys(['safetensors', 'onnx', 'onnxruntime']))\n"
-            "from gaqat import export\n"
-            "export.load_int('model.safetensors')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=False)
+    code = (
+        "import sys\n"
+        "sys.modules.update(dict.fromkeys(['safetensors', 'onnx', 'onnxruntime']))\n"
+        "from gaqat import export\n"
+        "export.load_int('model.safetensors')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 1
     assert "RuntimeError: export needs safetensors" in done.stderr
     assert 'pip install "gaqat[export]"' in done.stderr

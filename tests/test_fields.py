@@ -14,12 +14,15 @@ def test_json_types():
 
 def test_dotted_fields_in_order():
     record = {"step": 3, "args": {"trial_seed": 1}}
-    assert check_fields(record, {"step": int, "args": dict, "args.trial_seed": int}, "f, line 1") \
+    assert (
+        check_fields(record, {"step": int, "args": dict, "args.trial_seed": int}, "f, line 1")
         is record
+    )
     with pytest.raises(ValueError, match=r"^f, line 2: missing field 'args.hparams_seed'$"):
         check_fields(record, {"args": dict, "args.hparams_seed": int}, "f, line 2")
-    with pytest.raises(ValueError,
-                       match=r"^f, line 3: field 'args' is \[1\], expected a JSON object$"):
+    with pytest.raises(
+        ValueError, match=r"^f, line 3: field 'args' is \[1\], expected a JSON object$"
+    ):
         check_fields({"args": [1]}, {"args": dict, "args.trial_seed": int}, "f, line 3")
     with pytest.raises(ValueError, match=r"^f, line 4: field 'step' is '3', expected int$"):
         check_fields({"step": "3"}, {"step": int}, "f, line 4")

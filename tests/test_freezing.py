@@ -7,10 +7,18 @@ import io
 
 import pytest
 import torch
+from conftest import (
+    TinyConvBN,
+    TinyMLP,
+    capture_grads,
+    closure_for,
+    make,
+    pass_counter,
+    record_components,
+    reference_grads,
+)
 from torch import nn
 
-from conftest import (TinyConvBN, TinyMLP, capture_grads, closure_for, make, pass_counter,
-                      record_components, reference_grads)
 from gaqat.freezing import Freezer
 from gaqat.optim import GAQAT
 
@@ -36,8 +44,13 @@ def test_nothing_freezes_during_the_warm_up_window():
     assert [r["kind"] for r in records] == ["window"] and records[0]["d_task"] == 0.0
     run_windows(freezer, [1.0], window=4)
     assert freezer.frozen == {"s"}
-    assert freezer.pop_records()[-1] == {"kind": "freeze", "step": 8, "name": "s",
-                                          "d_task": 0.0, "d_smooth": 0.0}
+    assert freezer.pop_records()[-1] == {
+        "kind": "freeze",
+        "step": 8,
+        "name": "s",
+        "d_task": 0.0,
+        "d_smooth": 0.0,
+    }
 
 
 def test_longer_warm_up_and_orderly_windows_that_stay_unfrozen():
@@ -61,14 +74,16 @@ def test_window_records_say_whether_the_step_size_was_frozen_during_the_window()
     freezer = scalar_freezer(tau=0.3)
     run_windows(freezer, [1.0, 1.0, 1.0], window=4)
     windows = [r for r in freezer.pop_records() if r["kind"] == "window"]
-    assert [(r["window"], r["step"], r["frozen"]) for r in windows] == [(1, 4, False), (2, 8, False),
-                                                                        (3, 12, True)]
+    assert [(r["window"], r["step"], r["frozen"]) for r in windows] == [
+        (1, 4, False),
+        (2, 8, False),
+        (3, 12, True),
+    ]
 
 
 def test_a_disorder_equal_to_tau_does_not_freeze():
     """7 flips in 20 transitions is D = 0.35 exactly, not float32's 0.3499999940."""
-    freezer = Freezer({"s": nn.Parameter(torch.tensor(1.0))}, tau=0.35, window=21,
-                      warmup_windows=0)
+    freezer = Freezer({"s": nn.Parameter(torch.tensor(1.0))}, tau=0.35, window=21, warmup_windows=0)
     signs = [(-1.0) ** min(i, 7) for i in range(21)]  # alternates for 7 transitions, then holds
     for sign in signs:
         freezer.observe({"s": torch.tensor(sign)}, {"s": torch.tensor(0.0)})
@@ -76,9 +91,15 @@ def test_a_disorder_equal_to_tau_does_not_freeze():
     assert freezer.frozen == set()
 
 
-@pytest.mark.parametrize("kwargs, match", [({"tau": 1.5}, "tau"), ({"mode": "some"}, "mode"),
-                                           ({"warmup_windows": -1}, "warmup"),
-                                           ({"metric": "kl"}, "metric")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tau": 1.5}, "tau"),
+        ({"mode": "some"}, "mode"),
+        ({"warmup_windows": -1}, "warmup"),
+        ({"metric": "kl"}, "metric"),
+    ],
+)
 def test_bad_freezer_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         scalar_freezer(**kwargs)
@@ -132,8 +153,13 @@ def test_gaqat_records_are_json_ready_and_counted_in_steps():
         opt.step(closure_for(model, x, y))
     records = opt.freezer.pop_records()
     assert {(r["kind"], r["step"], r["name"]) for r in records} == {
-        ("window", 2, "w_scale"), ("window", 2, "a_scale"), ("window", 4, "w_scale"),
-        ("window", 4, "a_scale"), ("freeze", 4, "w_scale"), ("freeze", 4, "a_scale")}
+        ("window", 2, "w_scale"),
+        ("window", 2, "a_scale"),
+        ("window", 4, "w_scale"),
+        ("window", 4, "a_scale"),
+        ("freeze", 4, "w_scale"),
+        ("freeze", 4, "a_scale"),
+    }
     assert all(type(v) in (str, int, float, bool) for r in records for v in r.values())
     assert opt.freezer.pop_records() == []
 
@@ -187,8 +213,10 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
     from gaqat.quant import QuantConfig, quantize_model, step_sizes
 
     torch.manual_seed(0)
-    model = quantize_model(build_model(ModelConfig(num_classes=3)),
-                           QuantConfig(weight_bits=4, act_bits=4, per_channel=per_channel))
+    model = quantize_model(
+        build_model(ModelConfig(num_classes=3)),
+        QuantConfig(weight_bits=4, act_bits=4, per_channel=per_channel),
+    )
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     sizes = step_sizes(model)
     freezer = Freezer(sizes, tau=1.0, window=2, mode="all")
@@ -200,7 +228,9 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
     records = opt.freezer.pop_records()
     assert {r["name"] for r in records if r["kind"] == "window"} == set(sizes)
     assert all(0.0 <= r["d_task"] <= 1.0 for r in records if r["kind"] == "window")
-    assert {name: g.shape for name, g in handed[-1][1].items()} == {n: p.shape for n, p in sizes.items()}
+    assert {name: g.shape for name, g in handed[-1][1].items()} == {
+        n: p.shape for n, p in sizes.items()
+    }
     frozen = {name: sizes[name].detach().clone() for name in opt.freezer.frozen}
     assert frozen
     opt.step(closure)

@@ -6,16 +6,29 @@ import numpy as np
 import pytest
 
 from gaqat import hparams
+from gaqat.hparams import (
+    CHOICES,
+    Hparam,
+    apply_overrides,
+    default_hparams,
+    random_hparams,
+    seed_hash,
+)
 from gaqat.names import ALGORITHMS, DATASETS
-from gaqat.hparams import (CHOICES, Hparam, apply_overrides,
-                           default_hparams, random_hparams, seed_hash)
 
 IMAGE_DATASETS = [d for d in DATASETS if d != "digits"]
 
 
-@pytest.mark.parametrize("dataset, lr, weight_decay, alpha", [
-    ("PACS", 3e-5, 1e-4, 1e-3), ("VLCS", 1e-5, 1e-4, 1e-3), ("OfficeHome", 1e-5, 1e-4, 5e-4),
-    ("TerraIncognita", 1e-5, 1e-4, 1e-3), ("DomainNet", 3e-5, 1e-6, 5e-4)])
+@pytest.mark.parametrize(
+    "dataset, lr, weight_decay, alpha",
+    [
+        ("PACS", 3e-5, 1e-4, 1e-3),
+        ("VLCS", 1e-5, 1e-4, 1e-3),
+        ("OfficeHome", 1e-5, 1e-4, 5e-4),
+        ("TerraIncognita", 1e-5, 1e-4, 1e-3),
+        ("DomainNet", 3e-5, 1e-6, 5e-4),
+    ],
+)
 def test_image_datasets_default_to_sagm_published_values(dataset, lr, weight_decay, alpha):
     for algorithm in ALGORITHMS:
         hp = default_hparams(algorithm, dataset)
@@ -48,12 +61,22 @@ def test_algorithm_specific_keys_only_where_used():
     freezing = {"tau", "window", "freeze_mode", "unfreeze", "disorder_metric"}
     sam = {"rho", "perturbed_pass_rng"}
     sagm = sam | {"alpha"}
-    assert extra == {"erm": set(), "sagm": sagm, "lsq": quant, "lsq_sam": sam | quant,
-                     "lsq_sagm": sagm | quant, "gaqat": sagm | quant | freezing}
+    assert extra == {
+        "erm": set(),
+        "sagm": sagm,
+        "lsq": quant,
+        "lsq_sam": sam | quant,
+        "lsq_sagm": sagm | quant,
+        "gaqat": sagm | quant | freezing,
+    }
     gaqat = default_hparams("gaqat", "PACS")
     assert gaqat["perturbed_pass_rng"] == "replay"
-    assert (gaqat["tau"], gaqat["freeze_mode"], gaqat["unfreeze"], gaqat["disorder_metric"]) == \
-        (0.3, "task", False, "sign_flip")
+    assert (gaqat["tau"], gaqat["freeze_mode"], gaqat["unfreeze"], gaqat["disorder_metric"]) == (
+        0.3,
+        "task",
+        False,
+        "sign_flip",
+    )
     assert (gaqat["per_channel"], gaqat["first_last"]) == (False, "float")
 
 
@@ -87,8 +110,8 @@ def test_random_draws_are_deterministic_and_json_ready():
 def test_draws_stay_in_their_ranges(dataset):
     for seed in range(1, 40):
         hp = random_hparams("gaqat", dataset, seed)
-        low_lr = 10 ** -5 if dataset != "digits" else 10 ** -4.5
-        assert low_lr <= hp["lr"] <= 10 ** -2.5
+        low_lr = 10**-5 if dataset != "digits" else 10**-4.5
+        assert low_lr <= hp["lr"] <= 10**-2.5
         assert 8 <= hp["batch_size"] < 64
         assert 0.1 <= hp["tau"] <= 0.5 and 0.01 <= hp["rho"] <= 0.1
         window = default_hparams("gaqat", dataset)["window"]
@@ -114,10 +137,16 @@ def test_adding_a_hyperparameter_changes_no_other_draw(monkeypatch):
 
 def test_overrides_from_json_and_dict():
     hp = default_hparams("gaqat", "PACS")
-    out = apply_overrides(hp, '{"lr": 1, "tau": 0.2, "unfreeze": true, "window": 100, '
-                              '"freeze_mode": "all"}')
-    assert (out["lr"], out["tau"], out["unfreeze"], out["window"], out["freeze_mode"]) == \
-        (1.0, 0.2, True, 100, "all")
+    out = apply_overrides(
+        hp, '{"lr": 1, "tau": 0.2, "unfreeze": true, "window": 100, "freeze_mode": "all"}'
+    )
+    assert (out["lr"], out["tau"], out["unfreeze"], out["window"], out["freeze_mode"]) == (
+        1.0,
+        0.2,
+        True,
+        100,
+        "all",
+    )
     assert isinstance(out["lr"], float)
     assert hp == default_hparams("gaqat", "PACS")  # the input is not modified
     assert apply_overrides(hp, {"rho": 0.1})["rho"] == 0.1
@@ -129,18 +158,24 @@ def test_unknown_override_key_lists_valid_ones():
         apply_overrides(default_hparams("sagm", "PACS"), '{"tau": 0.1}')
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ('{"lr": "fast"}', "'lr': expected float"),
-    ('{"lr": true}', "'lr': expected float"),
-    ('{"window": 2.5}', "'window': expected int"),
-    ('{"window": true}', "'window': expected int"),
-    ('{"unfreeze": 1}', "'unfreeze': expected bool"),
-    ('{"freeze_mode": "some"}', r"'freeze_mode': 'some' is not one of \('task', 'all'\)"),
-    ('{"disorder_metric": 3}', "'disorder_metric': expected str"),
-    ('{"perturbed_pass_rng": "same"}', r"'perturbed_pass_rng': 'same' is not one of \('replay', "),
-    ('{"lr": 1e-3', "not valid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ('{"lr": "fast"}', "'lr': expected float"),
+        ('{"lr": true}', "'lr': expected float"),
+        ('{"window": 2.5}', "'window': expected int"),
+        ('{"window": true}', "'window': expected int"),
+        ('{"unfreeze": 1}', "'unfreeze': expected bool"),
+        ('{"freeze_mode": "some"}', r"'freeze_mode': 'some' is not one of \('task', 'all'\)"),
+        ('{"disorder_metric": 3}', "'disorder_metric': expected str"),
+        (
+            '{"perturbed_pass_rng": "same"}',
+            r"'perturbed_pass_rng': 'same' is not one of \('replay', ",
+        ),
+        ('{"lr": 1e-3', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_bad_override_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(default_hparams("gaqat", "digits"), overrides)

@@ -55,8 +55,10 @@ def test_frozen_batch_norm_keeps_running_statistics_in_training_mode():
     assert not bn.training and net.training and torch.equal(bn.running_mean, before)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"arch": "vgg"}, "arch"), ({"num_classes": 1}, "num_classes"),
-                                           ({"dropout": 1.0}, "dropout")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"arch": "vgg"}, "arch"), ({"num_classes": 1}, "num_classes"), ({"dropout": 1.0}, "dropout")],
+)
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
         ModelConfig(**kwargs)

@@ -12,10 +12,19 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    TinyConvBN,
+    TinyDropout,
+    TinyMLP,
+    capture_grads,
+    closure_for,
+    make,
+    pass_counter,
+    record_components,
+    reference_grads,
+)
 from torch import nn
 
-from conftest import (TinyConvBN, TinyDropout, TinyMLP, capture_grads, closure_for, make,
-                      pass_counter, record_components, reference_grads)
 from gaqat.freezing import Freezer
 from gaqat.optim import GAQAT, SAGM, SAM
 
@@ -23,10 +32,13 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("model_cls", [TinyMLP, TinyConvBN])
-@pytest.mark.parametrize("wrapper, kwargs, final", [
-    (SAGM, {"rho": 0.5, "alpha": 0.01}, lambda g, g_p: 0.5 * (g + g_p)),
-    (SAM, {"rho": 0.5}, lambda g, g_p: g_p),
-])
+@pytest.mark.parametrize(
+    "wrapper, kwargs, final",
+    [
+        (SAGM, {"rho": 0.5, "alpha": 0.01}, lambda g, g_p: 0.5 * (g + g_p)),
+        (SAM, {"rho": 0.5}, lambda g, g_p: g_p),
+    ],
+)
 def test_the_base_optimizer_gets_the_hand_computed_gradient(model_cls, wrapper, kwargs, final):
     model, x, y = make(model_cls)
     g, g_p = reference_grads(model, x, y, rho=0.5, alpha=kwargs.get("alpha", 0.0))
@@ -55,7 +67,7 @@ def test_gaqat_hands_the_freezer_the_components_of_the_sagm_gradient():
     freezer = Freezer(model.step_sizes(), tau=0.0, window=2)
     handed = record_components(freezer)
     GAQAT(base, model, freezer, rho=0.5, alpha=0.01).step(closure_for(model, x, y))
-    (g_task, g_smooth), = handed
+    ((g_task, g_smooth),) = handed
     for name, p in model.step_sizes().items():
         torch.testing.assert_close(g_task[name] + 0.5 * g_smooth[name], seen[p], rtol=0, atol=1e-12)
 
@@ -79,6 +91,7 @@ def test_parameters_are_restored_when_the_perturbed_pass_raises():
             raise RuntimeError("out of memory in the perturbed pass")
         loss.backward()
         return loss
+
     with pytest.raises(RuntimeError, match="perturbed pass"):
         SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=3.0).step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -89,9 +102,9 @@ def test_parameters_are_restored_when_the_perturbed_pass_raises():
 AT_ZERO_RADIUS = {
     "SAM": lambda base, model, **kw: SAM(base, model, rho=0.0, **kw),
     "SAGM": lambda base, model, **kw: SAGM(base, model, rho=0.0, alpha=0.0, **kw),
-    "GAQAT": lambda base, model, **kw: GAQAT(base, model, Freezer(model.step_sizes(), tau=0.0,
-                                                                  window=2),
-                                             rho=0.0, alpha=0.0, **kw),
+    "GAQAT": lambda base, model, **kw: GAQAT(
+        base, model, Freezer(model.step_sizes(), tau=0.0, window=2), rho=0.0, alpha=0.0, **kw
+    ),
 }
 
 
@@ -116,8 +129,13 @@ def test_replayed_dropout_masks_make_a_zero_radius_step_a_plain_gradient_step(wr
 def test_replayed_dropout_masks_make_g_smooth_exactly_zero_at_zero_radius(rng):
     """With fresh masks g_smooth = g_p − g would be dropout noise, not curvature."""
     model, x, y = make(TinyDropout)
-    opt = SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0, alpha=0.0,
-               perturbed_pass_rng=rng)
+    opt = SAGM(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        rho=0.0,
+        alpha=0.0,
+        perturbed_pass_rng=rng,
+    )
     _, g_smooth = opt.two_passes(closure_for(model, x, y)).components(model.step_sizes())
     assert (not any(g.any() for g in g_smooth.values())) == (rng == "replay")
 
@@ -141,6 +159,7 @@ def test_only_the_given_models_batch_norm_is_left_alone():
         loss = F.cross_entropy(model(x), y) + other(model(x)).sum() * 0
         loss.backward()
         return loss
+
     SAGM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5).step(closure)
     assert model.bn.num_batches_tracked == 2  # two forwards in the first pass, none in the second
     assert other.num_batches_tracked == 2  # one forward in each pass
@@ -153,8 +172,12 @@ def test_the_model_must_be_given():
 
 
 def test_instance_norm_with_running_stats_is_refused():
-    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.InstanceNorm2d(2, track_running_stats=True),
-                          nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 1),
+        nn.InstanceNorm2d(2, track_running_stats=True),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     x, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 0])
     with pytest.raises(ValueError, match="InstanceNorm2d"):
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model).step(closure_for(model, x, y))
@@ -222,6 +245,7 @@ def test_bfloat16_autocast_inside_the_closure_trains():
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     before = model.w_scale.detach().clone()
     opt.step(closure)
     assert model.w_scale.dtype == torch.float32 and not torch.equal(model.w_scale, before)
@@ -242,11 +266,14 @@ def test_fp16_grad_scaler_is_refused_with_a_clear_error():
     opt.step(closure)  # and the optimizer is still usable without one
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rho": -0.1}, "rho"),
-    ({"alpha": float("nan")}, "alpha"),
-    ({"perturbed_pass_rng": "same"}, "perturbed_pass_rng.*replay"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rho": -0.1}, "rho"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"perturbed_pass_rng": "same"}, "perturbed_pass_rng.*replay"),
+    ],
+)
 def test_bad_hyperparameters_are_named(kwargs, match):
     model, _, _ = make(TinyMLP)
     with pytest.raises(ValueError, match=match):

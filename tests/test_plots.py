@@ -8,14 +8,27 @@ import pytest
 from PIL import Image
 
 from gaqat import cli
-from gaqat.plots import (below_tau_fraction, freeze_steps, frozen_counts, load_gradients,
-                         opposite_signs, plot_disorder, run_tau, short_label, short_labels,
-                         smooth_factors, window_table)
+from gaqat.plots import (
+    below_tau_fraction,
+    freeze_steps,
+    frozen_counts,
+    load_gradients,
+    opposite_signs,
+    plot_disorder,
+    run_tau,
+    short_label,
+    short_labels,
+    smooth_factors,
+    window_table,
+)
 from gaqat.runfolder import TornLineWarning
 
 # Model order deliberately not alphabetical: the figures must keep it.
-NAMES = ["featurizer.9.weight_quantizer", "featurizer.3.input_quantizer",
-         "featurizer.3.weight_quantizer"]
+NAMES = [
+    "featurizer.9.weight_quantizer",
+    "featurizer.3.input_quantizer",
+    "featurizer.3.weight_quantizer",
+]
 K = 10  # steps per window
 # [layer][window] window sums; signs chosen so that opposite = [[T,F,F,T],[F,F,T,F],[F,F,F,F]]
 G_TASK = [[1e-2, 2e-2, -1e-2, 3e-2], [-1.0, -2.0, 1.0, 0.5], [0.0, 1e-3, 2e-3, -1e-3]]
@@ -33,12 +46,30 @@ def synthetic_records():
     for w in range(4):
         step = (w + 1) * K
         for i, name in enumerate(NAMES):
-            records.append({"kind": "window", "step": step, "window": w + 1, "name": name,
-                            "g_task": G_TASK[i][w], "g_smooth": G_SMOOTH[i][w],
-                            "d_task": D_TASK[i][w], "d_smooth": D_SMOOTH[i][w],
-                            "frozen": FROZEN[i][w]})
-        records += [{"kind": kind, "step": s, "name": NAMES[i], "d_task": D_TASK[i][w],
-                     "d_smooth": D_SMOOTH[i][w]} for kind, s, i in DECISIONS if s == step]
+            records.append(
+                {
+                    "kind": "window",
+                    "step": step,
+                    "window": w + 1,
+                    "name": name,
+                    "g_task": G_TASK[i][w],
+                    "g_smooth": G_SMOOTH[i][w],
+                    "d_task": D_TASK[i][w],
+                    "d_smooth": D_SMOOTH[i][w],
+                    "frozen": FROZEN[i][w],
+                }
+            )
+        records += [
+            {
+                "kind": kind,
+                "step": s,
+                "name": NAMES[i],
+                "d_task": D_TASK[i][w],
+                "d_smooth": D_SMOOTH[i][w],
+            }
+            for kind, s, i in DECISIONS
+            if s == step
+        ]
     return records
 
 
@@ -79,8 +110,11 @@ def test_window_table_arrays():
 
 
 def test_missing_record_is_nan():
-    records = [r for r in synthetic_records()
-               if not (r["kind"] == "window" and r["window"] == 4 and r["name"] == NAMES[2])]
+    records = [
+        r
+        for r in synthetic_records()
+        if not (r["kind"] == "window" and r["window"] == 4 and r["name"] == NAMES[2])
+    ]
     table = window_table(records)
     assert math.isnan(table.g_task[2, 3]) and math.isnan(table.d_task[2, 3])
     assert not opposite_signs(table)[2, 3]
@@ -88,9 +122,10 @@ def test_missing_record_is_nan():
 
 def test_opposite_signs_and_factors():
     table = window_table(synthetic_records())
-    np.testing.assert_array_equal(opposite_signs(table), [[True, False, False, True],
-                                                          [False, False, True, False],
-                                                          [False, False, False, False]])
+    np.testing.assert_array_equal(
+        opposite_signs(table),
+        [[True, False, False, True], [False, False, True, False], [False, False, False, False]],
+    )
     # max |g_task| / max |g_smooth|: 3e-2 / 2e-3 = 15 -> 10; 2 / 3 -> 1; 2e-3 / 5 -> 1e-3.
     np.testing.assert_allclose(smooth_factors(table), [10, 1, 1e-3])
 
@@ -120,15 +155,22 @@ def test_load_gradients_round_trip_and_torn_line(tmp_path):
     assert records == synthetic_records()
 
 
-@pytest.mark.parametrize("line, message", [
-    ("not json", r"line 2: not valid JSON"),
-    ("[1, 2]", r"line 2: expected a JSON object"),
-    ('{"kind": "thaw"}', r"line 2: field 'kind' is 'thaw'"),
-    ('{"kind": "freeze", "step": 3, "name": "x", "d_task": 0.1}',
-     r"line 2: missing field 'd_smooth'"),
-    ('{"kind": "freeze", "step": true, "name": "x", "d_task": 0.1, "d_smooth": 0}',
-     r"field 'step' is True, expected int"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", r"line 2: not valid JSON"),
+        ("[1, 2]", r"line 2: expected a JSON object"),
+        ('{"kind": "thaw"}', r"line 2: field 'kind' is 'thaw'"),
+        (
+            '{"kind": "freeze", "step": 3, "name": "x", "d_task": 0.1}',
+            r"line 2: missing field 'd_smooth'",
+        ),
+        (
+            '{"kind": "freeze", "step": true, "name": "x", "d_task": 0.1, "d_smooth": 0}',
+            r"field 'step' is True, expected int",
+        ),
+    ],
+)
 def test_load_gradients_rejects_bad_lines(tmp_path, line, message):
     records = synthetic_records()
     path = tmp_path / "gradients.jsonl"
@@ -150,8 +192,9 @@ def test_window_table_rejects_appended_runs():
 def test_run_tau(tmp_path):
     assert run_tau(write_run(tmp_path / "a", [], tau=0.25)) == 0.25
     assert run_tau(write_run(tmp_path / "b", [], tau=None)) is None
-    with pytest.raises(ValueError,
-                       match=r"line 1: field 'hparams.tau' is 'high', expected a number"):
+    with pytest.raises(
+        ValueError, match=r"line 1: field 'hparams.tau' is 'high', expected a number"
+    ):
         run_tau(write_run(tmp_path / "c", [], tau="high"))
     # Read as every JSON-lines file is: a torn last line is skipped with a warning.
     torn = write_run(tmp_path / "d", [], tau=0.25)

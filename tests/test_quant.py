@@ -13,9 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gaqat.quant import (MIN_STEP, LsqQuantizer, QuantConfig, QuantConv2d, QuantLinear,
-                         check_optimizer, check_step_sizes, lsq_quantize, quantize_model,
-                         quantizers, step_sizes)
+from gaqat.quant import (
+    MIN_STEP,
+    LsqQuantizer,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    check_optimizer,
+    check_step_sizes,
+    lsq_quantize,
+    quantize_model,
+    quantizers,
+    step_sizes,
+)
 
 FAST = settings(max_examples=40, deadline=None)
 bits_st = st.integers(2, 8)
@@ -31,7 +41,7 @@ def one_thread():
 
 
 def grid_range(bits, signed):
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def sample(seed, shape, spread, dtype=torch.float32):
@@ -43,14 +53,20 @@ def closed_form(x, scale, q_min, q_max, grad, grad_scale):
     """docs/method.md §2 written out element by element (float64), reduced to scale's shape."""
     y = x / scale
     inside = (y > q_min) & (y < q_max)
-    d_scale = torch.where(y <= q_min, float(q_min),
-                          torch.where(y >= q_max, float(q_max), torch.round(y) - y))
+    d_scale = torch.where(
+        y <= q_min, float(q_min), torch.where(y >= q_max, float(q_max), torch.round(y) - y)
+    )
     return grad * inside, (grad * d_scale).sum_to_size(scale.shape) * grad_scale
 
 
 @FAST
-@given(seed=st.integers(0, 2**16), bits=bits_st, signed=st.booleans(),
-       scale=st.floats(1e-3, 10.0), spread=st.floats(0.01, 50.0))
+@given(
+    seed=st.integers(0, 2**16),
+    bits=bits_st,
+    signed=st.booleans(),
+    scale=st.floats(1e-3, 10.0),
+    spread=st.floats(0.01, 50.0),
+)
 def test_forward_equals_torch_learnable_fake_quant(seed, bits, signed, scale, spread):
     q_min, q_max = grid_range(bits, signed)
     s = torch.tensor([scale])
@@ -62,14 +78,19 @@ def test_forward_equals_torch_learnable_fake_quant(seed, bits, signed, scale, sp
 
 
 @FAST
-@given(seed=st.integers(0, 2**16), bits=bits_st, signed=st.booleans(),
-       per_channel=st.booleans(), grad_scale=st.floats(1e-3, 1.0))
+@given(
+    seed=st.integers(0, 2**16),
+    bits=bits_st,
+    signed=st.booleans(),
+    per_channel=st.booleans(),
+    grad_scale=st.floats(1e-3, 1.0),
+)
 def test_gradients_follow_lsq_closed_form(seed, bits, signed, per_channel, grad_scale):
     q_min, q_max = grid_range(bits, signed)
     gen = torch.Generator().manual_seed(seed)
     scale_shape = (3, 1, 1, 1) if per_channel else (1,)
-    scale = (torch.rand(scale_shape, generator=gen, dtype=torch.float64) + 0.05)
-    x = sample(seed, (3, 2, 4, 4), 2.0 ** bits * 0.3, torch.float64) * scale
+    scale = torch.rand(scale_shape, generator=gen, dtype=torch.float64) + 0.05
+    x = sample(seed, (3, 2, 4, 4), 2.0**bits * 0.3, torch.float64) * scale
     grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     x_leaf, s_leaf = x.clone().requires_grad_(), scale.clone().requires_grad_()
     lsq_quantize(x_leaf, s_leaf, q_min, q_max, grad_scale).backward(grad)
@@ -97,8 +118,7 @@ def test_boundaries_use_lsq_convention_not_torchs():
 
 
 @FAST
-@given(seed=st.integers(0, 2**16), bits=bits_st, signed=st.booleans(),
-       per_channel=st.booleans())
+@given(seed=st.integers(0, 2**16), bits=bits_st, signed=st.booleans(), per_channel=st.booleans())
 def test_outputs_lie_on_the_grid(seed, bits, signed, per_channel):
     q_min, q_max = grid_range(bits, signed)
     x = sample(seed, (4, 300), 3.0)
@@ -108,7 +128,7 @@ def test_outputs_lie_on_the_grid(seed, bits, signed, per_channel):
     torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
     assert levels.min() >= q_min - 1e-4 and levels.max() <= q_max + 1e-4
     for row in out.reshape(4 if per_channel else 1, -1):
-        assert row.unique().numel() <= 2 ** bits
+        assert row.unique().numel() <= 2**bits
 
 
 def test_weight_quantizer_initialises_from_weights_and_scales_gradient_per_channel():
@@ -120,8 +140,9 @@ def test_weight_quantizer_initialises_from_weights_and_scales_gradient_per_chann
     torch.testing.assert_close(q.scale.data, want)
     grad = sample(1, w.shape, 1.0)
     q(w).backward(grad)
-    _, want = closed_form(w.double(), q.scale.detach().double(), -8, 7, grad.double(),
-                          1 / math.sqrt(27 * 7))
+    _, want = closed_form(
+        w.double(), q.scale.detach().double(), -8, 7, grad.double(), 1 / math.sqrt(27 * 7)
+    )
     torch.testing.assert_close(q.scale.grad.double(), want, rtol=1e-4, atol=1e-7)
     assert LsqQuantizer(4, True, per_channel=True, weight_shape=(5, 8)).scale.shape == (5, 1)
 
@@ -181,8 +202,9 @@ def resnet18():
 
 
 def layer_types(model):
-    return {name: type(m) for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {
+        name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
 
 
 def test_quantize_resnet18_keeps_parameters_and_first_last_float():
@@ -200,14 +222,18 @@ def test_quantize_resnet18_keeps_parameters_and_first_last_float():
         if not name.endswith(".scale"):
             assert p is params[name]
     assert len(quantizers(model)) == 2 * 19 and set(step_sizes(model)) == set(quantizers(model))
-    assert step_sizes(model)["layer1.0.conv1.weight_quantizer"] is \
-        model.layer1[0].conv1.weight_quantizer.scale
+    assert (
+        step_sizes(model)["layer1.0.conv1.weight_quantizer"]
+        is model.layer1[0].conv1.weight_quantizer.scale
+    )
 
 
 @pytest.mark.parametrize("policy, bits", [("int8", 8), ("same", 3)])
 def test_first_last_policy_and_skip(policy, bits):
-    model = quantize_model(resnet18(), QuantConfig(3, 3, per_channel=True, first_last=policy,
-                                                   skip=("layer4", "layer1.0.conv2")))
+    model = quantize_model(
+        resnet18(),
+        QuantConfig(3, 3, per_channel=True, first_last=policy, skip=("layer4", "layer1.0.conv2")),
+    )
     assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
     for layer in (model.conv1, model.fc):
         assert layer.weight_quantizer.bits == layer.input_quantizer.bits == bits
@@ -245,31 +271,44 @@ def test_step_sizes_take_the_dtype_of_their_layer(dtype):
 def test_float64_model_gets_float64_step_size_gradients(per_channel):
     """A float32 step size would round its gradient to float32 (relative error ~1e-8)."""
     torch.manual_seed(0)
-    layer = quantize_model(nn.Sequential(nn.Linear(5, 4)).double(),
-                           QuantConfig(first_last="same", per_channel=per_channel))[0]
+    layer = quantize_model(
+        nn.Sequential(nn.Linear(5, 4)).double(),
+        QuantConfig(first_last="same", per_channel=per_channel),
+    )[0]
     x, grad = sample(0, (6, 5), 1.0, torch.float64), sample(1, (6, 4), 1.0, torch.float64)
     layer(x).backward(grad)
     wq, aq = layer.weight_quantizer, layer.input_quantizer
     w_hat = wq.codes(layer.weight) * wq.step_size()
     x_hat = aq.codes(x) * aq.step_size()
     # (quantizer, its input, dL/d(its output), N of its gradient scale)
-    for q, v, upstream, n in ((wq, layer.weight, grad.T @ x_hat, 5 if per_channel else 20),
-                              (aq, x, grad @ w_hat, 5)):
-        _, want = closed_form(v.detach(), q.scale.detach(), q.q_min, q.q_max, upstream,
-                              1 / math.sqrt(n * q.q_max))
+    for q, v, upstream, n in (
+        (wq, layer.weight, grad.T @ x_hat, 5 if per_channel else 20),
+        (aq, x, grad @ w_hat, 5),
+    ):
+        _, want = closed_form(
+            v.detach(), q.scale.detach(), q.q_min, q.q_max, upstream, 1 / math.sqrt(n * q.q_max)
+        )
         torch.testing.assert_close(q.scale.grad, want, rtol=1e-10, atol=1e-12)
 
 
 def test_state_dict_round_trip_keeps_scales_and_flags():
     config = QuantConfig(per_channel=True)
-    model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                                         nn.Flatten(), nn.Linear(4, 2)), config)
+    model = quantize_model(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2)
+        ),
+        config,
+    )
     model(sample(0, (2, 3, 5, 5), 1.0))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
-    clone = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                                         nn.Flatten(), nn.Linear(4, 2)), config)
+    clone = quantize_model(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2)
+        ),
+        config,
+    )
     clone.load_state_dict(torch.load(buffer, weights_only=True))
     original = quantizers(model)
     for name, q in quantizers(clone).items():
@@ -289,12 +328,18 @@ def test_check_optimizer_catches_an_optimizer_built_too_early():
     check_optimizer(torch.optim.Adam(model.parameters()), model)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"weight_bits": 1}, "weight_bits"), ({"weight_bits": 9}, "weight_bits"),
-    ({"act_bits": "4"}, "act_bits"), ({"act_bits": True}, "act_bits"),
-    ({"per_channel": "yes"}, "per_channel"), ({"first_last": "fp16"}, "first_last"),
-    ({"skip": "fc"}, "skip"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"weight_bits": 1}, "weight_bits"),
+        ({"weight_bits": 9}, "weight_bits"),
+        ({"act_bits": "4"}, "act_bits"),
+        ({"act_bits": True}, "act_bits"),
+        ({"per_channel": "yes"}, "per_channel"),
+        ({"first_last": "fp16"}, "first_last"),
+        ({"skip": "fc"}, "skip"),
+    ],
+)
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"QuantConfig.{field}"):
         QuantConfig(**kwargs)

@@ -22,8 +22,12 @@ DOMAINS = ["mnist", "mnist_m", "syn"]
 #   erm env0 [50, 60, 70]: mean 60.0, std sqrt(200/3) = 8.165, SE 4.714 -> 4.7
 #   erm env1 [40, 40, 70]: mean 50.0, std sqrt(600/3) = 14.142, SE 8.165 -> 8.2
 #   erm Avg per trial [45, 50, 70]: mean 55.0, std sqrt(350/3) = 10.801, SE 6.236 -> 6.2
-CHOSEN = {("erm", 0): [0.5, 0.6, 0.7], ("erm", 1): [0.4, 0.4, 0.7],
-          ("lsq", 0): [0.3, 0.5, 0.4], ("lsq", 1): [0.2, 0.2, 0.2]}
+CHOSEN = {
+    ("erm", 0): [0.5, 0.6, 0.7],
+    ("erm", 1): [0.4, 0.4, 0.7],
+    ("lsq", 0): [0.3, 0.5, 0.4],
+    ("lsq", 1): [0.2, 0.2, 0.2],
+}
 
 
 def records(algorithm, bits, test_env, trial, chosen, hparams_seed=0, train_out=0.9):
@@ -31,14 +35,27 @@ def records(algorithm, bits, test_env, trial, chosen, hparams_seed=0, train_out=
     splits (its test-in accuracy is ``chosen``); the last has test-in ``chosen`` + 0.1 (what
     the oracle takes). A QAT run's name carries its bit width, as DomainBed's tools need."""
     out = []
-    for step, train_acc, test_in, test_out in ((100, train_out, chosen, 0.3),
-                                               (200, train_out - 0.1, chosen + 0.1, 0.6)):
-        r = {"step": step, "epoch": step / 10, "loss": 0.5, "step_time": 0.1, "mem_gb": 0.0,
-             "hparams": {"lr": 1e-3},
-             "args": {"dataset": "digits", "test_envs": [test_env],
-                      "algorithm": algorithm if bits is None else f"{algorithm}_w{bits}",
-                      "trial_seed": trial, "hparams_seed": hparams_seed, "bits": bits,
-                      "domains": DOMAINS}}
+    for step, train_acc, test_in, test_out in (
+        (100, train_out, chosen, 0.3),
+        (200, train_out - 0.1, chosen + 0.1, 0.6),
+    ):
+        r = {
+            "step": step,
+            "epoch": step / 10,
+            "loss": 0.5,
+            "step_time": 0.1,
+            "mem_gb": 0.0,
+            "hparams": {"lr": 1e-3},
+            "args": {
+                "dataset": "digits",
+                "test_envs": [test_env],
+                "algorithm": algorithm if bits is None else f"{algorithm}_w{bits}",
+                "trial_seed": trial,
+                "hparams_seed": hparams_seed,
+                "bits": bits,
+                "domains": DOMAINS,
+            },
+        }
         for i in range(len(DOMAINS)):
             r[f"env{i}_in_acc"] = test_in if i == test_env else 0.95
             r[f"env{i}_out_acc"] = test_out if i == test_env else train_acc
@@ -59,8 +76,11 @@ def write_runs(folder, chosen, done):
     for (algorithm, env), accs in chosen.items():
         bits = None if algorithm == "erm" else 4
         for trial, acc in enumerate(accs):
-            write_run(folder / f"{algorithm}_{env}_{trial}",
-                      records(algorithm, bits, env, trial, acc), done=done(algorithm, env, trial))
+            write_run(
+                folder / f"{algorithm}_{env}_{trial}",
+                records(algorithm, bits, env, trial, acc),
+                done=done(algorithm, env, trial),
+            )
 
 
 @pytest.fixture
@@ -92,9 +112,11 @@ def test_oracle_takes_last_checkpoint_and_is_labelled(sweep):
     assert "### digits: test-domain validation set (oracle)" in text
     assert "| erm | 32 | 70.0 ± 4.7 | 60.0 ± 8.2 | 65.0 ± 6.2 | 3 |" in text
     every = report([sweep], selection="all")
-    assert (every.index("training-domain validation set")
-            < every.index("### digits: leave-one-domain-out cross-validation")
-            < every.index("(oracle)"))
+    assert (
+        every.index("training-domain validation set")
+        < every.index("### digits: leave-one-domain-out cross-validation")
+        < every.index("(oracle)")
+    )
     # No run holds out two domains: leave-one-domain-out scores nothing, and says why.
     assert "| erm | 32 | – | – | – | 3 |" in every and "there are none here" in every
 
@@ -110,15 +132,19 @@ def test_csv_parses_with_unrounded_numbers(sweep):
     assert float(cell[("training", "erm", "Avg")]["stderr"]) == pytest.approx(6.2361, abs=1e-4)
     assert float(cell[("oracle", "lsq", "mnist")]["mean"]) == pytest.approx(50.0)
     assert cell[("oracle", "lsq", "mnist")]["incomplete"] == "1"
-    assert (cell[("leave-one-out", "erm", "mnist")]["mean"],
-            cell[("leave-one-out", "erm", "mnist")]["n"]) == ("", "0")
+    assert (
+        cell[("leave-one-out", "erm", "mnist")]["mean"],
+        cell[("leave-one-out", "erm", "mnist")]["n"],
+    ) == ("", "0")
 
 
 def test_latex_table_parses(sweep):
     text = report([sweep], fmt="latex")
-    body = text[text.index(r"\midrule") + len(r"\midrule"):text.index(r"\bottomrule")]
-    rows = [[c.strip() for c in line.removesuffix(r"\\").split("&")]
-            for line in body.strip().splitlines()]
+    body = text[text.index(r"\midrule") + len(r"\midrule") : text.index(r"\bottomrule")]
+    rows = [
+        [c.strip() for c in line.removesuffix(r"\\").split("&")]
+        for line in body.strip().splitlines()
+    ]
     assert rows[0] == ["erm", "32", r"60.0 $\pm$ 4.7", r"50.0 $\pm$ 8.2", r"55.0 $\pm$ 6.2", "3"]
     assert rows[1][0] == r"lsq" and rows[1][2].endswith("*")
     assert r"Algorithm & Bits & mnist & mnist\_m & Avg & Trials \\" in text
@@ -127,7 +153,8 @@ def test_latex_table_parses(sweep):
 
 def test_latex_escapes_every_special_character():
     assert latex_escape(r"a\b&c%d$e#f_g{h}i~j^k") == (
-        r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k")
+        r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k"
+    )
 
 
 def test_latex_table_escapes_names_not_numbers(tmp_path):
@@ -161,18 +188,28 @@ def test_bad_line_inside_the_file_is_an_error(tmp_path):
     recs = records("erm", None, 1, 0, 0.4)
     write_run(tmp_path / "run", [])
     (tmp_path / "run" / "results.jsonl").write_text(
-        json.dumps(recs[0]) + "\n{broken\n" + json.dumps(recs[1]) + "\n")
+        json.dumps(recs[0]) + "\n{broken\n" + json.dumps(recs[1]) + "\n"
+    )
     with pytest.raises(ValueError, match=r"results.jsonl, line 2: not valid JSON"):
         report([tmp_path])
 
 
-@pytest.mark.parametrize("spoil, message", [
-    (lambda r: r.pop("env1_out_acc"), "missing field 'env1_out_acc'"),
-    (lambda r: r["args"].pop("trial_seed"), "missing field 'args.trial_seed'"),
-    (lambda r: r.pop("step"), "missing field 'step'"),
-    (lambda r: r.update(env0_in_acc="high"), "field 'env0_in_acc' is 'high', expected a number"),
-    (lambda r: r["args"].update(test_envs=1), "field 'args.test_envs' is 1, expected a JSON array"),
-])
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda r: r.pop("env1_out_acc"), "missing field 'env1_out_acc'"),
+        (lambda r: r["args"].pop("trial_seed"), "missing field 'args.trial_seed'"),
+        (lambda r: r.pop("step"), "missing field 'step'"),
+        (
+            lambda r: r.update(env0_in_acc="high"),
+            "field 'env0_in_acc' is 'high', expected a number",
+        ),
+        (
+            lambda r: r["args"].update(test_envs=1),
+            "field 'args.test_envs' is 1, expected a JSON array",
+        ),
+    ],
+)
 def test_bad_field_names_file_line_and_field(tmp_path, spoil, message):
     recs = records("erm", None, 1, 0, 0.4)
     spoil(recs[1])
@@ -208,8 +245,9 @@ def test_missing_folders_and_bad_options(tmp_path):
         report([tmp_path])
     with pytest.raises(ValueError, match="format 'html' is not one of markdown, csv, latex"):
         report([tmp_path], fmt="html")
-    with pytest.raises(ValueError, match="selection 'best' is not one of training, "
-                                         "leave-one-out, oracle, all"):
+    with pytest.raises(
+        ValueError, match="selection 'best' is not one of training, leave-one-out, oracle, all"
+    ):
         report([tmp_path], selection="best")
 
 
@@ -229,9 +267,13 @@ def test_cli_report(sweep, tmp_path, capsys):
 
 
 # Paired comparisons. Chosen test accuracy per (algorithm, test env), trial seeds 0, 1, 2.
-PAIRED = {("lsq_sagm", 0): [0.50, 0.60, 0.70], ("gaqat", 0): [0.52, 0.61, 0.70],
-          ("lsq_sagm", 1): [0.43, 0.44, 0.50], ("gaqat", 1): [0.40, 0.45],
-          ("erm", 0): [0.55, 0.58, 0.60]}
+PAIRED = {
+    ("lsq_sagm", 0): [0.50, 0.60, 0.70],
+    ("gaqat", 0): [0.52, 0.61, 0.70],
+    ("lsq_sagm", 1): [0.43, 0.44, 0.50],
+    ("gaqat", 1): [0.40, 0.45],
+    ("erm", 0): [0.55, 0.58, 0.60],
+}
 
 
 @pytest.fixture
@@ -249,8 +291,10 @@ def test_paired_differences_by_hand(pairs):
     # gaqat − lsq_sagm in points. mnist [+2, +1, 0]: mean 1, sample std 1, SE 1/sqrt(3).
     # mnist_m [-3, +1] (trial 2 unpaired): mean -1, std sqrt(8), SE sqrt(8)/sqrt(2) = 2.
     # All [2, 1, 0, -3, 1]: mean 0.2, std sqrt(14.8/4) = 1.924, SE 0.860; 3 wins, 1 tie.
-    assert ("| gaqat | 4 | 4 | +1.0 ± 0.6 (3: 2/1/0) | -1.0 ± 2.0* (2: 1/0/1) "
-            "| +0.2 ± 0.9* (5: 3/1/1) |") in text
+    assert (
+        "| gaqat | 4 | 4 | +1.0 ± 0.6 (3: 2/1/0) | -1.0 ± 2.0* (2: 1/0/1) "
+        "| +0.2 ± 0.9* (5: 3/1/1) |"
+    ) in text
     assert "| erm |" not in text and "| lsq_sagm |" not in text
     assert "digits: erm 32-bit not compared: lsq_sagm has no 32-bit and no float runs" in text
     assert "digits: gaqat 4-bit vs lsq_sagm 4-bit: 2 unpaired runs: " in text
@@ -264,15 +308,21 @@ def test_paired_differences_by_hand(pairs):
 
 def test_float_baseline_pairs_across_bit_widths(pairs):
     comparisons = pair_runs(load_runs([pairs]), "erm")
-    assert [(c.algorithm, c.bits, c.baseline_bits, len(c.pairs), len(c.unpaired))
-            for c in comparisons] == [("lsq_sagm", 4, 32, 3, 3), ("gaqat", 4, 32, 3, 3)]
+    assert [
+        (c.algorithm, c.bits, c.baseline_bits, len(c.pairs), len(c.unpaired)) for c in comparisons
+    ] == [("lsq_sagm", 4, 32, 3, 3), ("gaqat", 4, 32, 3, 3)]
     (table,) = paired_tables(comparisons, "training")
     assert table.header == ["Algorithm", "Bits", "erm bits", "mnist", "All"]  # erm: mnist only
     # lsq_sagm − erm [-5, +2, +10]: mean 2.33, SE sqrt(56.33)/sqrt(3) = 4.33.
     # gaqat − erm [-3, +3, +10]: mean 3.33, SE sqrt(42.33)/sqrt(3) = 3.76.
     rows = {row[0].value: row for row in table.rows}
     assert [cell.text(MARKDOWN) for cell in rows["lsq_sagm"]] == [
-        "lsq_sagm", "4", "32", "+2.3 ± 4.3 (3: 2/0/1)", "+2.3 ± 4.3 (3: 2/0/1)"]
+        "lsq_sagm",
+        "4",
+        "32",
+        "+2.3 ± 4.3 (3: 2/0/1)",
+        "+2.3 ± 4.3 (3: 2/0/1)",
+    ]
     mnist = rows["gaqat"][3]
     assert mnist.stderr == pytest.approx((127 / 9) ** 0.5, abs=1e-9)
     assert mnist.counts == (2, 0, 1)
@@ -289,11 +339,20 @@ def test_paired_csv_and_unpaired_warnings(pairs):
     cell = {(r["selection"], r["domain"]): r for r in rows}
     all_ = cell[("training", "All")]
     assert (all_["algorithm"], all_["bits"], all_["baseline"], all_["baseline_bits"]) == (
-        "gaqat", "4", "lsq_sagm", "4")
+        "gaqat",
+        "4",
+        "lsq_sagm",
+        "4",
+    )
     assert float(all_["mean_diff"]) == pytest.approx(0.2, abs=1e-4)
     assert float(all_["stderr"]) == pytest.approx((14.8 / 4 / 5) ** 0.5, abs=1e-4)
     assert (all_["n"], all_["wins"], all_["ties"], all_["losses"], all_["incomplete"]) == (
-        "5", "3", "1", "1", "1")
+        "5",
+        "3",
+        "1",
+        "1",
+        "1",
+    )
     assert float(cell[("oracle", "mnist_m")]["stderr"]) == pytest.approx(2.0, abs=1e-4)
 
 
@@ -301,11 +360,19 @@ def test_paired_latex_table_parses(pairs):
     text = report([pairs], fmt="latex", paired="lsq_sagm")
     assert r"Algorithm & Bits & lsq\_sagm bits & mnist & mnist\_m & All \\" in text
     assert r"\begin{tabular}{llcccc}" in text
-    body = text[text.index(r"\midrule") + len(r"\midrule"):text.index(r"\bottomrule")]
-    (row,) = [[c.strip() for c in line.removesuffix(r"\\").split("&")]
-              for line in body.strip().splitlines()]
-    assert row == ["gaqat", "4", "4", r"+1.0 $\pm$ 0.6 (3: 2/1/0)",
-                   r"-1.0 $\pm$ 2.0* (2: 1/0/1)", r"+0.2 $\pm$ 0.9* (5: 3/1/1)"]
+    body = text[text.index(r"\midrule") + len(r"\midrule") : text.index(r"\bottomrule")]
+    (row,) = [
+        [c.strip() for c in line.removesuffix(r"\\").split("&")]
+        for line in body.strip().splitlines()
+    ]
+    assert row == [
+        "gaqat",
+        "4",
+        "4",
+        r"+1.0 $\pm$ 0.6 (3: 2/1/0)",
+        r"-1.0 $\pm$ 2.0* (2: 1/0/1)",
+        r"+0.2 $\pm$ 0.9* (5: 3/1/1)",
+    ]
     assert "% - digits: erm 32-bit not compared" in text
 
 
@@ -318,13 +385,19 @@ def test_single_pair_has_no_error(tmp_path):
 
 
 def test_paired_errors(pairs, tmp_path):
-    with pytest.raises(ValueError, match="baseline 'sgd' is not among the algorithms found: "
-                                         "erm, gaqat, lsq_sagm"):
+    with pytest.raises(
+        ValueError, match="baseline 'sgd' is not among the algorithms found: erm, gaqat, lsq_sagm"
+    ):
         report([pairs], paired="sgd")
     write_run(tmp_path / "copy" / "again", records("lsq_sagm", 4, 0, 1, 0.6))
-    with pytest.raises(ValueError, match="two lsq_sagm 4-bit runs with the same test domains, "
-                                         "trial seed and hparams seed; a paired comparison"), \
-            pytest.warns(UserWarning, match="pooled as one draw"):
+    with (
+        pytest.raises(
+            ValueError,
+            match="two lsq_sagm 4-bit runs with the same test domains, "
+            "trial seed and hparams seed; a paired comparison",
+        ),
+        pytest.warns(UserWarning, match="pooled as one draw"),
+    ):
         report([pairs], paired="lsq_sagm")
 
 
@@ -336,7 +409,8 @@ def test_cli_report_paired(pairs, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("selection,dataset,algorithm,bits,baseline,baseline_bits,")
     assert "gaqat report: warning: digits: gaqat 4-bit vs erm 32-bit: 3 unpaired runs" in (
-        captured.err)
+        captured.err
+    )
     assert cli.main(["report", str(pairs), "--paired", "sgd"]) == 2
     assert "not among the algorithms found: erm, gaqat, lsq_sagm" in capsys.readouterr().err
 
@@ -344,17 +418,32 @@ def test_cli_report_paired(pairs, capsys):
 # DomainBed's grouping: a run holding out two domains lands in the group of each.
 def checkpoint(test_envs, ins, algorithm="erm", trial=0, hparams_seed=0, step=100):
     """One gaqat record over DOMAINS with the given ``in`` accuracies (``out`` all 0.9)."""
-    r = {"step": step, "hparams": {}, "args": {
-        "dataset": "digits", "algorithm": algorithm, "test_envs": list(test_envs), "bits": None,
-        "trial_seed": trial, "hparams_seed": hparams_seed, "domains": DOMAINS}}
+    r = {
+        "step": step,
+        "hparams": {},
+        "args": {
+            "dataset": "digits",
+            "algorithm": algorithm,
+            "test_envs": list(test_envs),
+            "bits": None,
+            "trial_seed": trial,
+            "hparams_seed": hparams_seed,
+            "domains": DOMAINS,
+        },
+    }
     for i, acc in enumerate(ins):
         r[f"env{i}_in_acc"], r[f"env{i}_out_acc"] = acc, 0.9
     return r
 
 
 def test_runs_with_two_test_domains_serve_leave_one_domain_out_only(tmp_path):
-    for envs, ins in {(0,): (0.5, 0, 0), (1,): (0, 0.6, 0), (2,): (0, 0, 0.7),
-                      (0, 1): (0.25, 0.75, 0), (0, 2): (0.5, 0, 0.5)}.items():
+    for envs, ins in {
+        (0,): (0.5, 0, 0),
+        (1,): (0, 0.6, 0),
+        (2,): (0, 0, 0.7),
+        (0, 1): (0.25, 0.75, 0),
+        (0, 2): (0.5, 0, 0.5),
+    }.items():
         write_run(tmp_path / "sweep" / "_".join(map(str, envs)), [checkpoint(envs, ins)])
     text = report([tmp_path / "sweep"], selection="all")
     assert "| Algorithm | Bits | mnist | mnist_m | syn | Avg | Trials |" in text  # no "a+b"
@@ -374,11 +463,26 @@ def domainbed_run(folder, test_env, trial, test_acc, algorithm="ERM", dataset="P
     """A run as DomainBed's train.py writes it: no bits, no domain names, steps from 0."""
     recs = []
     for step, acc in ((0, 0.1), (4999, test_acc)):
-        r = {"step": step, "epoch": step / 50, "loss": 0.3, "mem_gb": 1.0, "step_time": 0.2,
-             "hparams": {"lr": 5e-5, "batch_size": 32},
-             "args": {"dataset": dataset, "algorithm": algorithm, "test_envs": [test_env],
-                      "trial_seed": trial, "hparams_seed": 0, "seed": 0, "holdout_fraction": 0.2,
-                      "output_dir": str(folder), "data_dir": "/data", "hparams": None}}
+        r = {
+            "step": step,
+            "epoch": step / 50,
+            "loss": 0.3,
+            "mem_gb": 1.0,
+            "step_time": 0.2,
+            "hparams": {"lr": 5e-5, "batch_size": 32},
+            "args": {
+                "dataset": dataset,
+                "algorithm": algorithm,
+                "test_envs": [test_env],
+                "trial_seed": trial,
+                "hparams_seed": 0,
+                "seed": 0,
+                "holdout_fraction": 0.2,
+                "output_dir": str(folder),
+                "data_dir": "/data",
+                "hparams": None,
+            },
+        }
         for i in range(n_envs):
             r[f"env{i}_in_acc"] = acc if i == test_env else 0.9
             r[f"env{i}_out_acc"] = 0.5 if i == test_env else 0.8 if step == 0 else 0.9
@@ -434,6 +538,8 @@ def test_two_runs_of_one_draw_are_pooled_with_a_warning(tmp_path):
 
 
 def test_report_on_gaqat_records_does_not_import_torch(sweep):
-    code = (f"import sys; from gaqat.report import report; report([{str(sweep)!r}], "
-            f"selection='all'); assert 'torch' not in sys.modules")
+    code = (
+        f"import sys; from gaqat.report import report; report([{str(sweep)!r}], "
+        f"selection='all'); assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

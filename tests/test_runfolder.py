@@ -6,9 +6,23 @@ import sys
 
 import pytest
 
-from gaqat.runfolder import (CHECKPOINT, DONE, LOCK, PREVIOUS, RESULTS, FolderBusyError,
-                             TornLineWarning, append_jsonl, locked, read_jsonl, replace_atomic,
-                             run_state, set_aside, settle, truncate_jsonl)
+from gaqat.runfolder import (
+    CHECKPOINT,
+    DONE,
+    LOCK,
+    PREVIOUS,
+    RESULTS,
+    FolderBusyError,
+    TornLineWarning,
+    append_jsonl,
+    locked,
+    read_jsonl,
+    replace_atomic,
+    run_state,
+    set_aside,
+    settle,
+    truncate_jsonl,
+)
 
 
 def test_run_state_follows_the_files(tmp_path):
@@ -69,12 +83,20 @@ def test_a_torn_or_missing_record_of_the_checkpoint_step_is_reported(tmp_path):
 def test_a_second_holder_of_the_lock_is_refused_with_the_holders_name(tmp_path):
     folder = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from gaqat.runfolder import locked\n"
-         f"with locked({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from gaqat.runfolder import locked\n"
+            f"with locked({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(FolderBusyError, match=f"in use by another process \\(pid {holder.pid} "):
+        with pytest.raises(
+            FolderBusyError, match=f"in use by another process \\(pid {holder.pid} "
+        ):
             with locked(folder):
                 pass
     finally:

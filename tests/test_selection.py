@@ -2,8 +2,12 @@
 
 import pytest
 
-from gaqat.selection import (SELECTION_METHODS, LeaveOneDomainOut, OracleSelection,
-                             TrainingDomainValidation)
+from gaqat.selection import (
+    SELECTION_METHODS,
+    LeaveOneDomainOut,
+    OracleSelection,
+    TrainingDomainValidation,
+)
 
 
 def record(step, outs, ins, test_envs=(2,), hparams_seed=0):
@@ -35,8 +39,10 @@ def test_ties_go_to_the_earliest_checkpoint_and_the_higher_hparams_seed():
     tied = [record(100, (0.5, 0.5, 0.0), (0, 0, 0.1)), record(200, (0.5, 0.5, 0.0), (0, 0, 0.2))]
     assert TrainingDomainValidation().run_acc(tied)[1] == 0.1
     # DomainBed sorts draws by hparams seed, then stably by validation, and takes the last.
-    draws = [record(100, (0.5, 0.5, 0.0), (0, 0, acc), hparams_seed=seed)
-             for seed, acc in ((2, 0.3), (0, 0.1), (1, 0.2))]
+    draws = [
+        record(100, (0.5, 0.5, 0.0), (0, 0, acc), hparams_seed=seed)
+        for seed, acc in ((2, 0.3), (0, 0.1), (1, 0.2))
+    ]
     assert TrainingDomainValidation().sweep_acc(draws)[1] == 0.3
     # The oracle: the last record of the last step (two runs of one draw pooled).
     pooled = [record(300, (0, 0, 0.5), (0, 0, 0.6)), record(300, (0, 0, 0.5), (0, 0, 0.7))]
@@ -99,5 +105,7 @@ def test_sweep_picks_the_hyperparameter_draw_with_best_validation():
 
 def test_names_are_domainbeds():
     assert [m.name for m in SELECTION_METHODS.values()] == [
-        "training-domain validation set", "leave-one-domain-out cross-validation",
-        "test-domain validation set (oracle)"]
+        "training-domain validation set",
+        "leave-one-domain-out cross-validation",
+        "test-domain validation set (oracle)",
+    ]

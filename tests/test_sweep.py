@@ -33,10 +33,17 @@ def fake_run(monkeypatch):
     return calls
 
 
-def _config(output, algorithms, test_envs, *, bits=(4,), seeds=(0,), hparams_seeds=(0,),
-            **options):
-    return sweep.SweepConfig("digits", output, algorithms, test_envs, bits=bits, seeds=seeds,
-                             hparams_seeds=hparams_seeds, options=options)
+def _config(output, algorithms, test_envs, *, bits=(4,), seeds=(0,), hparams_seeds=(0,), **options):
+    return sweep.SweepConfig(
+        "digits",
+        output,
+        algorithms,
+        test_envs,
+        bits=bits,
+        seeds=seeds,
+        hparams_seeds=hparams_seeds,
+        options=options,
+    )
 
 
 def _names(jobs):
@@ -44,8 +51,16 @@ def _names(jobs):
 
 
 def test_qat_jobs_start_from_an_added_erm_run_of_their_domain_and_seed(tmp_path):
-    jobs = sweep.plan(_config(tmp_path, ["gaqat", "lsq_sagm"], [0, 2], bits=[4, 3], seeds=[0, 1],
-                              hparams={**TINY, "window": 2}))
+    jobs = sweep.plan(
+        _config(
+            tmp_path,
+            ["gaqat", "lsq_sagm"],
+            [0, 2],
+            bits=[4, 3],
+            seeds=[0, 1],
+            hparams={**TINY, "window": 2},
+        )
+    )
     assert len(jobs) == 2 * 2 * (1 + 2 * 2)  # (seed, env) groups x (erm + 2 methods x 2 widths)
     position = {job.folder: i for i, job in enumerate(jobs)}
     floats = [job for job in jobs if job.needs is None]
@@ -60,25 +75,43 @@ def test_qat_jobs_start_from_an_added_erm_run_of_their_domain_and_seed(tmp_path)
         init = jobs[position[job.needs]]
         assert position[job.needs] < position[job.folder]
         assert config.init == init.folder / CHECKPOINT
-        assert (init.config.test_envs, init.config.trial_seed, init.config.hparams_seed) == \
-            (config.test_envs, config.trial_seed, 0)
+        assert (init.config.test_envs, init.config.trial_seed, init.config.hparams_seed) == (
+            config.test_envs,
+            config.trial_seed,
+            0,
+        )
         window = {"window": 2} if config.algorithm == "gaqat" else {}  # lsq_sagm does not freeze
         assert config.hparams == {**TINY, **window}
     # grouped by (seed, held-out domain): a sweep stopped halfway leaves whole pairs
     groups = [(job.key["trial_seed"], job.key["test_envs"][0]) for job in jobs]
     assert groups == sorted(groups, key=[(0, 0), (0, 2), (1, 0), (1, 2)].index)
-    first_group = ["erm_env0_seed0", "gaqat_w4_env0_seed0", "gaqat_w3_env0_seed0",
-                   "lsq_sagm_w4_env0_seed0", "lsq_sagm_w3_env0_seed0"]
+    first_group = [
+        "erm_env0_seed0",
+        "gaqat_w4_env0_seed0",
+        "gaqat_w3_env0_seed0",
+        "lsq_sagm_w4_env0_seed0",
+        "lsq_sagm_w3_env0_seed0",
+    ]
     assert [job.folder for job in jobs[:5]] == [
-        tmp_path / f"{prefix}_{sweep.job_hash(job.key)}" for prefix, job in zip(first_group, jobs)]
+        tmp_path / f"{prefix}_{sweep.job_hash(job.key)}" for prefix, job in zip(first_group, jobs)
+    ]
 
 
 def test_float_methods_ignore_bits_and_a_requested_erm_is_not_doubled(tmp_path):
-    jobs = sweep.plan(_config(tmp_path, ["lsq", "erm", "sagm"], [1], bits=[4, 3],
-                              hparams_seeds=[0, 1]))
+    jobs = sweep.plan(
+        _config(tmp_path, ["lsq", "erm", "sagm"], [1], bits=[4, 3], hparams_seeds=[0, 1])
+    )
     algorithms = [(job.key["algorithm"], job.key["bits"], job.key["hparams_seed"]) for job in jobs]
-    assert algorithms == [("erm", None, 0), ("erm", None, 1), ("sagm", None, 0), ("sagm", None, 1),
-                          ("lsq", 4, 0), ("lsq", 3, 0), ("lsq", 4, 1), ("lsq", 3, 1)]
+    assert algorithms == [
+        ("erm", None, 0),
+        ("erm", None, 1),
+        ("sagm", None, 0),
+        ("sagm", None, 1),
+        ("lsq", 4, 0),
+        ("lsq", 3, 0),
+        ("lsq", 4, 1),
+        ("lsq", 3, 1),
+    ]
     assert jobs[1].folder.name.startswith("erm_env1_seed0_hp1_")
     assert {job.needs for job in jobs[4:]} == {jobs[0].folder}  # every draw: the same init
 
@@ -88,30 +121,51 @@ def test_folder_names_are_stable_and_distinct(tmp_path):
     assert sweep.job_hash({"b": [1, 2], "a": None}) == "ee743f2f"
     assert sweep.job_hash({"a": None, "b": [1, 2]}) == "ee743f2f"
     assert _names(sweep.plan(_config(tmp_path, ["gaqat"], [1]))) == [
-        "erm_env1_seed0_61e9c916", "gaqat_w4_env1_seed0_68a5df4c"]
+        "erm_env1_seed0_61e9c916",
+        "gaqat_w4_env1_seed0_68a5df4c",
+    ]
     # where the data lives and where the sweep is are not part of a run's identity
     moved = sweep.plan(_config(tmp_path / "elsewhere", ["gaqat"], [1], data_dir=tmp_path))
     assert _names(moved) == ["erm_env1_seed0_61e9c916", "gaqat_w4_env1_seed0_68a5df4c"]
 
-    grid = sweep.plan(_config(tmp_path, ["erm", "sagm", "lsq", "gaqat"], [0, 1, 2, 3],
-                              bits=[2, 3, 4, 8], seeds=[0, 1, 2], hparams_seeds=[0, 1, 2]))
+    grid = sweep.plan(
+        _config(
+            tmp_path,
+            ["erm", "sagm", "lsq", "gaqat"],
+            [0, 1, 2, 3],
+            bits=[2, 3, 4, 8],
+            seeds=[0, 1, 2],
+            hparams_seeds=[0, 1, 2],
+        )
+    )
     assert len(grid) == 4 * 3 * (2 * 3 + 2 * 4 * 3) == len(set(_names(grid)))
-    variants = [sweep.plan(_config(tmp_path, ["gaqat"], [1], **kw))[1].folder.name
-                for kw in ({}, {"steps": 10}, {"checkpoint_freq": 5}, {"hparams": {"tau": 0.2}},
-                           {"image_size": 64}, {"weights": None})]
+    variants = [
+        sweep.plan(_config(tmp_path, ["gaqat"], [1], **kw))[1].folder.name
+        for kw in (
+            {},
+            {"steps": 10},
+            {"checkpoint_freq": 5},
+            {"hparams": {"tau": 0.2}},
+            {"image_size": 64},
+            {"weights": None},
+        )
+    ]
     assert len(set(variants)) == len(variants)
     erm, gaqat = sweep.plan(_config(tmp_path, ["gaqat"], [1]))
     assert gaqat.key["init"] == erm.folder.name  # a QAT run's identity includes its init
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"algorithms": ["nope"]}, "unknown algorithm 'nope'"),
-    ({"algorithms": []}, "--algorithms"),
-    ({"bits": [1]}, "--bits"),
-    ({"bits": []}, "--bits"),
-    ({"hparams": {"windw": 2}}, "unknown key(s) windw"),
-    ({"hparams": {"window": "2"}}, "'window': expected int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"algorithms": ["nope"]}, "unknown algorithm 'nope'"),
+        ({"algorithms": []}, "--algorithms"),
+        ({"bits": [1]}, "--bits"),
+        ({"bits": []}, "--bits"),
+        ({"hparams": {"windw": 2}}, "unknown key(s) windw"),
+        ({"hparams": {"window": "2"}}, "'window': expected int"),
+    ],
+)
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, kwargs, message):
     arguments = {"algorithms": ["gaqat"], **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -149,14 +203,40 @@ def test_relaunching_runs_nothing_finished_and_resumes_the_unfinished(tmp_path, 
 
 def test_dry_run_lists_the_jobs_and_their_state_and_runs_nothing(tmp_path, fake_run, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--dataset", "digits", "--algorithms", "erm", "lsq_sagm", "--bits", "4", "3",
-            "--test-envs", "1", "--output", str(out), "--dry-run"]
+    argv = [
+        "sweep",
+        "--dataset",
+        "digits",
+        "--algorithms",
+        "erm",
+        "lsq_sagm",
+        "--bits",
+        "4",
+        "3",
+        "--test-envs",
+        "1",
+        "--output",
+        str(out),
+        "--dry-run",
+    ]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["state", "folder", "algorithm", "bits", "test", "env", "seed",
-                                "hparams", "seed"]
+    assert lines[0].split() == [
+        "state",
+        "folder",
+        "algorithm",
+        "bits",
+        "test",
+        "env",
+        "seed",
+        "hparams",
+        "seed",
+    ]
     assert [line.split()[0::2][:3] for line in lines[1:4]] == [
-        ["new", "erm", "1"], ["new", "lsq_sagm", "1"], ["new", "lsq_sagm", "1"]]
+        ["new", "erm", "1"],
+        ["new", "lsq_sagm", "1"],
+        ["new", "lsq_sagm", "1"],
+    ]
     assert lines[1].split()[3] == "-" and [line.split()[3] for line in lines[2:4]] == ["4", "3"]
     assert lines[-1] == "3 jobs: 0 done, 0 incomplete, 3 new"
     assert not out.exists() and not fake_run
@@ -172,7 +252,8 @@ def test_dry_run_lists_the_jobs_and_their_state_and_runs_nothing(tmp_path, fake_
 
 
 def test_a_failure_stops_the_sweep_or_with_skip_failed_skips_its_dependants(
-        tmp_path, fake_run, monkeypatch, capsys):
+    tmp_path, fake_run, monkeypatch, capsys
+):
     ran = sweep.run
 
     def fail_on_env0_erm(config):
@@ -191,12 +272,26 @@ def test_a_failure_stops_the_sweep_or_with_skip_failed_skips_its_dependants(
     assert outcomes[1].detail == f"needs {jobs[0].folder.name}, which failed"
     assert [Path(c.output) for c in fake_run] == [job.folder for job in jobs[2:]]
 
-    argv = ["sweep", "--dataset", "digits", "--algorithms", "lsq", "--test-envs", "0", "1",
-            "--output", str(tmp_path), "--skip-failed"]
+    argv = [
+        "sweep",
+        "--dataset",
+        "digits",
+        "--algorithms",
+        "lsq",
+        "--test-envs",
+        "0",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--skip-failed",
+    ]
     assert cli.main(argv) == 1  # the report of what finished, then the failures
     captured = capsys.readouterr()
     assert "[3/4] kept" in captured.out and "| lsq | 4 | 50.0 |" in captured.out
-    assert "2 job(s) failed, busy or skipped; launching the same sweep again retries them" in captured.err
+    assert (
+        "2 job(s) failed, busy or skipped; launching the same sweep again retries them"
+        in captured.err
+    )
 
 
 def test_ctrl_c_stops_the_sweep_and_leaves_the_run_resumable(tmp_path, monkeypatch, capsys):
@@ -204,17 +299,46 @@ def test_ctrl_c_stops_the_sweep_and_leaves_the_run_resumable(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep, "run", interrupted)
-    argv = ["sweep", "--dataset", "digits", "--algorithms", "erm", "--test-envs", "1",
-            "--output", str(tmp_path)]
+    argv = [
+        "sweep",
+        "--dataset",
+        "digits",
+        "--algorithms",
+        "erm",
+        "--test-envs",
+        "1",
+        "--output",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 130
     assert "resumes from its last checkpoint" in capsys.readouterr().out
 
 
 def test_a_tiny_sweep_end_to_end_reports_both_methods_and_resumes(tmp_path, digits_dir, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--dataset", "digits", "--data-dir", str(digits_dir), "--algorithms", "erm",
-            "lsq_sagm", "--bits", "4", "--test-envs", "1", "--steps", "2", "--checkpoint-freq",
-            "2", "--hparams", json.dumps(TINY), "--output", str(out), "--no-progress"]
+    argv = [
+        "sweep",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        str(digits_dir),
+        "--algorithms",
+        "erm",
+        "lsq_sagm",
+        "--bits",
+        "4",
+        "--test-envs",
+        "1",
+        "--steps",
+        "2",
+        "--checkpoint-freq",
+        "2",
+        "--hparams",
+        json.dumps(TINY),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| erm | 32 | " in printed and "| lsq_sagm | 4 | " in printed
@@ -230,6 +354,8 @@ def test_a_tiny_sweep_end_to_end_reports_both_methods_and_resumes(tmp_path, digi
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("done ") and lines[2].startswith("incomplete ")
-    assert lines[4].startswith(f"[1/2] kept    {erm}") and lines[5].startswith(f"[2/2] ran     {qat}")
+    assert lines[4].startswith(f"[1/2] kept    {erm}") and lines[5].startswith(
+        f"[2/2] ran     {qat}"
+    )
     assert (qat / DONE).exists()
     assert [json.loads(line)["step"] for line in (qat / RESULTS).read_text().splitlines()] == [2]

@@ -9,8 +9,8 @@ import torch
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm
-from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.checkpoint import load_model
+from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.runfolder import CHECKPOINT, DONE, GRADIENTS, RESULTS
 from gaqat.train import NonFiniteLossError, TrainConfig, run
 
@@ -21,9 +21,15 @@ def _config(tmp_path, digits_dir, name, algorithm="erm", **kwargs):
     kwargs.setdefault("steps", 2)
     kwargs.setdefault("checkpoint_freq", 2)
     kwargs.setdefault("test_envs", (1,))
-    return TrainConfig(dataset="digits", output=tmp_path / name, algorithm=algorithm,
-                       data_dir=digits_dir, hparams={**TINY, **kwargs.pop("hparams", {})},
-                       progress=False, **kwargs)
+    return TrainConfig(
+        dataset="digits",
+        output=tmp_path / name,
+        algorithm=algorithm,
+        data_dir=digits_dir,
+        hparams={**TINY, **kwargs.pop("hparams", {})},
+        progress=False,
+        **kwargs,
+    )
 
 
 def _records(folder, name=RESULTS):
@@ -38,28 +44,43 @@ def float_init(tmp_path_factory, digits_dir):
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_every_algorithm_runs_and_writes_domainbed_records(tmp_path, digits_dir, float_init,
-                                                           algorithm):
+def test_every_algorithm_runs_and_writes_domainbed_records(
+    tmp_path, digits_dir, float_init, algorithm
+):
     quantized = get_recipe(algorithm).quantized
     hparams = {"window": 2} if algorithm == "gaqat" else {}
-    out = run(_config(tmp_path, digits_dir, algorithm, algorithm, hparams=hparams,
-                      bits=4 if quantized else None, init=float_init if quantized else None))
+    out = run(
+        _config(
+            tmp_path,
+            digits_dir,
+            algorithm,
+            algorithm,
+            hparams=hparams,
+            bits=4 if quantized else None,
+            init=float_init if quantized else None,
+        )
+    )
     records = _records(out)
     assert [r["step"] for r in records] == [2]
     for record in records:
         for i in range(4):
-            assert 0.0 <= record[f"env{i}_in_acc"] <= 1.0 and 0.0 <= record[f"env{i}_out_acc"] <= 1.0
+            assert (
+                0.0 <= record[f"env{i}_in_acc"] <= 1.0 and 0.0 <= record[f"env{i}_out_acc"] <= 1.0
+            )
         for key in ("epoch", "loss", "step_time", "mem_gb"):
             assert isinstance(record[key], float) and record[key] >= 0
         args = record["args"]
         # DomainBed's tools group by args.algorithm alone: a QAT name carries its bit width.
         assert args["dataset"] == "DigitsDG"
-        assert (args["algorithm"], args["bits"]) == ((f"{algorithm}_w4", 4) if quantized
-                                                     else (algorithm, None))
+        assert (args["algorithm"], args["bits"]) == (
+            (f"{algorithm}_w4", 4) if quantized else (algorithm, None)
+        )
         assert args["output_dir"] == str(out) and args["holdout_fraction"] == 0.2
         assert args["test_envs"] == [1] and args["trial_seed"] == 0 and args["hparams_seed"] == 0
         assert record["hparams"]["batch_size"] == 8
-        assert (record["bits"] == 4 and record["n_frozen"] >= 0) if quantized else "bits" not in record
+        assert (
+            (record["bits"] == 4 and record["n_frozen"] >= 0) if quantized else "bits" not in record
+        )
     assert (out / DONE).exists()
     model, checkpoint = load_model(out / CHECKPOINT)
     assert (checkpoint["quant_config"] is not None) == quantized
@@ -69,10 +90,22 @@ def test_every_algorithm_runs_and_writes_domainbed_records(tmp_path, digits_dir,
         assert "window" in kinds
 
 
-def test_resume_after_a_crash_gives_identical_weights(tmp_path, digits_dir, float_init, monkeypatch):
+def test_resume_after_a_crash_gives_identical_weights(
+    tmp_path, digits_dir, float_init, monkeypatch
+):
     def config(name, **kw):
-        return _config(tmp_path, digits_dir, name, "gaqat", bits=4, init=float_init, steps=6,
-                       checkpoint_freq=3, hparams={"window": 2}, **kw)
+        return _config(
+            tmp_path,
+            digits_dir,
+            name,
+            "gaqat",
+            bits=4,
+            init=float_init,
+            steps=6,
+            checkpoint_freq=3,
+            hparams={"window": 2},
+            **kw,
+        )
 
     straight = run(config("straight"))
 
@@ -96,8 +129,13 @@ def test_resume_after_a_crash_gives_identical_weights(tmp_path, digits_dir, floa
     b = torch.load(resumed / CHECKPOINT, weights_only=False)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "mem_gb", "args")}
-                        for r in rs]
+
+    def strip(records):
+        return [
+            {k: v for k, v in r.items() if k not in ("step_time", "mem_gb", "args")}
+            for r in records
+        ]
+
     assert strip(_records(straight)) == strip(_records(resumed))
     assert _records(straight, GRADIENTS) == _records(resumed, GRADIENTS)
 
@@ -106,8 +144,20 @@ def test_a_finished_folder_is_refused_unless_overwrite(tmp_path, digits_dir, cap
     run(_config(tmp_path, digits_dir, "run"))
     with pytest.raises(ValueError, match="finished run.*--overwrite"):
         run(_config(tmp_path, digits_dir, "run"))
-    argv = ["train", "--dataset", "digits", "--data-dir", str(digits_dir), "--test-envs", "1",
-            "--output", str(tmp_path / "run"), "--steps", "2", "--no-progress"]
+    argv = [
+        "train",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        str(digits_dir),
+        "--test-envs",
+        "1",
+        "--output",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite", "--hparams", json.dumps(TINY)]) == 0
@@ -124,7 +174,9 @@ def test_an_unfinished_folder_needs_resume_or_overwrite(tmp_path, digits_dir):
     assert [r["step"] for r in _records(out)] == [1]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_dir, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, digits_dir, monkeypatch
+):
     update = Algorithm.update
 
     def explode_at_step_3(self, minibatches):
@@ -156,8 +208,19 @@ def test_bad_arguments_get_clear_errors(tmp_path, digits_dir, float_init):
 def test_hparams_on_the_command_line_must_be_a_json_object(capsys):
     for text in ("{bad", "[1]"):
         with pytest.raises(SystemExit) as stop:
-            cli.main(["train", "--dataset", "digits", "--test-envs", "1", "--output", "x",
-                      "--hparams", text])
+            cli.main(
+                [
+                    "train",
+                    "--dataset",
+                    "digits",
+                    "--test-envs",
+                    "1",
+                    "--output",
+                    "x",
+                    "--hparams",
+                    text,
+                ]
+            )
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "not valid JSON" in err and "expected a JSON object" in err

@@ -13,8 +13,7 @@ import torch
 from gaqat import cli
 from gaqat.algorithms import Algorithm
 from gaqat.errors import UsageError
-from gaqat.runfolder import (CHECKPOINT, DONE, LOCK, PREVIOUS, RESULTS, FolderBusyError,
-                             locked)
+from gaqat.runfolder import CHECKPOINT, DONE, LOCK, PREVIOUS, RESULTS, FolderBusyError, locked
 from gaqat.train import NonFiniteLossError, RunInterrupted, TrainConfig, run
 
 TINY = {"batch_size": 8}
@@ -24,15 +23,22 @@ def _config(tmp_path, digits_dir, name="run", algorithm="erm", **kwargs):
     kwargs.setdefault("steps", 2)
     kwargs.setdefault("checkpoint_freq", 2)
     kwargs.setdefault("test_envs", (1,))
-    return TrainConfig(dataset="digits", output=tmp_path / name, algorithm=algorithm,
-                       data_dir=digits_dir, hparams={**TINY, **kwargs.pop("hparams", {})},
-                       progress=False, **kwargs)
+    return TrainConfig(
+        dataset="digits",
+        output=tmp_path / name,
+        algorithm=algorithm,
+        data_dir=digits_dir,
+        hparams={**TINY, **kwargs.pop("hparams", {})},
+        progress=False,
+        **kwargs,
+    )
 
 
 def _snapshot(folder):
     """The run's files (the lock file says who held the folder last, not what it holds)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != LOCK}
+    return {
+        p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != LOCK
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +56,37 @@ def finished_copy(tmp_path, finished):
     return folder
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"steps": 0}, "--steps: expected a positive integer, got 0"),
-    ({"checkpoint_freq": 0}, "--checkpoint-freq: expected a positive integer"),
-    ({"image_size": -32}, "--image-size: expected a positive integer"),
-    ({"steps": None, "hparams": {"steps": 0}}, "hparams.steps: expected a positive integer"),
-    ({"hparams": {"lrr": 1e-3}}, "unknown key\\(s\\) lrr"),
-    ({"bits": 4}, "--bits 4: erm trains a float model"),
-    ({"algorithm": "lsq", "bits": 9, "from_scratch": True}, "--bits: expected an integer from 2 to 8"),
-    ({"algorithm": "lsq", "bits": 4}, "no float starting point: give --init"),
-    ({"algorithm": "lsq", "bits": 4, "init": "missing.pt"}, "checkpoint missing.pt does not exist"),
-    ({"test_envs": (5,)}, "--test-envs: \\[5\\] not among DigitsDG's domains"),
-    ({"test_envs": (0, 1, 2, 3)}, "leave no training domain"),
-    ({"new_lr": 1e-4}, "--new-lr .* use it with --resume"),
-    ({"resume": True}, "contradict each other"),
-    ({"trial_seed": -1}, "--seed: expected an integer from 0"),
-    ({"weights": "nowhere.pt"}, "--weights nowhere.pt: no such file"),
-    ({"device": "gpu0"}, "--device: 'gpu0' is not a device"),
-    ({"algorithm": "nope"}, "unknown algorithm 'nope'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"steps": 0}, "--steps: expected a positive integer, got 0"),
+        ({"checkpoint_freq": 0}, "--checkpoint-freq: expected a positive integer"),
+        ({"image_size": -32}, "--image-size: expected a positive integer"),
+        ({"steps": None, "hparams": {"steps": 0}}, "hparams.steps: expected a positive integer"),
+        ({"hparams": {"lrr": 1e-3}}, "unknown key\\(s\\) lrr"),
+        ({"bits": 4}, "--bits 4: erm trains a float model"),
+        (
+            {"algorithm": "lsq", "bits": 9, "from_scratch": True},
+            "--bits: expected an integer from 2 to 8",
+        ),
+        ({"algorithm": "lsq", "bits": 4}, "no float starting point: give --init"),
+        (
+            {"algorithm": "lsq", "bits": 4, "init": "missing.pt"},
+            "checkpoint missing.pt does not exist",
+        ),
+        ({"test_envs": (5,)}, "--test-envs: \\[5\\] not among DigitsDG's domains"),
+        ({"test_envs": (0, 1, 2, 3)}, "leave no training domain"),
+        ({"new_lr": 1e-4}, "--new-lr .* use it with --resume"),
+        ({"resume": True}, "contradict each other"),
+        ({"trial_seed": -1}, "--seed: expected an integer from 0"),
+        ({"weights": "nowhere.pt"}, "--weights nowhere.pt: no such file"),
+        ({"device": "gpu0"}, "--device: 'gpu0' is not a device"),
+        ({"algorithm": "nope"}, "unknown algorithm 'nope'"),
+    ],
+)
 def test_bad_arguments_with_overwrite_leave_the_finished_run_untouched(
-        finished_copy, digits_dir, change, message):
+    finished_copy, digits_dir, change, message
+):
     before = _snapshot(finished_copy)
     config = _config(finished_copy.parent, digits_dir, overwrite=True, **change)
     with pytest.raises(UsageError, match=message):
@@ -90,7 +106,8 @@ def test_a_rejected_command_leaves_no_folder_behind(tmp_path, digits_dir):
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(
-        finished_copy, digits_dir, monkeypatch):
+    finished_copy, digits_dir, monkeypatch
+):
     before = _snapshot(finished_copy)
 
     def crash(self, minibatches):
@@ -109,7 +126,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(
 
 
 def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
-        finished_copy, digits_dir, monkeypatch):
+    finished_copy, digits_dir, monkeypatch
+):
     before = _snapshot(finished_copy)
     monkeypatch.setattr("gaqat.train.settle", lambda folder, keep_new: None)  # as if kill -9
 
@@ -129,13 +147,16 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path, digits_dir):
     folder = tmp_path / "run"
     with locked(folder):
-        with pytest.raises(FolderBusyError, match=f"in use by another process \\(pid {os.getpid()}"):
+        with pytest.raises(
+            FolderBusyError, match=f"in use by another process \\(pid {os.getpid()}"
+        ):
             run(_config(tmp_path, digits_dir))
     assert not folder.exists()  # nothing was written, so the folder went with the lock
 
 
-def test_resume_with_other_arguments_is_refused_listing_the_differences(tmp_path, digits_dir,
-                                                                        monkeypatch):
+def test_resume_with_other_arguments_is_refused_listing_the_differences(
+    tmp_path, digits_dir, monkeypatch
+):
     config = _config(tmp_path, digits_dir, steps=4)
     update = Algorithm.update
 
@@ -149,8 +170,9 @@ def test_resume_with_other_arguments_is_refused_listing_the_differences(tmp_path
         run(config)
     monkeypatch.undo()
     before = _snapshot(config.output)
-    other = _config(tmp_path, digits_dir, steps=4, algorithm="sagm", resume=True,
-                    hparams={"lr": 1e-2})
+    other = _config(
+        tmp_path, digits_dir, steps=4, algorithm="sagm", resume=True, hparams={"lr": 1e-2}
+    )
     with pytest.raises(UsageError) as refused:
         run(other)
     text = str(refused.value)
@@ -162,8 +184,9 @@ def test_resume_with_other_arguments_is_refused_listing_the_differences(tmp_path
     assert (config.output / DONE).exists()
 
 
-def test_after_a_nan_stop_the_run_continues_at_a_new_learning_rate(tmp_path, digits_dir,
-                                                                  monkeypatch):
+def test_after_a_nan_stop_the_run_continues_at_a_new_learning_rate(
+    tmp_path, digits_dir, monkeypatch
+):
     update = Algorithm.update
 
     def explode_at_step_3(self, minibatches):
@@ -180,7 +203,9 @@ def test_after_a_nan_stop_the_run_continues_at_a_new_learning_rate(tmp_path, dig
     records = [json.loads(line) for line in (tmp_path / "run" / RESULTS).read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert "lr_changes" not in records[0] and records[1]["lr_changes"] == [[2, 1e-4]]
-    scheduler = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["training"]["scheduler"]
+    scheduler = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["training"][
+        "scheduler"
+    ]
     assert scheduler["base_lrs"] == [pytest.approx(1e-4)]
 
 
@@ -192,8 +217,10 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, finished):
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
-    torch.save({"model": {}, "model_config": {}, "quant_config": None, "meta": Payload()},
-               tmp_path / "evil.pt")
+    torch.save(
+        {"model": {}, "model_config": {}, "quant_config": None, "meta": Payload()},
+        tmp_path / "evil.pt",
+    )
     from gaqat.checkpoint import load_checkpoint
 
     with pytest.raises(ValueError, match="holds Python objects.*GLOBAL posix.system"):
@@ -201,8 +228,17 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, finished):
 
 
 def test_qat_from_scratch_is_allowed_when_asked_for(tmp_path, digits_dir):
-    out = run(_config(tmp_path, digits_dir, algorithm="lsq", bits=4, from_scratch=True, steps=1,
-                      checkpoint_freq=1))
+    out = run(
+        _config(
+            tmp_path,
+            digits_dir,
+            algorithm="lsq",
+            bits=4,
+            from_scratch=True,
+            steps=1,
+            checkpoint_freq=1,
+        )
+    )
     assert (out / DONE).exists()
 
 
@@ -220,8 +256,21 @@ def test_deterministic_sets_pytorchs_flags(tmp_path, digits_dir, restore_determi
 
 
 def _argv(tmp_path, digits_dir, *extra):
-    return ["train", "--dataset", "digits", "--data-dir", str(digits_dir), "--test-envs", "1",
-            "--output", str(tmp_path / "run"), "--hparams", json.dumps(TINY), "--quiet", *extra]
+    return [
+        "train",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        str(digits_dir),
+        "--test-envs",
+        "1",
+        "--output",
+        str(tmp_path / "run"),
+        "--hparams",
+        json.dumps(TINY),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_ctrl_c_and_sigterm_print_how_to_resume(tmp_path, digits_dir, monkeypatch, capsys):
@@ -236,17 +285,22 @@ def test_ctrl_c_and_sigterm_print_how_to_resume(tmp_path, digits_dir, monkeypatc
     assert cli.main(_argv(tmp_path, digits_dir, "--steps", "3", "--checkpoint-freq", "1")) == 130
     err = capsys.readouterr().err
     assert "interrupted at step 2 of 3" in err and "keeps step 1" in err
-    assert "continue with: gaqat train --dataset digits" in err and err.rstrip().endswith("--resume")
+    assert "continue with: gaqat train --dataset digits" in err and err.rstrip().endswith(
+        "--resume"
+    )
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
     monkeypatch.undo()
-    assert cli.main(_argv(tmp_path, digits_dir, "--steps", "3", "--checkpoint-freq", "1",
-                          "--resume")) == 0
+    assert (
+        cli.main(_argv(tmp_path, digits_dir, "--steps", "3", "--checkpoint-freq", "1", "--resume"))
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"finished {tmp_path / 'run'}" in out and "held-out mnist_m: " in out
 
 
 def test_failures_at_run_time_exit_1_in_one_line_and_keep_the_checkpoint(
-        tmp_path, digits_dir, monkeypatch, capsys):
+    tmp_path, digits_dir, monkeypatch, capsys
+):
     save, calls = torch.save, []
 
     def disk_full_at_the_second_checkpoint(obj, path, *args, **kwargs):
@@ -264,8 +318,18 @@ def test_failures_at_run_time_exit_1_in_one_line_and_keep_the_checkpoint(
     calls.clear()
     monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
     with pytest.raises(OSError):  # --debug: the traceback instead of one line
-        cli.main(_argv(tmp_path, digits_dir, "--steps", "3", "--checkpoint-freq", "1", "--overwrite",
-                       "--debug"))
+        cli.main(
+            _argv(
+                tmp_path,
+                digits_dir,
+                "--steps",
+                "3",
+                "--checkpoint-freq",
+                "1",
+                "--overwrite",
+                "--debug",
+            )
+        )
 
 
 def test_usage_errors_exit_2_and_leave_nothing(tmp_path, digits_dir, capsys):

@@ -20,8 +20,12 @@ from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
 
 
 def quant_config_for(hparams: dict, bits: int) -> QuantConfig:
-    return QuantConfig(weight_bits=bits, act_bits=bits, per_channel=hparams["per_channel"],
-                       first_last=hparams["first_last"])
+    return QuantConfig(
+        weight_bits=bits,
+        act_bits=bits,
+        per_channel=hparams["per_channel"],
+        first_last=hparams["first_last"],
+    )
 
 
 def lr_lambda(schedule: str, total_steps: int):
@@ -36,8 +40,15 @@ def lr_lambda(schedule: str, total_steps: int):
 class Algorithm:
     """Runs one recipe: ``update(minibatches)`` is one training step, ``predict(x)`` logits."""
 
-    def __init__(self, name: str, model_config: ModelConfig, hparams: dict, total_steps: int,
-                 bits: int | None = None, init_state: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        model_config: ModelConfig,
+        hparams: dict,
+        total_steps: int,
+        bits: int | None = None,
+        init_state: dict | None = None,
+    ):
         self.name = name
         self.recipe = get_recipe(name)
         self.network: Network = build_model(model_config)
@@ -46,22 +57,31 @@ class Algorithm:
         self.quant_config: QuantConfig | None = None
         if self.recipe.quantized:
             if bits is None:
-                raise ValueError(f"algorithm {name!r} quantizes the model: give the bit width (--bits)")
+                raise ValueError(
+                    f"algorithm {name!r} quantizes the model: give the bit width (--bits)"
+                )
             self.quant_config = quant_config_for(hparams, bits)
             quantize_model(self.network, self.quant_config)
         # The optimizer is built after quantize_model so that it holds every step size.
-        base = torch.optim.Adam(self._param_groups(hparams), lr=hparams["lr"],
-                                weight_decay=hparams["weight_decay"])
+        base = torch.optim.Adam(
+            self._param_groups(hparams), lr=hparams["lr"], weight_decay=hparams["weight_decay"]
+        )
         if self.recipe.quantized:
             check_optimizer(base, self.network)
         self.freezer: Freezer | None = None
         if self.recipe.freezing:
-            self.freezer = Freezer(step_sizes(self.network), tau=hparams["tau"],
-                                   window=hparams["window"], mode=hparams["freeze_mode"],
-                                   unfreeze=hparams["unfreeze"], metric=hparams["disorder_metric"])
+            self.freezer = Freezer(
+                step_sizes(self.network),
+                tau=hparams["tau"],
+                window=hparams["window"],
+                mode=hparams["freeze_mode"],
+                unfreeze=hparams["unfreeze"],
+                metric=hparams["disorder_metric"],
+            )
         self.optimizer = self._objective(base, hparams)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            base, lr_lambda(hparams["lr_schedule"], total_steps))
+            base, lr_lambda(hparams["lr_schedule"], total_steps)
+        )
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -71,22 +91,28 @@ class Algorithm:
             return [{"params": list(self.network.parameters())}]
         scales = {id(p) for p in step_sizes(self.network).values()}
         params = list(self.network.parameters())
-        return [{"params": [p for p in params if id(p) not in scales]},
-                {"params": [p for p in params if id(p) in scales],
-                 "lr": hparams["lr"] * hparams["step_size_lr_scale"], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if id(p) not in scales]},
+            {
+                "params": [p for p in params if id(p) in scales],
+                "lr": hparams["lr"] * hparams["step_size_lr_scale"],
+                "weight_decay": 0.0,
+            },
+        ]
 
     def _objective(self, base: torch.optim.Optimizer, hparams: dict) -> torch.optim.Optimizer:
         if self.recipe.objective == "erm":
             return base
         rho, rng = hparams["rho"], hparams["perturbed_pass_rng"]
         if self.freezer is not None:
-            return GAQAT(base, self.network, self.freezer, rho, hparams["alpha"],
-                         perturbed_pass_rng=rng)
+            return GAQAT(
+                base, self.network, self.freezer, rho, hparams["alpha"], perturbed_pass_rng=rng
+            )
         if self.recipe.objective == "sagm":
             return SAGM(base, self.network, rho, hparams["alpha"], perturbed_pass_rng=rng)
         return SAM(base, self.network, rho, perturbed_pass_rng=rng)
 
-    def to(self, device: torch.device) -> "Algorithm":
+    def to(self, device: torch.device) -> Algorithm:
         self.network.to(device)
         return self
 
@@ -126,4 +152,3 @@ class Algorithm:
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-

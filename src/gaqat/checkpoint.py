@@ -42,16 +42,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:
         refused = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
         if refused:
-            raise ValueError(f"checkpoint {path} holds Python objects, not only tensors and plain "
-                             f"values ({refused}); gaqat reads checkpoints with weights_only=True "
-                             f"and never runs code from a file") from None
+            raise ValueError(
+                f"checkpoint {path} holds Python objects, not only tensors and plain "
+                f"values ({refused}); gaqat reads checkpoints with weights_only=True "
+                f"and never runs code from a file"
+            ) from None
         raise ValueError(f"checkpoint {path} is not a readable torch file") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, found {type(checkpoint).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise ValueError(f"checkpoint {path}: missing keys {missing}; expected a file written "
-                         f"by `gaqat train` (keys {list(REQUIRED_KEYS)})")
+        raise ValueError(
+            f"checkpoint {path}: missing keys {missing}; expected a file written "
+            f"by `gaqat train` (keys {list(REQUIRED_KEYS)})"
+        )
     return checkpoint
 
 
@@ -84,7 +88,9 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "<checkpoint>") -
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {path}: weights do not fit the stored configs ({error})") from error
+        raise ValueError(
+            f"checkpoint {path}: weights do not fit the stored configs ({error})"
+        ) from error
     return model
 
 

@@ -23,10 +23,13 @@ from gaqat import __version__
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.names import ALGORITHMS, BITS_RANGE, DATASETS
 
-DATASET_HELP = (f"{', '.join(DATASETS)}, or a folder in DomainBed's layout "
-                f"ROOT/<domain>/<class>/<image>")
-DATA_DIR_HELP = ("dataset root (digits: cache folder; named datasets: the folder holding e.g. "
-                 "PACS/); default $GAQAT_DATA or ~/.cache/gaqat")
+DATASET_HELP = (
+    f"{', '.join(DATASETS)}, or a folder in DomainBed's layout ROOT/<domain>/<class>/<image>"
+)
+DATA_DIR_HELP = (
+    "dataset root (digits: cache folder; named datasets: the folder holding e.g. "
+    "PACS/); default $GAQAT_DATA or ~/.cache/gaqat"
+)
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -36,8 +39,14 @@ class _Formatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        if flag or not action.option_strings or "default" in text or default is None or \
-                default is argparse.SUPPRESS or default in ([], {}):
+        if (
+            flag
+            or not action.option_strings
+            or "default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or default in ([], {})
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -49,8 +58,9 @@ def _json_object(text: str) -> dict:
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object like \'{{"lr": 1e-4}}\', '
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object like '{{\"lr\": 1e-4}}', got {text!r}"
+        )
     return value
 
 
@@ -65,48 +75,75 @@ def _plain_warnings(command: str, quiet: bool = False) -> Iterator[None]:
             print(f"gaqat {command}: warning: {warning.message}", file=sys.stderr)
 
 
-def _subparser(sub: argparse._SubParsersAction, name: str, help: str, description: str,
-               handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+def _subparser(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str,
+    handler: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true",
-                        help="no progress bars or status lines; results and errors only")
+    common.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or status lines; results and errors only",
+    )
     common.add_argument("--debug", action="store_true", help="show the traceback of any error")
-    parser = sub.add_parser(name, help=help, description=description, parents=[common],
-                            formatter_class=_Formatter)
+    parser = sub.add_parser(
+        name, help=help, description=description, parents=[common], formatter_class=_Formatter
+    )
     parser.set_defaults(func=handler, resume_hint=None)
     return parser
 
 
 # --- data -------------------------------------------------------------------------------
 
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     """``gaqat data build|info|preview|download``."""
-    data = sub.add_parser("data", help="build, inspect, preview or download datasets",
-                          formatter_class=_Formatter)
+    data = sub.add_parser(
+        "data", help="build, inspect, preview or download datasets", formatter_class=_Formatter
+    )
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     specs = {
         "build": ("build the offline DigitsDG benchmark into the data directory", "digits"),
-        "info": ("domains, classes and images per domain and class; undecodable images",
-                 DATASET_HELP),
+        "info": (
+            "domains, classes and images per domain and class; undecodable images",
+            DATASET_HELP,
+        ),
         "preview": ("write a PNG grid of samples per domain", DATASET_HELP),
-        "download": ("download a real dataset into DomainBed's layout",
-                     ", ".join(d for d in DATASETS if d != "digits")),
+        "download": (
+            "download a real dataset into DomainBed's layout",
+            ", ".join(d for d in DATASETS if d != "digits"),
+        ),
     }
     for action, (help_text, name_help) in specs.items():
         p = _subparser(actions, action, help_text, help_text, _data)
         p.add_argument("name", help=name_help)
-        p.add_argument("--root", "--data-dir", type=Path, dest="root",
-                       required=action == "download", help=DATA_DIR_HELP)
+        p.add_argument(
+            "--root",
+            "--data-dir",
+            type=Path,
+            dest="root",
+            required=action == "download",
+            help=DATA_DIR_HELP,
+        )
         if action == "info":
-            p.add_argument("--quick", action="store_true",
-                           help="count files by their headers only, without decoding every image")
+            p.add_argument(
+                "--quick",
+                action="store_true",
+                help="count files by their headers only, without decoding every image",
+            )
         if action == "preview":
             p.add_argument("--out", type=Path, required=True, help="PNG file to write")
             p.add_argument("--per-domain", type=int, default=10, help="samples per domain")
             p.add_argument("--seed", type=int, default=0, help="which samples")
         if action == "download":
-            p.add_argument("--keep-archives", action="store_true",
-                           help="keep the downloaded archives under ROOT/_downloads")
+            p.add_argument(
+                "--keep-archives",
+                action="store_true",
+                help="keep the downloaded archives under ROOT/_downloads",
+            )
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -118,63 +155,124 @@ def _data(args: argparse.Namespace) -> int:
 
 # --- train and demo ---------------------------------------------------------------------
 
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of one run that a sweep hands to every run alike."""
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
-    p.add_argument("--steps", type=int, help="training steps (default: the dataset's: 1000 "
-                   "digits, 5000 PACS/VLCS/OfficeHome/TerraIncognita, 15000 DomainNet)")
-    p.add_argument("--checkpoint-freq", type=int,
-                   help="steps between evaluations and checkpoints (default: the dataset's)")
-    p.add_argument("--hparams", type=_json_object, default={},
-                   help='JSON object of hyperparameter overrides, e.g. \'{"lr": 1e-4}\'')
-    p.add_argument("--weights", default="default",
-                   help="ResNet start: imagenet, none, or a state_dict file; default: imagenet "
-                        "for float ResNets, none when --init is given")
-    p.add_argument("--image-size", type=int,
-                   help="input side in pixels (default: 224 photos, 32 digits)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="training steps (default: the dataset's: 1000 "
+        "digits, 5000 PACS/VLCS/OfficeHome/TerraIncognita, 15000 DomainNet)",
+    )
+    p.add_argument(
+        "--checkpoint-freq",
+        type=int,
+        help="steps between evaluations and checkpoints (default: the dataset's)",
+    )
+    p.add_argument(
+        "--hparams",
+        type=_json_object,
+        default={},
+        help="JSON object of hyperparameter overrides, e.g. '{\"lr\": 1e-4}'",
+    )
+    p.add_argument(
+        "--weights",
+        default="default",
+        help="ResNet start: imagenet, none, or a state_dict file; default: imagenet "
+        "for float ResNets, none when --init is given",
+    )
+    p.add_argument(
+        "--image-size", type=int, help="input side in pixels (default: 224 photos, 32 digits)"
+    )
     p.add_argument("--num-workers", type=int, default=0, help="data loading processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="PyTorch's deterministic algorithms and cuDNN settings (slower on GPUs)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar (--quiet implies it)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="PyTorch's deterministic algorithms and cuDNN settings (slower on GPUs)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (--quiet implies it)",
+    )
 
 
 def _run_options(args: argparse.Namespace) -> dict:
-    return {"data_dir": args.data_dir, "steps": args.steps,
-            "checkpoint_freq": args.checkpoint_freq, "hparams": args.hparams,
-            "weights": None if args.weights == "none" else args.weights,
-            "image_size": args.image_size, "num_workers": args.num_workers,
-            "device": args.device, "deterministic": args.deterministic,
-            "progress": args.progress and not args.quiet}
+    return {
+        "data_dir": args.data_dir,
+        "steps": args.steps,
+        "checkpoint_freq": args.checkpoint_freq,
+        "hparams": args.hparams,
+        "weights": None if args.weights == "none" else args.weights,
+        "image_size": args.image_size,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "deterministic": args.deterministic,
+        "progress": args.progress and not args.quiet,
+    }
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     """``gaqat train``."""
-    p = _subparser(sub, "train", "train one run under the DomainBed protocol",
-                   "Train one (algorithm, bit width, held-out domains, seed) run into a run "
-                   "folder: results.jsonl (DomainBed's records), gradients.jsonl, "
-                   "checkpoint.pt, done.", _train)
+    p = _subparser(
+        sub,
+        "train",
+        "train one run under the DomainBed protocol",
+        "Train one (algorithm, bit width, held-out domains, seed) run into a run "
+        "folder: results.jsonl (DomainBed's records), gradients.jsonl, "
+        "checkpoint.pt, done.",
+        _train,
+    )
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
-    p.add_argument("--test-envs", type=int, nargs="+", required=True, metavar="I",
-                   help="indices of the held-out domains")
+    p.add_argument(
+        "--test-envs",
+        type=int,
+        nargs="+",
+        required=True,
+        metavar="I",
+        help="indices of the held-out domains",
+    )
     p.add_argument("--algorithm", default="erm", choices=ALGORITHMS, help="the method")
-    p.add_argument("--bits", type=int, help=f"weight and activation bit width of QAT methods "
-                   f"({BITS_RANGE[0]}..{BITS_RANGE[1]})")
+    p.add_argument(
+        "--bits",
+        type=int,
+        help=f"weight and activation bit width of QAT methods ({BITS_RANGE[0]}..{BITS_RANGE[1]})",
+    )
     p.add_argument("--output", type=Path, required=True, help="run folder")
-    p.add_argument("--seed", type=int, default=0, dest="trial_seed",
-                   help="trial seed: data split and training randomness")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        dest="trial_seed",
+        help="trial seed: data split and training randomness",
+    )
     p.add_argument("--hparams-seed", type=int, default=0, help="0: defaults; else a random draw")
-    p.add_argument("--init", type=Path, help="float checkpoint that QAT starts from (the "
-                   "checkpoint.pt of an erm run)")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="QAT of a randomly initialised network, without --init")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run (kept until the new run writes its first checkpoint)")
-    p.add_argument("--new-lr", type=float, help="with --resume: continue at this base learning "
-                   "rate (e.g. after the loss became NaN)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="float checkpoint that QAT starts from (the checkpoint.pt of an erm run)",
+    )
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="QAT of a randomly initialised network, without --init",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run (kept until the new run writes its first checkpoint)",
+    )
+    p.add_argument(
+        "--new-lr",
+        type=float,
+        help="with --resume: continue at this base learning rate (e.g. after the loss became NaN)",
+    )
     _add_run_options(p)
     p.set_defaults(resume_hint=_train_resume_hint)
 
@@ -187,12 +285,21 @@ def _train_resume_hint(argv: list[str]) -> str:
 def _train(args: argparse.Namespace) -> int:
     from gaqat.train import TrainConfig, run, run_summary
 
-    config = TrainConfig(dataset=args.dataset, output=args.output,
-                         test_envs=tuple(args.test_envs), algorithm=args.algorithm,
-                         bits=args.bits, trial_seed=args.trial_seed,
-                         hparams_seed=args.hparams_seed, init=args.init,
-                         from_scratch=args.from_scratch, resume=args.resume,
-                         overwrite=args.overwrite, new_lr=args.new_lr, **_run_options(args))
+    config = TrainConfig(
+        dataset=args.dataset,
+        output=args.output,
+        test_envs=tuple(args.test_envs),
+        algorithm=args.algorithm,
+        bits=args.bits,
+        trial_seed=args.trial_seed,
+        hparams_seed=args.hparams_seed,
+        init=args.init,
+        from_scratch=args.from_scratch,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        new_lr=args.new_lr,
+        **_run_options(args),
+    )
     with _plain_warnings("train", args.quiet):
         out = run(config)
     print(run_summary(out))
@@ -201,15 +308,26 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     """``gaqat demo``."""
-    p = _subparser(sub, "demo", "the embedded default job: DigitsDG, float -> b-bit lsq_sagm "
-                   "and gaqat, report on the held-out domain",
-                   "Build DigitsDG, train a float model with mnist_m held out, start lsq_sagm "
-                   "and gaqat from it, print the report. Finished runs are kept, interrupted "
-                   "ones resumed.", _demo)
+    p = _subparser(
+        sub,
+        "demo",
+        "the embedded default job: DigitsDG, float -> b-bit lsq_sagm "
+        "and gaqat, report on the held-out domain",
+        "Build DigitsDG, train a float model with mnist_m held out, start lsq_sagm "
+        "and gaqat from it, print the report. Finished runs are kept, interrupted "
+        "ones resumed.",
+        _demo,
+    )
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder of the runs")
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
-    p.add_argument("--bits", type=int, default=4, choices=range(BITS_RANGE[0], BITS_RANGE[1] + 1),
-                   metavar="B", help=f"QAT bit width ({BITS_RANGE[0]}..{BITS_RANGE[1]})")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=4,
+        choices=range(BITS_RANGE[0], BITS_RANGE[1] + 1),
+        metavar="B",
+        help=f"QAT bit width ({BITS_RANGE[0]}..{BITS_RANGE[1]})",
+    )
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
     p.set_defaults(resume_hint=lambda argv: "run the same command again to resume")
 
@@ -218,41 +336,78 @@ def _demo(args: argparse.Namespace) -> int:
     from gaqat.demo import demo
 
     with _plain_warnings("demo", args.quiet):
-        print(demo(args.output, data_dir=args.data_dir, bits=args.bits,
-                   overwrite=args.overwrite, progress=not args.quiet,
-                   note=(lambda _: None) if args.quiet else print))
+        print(
+            demo(
+                args.output,
+                data_dir=args.data_dir,
+                bits=args.bits,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+                note=(lambda _: None) if args.quiet else print,
+            )
+        )
     return 0
 
 
 # --- sweep ------------------------------------------------------------------------------
 
+
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     """``gaqat sweep``."""
     p = _subparser(
-        sub, "sweep", "launch or resume a DomainBed-style sweep of runs",
+        sub,
+        "sweep",
+        "launch or resume a DomainBed-style sweep of runs",
         "One run per (algorithm, bits, held-out domain, trial seed, hparams seed), each in "
         "OUTPUT/<name>_<hash of its arguments>: launching the same sweep again skips finished "
         "runs, resumes unfinished ones and leaves runs another process holds to it. QAT runs "
         "start from the erm run of their held-out domain and seed (added if not asked for), "
-        "so methods are compared in pairs. Prints the report at the end.", _sweep)
+        "so methods are compared in pairs. Prints the report at the end.",
+        _sweep,
+    )
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
-    p.add_argument("--algorithms", nargs="+", required=True, choices=ALGORITHMS, metavar="NAME",
-                   help=f"the methods: {', '.join(ALGORITHMS)}")
+    p.add_argument(
+        "--algorithms",
+        nargs="+",
+        required=True,
+        choices=ALGORITHMS,
+        metavar="NAME",
+        help=f"the methods: {', '.join(ALGORITHMS)}",
+    )
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="bit widths of QAT methods")
-    p.add_argument("--test-envs", nargs="+", default=["all"], metavar="I",
-                   help="held-out domains, one per run: 'all' or indices")
+    p.add_argument(
+        "--test-envs",
+        nargs="+",
+        default=["all"],
+        metavar="I",
+        help="held-out domains, one per run: 'all' or indices",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="trial seeds")
-    p.add_argument("--hparams-seeds", type=int, nargs="+", default=[0],
-                   help="0: defaults; else random-search draws")
+    p.add_argument(
+        "--hparams-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="0: defaults; else random-search draws",
+    )
     p.add_argument("--output", type=Path, required=True, help="sweep folder")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
-    p.add_argument("--skip-failed", action="store_true",
-                   help="go on after a failed run (runs starting from it are skipped)")
-    p.add_argument("--float-steps", type=int,
-                   help="training steps of the float runs (erm, sagm), which QAT starts from "
-                        "(default: --steps)")
-    p.add_argument("--float-checkpoint-freq", type=int,
-                   help="steps between evaluations of the float runs (default: --checkpoint-freq)")
+    p.add_argument(
+        "--skip-failed",
+        action="store_true",
+        help="go on after a failed run (runs starting from it are skipped)",
+    )
+    p.add_argument(
+        "--float-steps",
+        type=int,
+        help="training steps of the float runs (erm, sagm), which QAT starts from "
+        "(default: --steps)",
+    )
+    p.add_argument(
+        "--float-checkpoint-freq",
+        type=int,
+        help="steps between evaluations of the float runs (default: --checkpoint-freq)",
+    )
     _add_run_options(p)
     p.set_defaults(resume_hint=lambda argv: "launch the same sweep again to resume")
 
@@ -262,13 +417,24 @@ def _sweep(args: argparse.Namespace) -> int:
     from gaqat.report import report
     from gaqat.train import check_arguments
 
-    config = sweep.SweepConfig(dataset=args.dataset, output=args.output,
-                               algorithms=args.algorithms, test_envs=args.test_envs,
-                               bits=args.bits, seeds=args.seeds,
-                               hparams_seeds=args.hparams_seeds, options=_run_options(args),
-                               float_options={k: v for k, v in (
-                                   ("steps", args.float_steps),
-                                   ("checkpoint_freq", args.float_checkpoint_freq)) if v is not None})
+    config = sweep.SweepConfig(
+        dataset=args.dataset,
+        output=args.output,
+        algorithms=args.algorithms,
+        test_envs=args.test_envs,
+        bits=args.bits,
+        seeds=args.seeds,
+        hparams_seeds=args.hparams_seeds,
+        options=_run_options(args),
+        float_options={
+            k: v
+            for k, v in (
+                ("steps", args.float_steps),
+                ("checkpoint_freq", args.float_checkpoint_freq),
+            )
+            if v is not None
+        },
+    )
     with as_usage_errors():
         jobs = sweep.plan(config)
     for job in jobs:  # every job's arguments are checked before the first one runs
@@ -285,35 +451,53 @@ def _sweep(args: argparse.Namespace) -> int:
     unfinished = [o for o in outcomes if o.status in ("failed", "skipped", "busy")]
     not_started = len(jobs) - len(outcomes)
     if unfinished or not_started:
-        stopped = (f", {not_started} not started (--skip-failed goes on past a failure)"
-                   if not_started else "")
-        print(f"gaqat sweep: {len(unfinished)} job(s) failed, busy or skipped{stopped}; "
-              f"launching the same sweep again retries them", file=sys.stderr)
+        stopped = (
+            f", {not_started} not started (--skip-failed goes on past a failure)"
+            if not_started
+            else ""
+        )
+        print(
+            f"gaqat sweep: {len(unfinished)} job(s) failed, busy or skipped{stopped}; "
+            f"launching the same sweep again retries them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 # --- report, plot, export ---------------------------------------------------------------
 
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     """``gaqat report``."""
     from gaqat import report
 
     p = _subparser(
-        sub, "report", "per-domain accuracy tables (mean ± standard error over trial seeds)",
+        sub,
+        "report",
+        "per-domain accuracy tables (mean ± standard error over trial seeds)",
         "Read every results.jsonl below the folders and print, per dataset, algorithm and bit "
         "width, the test-domain accuracies under a model selection method (the oracle is "
         "labelled as such); with --paired, the paired differences to a baseline algorithm "
-        "instead.", _report)
+        "instead.",
+        _report,
+    )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively")
     p.add_argument("--format", choices=report.FORMATS, default="markdown", help="output format")
-    p.add_argument("--selection", choices=report.SELECTIONS, default="training",
-                   help="training-domain validation, leave-one-domain-out cross-validation, "
-                        "test-domain oracle, or all three")
-    p.add_argument("--paired", metavar="BASELINE",
-                   help="instead of accuracies, per-pair differences to this algorithm "
-                        "(e.g. lsq_sagm): runs sharing test domains, trial and hparams seed; "
-                        "mean ± standard error (ddof=1), wins/ties/losses")
+    p.add_argument(
+        "--selection",
+        choices=report.SELECTIONS,
+        default="training",
+        help="training-domain validation, leave-one-domain-out cross-validation, "
+        "test-domain oracle, or all three",
+    )
+    p.add_argument(
+        "--paired",
+        metavar="BASELINE",
+        help="instead of accuracies, per-pair differences to this algorithm "
+        "(e.g. lsq_sagm): runs sharing test domains, trial and hparams seed; "
+        "mean ± standard error (ddof=1), wins/ties/losses",
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -328,14 +512,19 @@ def _report(args: argparse.Namespace) -> int:
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     """``gaqat plot``."""
     p = _subparser(
-        sub, "plot", "the paper's figures from a gaqat run's gradients.jsonl",
+        sub,
+        "plot",
+        "the paper's figures from a gaqat run's gradients.jsonl",
         "Write cumulative.png (task vs smoothness gradient per window, Figures 2/5), "
         "disorder.png (D_task and D_smooth per layer and window, Figure 3) and freezing.png "
-        "(freeze timeline, Figure 4).", _plot)
+        "(freeze timeline, Figure 4).",
+        _plot,
+    )
     p.add_argument("run_dir", type=Path, help="folder of a `gaqat train --algorithm gaqat` run")
     p.add_argument("--out", type=Path, help="folder for the PNGs (default: the run folder)")
-    p.add_argument("--tau", type=float, help="freezing threshold to draw, in [0, 1] "
-                   "(default: the run's)")
+    p.add_argument(
+        "--tau", type=float, help="freezing threshold to draw, in [0, 1] (default: the run's)"
+    )
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -350,41 +539,55 @@ def _plot(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     """``gaqat export``."""
     p = _subparser(
-        sub, "export", "write a QAT checkpoint as integer codes (safetensors) or ONNX QDQ",
+        sub,
+        "export",
+        "write a QAT checkpoint as integer codes (safetensors) or ONNX QDQ",
         "int: b-bit weight codes as int8, step sizes, float remainder and metadata in one "
         "safetensors file. onnx: QuantizeLinear/DequantizeLinear around every quantized "
-        "layer's weight and input, checked with ONNX Runtime.", _export)
+        "layer's weight and input, checked with ONNX Runtime.",
+        _export,
+    )
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt of a quantized run")
     p.add_argument("--format", choices=("int", "onnx"), required=True, help="file format")
     p.add_argument("--out", type=Path, required=True, help="file to write")
-    p.add_argument("--fold-bn", action="store_true",
-                   help="fold batch norm into the float convolutions before it (not into "
-                        "quantized ones: that would change their integer weights)")
-    p.add_argument("--input-size", type=int, help="image side for tracing and the probe check "
-                   "(default: 32 for small_cnn, 224 for ResNets)")
+    p.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="fold batch norm into the float convolutions before it (not into "
+        "quantized ones: that would change their integer weights)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        help="image side for tracing and the probe check "
+        "(default: 32 for small_cnn, 224 for ResNets)",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
     from gaqat.export import export_checkpoint
 
     with as_usage_errors():  # what is wrong is the checkpoint or an option given
-        summary = export_checkpoint(args.checkpoint, args.format, args.out, fold_bn=args.fold_bn,
-                                    input_size=args.input_size)
+        summary = export_checkpoint(
+            args.checkpoint, args.format, args.out, fold_bn=args.fold_bn, input_size=args.input_size
+        )
     print(summary)
     return 0
 
 
 # --- the command ------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gaqat", formatter_class=_Formatter,
+        prog="gaqat",
+        formatter_class=_Formatter,
         description="Low-bit quantization-aware training for domain generalization: "
-                    "LSQ + SAGM + disorder-guided freezing (GAQAT).")
+        "LSQ + SAGM + disorder-guided freezing (GAQAT).",
+    )
     parser.add_argument("--version", action="version", version=f"gaqat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_data, _add_train, _add_demo, _add_sweep, _add_report, _add_plot,
-                _add_export):
+    for add in (_add_data, _add_train, _add_demo, _add_sweep, _add_report, _add_plot, _add_export):
         add(sub)
     return parser
 
@@ -392,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler's stop, ``kill``) stops the run like Ctrl-C: cleanly, resumable."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
@@ -407,8 +611,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 # The optional dependencies and the extra that brings each (pyproject.toml).
-EXTRAS = {"mlxtend": "digits", "sklearn": "digits", "skimage": "digits", "matplotlib": "plot",
-          "safetensors": "export", "onnx": "export", "onnxruntime": "export"}
+EXTRAS = {
+    "mlxtend": "digits",
+    "sklearn": "digits",
+    "skimage": "digits",
+    "matplotlib": "plot",
+    "safetensors": "export",
+    "onnx": "export",
+    "onnxruntime": "export",
+}
 
 
 def _describe(error: BaseException) -> str:
@@ -428,8 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         top = (error.name or "").split(".")[0]
         if args.debug or top not in EXTRAS:
             raise
-        print(f"{name}: error: this needs {top}, which is not installed; it comes with "
-              f"gaqat's extra: pip install \"gaqat[{EXTRAS[top]}]\"", file=sys.stderr)
+        print(
+            f"{name}: error: this needs {top}, which is not installed; it comes with "
+            f'gaqat\'s extra: pip install "gaqat[{EXTRAS[top]}]"',
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt as error:
         hint = args.resume_hint(argv) if args.resume_hint else ""

@@ -24,15 +24,29 @@ QAT_STEPS = 500
 QAT_ALGORITHMS = ("lsq_sagm", "gaqat")
 
 
-def demo_jobs(output: Path, data_dir: Path | None = None, bits: int = 4,
-              float_steps: int = FLOAT_STEPS, qat_steps: int = QAT_STEPS,
-              progress: bool = True) -> list[Job]:
+def demo_jobs(
+    output: Path,
+    data_dir: Path | None = None,
+    bits: int = 4,
+    float_steps: int = FLOAT_STEPS,
+    qat_steps: int = QAT_STEPS,
+    progress: bool = True,
+) -> list[Job]:
     """The demo's runs, float first, every argument checked."""
     config = SweepConfig(
-        DATASET, Path(output), QAT_ALGORITHMS, test_envs=(TEST_ENV,), bits=(bits,),
-        options={"steps": qat_steps, "checkpoint_freq": max(1, qat_steps // 5),
-                 "data_dir": data_dir, "progress": progress},
-        float_options={"steps": float_steps, "checkpoint_freq": max(1, float_steps // 5)})
+        DATASET,
+        Path(output),
+        QAT_ALGORITHMS,
+        test_envs=(TEST_ENV,),
+        bits=(bits,),
+        options={
+            "steps": qat_steps,
+            "checkpoint_freq": max(1, qat_steps // 5),
+            "data_dir": data_dir,
+            "progress": progress,
+        },
+        float_options={"steps": float_steps, "checkpoint_freq": max(1, float_steps // 5)},
+    )
     with as_usage_errors():
         jobs = plan(config)
     for job in jobs:
@@ -40,9 +54,16 @@ def demo_jobs(output: Path, data_dir: Path | None = None, bits: int = 4,
     return jobs
 
 
-def demo(output: Path, data_dir: Path | None = None, bits: int = 4, overwrite: bool = False,
-         float_steps: int = FLOAT_STEPS, qat_steps: int = QAT_STEPS, progress: bool = True,
-         note: Callable[[str], None] = print) -> str:
+def demo(
+    output: Path,
+    data_dir: Path | None = None,
+    bits: int = 4,
+    overwrite: bool = False,
+    float_steps: int = FLOAT_STEPS,
+    qat_steps: int = QAT_STEPS,
+    progress: bool = True,
+    note: Callable[[str], None] = print,
+) -> str:
     """Run (or finish) the demo's runs and return the report of the demo folder."""
     jobs = demo_jobs(output, data_dir, bits, float_steps, qat_steps, progress)
     outcomes = launch(jobs, overwrite=overwrite, note=note)

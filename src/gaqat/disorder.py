@@ -36,7 +36,8 @@ def _cancellation(seq: torch.Tensor) -> torch.Tensor:
 
 
 METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = dict(
-    zip(DISORDER_METRICS, (_sign_flips, _cancellation), strict=True))
+    zip(DISORDER_METRICS, (_sign_flips, _cancellation), strict=True)
+)
 
 
 def _as_sequence(sequence: object, who: str) -> torch.Tensor:
@@ -48,8 +49,9 @@ def _as_sequence(sequence: object, who: str) -> torch.Tensor:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{who}: expected a sequence of numbers ({error})") from None
     if seq.dim() != 1 or len(seq) < 2:
-        raise ValueError(f"{who}: expected a 1-D sequence of at least 2 gradients, "
-                         f"got shape {tuple(seq.shape)}")
+        raise ValueError(
+            f"{who}: expected a 1-D sequence of at least 2 gradients, got shape {tuple(seq.shape)}"
+        )
     if not torch.isfinite(seq).all():
         raise ValueError(f"{who}: the sequence contains NaN or infinite values")
     return seq
@@ -86,13 +88,16 @@ class WindowSummary:
 class DisorderTracker:
     """Records g_task and g_smooth of named step sizes each step; summarises each window."""
 
-    def __init__(self, step_sizes: Mapping[str, torch.Tensor], window: int,
-                 metric: str = "sign_flip"):
+    def __init__(
+        self, step_sizes: Mapping[str, torch.Tensor], window: int, metric: str = "sign_flip"
+    ):
         if not step_sizes:
             raise ValueError("DisorderTracker: step_sizes is empty")
         if not isinstance(window, int) or window < 2:
-            raise ValueError(f"DisorderTracker.window: expected an integer >= 2 (disorder "
-                             f"compares consecutive steps), got {window!r}")
+            raise ValueError(
+                f"DisorderTracker.window: expected an integer >= 2 (disorder "
+                f"compares consecutive steps), got {window!r}"
+            )
         if metric not in METRICS:
             raise ValueError(f"DisorderTracker.metric: {metric!r} is not one of {list(METRICS)}")
         self.names = list(step_sizes)
@@ -106,10 +111,13 @@ class DisorderTracker:
         self._rows: torch.Tensor | None = None  # [window, 2 * width]: task columns, then smooth
         self._filled = 0
 
-    def record(self, g_task: Mapping[str, torch.Tensor],
-               g_smooth: Mapping[str, torch.Tensor]) -> list[WindowSummary] | None:
+    def record(
+        self, g_task: Mapping[str, torch.Tensor], g_smooth: Mapping[str, torch.Tensor]
+    ) -> list[WindowSummary] | None:
         """Store one step's components; at the end of a window return its summaries."""
-        parts = [g_task[n].reshape(-1) for n in self.names] + [g_smooth[n].reshape(-1) for n in self.names]
+        parts = [g_task[n].reshape(-1) for n in self.names] + [
+            g_smooth[n].reshape(-1) for n in self.names
+        ]
         rows = self._rows_on(parts[0])
         torch.cat(parts, out=rows[self._filled])
         self._filled += 1
@@ -124,7 +132,7 @@ class DisorderTracker:
             dtype = torch.promote_types(torch.float32, like.dtype)
             rows = torch.empty(self.window, 2 * self._width, dtype=dtype, device=like.device)
             if self._rows is not None:
-                rows[:self._filled] = self._rows[:self._filled]
+                rows[: self._filled] = self._rows[: self._filled]
             self._rows = rows
         return self._rows
 
@@ -136,27 +144,38 @@ class DisorderTracker:
         per_size.index_add_(2, owner, per_column.view(2, 2, self._width))
         per_size /= self._channels.to(rows.device, rows.dtype)
         (g_task, g_smooth), (d_task, d_smooth) = per_size.tolist()
-        return [WindowSummary(*fields) for fields in zip(self.names, g_task, g_smooth, d_task, d_smooth)]
+        return [
+            WindowSummary(*fields) for fields in zip(self.names, g_task, g_smooth, d_task, d_smooth)
+        ]
 
     def state_dict(self) -> dict:
         """The partial window, so that a resumed run summarises the same steps."""
-        rows = None if self._rows is None else self._rows[:self._filled].cpu().clone()
-        return {"names": list(self.names), "window": self.window, "metric": self.metric,
-                "filled": self._filled, "rows": rows}
+        rows = None if self._rows is None else self._rows[: self._filled].cpu().clone()
+        return {
+            "names": list(self.names),
+            "window": self.window,
+            "metric": self.metric,
+            "filled": self._filled,
+            "rows": rows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("names", "window", "metric"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"DisorderTracker.load_state_dict: checkpoint {key} "
-                                 f"{state[key]!r} differs from this tracker's {getattr(self, key)!r}")
+                raise ValueError(
+                    f"DisorderTracker.load_state_dict: checkpoint {key} "
+                    f"{state[key]!r} differs from this tracker's {getattr(self, key)!r}"
+                )
         rows = state["rows"]
         filled = state["filled"]
         if rows is None:
             self._rows, self._filled = None, 0
             return
         if tuple(rows.shape) != (filled, 2 * self._width):
-            raise ValueError(f"DisorderTracker.load_state_dict: checkpoint rows have shape "
-                             f"{tuple(rows.shape)}, expected ({filled}, {2 * self._width})")
+            raise ValueError(
+                f"DisorderTracker.load_state_dict: checkpoint rows have shape "
+                f"{tuple(rows.shape)}, expected ({filled}, {2 * self._width})"
+            )
         self._rows = torch.empty(self.window, 2 * self._width, dtype=rows.dtype)
         self._rows[:filled] = rows
         self._filled = filled

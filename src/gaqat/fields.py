@@ -32,8 +32,9 @@ def _get(record: dict, key: str) -> object:
     return value
 
 
-def check_fields(record: object, fields: Mapping[str, type], where: str,
-                 required: bool = True) -> dict:
+def check_fields(
+    record: object, fields: Mapping[str, type], where: str, required: bool = True
+) -> dict:
     """``record`` if it is a JSON object whose ``fields`` (dotted path -> type) hold values
     of their types, else a ValueError that starts with ``where`` ("FILE, line N").
 
@@ -48,6 +49,8 @@ def check_fields(record: object, fields: Mapping[str, type], where: str,
             if required:
                 raise ValueError(f"{where}: missing field {key!r}")
         elif not is_a(value, kind):
-            raise ValueError(f"{where}: field {key!r} is {value!r}, expected "
-                             f"{_EXPECTED.get(kind, kind.__name__)}")
+            raise ValueError(
+                f"{where}: field {key!r} is {value!r}, expected "
+                f"{_EXPECTED.get(kind, kind.__name__)}"
+            )
     return record

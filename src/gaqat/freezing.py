@@ -28,15 +28,26 @@ class Freezer:
     With ``unfreeze`` a frozen step size is released when its D_task is ≥ τ again.
     """
 
-    def __init__(self, step_sizes: Mapping[str, nn.Parameter], tau: float = 0.3,
-                 window: int = 350, mode: str = "task", unfreeze: bool = False,
-                 warmup_windows: int = 1, metric: str = "sign_flip"):
+    def __init__(
+        self,
+        step_sizes: Mapping[str, nn.Parameter],
+        tau: float = 0.3,
+        window: int = 350,
+        mode: str = "task",
+        unfreeze: bool = False,
+        warmup_windows: int = 1,
+        metric: str = "sign_flip",
+    ):
         if not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
-            raise ValueError(f"Freezer.tau: expected a number in [0, 1] (0 never freezes), got {tau!r}")
+            raise ValueError(
+                f"Freezer.tau: expected a number in [0, 1] (0 never freezes), got {tau!r}"
+            )
         if mode not in FREEZE_MODES:
             raise ValueError(f"Freezer.mode: {mode!r} is not one of {FREEZE_MODES}")
         if not isinstance(warmup_windows, int) or warmup_windows < 0:
-            raise ValueError(f"Freezer.warmup_windows: expected an integer >= 0, got {warmup_windows!r}")
+            raise ValueError(
+                f"Freezer.warmup_windows: expected an integer >= 0, got {warmup_windows!r}"
+            )
         if metric not in METRICS:
             raise ValueError(f"Freezer.metric: {metric!r} is not one of {list(METRICS)}")
         self.step_sizes = dict(step_sizes)
@@ -49,16 +60,25 @@ class Freezer:
         self.windows_done = 0
         self._records: list[dict] = []
 
-    def observe(self, g_task: Mapping[str, torch.Tensor],
-                g_smooth: Mapping[str, torch.Tensor]) -> None:
+    def observe(
+        self, g_task: Mapping[str, torch.Tensor], g_smooth: Mapping[str, torch.Tensor]
+    ) -> None:
         """Record one step's components; at a window's end, log it and decide."""
         summaries = self.tracker.record(g_task, g_smooth)
         if summaries is None:
             return
         self.windows_done += 1
         step = self.windows_done * self.tracker.window  # windows are back to back from step 1
-        self._records += [{"kind": "window", "step": step, "window": self.windows_done,
-                           **s.to_dict(), "frozen": s.name in self.frozen} for s in summaries]
+        self._records += [
+            {
+                "kind": "window",
+                "step": step,
+                "window": self.windows_done,
+                **s.to_dict(),
+                "frozen": s.name in self.frozen,
+            }
+            for s in summaries
+        ]
         if self.windows_done <= self.warmup_windows:
             return
         for s in summaries:
@@ -70,8 +90,15 @@ class Freezer:
                 kind = "unfreeze"
             else:
                 continue
-            self._records.append({"kind": kind, "step": step, "name": s.name,
-                                  "d_task": s.d_task, "d_smooth": s.d_smooth})
+            self._records.append(
+                {
+                    "kind": kind,
+                    "step": step,
+                    "name": s.name,
+                    "d_task": s.d_task,
+                    "d_smooth": s.d_smooth,
+                }
+            )
 
     def edit_grads(self, g_smooth: Mapping[str, torch.Tensor]) -> None:
         """Apply the freeze to the frozen step sizes' ``.grad`` before the optimizer steps."""
@@ -98,14 +125,19 @@ class Freezer:
         return records
 
     def state_dict(self) -> dict:
-        return {"frozen": sorted(self.frozen), "windows_done": self.windows_done,
-                "records": list(self._records), "tracker": self.tracker.state_dict()}
+        return {
+            "frozen": sorted(self.frozen),
+            "windows_done": self.windows_done,
+            "records": list(self._records),
+            "tracker": self.tracker.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["frozen"]) - set(self.step_sizes)
         if unknown:
-            raise ValueError(f"Freezer.load_state_dict: checkpoint freezes unknown step sizes "
-                             f"{sorted(unknown)}")
+            raise ValueError(
+                f"Freezer.load_state_dict: checkpoint freezes unknown step sizes {sorted(unknown)}"
+            )
         self.tracker.load_state_dict(state["tracker"])
         self.frozen = set(state["frozen"])
         self.windows_done = state["windows_done"]

@@ -19,16 +19,23 @@ DomainBed's layout) gets DomainBed's generic image-dataset defaults.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from gaqat.names import (ARCHITECTURES, DISORDER_METRICS, FIRST_LAST_POLICIES,
-                         FREEZE_MODES, LR_SCHEDULES, PERTURBED_PASS_RNG, canonical_dataset,
-                         get_recipe)
+from gaqat.names import (
+    ARCHITECTURES,
+    DISORDER_METRICS,
+    FIRST_LAST_POLICIES,
+    FREEZE_MODES,
+    LR_SCHEDULES,
+    PERTURBED_PASS_RNG,
+    canonical_dataset,
+    get_recipe,
+)
 from gaqat.seeding import seed_hash
-
 
 # SAGM's released per-dataset settings: learning rate, weight decay, alpha.
 _SAGM_PUBLISHED = {
@@ -155,8 +162,10 @@ def random_hparams(algorithm: str, dataset: str, seed: int, trial_seed: int = 0)
 
     Values have the type of their default (Python scalars, JSON-ready).
     """
-    return {name: type(h.default)(h.draw(np.random.RandomState(seed_hash(seed, trial_seed, name))))
-            for name, h in _declare(algorithm, dataset).items()}
+    return {
+        name: type(h.default)(h.draw(np.random.RandomState(seed_hash(seed, trial_seed, name))))
+        for name, h in _declare(algorithm, dataset).items()
+    }
 
 
 def _checked(name: str, value: Any, current: Any) -> Any:
@@ -171,8 +180,10 @@ def _checked(name: str, value: Any, current: Any) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ValueError(f"hparams override {name!r}: expected {type(current).__name__}, "
-                         f"got {value!r} ({type(value).__name__})")
+        raise ValueError(
+            f"hparams override {name!r}: expected {type(current).__name__}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
     if name in CHOICES and value not in CHOICES[name]:
         raise ValueError(f"hparams override {name!r}: {value!r} is not one of {CHOICES[name]}")
     return value
@@ -189,12 +200,15 @@ def apply_overrides(hparams: dict[str, Any], overrides: str | dict | None) -> di
         try:
             overrides = json.loads(overrides) if overrides.strip() else {}
         except json.JSONDecodeError as error:
-            raise ValueError(f"hparams overrides: not valid JSON ({error}): "
-                             f"{overrides!r}") from None
+            raise ValueError(
+                f"hparams overrides: not valid JSON ({error}): {overrides!r}"
+            ) from None
     if not isinstance(overrides, dict):
         raise ValueError(f"hparams overrides: expected a JSON object, got {overrides!r}")
     unknown = sorted(set(overrides) - set(hparams))
     if unknown:
-        raise ValueError(f"hparams overrides: unknown key(s) {', '.join(unknown)}; "
-                         f"valid keys for this algorithm and dataset: {', '.join(sorted(hparams))}")
+        raise ValueError(
+            f"hparams overrides: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys for this algorithm and dataset: {', '.join(sorted(hparams))}"
+        )
     return {**hparams, **{k: _checked(k, v, hparams[k]) for k, v in overrides.items()}}

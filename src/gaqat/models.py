@@ -42,8 +42,14 @@ class ModelConfig:
 class Network(nn.Module):
     """featurizer -> dropout -> classifier; optionally keeps batch norm in eval mode."""
 
-    def __init__(self, featurizer: nn.Module, n_features: int, num_classes: int,
-                 dropout: float = 0.0, freeze_bn: bool = False):
+    def __init__(
+        self,
+        featurizer: nn.Module,
+        n_features: int,
+        num_classes: int,
+        dropout: float = 0.0,
+        freeze_bn: bool = False,
+    ):
         super().__init__()
         self.featurizer = featurizer
         self.dropout = nn.Dropout(dropout)
@@ -53,7 +59,7 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.featurizer(x)))
 
-    def train(self, mode: bool = True) -> "Network":
+    def train(self, mode: bool = True) -> Network:
         """As DomainBed: with ``freeze_bn`` the BN layers keep their ImageNet statistics."""
         super().train(mode)
         if self.freeze_bn:
@@ -68,8 +74,11 @@ def small_cnn_featurizer(channels: tuple[int, ...] = (32, 64, 128, 128)) -> nn.S
     layers: list[nn.Module] = []
     in_ch = 3
     for i, out_ch in enumerate(channels):
-        layers += [nn.Conv2d(in_ch, out_ch, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                   nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_ch, out_ch, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        ]
         in_ch = out_ch
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
@@ -102,7 +111,9 @@ def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"weights file {path}: not a readable torch state_dict ({error})") from error
+        raise ValueError(
+            f"weights file {path}: not a readable torch state_dict ({error})"
+        ) from error
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet's classes
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -110,15 +121,19 @@ def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
         raise ValueError(f"weights file {path} does not fit {arch}: {str(error)[:300]}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(f"weights file {path} does not fit {arch}: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
+        raise ValueError(
+            f"weights file {path} does not fit {arch}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
 
 
 def build_model(config: ModelConfig) -> Network:
     if config.arch == "small_cnn":
         if config.weights is not None:
-            raise ValueError("ModelConfig.weights: small_cnn has no pretrained weights; "
-                             "start QAT from a float checkpoint instead (--init)")
+            raise ValueError(
+                "ModelConfig.weights: small_cnn has no pretrained weights; "
+                "start QAT from a float checkpoint instead (--init)"
+            )
         featurizer, n_features = small_cnn_featurizer(), 128
     else:
         featurizer, n_features = _resnet_featurizer(config.arch, config.weights)

@@ -80,9 +80,11 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """
     for module in model.modules():
         if isinstance(module, _InstanceNorm) and module.training and module.track_running_stats:
-            raise ValueError(f"{type(module).__name__} with track_running_stats=True is not "
-                             "supported by SAM/SAGM: its running statistics would change "
-                             "during the perturbed pass")
+            raise ValueError(
+                f"{type(module).__name__} with track_running_stats=True is not "
+                "supported by SAM/SAGM: its running statistics would change "
+                "during the perturbed pass"
+            )
     switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     for module in switched:
         module.track_running_stats = False
@@ -104,8 +106,10 @@ class TwoPasses:
     g: list[torch.Tensor]
     g_p: list[torch.Tensor]
 
-    def components(self, named: Mapping[str, nn.Parameter],
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def components(
+        self,
+        named: Mapping[str, nn.Parameter],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(g_task, g_smooth)`` of the named parameters: g and g_p − g, by name
         (docs/method.md §4); zeros for one that had no gradient at θ. Take them before the
         final gradient overwrites g_p."""
@@ -127,18 +131,30 @@ class SAM(torch.optim.Optimizer):
     the perturbed pass, or draw "fresh" ones (module docstring).
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
-                 *, perturbed_pass_rng: str = "replay"):
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        rho: float = 0.05,
+        *,
+        perturbed_pass_rng: str = "replay",
+    ):
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAM):
-            raise ValueError(f"{type(self).__name__}: base_optimizer must be a plain "
-                             f"torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+            raise ValueError(
+                f"{type(self).__name__}: base_optimizer must be a plain "
+                f"torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+            )
         if not isinstance(model, nn.Module):
-            raise ValueError(f"{type(self).__name__}: model must be the nn.Module being trained "
-                             f"(its batch norm is left alone in the perturbed pass), got "
-                             f"{type(model).__name__}")
+            raise ValueError(
+                f"{type(self).__name__}: model must be the nn.Module being trained "
+                f"(its batch norm is left alone in the perturbed pass), got "
+                f"{type(model).__name__}"
+            )
         if perturbed_pass_rng not in PERTURBED_PASS_RNG:
-            raise ValueError(f"{type(self).__name__}.perturbed_pass_rng: {perturbed_pass_rng!r} "
-                             f"is not one of {PERTURBED_PASS_RNG}")
+            raise ValueError(
+                f"{type(self).__name__}.perturbed_pass_rng: {perturbed_pass_rng!r} "
+                f"is not one of {PERTURBED_PASS_RNG}"
+            )
         self.base_optimizer = base_optimizer
         self.model = model
         self.rho = self._non_negative("rho", rho)
@@ -149,8 +165,9 @@ class SAM(torch.optim.Optimizer):
 
     def _non_negative(self, field: str, value: float) -> float:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{type(self).__name__}.{field}: expected a finite number >= 0, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{type(self).__name__}.{field}: expected a finite number >= 0, got {value!r}"
+            )
         return float(value)
 
     def _share_base(self) -> None:
@@ -175,8 +192,10 @@ class SAM(torch.optim.Optimizer):
         the perturbed pass left none) and None for the others, which are not updated.
         """
         if closure is None:
-            raise ValueError(f"{type(self).__name__}.step needs a closure that runs forward and "
-                             "backward on the step's minibatch and returns the loss")
+            raise ValueError(
+                f"{type(self).__name__}.step needs a closure that runs forward and "
+                "backward on the step's minibatch and returns the loss"
+            )
         everything = [p for group in self.param_groups for p in group["params"]]
         rng = _rng_state() if self.perturbed_pass_rng == "replay" else None
 
@@ -186,8 +205,10 @@ class SAM(torch.optim.Optimizer):
             loss = closure()
         params = [p for p in everything if p.grad is not None]
         if not params:
-            raise RuntimeError(f"{type(self).__name__}.step: the closure left no gradients "
-                               "(does it call loss.backward()?)")
+            raise RuntimeError(
+                f"{type(self).__name__}.step: the closure left no gradients "
+                "(does it call loss.backward()?)"
+            )
         g = [p.grad for p in params]
 
         # Pass 2, at θ + e: the same random numbers, the model's batch norm left alone.
@@ -227,9 +248,11 @@ class SAM(torch.optim.Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """Asked by an enabled GradScaler before it steps an optimizer: refuse it here."""
-        raise RuntimeError(f"{type(self).__name__} does not support fp16 GradScaler: a two-pass "
-                           "step cannot be loss-scaled (see gaqat.optim); use "
-                           "torch.autocast(dtype=torch.bfloat16) without a scaler")
+        raise RuntimeError(
+            f"{type(self).__name__} does not support fp16 GradScaler: a two-pass "
+            "step cannot be loss-scaled (see gaqat.optim); use "
+            "torch.autocast(dtype=torch.bfloat16) without a scaler"
+        )
 
 
 class SAGM(SAM):
@@ -238,8 +261,15 @@ class SAGM(SAM):
     The perturbation subtracts α·g from SAM's ascent step (docs/method.md §3).
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
-                 alpha: float = 1e-3, *, perturbed_pass_rng: str = "replay"):
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        rho: float = 0.05,
+        alpha: float = 1e-3,
+        *,
+        perturbed_pass_rng: str = "replay",
+    ):
         super().__init__(base_optimizer, model, rho, perturbed_pass_rng=perturbed_pass_rng)
         self.alpha = self._non_negative("alpha", alpha)
 
@@ -257,15 +287,25 @@ class GAQAT(SAGM):
     with ``tau=0`` never freezes, which turns this into LSQ+SAGM that still logs windows.
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, freezer: Freezer,
-                 rho: float = 0.05, alpha: float = 1e-3, *, perturbed_pass_rng: str = "replay"):
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        freezer: Freezer,
+        rho: float = 0.05,
+        alpha: float = 1e-3,
+        *,
+        perturbed_pass_rng: str = "replay",
+    ):
         super().__init__(base_optimizer, model, rho, alpha, perturbed_pass_rng=perturbed_pass_rng)
         held = {id(p) for group in self.param_groups for p in group["params"]}
         for name, param in freezer.step_sizes.items():
             if id(param) not in held:
-                raise ValueError(f"GAQAT: step size {name!r} is not in the base optimizer's "
-                                 "param_groups (build the optimizer after quantize_model so "
-                                 "that it holds every step size)")
+                raise ValueError(
+                    f"GAQAT: step size {name!r} is not in the base optimizer's "
+                    "param_groups (build the optimizer after quantize_model so "
+                    "that it holds every step size)"
+                )
         self.freezer = freezer
 
     @torch.no_grad()

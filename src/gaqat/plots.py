@@ -16,9 +16,9 @@ canvas), so no pyplot state is kept and no display is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.colors import Normalize, TwoSlopeNorm
@@ -34,8 +34,16 @@ FILES = {"cumulative": "cumulative.png", "disorder": "disorder.png", "freezing":
 
 # The fields of each kind of record.
 _FIELDS = {
-    "window": {"step": int, "window": int, "name": str, "g_task": float, "g_smooth": float,
-               "d_task": float, "d_smooth": float, "frozen": bool},
+    "window": {
+        "step": int,
+        "window": int,
+        "name": str,
+        "g_task": float,
+        "g_smooth": float,
+        "d_task": float,
+        "d_smooth": float,
+        "frozen": bool,
+    },
     "freeze": {"step": int, "name": str, "d_task": float, "d_smooth": float},
     "unfreeze": {"step": int, "name": str, "d_task": float, "d_smooth": float},
 }
@@ -55,8 +63,10 @@ def load_gradients(path: str | Path) -> list[dict]:
     """The records of a ``gradients.jsonl``, checked; a torn last line is skipped with a warning."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; {GRADIENTS} is written only by "
-                                f"`gaqat train --algorithm gaqat`: is {path.parent} a gaqat run?")
+        raise FileNotFoundError(
+            f"{path}: no such file; {GRADIENTS} is written only by "
+            f"`gaqat train --algorithm gaqat`: is {path.parent} a gaqat run?"
+        )
     records = []
     for where, record in read_jsonl(path):
         records.append(_check_record(record, where))
@@ -128,8 +138,10 @@ def window_table(records: Sequence[dict]) -> WindowTable:
     steps = {}
     for r in rows:
         if steps.setdefault(r["window"], r["step"]) != r["step"]:
-            raise ValueError(f"window {r['window']} ends at step {steps[r['window']]} and at "
-                             f"step {r['step']}: is the file two runs appended?")
+            raise ValueError(
+                f"window {r['window']} ends at step {steps[r['window']]} and at "
+                f"step {r['step']}: is the file two runs appended?"
+            )
     layer = {n: i for i, n in enumerate(names)}
     col = {w: j for j, w in enumerate(windows)}
     shape = (len(names), len(windows))
@@ -139,15 +151,22 @@ def window_table(records: Sequence[dict]) -> WindowTable:
     for r in rows:
         i, j = layer[r["name"]], col[r["window"]]
         if seen[i, j]:
-            raise ValueError(f"two records for {r['name']} in window {r['window']}: "
-                             f"is the file two runs appended?")
+            raise ValueError(
+                f"two records for {r['name']} in window {r['window']}: "
+                f"is the file two runs appended?"
+            )
         seen[i, j] = True
         for key, array in arrays.items():
             array[i, j] = r[key]
         frozen[i, j] = r["frozen"]
-    return WindowTable(names=names, windows=windows,
-                       steps=np.array([steps[w] for w in windows]), frozen=frozen,
-                       decisions=tuple(r for r in records if r["kind"] != "window"), **arrays)
+    return WindowTable(
+        names=names,
+        windows=windows,
+        steps=np.array([steps[w] for w in windows]),
+        frozen=frozen,
+        decisions=tuple(r for r in records if r["kind"] != "window"),
+        **arrays,
+    )
 
 
 def opposite_signs(table: WindowTable) -> np.ndarray:
@@ -166,7 +185,7 @@ def smooth_factors(table: WindowTable) -> np.ndarray:
     smooth = np.nanmax(np.abs(table.g_smooth), axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         exponent = np.round(np.log10(task / smooth))
-    return np.where(np.isfinite(exponent), 10.0 ** exponent, 1.0)
+    return np.where(np.isfinite(exponent), 10.0**exponent, 1.0)
 
 
 def freeze_steps(table: WindowTable) -> dict[str, int]:
@@ -241,33 +260,41 @@ def plot_cumulative(records: Sequence[dict], out: str | Path) -> Path:
         for lo, hi in zip(edges[:-1][conflict[i]], edges[1:][conflict[i]]):
             ax.axvspan(lo, hi, color=CONFLICT_COLOR, lw=0)
         ax.bar(centers - width / 5, table.g_task[i], width * 0.38, color=TASK_COLOR)
-        ax.bar(centers + width / 5, table.g_smooth[i] * factors[i], width * 0.38,
-               color=SMOOTH_COLOR)
+        ax.bar(
+            centers + width / 5, table.g_smooth[i] * factors[i], width * 0.38, color=SMOOTH_COLOR
+        )
         ax.axhline(0, color="black", lw=0.6)
         if table.names[i] in frozen_at:
             ax.axvline(frozen_at[table.names[i]], color="black", ls="--", lw=0.8)
         scale = "" if factors[i] == 1 else f", smooth×{factors[i]:g}"
-        ax.set_title(f"{label}: {conflict[i].sum()}/{conflict.shape[1]} opp.{scale}",
-                     fontsize=9)
+        ax.set_title(f"{label}: {conflict[i].sum()}/{conflict.shape[1]} opp.{scale}", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax.yaxis.get_offset_text().set_fontsize(7)
     for ax in axes[n:]:
         ax.set_visible(False)
-    for ax in axes[max(0, n - cols):n]:
+    for ax in axes[max(0, n - cols) : n]:
         ax.set_xlabel("step", fontsize=8)
     valid = ~np.isnan(table.g_task) & ~np.isnan(table.g_smooth)
     share = conflict.sum() / max(valid.sum(), 1)
-    fig.legend(handles=[
-        Patch(color=TASK_COLOR, label="g_task (window sum)"),
-        Patch(color=SMOOTH_COLOR, label="g_smooth (window sum, × the panel's factor)"),
-        Patch(color=CONFLICT_COLOR, label="opposite signs"),
-        Line2D([], [], color="black", ls="--", lw=0.8, label="frozen from this step"),
-    ], loc="outside lower center", ncols=4, fontsize=8)
+    fig.legend(
+        handles=[
+            Patch(color=TASK_COLOR, label="g_task (window sum)"),
+            Patch(color=SMOOTH_COLOR, label="g_smooth (window sum, × the panel's factor)"),
+            Patch(color=CONFLICT_COLOR, label="opposite signs"),
+            Line2D([], [], color="black", ls="--", lw=0.8, label="frozen from this step"),
+        ],
+        loc="outside lower center",
+        ncols=4,
+        fontsize=8,
+    )
     note = _label_note(table)
-    fig.suptitle("Cumulative step-size gradients per window: task vs smoothness — opposite "
-                 f"signs in {conflict.sum()}/{valid.sum()} ({share:.0%}) layer-windows"
-                 + (f"\n{note}" if note else ""), fontsize=10)
+    fig.suptitle(
+        "Cumulative step-size gradients per window: task vs smoothness — opposite "
+        f"signs in {conflict.sum()}/{valid.sum()} ({share:.0%}) layer-windows"
+        + (f"\n{note}" if note else ""),
+        fontsize=10,
+    )
     return _save(fig, out)
 
 
@@ -289,8 +316,9 @@ def plot_disorder(records: Sequence[dict], out: str | Path, tau: float | None = 
     cmap = "RdYlBu" if isinstance(norm, TwoSlopeNorm) else "viridis"
     for k, (key, title) in enumerate((("d_task", "D_task"), ("d_smooth", "D_smooth"))):
         ax = fig.add_subplot(grid[0, k])
-        mesh = ax.pcolormesh(table.edges, rows, np.ma.masked_invalid(getattr(table, key)),
-                             cmap=cmap, norm=norm)
+        mesh = ax.pcolormesh(
+            table.edges, rows, np.ma.masked_invalid(getattr(table, key)), cmap=cmap, norm=norm
+        )
         _layer_axis(ax, table)
         ax.set_title(f"{title} per layer and window", fontsize=10)
         bar = fig.colorbar(mesh, ax=ax, pad=0.01)
@@ -299,13 +327,22 @@ def plot_disorder(records: Sequence[dict], out: str | Path, tau: float | None = 
             bar.ax.text(1.6, tau, " τ", va="center", transform=bar.ax.get_yaxis_transform())
     ax = fig.add_subplot(grid[1, :])
     x = table.steps
-    for key, color, label in (("d_task", TASK_COLOR, "D_task"),
-                              ("d_smooth", SMOOTH_COLOR, "D_smooth")):
+    for key, color, label in (
+        ("d_task", TASK_COLOR, "D_task"),
+        ("d_smooth", SMOOTH_COLOR, "D_smooth"),
+    ):
         values = getattr(table, key)
-        ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color,
-                        alpha=0.15, lw=0)
-        ax.plot(x, np.nanmean(values, axis=0), "o-", color=color, ms=3,
-                label=f"{label}: mean over layers (band: min–max)")
+        ax.fill_between(
+            x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.15, lw=0
+        )
+        ax.plot(
+            x,
+            np.nanmean(values, axis=0),
+            "o-",
+            color=color,
+            ms=3,
+            label=f"{label}: mean over layers (band: min–max)",
+        )
     if tau is not None:
         ax.axhline(tau, color="black", ls="--", lw=0.9, label=f"τ = {tau:g}")
     ax.set_xlim(table.edges[0], table.edges[-1])
@@ -313,12 +350,16 @@ def plot_disorder(records: Sequence[dict], out: str | Path, tau: float | None = 
     ax.set_xlabel("step (end of window)")
     ax.set_ylabel("disorder")
     ax.legend(fontsize=8, loc="upper right", ncols=3)
-    title = (f"Gradient disorder of the step sizes (window of {int(np.diff(table.edges)[0])} "
-             f"steps): mean D_task {np.nanmean(table.d_task):.2f}, "
-             f"D_smooth {np.nanmean(table.d_smooth):.2f}")
+    title = (
+        f"Gradient disorder of the step sizes (window of {int(np.diff(table.edges)[0])} "
+        f"steps): mean D_task {np.nanmean(table.d_task):.2f}, "
+        f"D_smooth {np.nanmean(table.d_smooth):.2f}"
+    )
     if tau is not None:
-        title += (f"; D_task < τ = {tau:g} in {below_tau_fraction(table, tau):.0%} of "
-                  "layer-windows after the first")
+        title += (
+            f"; D_task < τ = {tau:g} in {below_tau_fraction(table, tau):.0%} of "
+            "layer-windows after the first"
+        )
     note = _label_note(table)
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
     return _save(fig, out)
@@ -337,31 +378,53 @@ def plot_freezing(records: Sequence[dict], out: str | Path, tau: float | None = 
     top.set_ylabel("# frozen", fontsize=9)
     top.grid(alpha=0.3)
     state = np.where(np.isnan(table.d_task), np.nan, table.frozen.astype(float))
-    ax.pcolormesh(table.edges, np.arange(n + 1) - 0.5, np.ma.masked_invalid(state),
-                  cmap="Greys", vmin=-0.25, vmax=1.6, edgecolors="white", linewidth=0.5)
+    ax.pcolormesh(
+        table.edges,
+        np.arange(n + 1) - 0.5,
+        np.ma.masked_invalid(state),
+        cmap="Greys",
+        vmin=-0.25,
+        vmax=1.6,
+        edgecolors="white",
+        linewidth=0.5,
+    )
     layer = {name: i for i, name in enumerate(table.names)}
     for kind, marker, color in (("freeze", ">", "tab:red"), ("unfreeze", "<", "tab:green")):
         hits = [d for d in table.decisions if d["kind"] == kind and d["name"] in layer]
         if hits:
-            ax.scatter([d["step"] for d in hits], [layer[d["name"]] for d in hits],
-                       marker=marker, color=color, s=40, zorder=3, label=f"{kind} decision")
+            ax.scatter(
+                [d["step"] for d in hits],
+                [layer[d["name"]] for d in hits],
+                marker=marker,
+                color=color,
+                s=40,
+                zorder=3,
+                label=f"{kind} decision",
+            )
     _layer_axis(ax, table)
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
-    right.set_yticks(np.arange(n), [f"@{frozen_at[name]}" if name in frozen_at else "–"
-                                    for name in table.names], fontsize=8)
+    right.set_yticks(
+        np.arange(n),
+        [f"@{frozen_at[name]}" if name in frozen_at else "–" for name in table.names],
+        fontsize=8,
+    )
     if table.decisions:
         fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     threshold = f" (D_task < τ = {tau:g})" if tau is not None else ""
     note = _label_note(table)
-    fig.suptitle(f"Frozen step sizes{threshold}: {counts[-1]} of {n} frozen by step "
-                 f"{int(table.steps[-1])}; dark = frozen during the window, right: first freeze "
-                 f"step" + (f"\n{note}" if note else ""), fontsize=10)
+    fig.suptitle(
+        f"Frozen step sizes{threshold}: {counts[-1]} of {n} frozen by step "
+        f"{int(table.steps[-1])}; dark = frozen during the window, right: first freeze "
+        f"step" + (f"\n{note}" if note else ""),
+        fontsize=10,
+    )
     return _save(fig, out)
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None,
-             tau: float | None = None) -> list[Path]:
+def plot_run(
+    run_dir: str | Path, out: str | Path | None = None, tau: float | None = None
+) -> list[Path]:
     """The three figures of a gaqat run folder, into ``out`` (default: the run folder).
 
     ``tau`` defaults to the run's own (``results.jsonl``, first record's ``hparams.tau``).
@@ -374,6 +437,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
     records = load_gradients(run_dir / GRADIENTS)
     tau = run_tau(run_dir) if tau is None else tau
     out = run_dir if out is None else Path(out)
-    return [plot_cumulative(records, out / FILES["cumulative"]),
-            plot_disorder(records, out / FILES["disorder"], tau),
-            plot_freezing(records, out / FILES["freezing"], tau)]
+    return [
+        plot_cumulative(records, out / FILES["cumulative"]),
+        plot_disorder(records, out / FILES["disorder"], tau),
+        plot_freezing(records, out / FILES["freezing"], tau),
+    ]

@@ -41,7 +41,9 @@ def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.T
     return (a * b).sum_to_size(shape)
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scaled(
+    x: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(floored step s, 1/s, x * (1/s)): x * (1/s), later q * s, is torch's fake-quant
     arithmetic, bit for bit."""
     step = scale.clamp_min(MIN_STEP)
@@ -89,8 +91,9 @@ class _LsqQuantize(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), grad_scale, None, None, None
 
 
-def lsq_quantize(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int,
-                 grad_scale: float) -> torch.Tensor:
+def lsq_quantize(
+    x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int, grad_scale: float
+) -> torch.Tensor:
     """LSQ fake quantization of ``x`` with step size ``scale`` (one element, or broadcastable
     to ``x`` for per-channel scales); ``grad_scale`` multiplies the step-size gradient."""
     if not q_min < q_max:
@@ -99,10 +102,14 @@ def lsq_quantize(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int,
 
 
 def _check_bits(bits: object, field: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not \
-            BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
-        raise ValueError(f"{field}: expected an integer from {BITS_RANGE[0]} to {BITS_RANGE[1]}, "
-                         f"got {bits!r}")
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, int)
+        or not BITS_RANGE[0] <= bits <= BITS_RANGE[1]
+    ):
+        raise ValueError(
+            f"{field}: expected an integer from {BITS_RANGE[0]} to {BITS_RANGE[1]}, got {bits!r}"
+        )
     return bits
 
 
@@ -119,26 +126,39 @@ class LsqQuantizer(nn.Module):
     step sizes and gradients).
     """
 
-    def __init__(self, bits: int, signed: bool | None, per_channel: bool = False,
-                 weight_shape: Sequence[int] | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        bits: int,
+        signed: bool | None,
+        per_channel: bool = False,
+        weight_shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.bits = _check_bits(bits, "LsqQuantizer.bits")
         self.per_channel = per_channel
         self.weight_shape = None if weight_shape is None else tuple(weight_shape)
         if per_channel and self.weight_shape is None:
-            raise ValueError("LsqQuantizer.per_channel: per-channel step sizes are for weights "
-                             "only; pass weight_shape")
-        scale_shape = (self.weight_shape[0],) + (1,) * (len(self.weight_shape) - 1) \
-            if per_channel else (1,)
+            raise ValueError(
+                "LsqQuantizer.per_channel: per-channel step sizes are for weights "
+                "only; pass weight_shape"
+            )
+        scale_shape = (
+            (self.weight_shape[0],) + (1,) * (len(self.weight_shape) - 1) if per_channel else (1,)
+        )
         self.scale = nn.Parameter(torch.ones(scale_shape, dtype=dtype))
         self.register_buffer("is_initialized", torch.tensor(False))
-        self.register_buffer("signedness", torch.tensor(-1 if signed is None else int(signed),
-                                                        dtype=torch.int8))
+        self.register_buffer(
+            "signedness", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8)
+        )
         self._initialized = False
         self._signed = signed
         # N of the gradient scale: a weight's elements (per channel), else one sample's.
-        self._weight_numel = None if self.weight_shape is None else \
-            math.prod(self.weight_shape[1 if per_channel else 0:])
+        self._weight_numel = (
+            None
+            if self.weight_shape is None
+            else math.prod(self.weight_shape[1 if per_channel else 0 :])
+        )
 
     @property
     def initialized(self) -> bool:
@@ -154,12 +174,13 @@ class LsqQuantizer(nn.Module):
 
     @property
     def q_max(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self._require_signed() else 2 ** self.bits - 1
+        return 2 ** (self.bits - 1) - 1 if self._require_signed() else 2**self.bits - 1
 
     def _require_signed(self) -> bool:
         if self._signed is None:
-            raise RuntimeError("LsqQuantizer: signedness is decided on the first batch; "
-                               "run a forward pass first")
+            raise RuntimeError(
+                "LsqQuantizer: signedness is decided on the first batch; run a forward pass first"
+            )
         return self._signed
 
     @torch.no_grad()
@@ -201,8 +222,10 @@ class LsqQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "weight" if self.weight_shape is not None else "activation"
-        return (f"{kind}, bits={self.bits}, signed={self._signed}, "
-                f"per_channel={self.per_channel}, initialized={self._initialized}")
+        return (
+            f"{kind}, bits={self.bits}, signed={self._signed}, "
+            f"per_channel={self.per_channel}, initialized={self._initialized}"
+        )
 
 
 class _QuantizedLayer:
@@ -213,12 +236,18 @@ class _QuantizedLayer:
 
     weight: nn.Parameter
 
-    def __init__(self, *args, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = False,
-                 **kwargs):
+    def __init__(
+        self, *args, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         dtype = self.weight.dtype
-        self.weight_quantizer = LsqQuantizer(weight_bits, signed=True, per_channel=per_channel,
-                                             weight_shape=self.weight.shape, dtype=dtype)
+        self.weight_quantizer = LsqQuantizer(
+            weight_bits,
+            signed=True,
+            per_channel=per_channel,
+            weight_shape=self.weight.shape,
+            dtype=dtype,
+        )
         self.input_quantizer = LsqQuantizer(act_bits, signed=None, dtype=dtype)
 
     @classmethod
@@ -229,9 +258,16 @@ class _QuantizedLayer:
         Built on the meta device first: no allocation and no draw from the global RNG.
         """
         args, kwargs = cls._float_arguments(layer)
-        new = cls(*args, **kwargs, bias=layer.bias is not None, device="meta",
-                  dtype=layer.weight.dtype, weight_bits=weight_bits, act_bits=act_bits,
-                  per_channel=per_channel)
+        new = cls(
+            *args,
+            **kwargs,
+            bias=layer.bias is not None,
+            device="meta",
+            dtype=layer.weight.dtype,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            per_channel=per_channel,
+        )
         new.weight = layer.weight
         new.bias = layer.bias
         new.train(layer.training)
@@ -243,13 +279,21 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
 
     @staticmethod
     def _float_arguments(conv: nn.Conv2d) -> tuple[tuple, dict]:
-        return ((conv.in_channels, conv.out_channels, conv.kernel_size),
-                {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation,
-                 "groups": conv.groups, "padding_mode": conv.padding_mode})
+        return (
+            (conv.in_channels, conv.out_channels, conv.kernel_size),
+            {
+                "stride": conv.stride,
+                "padding": conv.padding,
+                "dilation": conv.dilation,
+                "groups": conv.groups,
+                "padding_mode": conv.padding_mode,
+            },
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight),
-                                  self.bias)
+        return self._conv_forward(
+            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
+        )
 
 
 class QuantLinear(_QuantizedLayer, nn.Linear):
@@ -285,14 +329,18 @@ class QuantConfig:
         _check_bits(self.weight_bits, "QuantConfig.weight_bits")
         _check_bits(self.act_bits, "QuantConfig.act_bits")
         if not isinstance(self.per_channel, bool):
-            raise ValueError(f"QuantConfig.per_channel: expected true or false, "
-                             f"got {self.per_channel!r}")
+            raise ValueError(
+                f"QuantConfig.per_channel: expected true or false, got {self.per_channel!r}"
+            )
         if self.first_last not in FIRST_LAST_POLICIES:
-            raise ValueError(f"QuantConfig.first_last: expected one of {FIRST_LAST_POLICIES}, "
-                             f"got {self.first_last!r}")
+            raise ValueError(
+                f"QuantConfig.first_last: expected one of {FIRST_LAST_POLICIES}, "
+                f"got {self.first_last!r}"
+            )
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
-            raise ValueError(f"QuantConfig.skip: expected a list of module names, "
-                             f"got {self.skip!r}")
+            raise ValueError(
+                f"QuantConfig.skip: expected a list of module names, got {self.skip!r}"
+            )
         object.__setattr__(self, "skip", tuple(self.skip))  # JSON gives a list back
 
 
@@ -315,8 +363,10 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     names = dict(model.named_modules())
     unknown = [s for s in config.skip if s not in names]
     if unknown:
-        raise ValueError(f"QuantConfig.skip: {unknown} name no module of the model "
-                         f"(module names look like {list(names)[1:4]})")
+        raise ValueError(
+            f"QuantConfig.skip: {unknown} name no module of the model "
+            f"(module names look like {list(names)[1:4]})"
+        )
     layers = [(name, m) for name, m in names.items() if type(m) in _QUANTIZED]
     convs = [name for name, m in layers if type(m) is nn.Conv2d]
     linears = [name for name, m in layers if type(m) is nn.Linear]
@@ -356,9 +406,11 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     held = {id(p) for group in groups for p in group["params"]}
     missing = [name for name, p in step_sizes(model).items() if id(p) not in held]
     if missing:
-        raise ValueError(f"the optimizer does not hold {len(missing)} of the model's "
-                         f"{len(step_sizes(model))} quantizer step sizes (e.g. {missing[0]}): "
-                         f"build the optimizer after quantize_model")
+        raise ValueError(
+            f"the optimizer does not hold {len(missing)} of the model's "
+            f"{len(step_sizes(model))} quantizer step sizes (e.g. {missing[0]}): "
+            f"build the optimizer after quantize_model"
+        )
 
 
 def check_step_sizes(model: nn.Module) -> list[str]:
@@ -369,6 +421,10 @@ def check_step_sizes(model: nn.Module) -> list[str]:
     """
     bad = [name for name, s in step_sizes(model).items() if bool((s <= MIN_STEP).any())]
     if bad:
-        warnings.warn(f"{len(bad)} quantizer step size(s) fell to or below {MIN_STEP} and are "
-                      f"floored in the forward pass: {bad}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(bad)} quantizer step size(s) fell to or below {MIN_STEP} and are "
+            f"floored in the forward pass: {bad}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return bad

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 RESULTS = "results.jsonl"
 GRADIENTS = "gradients.jsonl"
 CHECKPOINT = "checkpoint.pt"
@@ -42,7 +41,7 @@ STATES = ("done", "incomplete", "new")
 
 
 def run_state(folder: Path) -> str:
-    """"done" (finished), "incomplete" (started: results or a checkpoint) or "new".
+    """ "done" (finished), "incomplete" (started: results or a checkpoint) or "new".
 
     An overwrite that died before its first checkpoint counts as the run it was replacing,
     which :func:`settle` puts back.
@@ -63,8 +62,9 @@ class TornLineWarning(UserWarning):
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """``(where, record)`` per non-blank line; ``where`` reads "FILE, line N" for messages."""
-    lines = [(i + 1, line) for i, line in enumerate(Path(path).read_text().splitlines())
-             if line.strip()]
+    lines = [
+        (i + 1, line) for i, line in enumerate(Path(path).read_text().splitlines()) if line.strip()
+    ]
     records = []
     for n, (lineno, line) in enumerate(lines):
         where = f"{path}, line {lineno}"
@@ -72,8 +72,11 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
             records.append((where, json.loads(line)))
         except json.JSONDecodeError as error:
             if n == len(lines) - 1:
-                warnings.warn(f"{where}: torn last line skipped (run killed while writing?)",
-                              TornLineWarning, stacklevel=2)
+                warnings.warn(
+                    f"{where}: torn last line skipped (run killed while writing?)",
+                    TornLineWarning,
+                    stacklevel=2,
+                )
                 break
             raise ValueError(f"{where}: not valid JSON ({error})") from None
     return records
@@ -115,11 +118,16 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     records = read_jsonl(path)  # warns about a torn last line
     kept = [r for _, r in records if r["step"] <= last_step]
     if path.name == RESULTS and last_step and not any(r["step"] == last_step for r in kept):
-        warnings.warn(f"{path}: no complete record of step {last_step}, which the checkpoint "
-                      f"covers; that evaluation is missing from the resumed run",
-                      TornLineWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: no complete record of step {last_step}, which the checkpoint "
+            f"covers; that evaluation is missing from the resumed run",
+            TornLineWarning,
+            stacklevel=2,
+        )
     if len(kept) < len(records) or path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        replace_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        replace_atomic(
+            path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        )
 
 
 class FolderBusyError(RuntimeError):
@@ -164,8 +172,10 @@ def locked(folder: Path) -> Iterator[None]:
             with path.open("rb") as f:
                 f.seek(1)
                 holder = f.read().decode("utf-8", "replace").strip() or "unknown process"
-            raise FolderBusyError(f"{folder} is in use by another process ({holder}); wait for "
-                                  f"it to finish or stop it, then run the command again")
+            raise FolderBusyError(
+                f"{folder} is in use by another process ({holder}); wait for "
+                f"it to finish or stop it, then run the command again"
+            )
         since = datetime.datetime.now().isoformat(timespec="seconds")
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {since}: {' '.join(sys.argv)}"
         os.ftruncate(fd, 1)

@@ -74,8 +74,9 @@ class SelectionMethod:
 
     def sweep_acc(self, records: list[dict]) -> Accs | None:
         """The accuracies of the best draw among a group's records, or None."""
-        draws = [self.run_acc(draw)
-                 for draw in _grouped(records, lambda r: r["args"]["hparams_seed"])]
+        draws = [
+            self.run_acc(draw) for draw in _grouped(records, lambda r: r["args"]["hparams_seed"])
+        ]
         return _best(draws[::-1])  # reversed: a tie goes to the higher hparams seed
 
 
@@ -88,8 +89,9 @@ class TrainingDomainValidation(SelectionMethod):
     @staticmethod
     def _step_acc(record: dict) -> Accs:
         (test,) = record["args"]["test_envs"]
-        val = np.mean([record[f"env{i}_out_acc"] for i in range(count_domains(record))
-                       if i != test])
+        val = np.mean(
+            [record[f"env{i}_out_acc"] for i in range(count_domains(record)) if i != test]
+        )
         return float(val), record[f"env{test}_in_acc"]
 
 

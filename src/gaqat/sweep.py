@@ -31,8 +31,18 @@ HASH_CHARS = 8
 IDENTITY_DEFAULTS = {"image_size": None, "weights": "default"}  # TrainConfig's defaults
 
 
-RUN_OPTIONS = ("data_dir", "steps", "checkpoint_freq", "hparams", "weights", "image_size",
-               "num_workers", "device", "deterministic", "progress")
+RUN_OPTIONS = (
+    "data_dir",
+    "steps",
+    "checkpoint_freq",
+    "hparams",
+    "weights",
+    "image_size",
+    "num_workers",
+    "device",
+    "deterministic",
+    "progress",
+)
 """The TrainConfig fields a sweep hands to every run alike; the others differ per run."""
 
 
@@ -59,9 +69,16 @@ class SweepConfig:
     def to_dict(self) -> dict:
         """JSON-ready, for ``sweep.json``."""
         text = lambda v: str(v) if isinstance(v, Path) else v  # noqa: E731
-        return {k: ({o: text(x) for o, x in v.items()} if isinstance(v, dict) else
-                    text(v) if not isinstance(v, (list, tuple)) else list(v))
-                for k, v in asdict(self).items()}
+        return {
+            k: (
+                {o: text(x) for o, x in v.items()}
+                if isinstance(v, dict)
+                else text(v)
+                if not isinstance(v, (list, tuple))
+                else list(v)
+            )
+            for k, v in asdict(self).items()
+        }
 
 
 @dataclass(frozen=True)
@@ -69,8 +86,8 @@ class Job:
     """One run of a sweep; ``needs`` is the folder of the float run it starts from."""
 
     config: TrainConfig
-    key: dict          # the arguments that identify the run (hashed into its folder name)
-    state: str         # "done", "incomplete" or "new" when planned
+    key: dict  # the arguments that identify the run (hashed into its folder name)
+    state: str  # "done", "incomplete" or "new" when planned
     needs: Path | None = None
 
     @property
@@ -94,8 +111,9 @@ def job_hash(key: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:HASH_CHARS]
 
 
-def test_env_indices(dataset: str, data_dir: Path | None,
-                     test_envs: Sequence[str | int]) -> list[int]:
+def test_env_indices(
+    dataset: str, data_dir: Path | None, test_envs: Sequence[str | int]
+) -> list[int]:
     """``["all"]`` -> every domain index; otherwise the indices, checked against the domains."""
     names = dataset_domains(dataset, data_dir)
     if [str(e) for e in test_envs] == ["all"]:
@@ -103,13 +121,15 @@ def test_env_indices(dataset: str, data_dir: Path | None,
     try:
         indices = [int(e) for e in test_envs]
     except ValueError:
-        raise ValueError(f"--test-envs: expected 'all' or domain indices, "
-                         f"got {list(test_envs)}") from None
+        raise ValueError(
+            f"--test-envs: expected 'all' or domain indices, got {list(test_envs)}"
+        ) from None
     bad = [i for i in indices if not 0 <= i < len(names)]
     if bad or not indices:
         listing = ", ".join(f"{i}={name}" for i, name in enumerate(names))
-        raise ValueError(f"--test-envs: {bad or 'none given'} not among {dataset}'s "
-                         f"domains ({listing})")
+        raise ValueError(
+            f"--test-envs: {bad or 'none given'} not among {dataset}'s domains ({listing})"
+        )
     return indices
 
 
@@ -125,8 +145,10 @@ def _check_overrides(algorithms: Sequence[str], dataset: str, hparams: dict) -> 
     known = set().union(*(hparams_registry.default_hparams(a, dataset) for a in algorithms))
     unknown = sorted(set(hparams) - known)
     if unknown:
-        raise ValueError(f"--hparams: unknown key(s) {', '.join(unknown)} for algorithms "
-                         f"{', '.join(algorithms)}; valid keys: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"--hparams: unknown key(s) {', '.join(unknown)} for algorithms "
+            f"{', '.join(algorithms)}; valid keys: {', '.join(sorted(known))}"
+        )
 
 
 def _prefix(key: dict) -> str:
@@ -140,8 +162,11 @@ def _identity(options: dict) -> dict:
     (devices, workers, data location) are not. Keys absent at their defaults keep the
     hashes of older sweeps valid."""
     identity = {"steps": options.get("steps"), "checkpoint_freq": options.get("checkpoint_freq")}
-    return identity | {k: options[k] for k in ("image_size", "weights")
-                       if options.get(k, IDENTITY_DEFAULTS[k]) != IDENTITY_DEFAULTS[k]}
+    return identity | {
+        k: options[k]
+        for k in ("image_size", "weights")
+        if options.get(k, IDENTITY_DEFAULTS[k]) != IDENTITY_DEFAULTS[k]
+    }
 
 
 def plan(config: SweepConfig) -> list[Job]:
@@ -154,8 +179,10 @@ def plan(config: SweepConfig) -> list[Job]:
     for field_name in ("options", "float_options"):
         unknown = sorted(set(getattr(config, field_name)) - set(RUN_OPTIONS))
         if unknown:
-            raise ValueError(f"SweepConfig.{field_name}: {unknown} are not shared run options "
-                             f"({', '.join(RUN_OPTIONS)})")
+            raise ValueError(
+                f"SweepConfig.{field_name}: {unknown} are not shared run options "
+                f"({', '.join(RUN_OPTIONS)})"
+            )
     options = dict(config.options)
     hparams = dict(options.pop("hparams", None) or {})
     float_options = {**options, **config.float_options}
@@ -165,23 +192,47 @@ def plan(config: SweepConfig) -> list[Job]:
     bits = list(config.bits)
     quantized = [a for a in algorithms if get_recipe(a).quantized]
     if quantized and (not bits or not all(BITS_RANGE[0] <= b <= BITS_RANGE[1] for b in bits)):
-        raise ValueError(f"--bits: QAT methods ({', '.join(quantized)}) need bit widths from "
-                         f"{BITS_RANGE[0]} to {BITS_RANGE[1]}, got {bits}")
+        raise ValueError(
+            f"--bits: QAT methods ({', '.join(quantized)}) need bit widths from "
+            f"{BITS_RANGE[0]} to {BITS_RANGE[1]}, got {bits}"
+        )
     needed = [FLOAT_INIT, *algorithms] if quantized else algorithms
     _check_overrides(needed, dataset, hparams)
-    def job(algorithm: str, width: int | None, env: int, seed: int, hp_seed: int,
-            init: Job | None = None) -> Job:
+
+    def job(
+        algorithm: str,
+        width: int | None,
+        env: int,
+        seed: int,
+        hp_seed: int,
+        init: Job | None = None,
+    ) -> Job:
         mine = float_options if width is None else options
-        key = {"dataset": dataset, "algorithm": algorithm, "bits": width, "test_envs": [env],
-               "trial_seed": seed, "hparams_seed": hp_seed, **_identity(mine),
-               "hparams": _overrides_for(algorithm, dataset, hparams),
-               "init": init.folder.name if init else None}
+        key = {
+            "dataset": dataset,
+            "algorithm": algorithm,
+            "bits": width,
+            "test_envs": [env],
+            "trial_seed": seed,
+            "hparams_seed": hp_seed,
+            **_identity(mine),
+            "hparams": _overrides_for(algorithm, dataset, hparams),
+            "init": init.folder.name if init else None,
+        }
         folder = output / f"{_prefix(key)}_{job_hash(key)}"
-        run_config = TrainConfig(dataset=dataset, output=folder, test_envs=(env,),
-                                 algorithm=algorithm, bits=width, trial_seed=seed,
-                                 hparams_seed=hp_seed, hparams=key["hparams"],
-                                 init=init.folder / CHECKPOINT if init else None, resume=True,
-                                 **mine)
+        run_config = TrainConfig(
+            dataset=dataset,
+            output=folder,
+            test_envs=(env,),
+            algorithm=algorithm,
+            bits=width,
+            trial_seed=seed,
+            hparams_seed=hp_seed,
+            hparams=key["hparams"],
+            init=init.folder / CHECKPOINT if init else None,
+            resume=True,
+            **mine,
+        )
         return Job(run_config, key, run_state(folder), init.folder if init else None)
 
     planned: dict[str, Job] = {}
@@ -192,8 +243,11 @@ def plan(config: SweepConfig) -> list[Job]:
             for algorithm in algorithms:
                 widths = bits if algorithm in quantized else [None]
                 start = init if algorithm in quantized else None
-                group += [job(algorithm, width, env, seed, hp_seed, start)
-                          for hp_seed in config.hparams_seeds for width in widths]
+                group += [
+                    job(algorithm, width, env, seed, hp_seed, start)
+                    for hp_seed in config.hparams_seeds
+                    for width in widths
+                ]
             for member in sorted(group, key=lambda j: j.needs is not None):  # stable: floats first
                 planned.setdefault(member.folder.name, member)
     return list(planned.values())
@@ -202,10 +256,18 @@ def plan(config: SweepConfig) -> list[Job]:
 def table(jobs: Sequence[Job]) -> str:
     """The dry-run listing: one aligned line per job, then the count per state."""
     header = ("state", "folder", "algorithm", "bits", "test env", "seed", "hparams seed")
-    rows = [header] + [(j.state, j.folder.name, j.key["algorithm"],
-                        "-" if j.key["bits"] is None else str(j.key["bits"]),
-                        str(j.key["test_envs"][0]), str(j.key["trial_seed"]),
-                        str(j.key["hparams_seed"])) for j in jobs]
+    rows = [header] + [
+        (
+            j.state,
+            j.folder.name,
+            j.key["algorithm"],
+            "-" if j.key["bits"] is None else str(j.key["bits"]),
+            str(j.key["test_envs"][0]),
+            str(j.key["trial_seed"]),
+            str(j.key["hparams_seed"]),
+        )
+        for j in jobs
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     counts = [f"{sum(r[0] == s for r in rows[1:])} {s}" for s in STATES]
@@ -216,18 +278,27 @@ def save_record(config: SweepConfig, jobs: Sequence[Job]) -> Path:
     """``OUT/sweep.json``: the sweep's config and job list, for the record."""
     path = Path(config.output) / SWEEP_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"config": config.to_dict(), "jobs": [{"folder": j.folder.name, **j.key} for j in jobs]}
+    record = {
+        "config": config.to_dict(),
+        "jobs": [{"folder": j.folder.name, **j.key} for j in jobs],
+    }
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
 
-def launch(jobs: Sequence[Job], *, skip_failed: bool = False, overwrite: bool = False,
-           note: Callable[[str], None] = print) -> list[Outcome]:
+def launch(
+    jobs: Sequence[Job],
+    *,
+    skip_failed: bool = False,
+    overwrite: bool = False,
+    note: Callable[[str], None] = print,
+) -> list[Outcome]:
     """Run the jobs one after another in this process, reporting one line per job to ``note``.
 
     A finished folder is kept (with ``overwrite``: trained again), an unfinished one
-    resumed, one that another process holds is left to it ("busy"). A failing job stops the sweep, or with ``skip_failed`` is
-    reported and the sweep goes on without the jobs that start from it. Ctrl-C stops
+    resumed, one that another process holds is left to it ("busy"). A failing job stops
+    the sweep, or with ``skip_failed`` is reported and the sweep goes on without the jobs
+    that start from it. Ctrl-C stops
     inside a run: its last checkpoint is where a relaunch resumes. Returns one outcome
     per job reached.
     """
@@ -251,8 +322,10 @@ def launch(jobs: Sequence[Job], *, skip_failed: bool = False, overwrite: bool = 
         try:
             run(replace(job.config, resume=False, overwrite=True) if overwrite else job.config)
         except KeyboardInterrupt:
-            note(f"interrupted: {job.folder} resumes from its last checkpoint when the sweep "
-                 f"is launched again")
+            note(
+                f"interrupted: {job.folder} resumes from its last checkpoint when the sweep "
+                f"is launched again"
+            )
             raise
         except FolderBusyError as error:
             unusable[job.folder] = "another process is running"

@@ -41,8 +41,20 @@ from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
 from gaqat.names import BITS_RANGE, Recipe, get_recipe
 from gaqat.quant import check_step_sizes
-from gaqat.runfolder import (CHECKPOINT, DONE, GRADIENTS, PREVIOUS, RESULTS, append_jsonl,
-                             locked, read_jsonl, run_state, set_aside, settle, truncate_jsonl)
+from gaqat.runfolder import (
+    CHECKPOINT,
+    DONE,
+    GRADIENTS,
+    PREVIOUS,
+    RESULTS,
+    append_jsonl,
+    locked,
+    read_jsonl,
+    run_state,
+    set_aside,
+    settle,
+    truncate_jsonl,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,21 +73,21 @@ class TrainConfig:
     algorithm: str = "erm"
     bits: int | None = None
     data_dir: Path | None = None
-    steps: int | None = None            # None: the registry's default for the dataset
+    steps: int | None = None  # None: the registry's default for the dataset
     checkpoint_freq: int | None = None  # None: the registry's default
     trial_seed: int = 0
-    hparams_seed: int = 0               # 0: defaults; otherwise a random-search draw
+    hparams_seed: int = 0  # 0: defaults; otherwise a random-search draw
     hparams: dict = field(default_factory=dict)  # overrides, applied last
-    init: Path | None = None            # float checkpoint that QAT starts from
-    from_scratch: bool = False          # QAT of a randomly initialised network, knowingly
-    weights: str | None = "default"     # ResNets: "imagenet", a file, None; "default" decides
+    init: Path | None = None  # float checkpoint that QAT starts from
+    from_scratch: bool = False  # QAT of a randomly initialised network, knowingly
+    weights: str | None = "default"  # ResNets: "imagenet", a file, None; "default" decides
     resume: bool = False
     overwrite: bool = False
-    new_lr: float | None = None         # with resume: continue at this base learning rate
+    new_lr: float | None = None  # with resume: continue at this base learning rate
     num_workers: int = 0
-    image_size: int | None = None       # None: the dataset's (224 photos, 32 digits)
+    image_size: int | None = None  # None: the dataset's (224 photos, 32 digits)
     device: str | None = None
-    deterministic: bool = False         # PyTorch's deterministic algorithms, cuDNN included
+    deterministic: bool = False  # PyTorch's deterministic algorithms, cuDNN included
     progress: bool = True
 
     def to_args(self) -> dict:
@@ -88,8 +100,9 @@ def resolve_hparams(config: TrainConfig) -> dict:
     if config.hparams_seed == 0:
         hp = hparams_registry.default_hparams(config.algorithm, config.dataset)
     else:
-        hp = hparams_registry.random_hparams(config.algorithm, config.dataset,
-                                              config.hparams_seed, config.trial_seed)
+        hp = hparams_registry.random_hparams(
+            config.algorithm, config.dataset, config.hparams_seed, config.trial_seed
+        )
     hp = hparams_registry.apply_overrides(hp, config.hparams)
     if config.steps is not None:
         hp["steps"] = config.steps
@@ -112,26 +125,45 @@ class Plan:
 
     def identity(self, config: TrainConfig) -> dict:
         """What a resumed run must share with the run it continues."""
-        return {"dataset": self.dataset.name, "algorithm": config.algorithm, "bits": self.bits,
-                "test_envs": sorted(config.test_envs), "trial_seed": config.trial_seed,
-                "hparams_seed": config.hparams_seed, "image_size": config.image_size,
-                **{f"hparams.{k}": v for k, v in self.hparams.items()}}
+        return {
+            "dataset": self.dataset.name,
+            "algorithm": config.algorithm,
+            "bits": self.bits,
+            "test_envs": sorted(config.test_envs),
+            "trial_seed": config.trial_seed,
+            "hparams_seed": config.hparams_seed,
+            "image_size": config.image_size,
+            **{f"hparams.{k}": v for k, v in self.hparams.items()},
+        }
 
 
 def _stored_identity(checkpoint: dict) -> dict:
     meta, args = checkpoint["meta"], checkpoint["args"]
-    return {"dataset": meta["dataset"], "algorithm": meta["algorithm"], "bits": meta["bits"],
-            "test_envs": sorted(meta["test_envs"]), "trial_seed": args["trial_seed"],
-            "hparams_seed": args["hparams_seed"], "image_size": args.get("image_size"),
-            **{f"hparams.{k}": v for k, v in checkpoint["hparams"].items()}}
+    return {
+        "dataset": meta["dataset"],
+        "algorithm": meta["algorithm"],
+        "bits": meta["bits"],
+        "test_envs": sorted(meta["test_envs"]),
+        "trial_seed": args["trial_seed"],
+        "hparams_seed": args["hparams_seed"],
+        "image_size": args.get("image_size"),
+        **{f"hparams.{k}": v for k, v in checkpoint["hparams"].items()},
+    }
 
 
 def _positive(value: object, option: str, kind: type = int) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value) and value > 0 and (kind is float or isinstance(value, int))
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+        and (kind is float or isinstance(value, int))
+    )
     if not ok:
-        raise UsageError(f"{option}: expected a positive {'number' if kind is float else 'integer'}, "
-                         f"got {value!r}")
+        raise UsageError(
+            f"{option}: expected a positive {'number' if kind is float else 'integer'}, "
+            f"got {value!r}"
+        )
 
 
 def check(config: TrainConfig) -> Plan:
@@ -146,14 +178,23 @@ def check(config: TrainConfig) -> Plan:
         bad = [e for e in config.test_envs if not 0 <= e < len(dataset)]
         if bad or not config.test_envs:
             listing = ", ".join(f"{i}={name}" for i, name in enumerate(dataset.domains))
-            raise UsageError(f"--test-envs: {bad or 'none given'} not among {dataset.name}'s "
-                             f"domains ({listing})")
+            raise UsageError(
+                f"--test-envs: {bad or 'none given'} not among {dataset.name}'s domains ({listing})"
+            )
         if len(set(config.test_envs)) == len(dataset):
-            raise UsageError(f"--test-envs {list(config.test_envs)} leave no training domain "
-                             f"in {dataset.name}")
+            raise UsageError(
+                f"--test-envs {list(config.test_envs)} leave no training domain in {dataset.name}"
+            )
         model_config = _model_config(config, hp, dataset.num_classes)
-        return Plan(recipe, config.bits if recipe.quantized else None, hp, dataset, model_config,
-                    _init_state(config, model_config, recipe), _device(config.device))
+        return Plan(
+            recipe,
+            config.bits if recipe.quantized else None,
+            hp,
+            dataset,
+            model_config,
+            _init_state(config, model_config, recipe),
+            _device(config.device),
+        )
 
 
 def check_arguments(config: TrainConfig) -> dict:
@@ -167,17 +208,29 @@ def _check_arguments(config: TrainConfig) -> dict:
     recipe = get_recipe(config.algorithm)
     if recipe.quantized:
         if config.bits is None:
-            raise UsageError(f"--algorithm {config.algorithm} is a QAT method: give --bits "
-                             f"({BITS_RANGE[0]}..{BITS_RANGE[1]})")
-        if isinstance(config.bits, bool) or not isinstance(config.bits, int) or \
-                not BITS_RANGE[0] <= config.bits <= BITS_RANGE[1]:
-            raise UsageError(f"--bits: expected an integer from {BITS_RANGE[0]} to "
-                             f"{BITS_RANGE[1]}, got {config.bits!r}")
+            raise UsageError(
+                f"--algorithm {config.algorithm} is a QAT method: give --bits "
+                f"({BITS_RANGE[0]}..{BITS_RANGE[1]})"
+            )
+        if (
+            isinstance(config.bits, bool)
+            or not isinstance(config.bits, int)
+            or not BITS_RANGE[0] <= config.bits <= BITS_RANGE[1]
+        ):
+            raise UsageError(
+                f"--bits: expected an integer from {BITS_RANGE[0]} to "
+                f"{BITS_RANGE[1]}, got {config.bits!r}"
+            )
     elif config.bits is not None:
-        raise UsageError(f"--bits {config.bits}: {config.algorithm} trains a float model; "
-                         f"--bits is for the QAT methods (lsq, lsq_sam, lsq_sagm, gaqat)")
-    for option, value in (("--steps", config.steps), ("--checkpoint-freq", config.checkpoint_freq),
-                          ("--image-size", config.image_size)):
+        raise UsageError(
+            f"--bits {config.bits}: {config.algorithm} trains a float model; "
+            f"--bits is for the QAT methods (lsq, lsq_sam, lsq_sagm, gaqat)"
+        )
+    for option, value in (
+        ("--steps", config.steps),
+        ("--checkpoint-freq", config.checkpoint_freq),
+        ("--image-size", config.image_size),
+    ):
         if value is not None:
             _positive(value, option)
     if config.num_workers < 0:
@@ -187,8 +240,9 @@ def _check_arguments(config: TrainConfig) -> dict:
             raise UsageError(f"{option}: expected an integer from 0 to 2**31 - 1, got {seed}")
     if config.new_lr is not None:
         if not config.resume:
-            raise UsageError("--new-lr changes the learning rate of a run being resumed: "
-                             "use it with --resume")
+            raise UsageError(
+                "--new-lr changes the learning rate of a run being resumed: use it with --resume"
+            )
         _positive(config.new_lr, "--new-lr", float)
     if config.resume and config.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
@@ -220,10 +274,16 @@ def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfi
         # QAT starts from --init; float ResNets from ImageNet weights (DomainBed).
         weights = "imagenet" if hp["arch"] != "small_cnn" and config.init is None else None
     if weights not in (None, "imagenet") and not Path(weights).is_file():
-        raise UsageError(f"--weights {weights}: no such file (expected imagenet, none, or a "
-                         f"state_dict file)")
-    return ModelConfig(arch=hp["arch"], num_classes=num_classes, weights=weights,
-                       freeze_bn=hp["freeze_bn"], dropout=hp["resnet_dropout"])
+        raise UsageError(
+            f"--weights {weights}: no such file (expected imagenet, none, or a state_dict file)"
+        )
+    return ModelConfig(
+        arch=hp["arch"],
+        num_classes=num_classes,
+        weights=weights,
+        freeze_bn=hp["freeze_bn"],
+        dropout=hp["resnet_dropout"],
+    )
 
 
 def _init_state(config: TrainConfig, model_config: ModelConfig, recipe: Recipe) -> dict | None:
@@ -233,19 +293,24 @@ def _init_state(config: TrainConfig, model_config: ModelConfig, recipe: Recipe) 
                 f"--algorithm {config.algorithm} quantizes a {model_config.arch} that has no float "
                 f"starting point: give --init FLOAT_CHECKPOINT (the checkpoint.pt of an erm run "
                 f"on the same data), or --from-scratch to quantize a randomly initialised "
-                f"network on purpose")
+                f"network on purpose"
+            )
         return None
     if config.from_scratch:
         raise UsageError("--from-scratch and --init contradict each other: choose one")
     checkpoint = load_checkpoint(config.init)
     if checkpoint["quant_config"] is not None:
-        raise UsageError(f"--init {config.init}: QAT starts from a float checkpoint, this one "
-                         f"is quantized ({checkpoint['meta'].get('algorithm')})")
+        raise UsageError(
+            f"--init {config.init}: QAT starts from a float checkpoint, this one "
+            f"is quantized ({checkpoint['meta'].get('algorithm')})"
+        )
     stored = checkpoint["model_config"]
     for key in ("arch", "num_classes"):
         if stored[key] != getattr(model_config, key):
-            raise UsageError(f"--init {config.init}: model_config.{key} is {stored[key]!r}, "
-                             f"this run needs {getattr(model_config, key)!r}")
+            raise UsageError(
+                f"--init {config.init}: model_config.{key} is {stored[key]!r}, "
+                f"this run needs {getattr(model_config, key)!r}"
+            )
     return checkpoint["model"]
 
 
@@ -261,32 +326,44 @@ def _claim(out: Path, config: TrainConfig, plan: Plan) -> dict | None:
             set_aside(out)
         return None
     if state == "done":
-        raise UsageError(f"{out} holds a finished run ({DONE} exists); pass --overwrite to "
-                         f"replace it (it is kept until the new run's first checkpoint)")
+        raise UsageError(
+            f"{out} holds a finished run ({DONE} exists); pass --overwrite to "
+            f"replace it (it is kept until the new run's first checkpoint)"
+        )
     if not config.resume:
-        raise UsageError(f"{out} holds an unfinished run; pass --resume to continue it or "
-                         f"--overwrite to start again")
+        raise UsageError(
+            f"{out} holds an unfinished run; pass --resume to continue it or "
+            f"--overwrite to start again"
+        )
     if not (out / CHECKPOINT).exists():
         return None  # killed before its first checkpoint: nothing to continue
     checkpoint = load_checkpoint(out / CHECKPOINT, map_location=plan.device)
     stored, wanted = _stored_identity(checkpoint), plan.identity(config)
     shown = lambda d, key: repr(d[key]) if key in d else "(absent)"  # noqa: E731
-    differences = [f"{key}: {shown(stored, key)} in the run, {shown(wanted, key)} in this command"
-                   for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+    differences = [
+        f"{key}: {shown(stored, key)} in the run, {shown(wanted, key)} in this command"
+        for key in sorted(set(stored) | set(wanted))
+        if stored.get(key) != wanted.get(key)
+    ]
     if differences:
-        raise UsageError(f"--resume: {out} holds another run than this command asks for ("
-                         + "; ".join(differences) + "). Resume with the run's own arguments "
-                         "(to change the learning rate, add --new-lr), or train into another "
-                         "folder")
+        raise UsageError(
+            f"--resume: {out} holds another run than this command asks for ("
+            + "; ".join(differences)
+            + "). Resume with the run's own arguments "
+            "(to change the learning rate, add --new-lr), or train into another "
+            "folder"
+        )
     return checkpoint
 
 
 def _rng_state() -> dict:
     """Every generator's state, in types that ``torch.load(weights_only=True)`` reads."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -357,14 +434,23 @@ def _change_lr(algorithm: Algorithm, new_lr: float) -> float:
     return old
 
 
-def _checkpoint(algorithm: Algorithm, plan: Plan, meta: dict, step: int, args: dict,
-                lr_changes: list) -> dict:
+def _checkpoint(
+    algorithm: Algorithm, plan: Plan, meta: dict, step: int, args: dict, lr_changes: list
+) -> dict:
     """What ``gaqat.checkpoint`` documents, plus everything a resumed run needs."""
     quant = algorithm.quant_config
-    return {"model": algorithm.network.state_dict(), "model_config": plan.model_config.to_dict(),
-            "quant_config": asdict(quant) if quant else None, "meta": meta, "step": step,
-            "training": algorithm.optimizer_state(), "rng": _rng_state(),
-            "hparams": plan.hparams, "args": args, "lr_changes": lr_changes}
+    return {
+        "model": algorithm.network.state_dict(),
+        "model_config": plan.model_config.to_dict(),
+        "quant_config": asdict(quant) if quant else None,
+        "meta": meta,
+        "step": step,
+        "training": algorithm.optimizer_state(),
+        "rng": _rng_state(),
+        "hparams": plan.hparams,
+        "args": args,
+        "lr_changes": lr_changes,
+    }
 
 
 def run(config: TrainConfig) -> Path:
@@ -379,8 +465,9 @@ def run(config: TrainConfig) -> Path:
             restored = (out / PREVIOUS).is_dir() and not (out / CHECKPOINT).exists()
             settle(out, keep_new=(out / CHECKPOINT).exists())
             if isinstance(error, KeyboardInterrupt) and restored:
-                raise RunInterrupted(f"{error} The run it was overwriting is back in place.") \
-                    from None
+                raise RunInterrupted(
+                    f"{error} The run it was overwriting is back in place."
+                ) from None
             raise
     return out
 
@@ -390,11 +477,18 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
     if config.deterministic:
         set_deterministic()
     _seed_everything(config.trial_seed)
-    loaders = make_loaders(dataset, list(config.test_envs), hp["batch_size"], seed=config.trial_seed,
-                           num_workers=config.num_workers, image_size=config.image_size)
+    loaders = make_loaders(
+        dataset,
+        list(config.test_envs),
+        hp["batch_size"],
+        seed=config.trial_seed,
+        num_workers=config.num_workers,
+        image_size=config.image_size,
+    )
     steps, freq = hp["steps"], hp["checkpoint_freq"]
-    algorithm = Algorithm(config.algorithm, plan.model_config, hp, steps, plan.bits,
-                          plan.init_state).to(device)
+    algorithm = Algorithm(
+        config.algorithm, plan.model_config, hp, steps, plan.bits, plan.init_state
+    ).to(device)
 
     start, saved_step, lr_changes = 0, None, []
     if resume_from is not None:
@@ -409,32 +503,60 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
     for name in (RESULTS, GRADIENTS):
         truncate_jsonl(out / name, start)
 
-    meta = {"dataset": dataset.name, "classes": list(dataset.classes), "domains": list(dataset.domains),
-            "algorithm": config.algorithm, "bits": plan.bits, "test_envs": list(config.test_envs)}
+    meta = {
+        "dataset": dataset.name,
+        "classes": list(dataset.classes),
+        "domains": list(dataset.domains),
+        "algorithm": config.algorithm,
+        "bits": plan.bits,
+        "test_envs": list(config.test_envs),
+    }
     # DomainBed's tools group runs by args.algorithm and ignore bits, so the name carries the
     # bit width; they also read output_dir and holdout_fraction.
     bits = plan.bits
-    args = {**config.to_args(), "dataset": dataset.name, "bits": bits, "domains": meta["domains"],
-            "algorithm": config.algorithm if bits is None else f"{config.algorithm}_w{bits}",
-            "output_dir": str(out), "holdout_fraction": loaders.holdout_fraction}
-    steps_per_epoch = min(len(split.in_indices) for i, split in enumerate(loaders.splits)
-                          if i not in config.test_envs) / hp["batch_size"]
+    args = {
+        **config.to_args(),
+        "dataset": dataset.name,
+        "bits": bits,
+        "domains": meta["domains"],
+        "algorithm": config.algorithm if bits is None else f"{config.algorithm}_w{bits}",
+        "output_dir": str(out),
+        "holdout_fraction": loaders.holdout_fraction,
+    }
+    steps_per_epoch = (
+        min(
+            len(split.in_indices)
+            for i, split in enumerate(loaders.splits)
+            if i not in config.test_envs
+        )
+        / hp["batch_size"]
+    )
 
-    bar = tqdm(total=steps, initial=start, disable=not config.progress, desc=config.algorithm,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        disable=not config.progress,
+        desc=config.algorithm,
+        dynamic_ncols=True,
+    )
     batches = loaders.train_batches(start)
     loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
     step = start
     try:
         for step in range(start, steps):
             tic = time.perf_counter()
-            minibatches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                           for x, y in next(batches)]
+            minibatches = [
+                (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                for x, y in next(batches)
+            ]
             stats = algorithm.update(minibatches)
             step_time_sum += time.perf_counter() - tic
             if not np.isfinite(stats["loss"]):
-                raise NonFiniteLossError(_nan_message(stats["loss"], step + 1, saved_step, out,
-                                                      algorithm.scheduler.base_lrs[0]))
+                raise NonFiniteLossError(
+                    _nan_message(
+                        stats["loss"], step + 1, saved_step, out, algorithm.scheduler.base_lrs[0]
+                    )
+                )
             loss_sum += stats["loss"]
             n_since += 1
             bar.update(1)
@@ -443,25 +565,35 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
                 continue
 
             record = evaluate(algorithm, loaders.eval, device)
-            record.update(step=done_steps, epoch=done_steps / steps_per_epoch,
-                          loss=loss_sum / n_since, step_time=step_time_sum / n_since,
-                          mem_gb=_peak_memory_gb(device), hparams=hp, args=args)
+            record.update(
+                step=done_steps,
+                epoch=done_steps / steps_per_epoch,
+                loss=loss_sum / n_since,
+                step_time=step_time_sum / n_since,
+                mem_gb=_peak_memory_gb(device),
+                hparams=hp,
+                args=args,
+            )
             if plan.recipe.quantized:
                 record.update(bits=plan.bits, n_frozen=stats.get("n_frozen", 0))
             if lr_changes:
                 record["lr_changes"] = lr_changes
             append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
             append_jsonl(out / RESULTS, [record])
-            save_atomic(_checkpoint(algorithm, plan, meta, done_steps, args, lr_changes),
-                        out / CHECKPOINT)
+            save_atomic(
+                _checkpoint(algorithm, plan, meta, done_steps, args, lr_changes), out / CHECKPOINT
+            )
             settle(out, keep_new=True)  # an overwritten run goes once this one has a checkpoint
             saved_step = done_steps
             targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
             bar.set_postfix(loss=f"{record['loss']:.3f}", target=f"{np.mean(targets):.3f}")
             loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
     except KeyboardInterrupt:
-        kept = (f"{out / CHECKPOINT} keeps step {saved_step}" if saved_step is not None
-                else "no checkpoint had been written yet")
+        kept = (
+            f"{out / CHECKPOINT} keeps step {saved_step}"
+            if saved_step is not None
+            else "no checkpoint had been written yet"
+        )
         raise RunInterrupted(f"interrupted at step {step + 1} of {steps}: {kept}.") from None
     finally:
         bar.close()
@@ -469,12 +601,14 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
 
 
 def _nan_message(loss: float, step: int, saved_step: int | None, out: Path, lr: float) -> str:
-    kept = (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT}; "
-            f"continue from it at a lower learning rate with the same command plus "
-            f"--resume --new-lr {lr / 3:.3g} (the current base rate is {lr:.3g})"
-            if saved_step is not None else
-            "no checkpoint had been written yet; start again with a lower learning rate "
-            f"(--overwrite --hparams '{{\"lr\": {lr / 3:.3g}}}')")
+    kept = (
+        f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT}; "
+        f"continue from it at a lower learning rate with the same command plus "
+        f"--resume --new-lr {lr / 3:.3g} (the current base rate is {lr:.3g})"
+        if saved_step is not None
+        else "no checkpoint had been written yet; start again with a lower learning rate "
+        f"(--overwrite --hparams '{{\"lr\": {lr / 3:.3g}}}')"
+    )
     return f"the loss became {loss} at step {step}; stopped: {kept}"
 
 
@@ -487,10 +621,14 @@ def run_summary(folder: Path) -> str:
     domains, test_envs = last["args"]["domains"], last["args"]["test_envs"]
     train_envs = [i for i in range(len(domains)) if i not in test_envs]
     best = max(records, key=lambda r: np.mean([r[f"env{i}_out_acc"] for i in train_envs]))
-    lines = [f"finished {folder}: {RESULTS}, {CHECKPOINT}"
-             + (f", {GRADIENTS}" if (folder / GRADIENTS).exists() else "")]
+    lines = [
+        f"finished {folder}: {RESULTS}, {CHECKPOINT}"
+        + (f", {GRADIENTS}" if (folder / GRADIENTS).exists() else "")
+    ]
     for e in test_envs:
-        lines.append(f"  held-out {domains[e]}: {100 * best[f'env{e}_in_acc']:.1f}% at step "
-                     f"{best['step']} (training-domain validation), "
-                     f"{100 * last[f'env{e}_in_acc']:.1f}% at the last step {last['step']}")
+        lines.append(
+            f"  held-out {domains[e]}: {100 * best[f'env{e}_in_acc']:.1f}% at step "
+            f"{best['step']} (training-domain validation), "
+            f"{100 * last[f'env{e}_in_acc']:.1f}% at the last step {last['step']}"
+        )
     return "\n".join(lines)

@@ -20,14 +20,18 @@ from gaqat.names import canonical_dataset
 
 def build(args: argparse.Namespace) -> int:
     if canonical_dataset(args.name) != "digits":
-        raise UsageError(f"only 'digits' is built locally; use `gaqat data download "
-                         f"{args.name} --root DIR` for a real dataset")
+        raise UsageError(
+            f"only 'digits' is built locally; use `gaqat data download "
+            f"{args.name} --root DIR` for a real dataset"
+        )
     start = time.perf_counter()
     _, manifest = build_digits(args.root)
     counts = ", ".join(f"{d} {n}" for d, n in manifest["counts"].items())
-    print(f"built DigitsDG in {time.perf_counter() - start:.1f} s under "
-          f"{args.root or default_data_dir()}: {counts}; {len(manifest['fonts'])} fonts; "
-          f"content sha256 {manifest['content_sha256']}")
+    print(
+        f"built DigitsDG in {time.perf_counter() - start:.1f} s under "
+        f"{args.root or default_data_dir()}: {counts}; {len(manifest['fonts'])} fonts; "
+        f"content sha256 {manifest['content_sha256']}"
+    )
     return 0
 
 
@@ -35,18 +39,28 @@ def info(args: argparse.Namespace) -> int:
     """The table of ``format_info``; unless ``--quick``, every image is decoded first and
     the ones that fail are left out of the counts and listed (exit status 1)."""
     ds = _load(args)
-    bad = {} if args.quick else {
-        i: domain.undecodable() for i, domain in enumerate(ds.datasets)
-        if isinstance(domain, ImageFolderDomain)}
+    bad = (
+        {}
+        if args.quick
+        else {
+            i: domain.undecodable()
+            for i, domain in enumerate(ds.datasets)
+            if isinstance(domain, ImageFolderDomain)
+        }
+    )
     bad = {i: indices for i, indices in bad.items() if indices}
     print(format_info(ds, exclude=bad))
     if not bad:
         return 0
     paths = [ds.datasets[i].paths[j] for i, indices in bad.items() for j in indices]
-    shown = "\n  ".join(paths[:20]) + (f"\n  ... and {len(paths) - 20} more" if len(paths) > 20 else "")
-    print(f"{len(paths)} image(s) fail to decode (truncated or corrupt) and are not counted "
-          f"above; training stops when it draws one. Replace or delete them:\n  {shown}",
-          file=sys.stderr)
+    shown = "\n  ".join(paths[:20]) + (
+        f"\n  ... and {len(paths) - 20} more" if len(paths) > 20 else ""
+    )
+    print(
+        f"{len(paths)} image(s) fail to decode (truncated or corrupt) and are not counted "
+        f"above; training stops when it draws one. Replace or delete them:\n  {shown}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -77,8 +91,10 @@ def format_info(ds: MultiDomainDataset, exclude: dict[int, list[int]] | None = N
     for i, indices in (exclude or {}).items():
         np.subtract.at(counts[i], ds.datasets[i].labels[indices], 1)
     c, h, w = ds.input_shape
-    lines = [f"{ds.name}: {len(ds)} domains, {ds.num_classes} classes, {int(counts.sum())} "
-             f"images, input {c}x{h}x{w}"]
+    lines = [
+        f"{ds.name}: {len(ds)} domains, {ds.num_classes} classes, {int(counts.sum())} "
+        f"images, input {c}x{h}x{w}"
+    ]
     first = max(len("class"), *(len(name) for name in ds.classes), len("total"))
     widths = [max(len(d), len(str(int(counts[i].sum())))) for i, d in enumerate(ds.domains)]
     header = [f"{'class':<{first}}", *(f"{d:>{w}}" for d, w in zip(ds.domains, widths))]

@@ -23,10 +23,17 @@ class ArrayDomain(DomainDataset):
     """One domain held in memory as uint8 (N, 3, S, S) arrays: no file or PIL work per item."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 \
-                or images.shape[2] != images.shape[3] or len(images) != len(labels):
-            raise ValueError(f"expected uint8 images of shape (N, 3, S, S) and N labels, got "
-                             f"{images.dtype} {images.shape} and {len(labels)} labels")
+        if (
+            images.dtype != np.uint8
+            or images.ndim != 4
+            or images.shape[1] != 3
+            or images.shape[2] != images.shape[3]
+            or len(images) != len(labels)
+        ):
+            raise ValueError(
+                f"expected uint8 images of shape (N, 3, S, S) and N labels, got "
+                f"{images.dtype} {images.shape} and {len(labels)} labels"
+            )
         self.images = images
         self.size = images.shape[-1]
         super().__init__(labels, self.make_transform(self.size, train=False))

@@ -55,8 +55,9 @@ def ensure_digits(data_dir: str | Path | None = None) -> tuple[dict[str, np.ndar
         try:
             return read_cache(folder)
         except (OSError, ValueError) as error:
-            warnings.warn(f"DigitsDG cache in {folder} is unusable ({error}); rebuilding it",
-                          stacklevel=2)
+            warnings.warn(
+                f"DigitsDG cache in {folder} is unusable ({error}); rebuilding it", stacklevel=2
+            )
     return build_digits(folder)
 
 
@@ -90,8 +91,10 @@ def read_cache(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     if manifest.get("build_version") != BUILD_VERSION:
-        raise ValueError(f"{folder / MANIFEST_FILE}: build_version "
-                         f"{manifest.get('build_version')}, expected {BUILD_VERSION}")
+        raise ValueError(
+            f"{folder / MANIFEST_FILE}: build_version "
+            f"{manifest.get('build_version')}, expected {BUILD_VERSION}"
+        )
     try:
         with np.load(folder / ARRAYS_FILE) as npz:
             arrays = {key: npz[key] for key in _array_keys()}

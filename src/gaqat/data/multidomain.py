@@ -73,9 +73,7 @@ class MultiDomainDataset:
 
     def class_counts(self) -> np.ndarray:
         """Images per (domain, class): what ``gaqat data info`` prints."""
-        return np.stack(
-            [np.bincount(d.labels, minlength=self.num_classes) for d in self.datasets]
-        )
+        return np.stack([np.bincount(d.labels, minlength=self.num_classes) for d in self.datasets])
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{n}={len(d)}" for n, d in zip(self.domains, self.datasets))

@@ -11,12 +11,13 @@ from PIL import Image, ImageDraw, ImageFont
 from gaqat.data.multidomain import MultiDomainDataset
 
 TILE = 96
-MARGIN = 110   # left column for the domain names
-CAPTION = 14   # strip under each tile for the class name
+MARGIN = 110  # left column for the domain names
+CAPTION = 14  # strip under each tile for the class name
 
 
-def preview_grid(ds: MultiDomainDataset, out: str | Path, per_domain: int = 10,
-                 seed: int = 0) -> Path:
+def preview_grid(
+    ds: MultiDomainDataset, out: str | Path, per_domain: int = 10, seed: int = 0
+) -> Path:
     """Write a PNG with one row per domain of ``per_domain`` samples, cycling through
     the classes present so that each row shows several of them."""
     if per_domain < 1:

@@ -44,11 +44,13 @@ def load_dataset(name: str, root: str | Path | None = None) -> MultiDomainDatase
         spec = SPECS[key.lower()]
         return load_image_folder(find_dataset_folder(root or default_data_dir(), spec), spec)
     if name.lower().startswith(FOLDER_PREFIX):
-        path = name[len(FOLDER_PREFIX):] or root
+        path = name[len(FOLDER_PREFIX) :] or root
         if not path:
             raise ValueError("'folder:' needs a path: folder:PATH, or pass root")
         return load_image_folder(Path(path))
     if Path(name).is_dir():
         return load_image_folder(Path(name))
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
-                     f"or folder:PATH for a dataset laid out as PATH/<domain>/<class>/<image>")
+    raise ValueError(
+        f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
+        f"or folder:PATH for a dataset laid out as PATH/<domain>/<class>/<image>"
+    )

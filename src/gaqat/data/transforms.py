@@ -86,7 +86,10 @@ class DigitsTransform:
         x = (image.float() - self.offset).div_(self.divisor)
         if self.image_size != self.native_size:
             x = F.interpolate(
-                x[None], size=(self.image_size, self.image_size), mode="bilinear",
-                align_corners=False, antialias=True,
+                x[None],
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )[0]
         return x

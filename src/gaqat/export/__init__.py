@@ -22,19 +22,32 @@ import torch
 
 from gaqat.checkpoint import load_model
 from gaqat.export.batchnorm import fold_batchnorm, foldable_batchnorms
-from gaqat.export.intfile import INT_FORMAT, INT_FORMAT_VERSION, export_int, int_metadata, \
-    load_int
+from gaqat.export.intfile import INT_FORMAT, INT_FORMAT_VERSION, export_int, int_metadata, load_int
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
 from gaqat.export.qdq import export_onnx, onnx_opset, onnx_ready
 from gaqat.export.verify import PROBE_BATCH, onnx_logits, probe_inputs
 
 __all__ = [
-    "FORMATS", "INPUT_SIZES", "ExportSummary", "export_checkpoint",
-    "quantized_layers", "weight_codes", "model_sizes",
-    "foldable_batchnorms", "fold_batchnorm",
-    "INT_FORMAT", "INT_FORMAT_VERSION", "export_int", "int_metadata", "load_int",
-    "onnx_opset", "onnx_ready", "export_onnx",
-    "PROBE_BATCH", "probe_inputs", "onnx_logits",
+    "FORMATS",
+    "INPUT_SIZES",
+    "ExportSummary",
+    "export_checkpoint",
+    "quantized_layers",
+    "weight_codes",
+    "model_sizes",
+    "foldable_batchnorms",
+    "fold_batchnorm",
+    "INT_FORMAT",
+    "INT_FORMAT_VERSION",
+    "export_int",
+    "int_metadata",
+    "load_int",
+    "onnx_opset",
+    "onnx_ready",
+    "export_onnx",
+    "PROBE_BATCH",
+    "probe_inputs",
+    "onnx_logits",
 ]
 
 FORMATS = ("int", "onnx")
@@ -58,23 +71,34 @@ class ExportSummary:
     onnx_max_abs_diff: float | None = None
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.path} ({self.format}, {self.file_bytes} bytes on disk)",
-                 f"deployed size: {self.packed_bytes} bytes with bit-packed codes vs "
-                 f"{self.float_bytes} bytes in float32 ({self.float_bytes / self.packed_bytes:.2f}x "
-                 f"smaller)"]
+        lines = [
+            f"wrote {self.path} ({self.format}, {self.file_bytes} bytes on disk)",
+            f"deployed size: {self.packed_bytes} bytes with bit-packed codes vs "
+            f"{self.float_bytes} bytes in float32 ({self.float_bytes / self.packed_bytes:.2f}x "
+            f"smaller)",
+        ]
         if self.opset is not None:
-            lines.append(f"ONNX opset {self.opset}; ONNX Runtime vs PyTorch on {PROBE_BATCH} "
-                         f"seeded N(0,1) inputs: max abs logit difference "
-                         f"{self.onnx_max_abs_diff:.3g}")
+            lines.append(
+                f"ONNX opset {self.opset}; ONNX Runtime vs PyTorch on {PROBE_BATCH} "
+                f"seeded N(0,1) inputs: max abs logit difference "
+                f"{self.onnx_max_abs_diff:.3g}"
+            )
         if self.fold_max_abs_change is not None:
-            lines.append(f"folded batch norm {sorted(self.folded_bn)} into float convs; max abs "
-                         f"logit change on the probe inputs {self.fold_max_abs_change:.3g}")
+            lines.append(
+                f"folded batch norm {sorted(self.folded_bn)} into float convs; max abs "
+                f"logit change on the probe inputs {self.fold_max_abs_change:.3g}"
+            )
         return "\n".join(lines)
 
 
 @torch.no_grad()
-def export_checkpoint(checkpoint_path: str | Path, fmt: str, out: str | Path,
-                      fold_bn: bool = False, input_size: int | None = None) -> ExportSummary:
+def export_checkpoint(
+    checkpoint_path: str | Path,
+    fmt: str,
+    out: str | Path,
+    fold_bn: bool = False,
+    input_size: int | None = None,
+) -> ExportSummary:
     """``gaqat export``: load a QAT checkpoint, optionally fold BN into float convs,
     write the ``int`` or ``onnx`` file, and say what was written and how it checks."""
     if fmt not in FORMATS:
@@ -83,9 +107,11 @@ def export_checkpoint(checkpoint_path: str | Path, fmt: str, out: str | Path,
         raise ValueError(f"input size: expected a positive image side, got {input_size}")
     model, checkpoint = load_model(checkpoint_path)
     if checkpoint["quant_config"] is None:
-        raise ValueError(f"checkpoint {checkpoint_path} is a float model (quant_config is "
-                         f"None, algorithm {checkpoint['meta'].get('algorithm')!r}): export "
-                         f"writes QAT checkpoints (e.g. gaqat train --algorithm gaqat --bits 4)")
+        raise ValueError(
+            f"checkpoint {checkpoint_path} is a float model (quant_config is "
+            f"None, algorithm {checkpoint['meta'].get('algorithm')!r}): export "
+            f"writes QAT checkpoints (e.g. gaqat train --algorithm gaqat --bits 4)"
+        )
     model.eval()
     quantized_layers(model)
     input_size = input_size or INPUT_SIZES[checkpoint["model_config"]["arch"]]
@@ -99,9 +125,16 @@ def export_checkpoint(checkpoint_path: str | Path, fmt: str, out: str | Path,
     if fmt == "int":
         export_int(model, out, checkpoint, summary.get("folded_bn"))
     else:
-        summary["opset"] = export_onnx(model, out, input_size, {
-            **checkpoint["meta"], "model_config": checkpoint["model_config"],
-            "quant_config": checkpoint["quant_config"]})
+        summary["opset"] = export_onnx(
+            model,
+            out,
+            input_size,
+            {
+                **checkpoint["meta"],
+                "model_config": checkpoint["model_config"],
+                "quant_config": checkpoint["quant_config"],
+            },
+        )
         diff = onnx_logits(out, probe) - model(probe)
         summary["onnx_max_abs_diff"] = float(diff.abs().max())
     return ExportSummary(out, fmt, out.stat().st_size, **model_sizes(model), **summary)

@@ -37,10 +37,14 @@ def foldable_batchnorms(model: nn.Module) -> dict[str, str]:
         if node.op != "call_module" or type(modules[node.target]) is not nn.BatchNorm2d:
             continue
         src = node.args[0]
-        if (isinstance(src, fx.Node) and src.op == "call_module"
-                and type(modules[src.target]) is nn.Conv2d and len(src.users) == 1
-                and calls[src.target] == calls[node.target] == 1
-                and modules[node.target].track_running_stats):
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and type(modules[src.target]) is nn.Conv2d
+            and len(src.users) == 1
+            and calls[src.target] == calls[node.target] == 1
+            and modules[node.target].track_running_stats
+        ):
             pairs[node.target] = src.target
     return pairs
 
@@ -58,12 +62,15 @@ def fold_batchnorm(model: nn.Module, pairs: dict[str, str] | None = None) -> dic
     pairs = foldable if pairs is None else pairs
     wrong = {bn: conv for bn, conv in pairs.items() if foldable.get(bn) != conv}
     if wrong:
-        raise ValueError(f"cannot fold {wrong}: a BatchNorm2d folds only into the float "
-                         f"Conv2d that alone feeds it (foldable here: {foldable})")
+        raise ValueError(
+            f"cannot fold {wrong}: a BatchNorm2d folds only into the float "
+            f"Conv2d that alone feeds it (foldable here: {foldable})"
+        )
     for bn_name, conv_name in pairs.items():
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
-                                            bn.running_var, bn.eps, bn.weight, bn.bias)
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
         # fuse_conv_bn_weights freezes a bias the conv lacked; it should train like the weight.
         conv.weight, conv.bias = weight, bias.requires_grad_(weight.requires_grad)
         parent, _, child = bn_name.rpartition(".")

@@ -20,8 +20,13 @@ from torch import nn
 from gaqat.checkpoint import build_network
 from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.extra import require
-from gaqat.export.layers import layer_info, model_sizes, quantized_layers, quantized_modules, \
-    weight_codes
+from gaqat.export.layers import (
+    layer_info,
+    model_sizes,
+    quantized_layers,
+    quantized_modules,
+    weight_codes,
+)
 from gaqat.models import Network
 from gaqat.quant import MIN_STEP
 
@@ -30,8 +35,9 @@ INT_FORMAT_VERSION = 1
 _CODES = ".weight_codes"  # replaces a quantized layer's ".weight" in the int file
 
 
-def export_int(model: nn.Module, path: str | Path, checkpoint: dict,
-               folded: dict[str, str] | None = None) -> None:
+def export_int(
+    model: nn.Module, path: str | Path, checkpoint: dict, folded: dict[str, str] | None = None
+) -> None:
     """Write ``model`` (built from ``checkpoint``'s configs, BN-folded as ``folded`` says)
     to a safetensors file; see the module docstring for what it holds."""
     safetensors_torch = require("safetensors.torch")
@@ -47,11 +53,14 @@ def export_int(model: nn.Module, path: str | Path, checkpoint: dict,
             tensors[key] = tensor
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {
-        "format": INT_FORMAT, "format_version": INT_FORMAT_VERSION,
-        "model_config": checkpoint["model_config"], "quant_config": checkpoint["quant_config"],
+        "format": INT_FORMAT,
+        "format_version": INT_FORMAT_VERSION,
+        "model_config": checkpoint["model_config"],
+        "quant_config": checkpoint["quant_config"],
         **checkpoint["meta"],
         "layers": {name: layer_info(layer) for name, layer in layers.items()},
-        "folded_bn": folded or {}, **model_sizes(model),
+        "folded_bn": folded or {},
+        **model_sizes(model),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,12 +80,18 @@ def int_metadata(path: str | Path) -> dict:
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
     if header.get("format") != INT_FORMAT:
-        raise ValueError(f"{path}: header field format is {header.get('format')!r}, expected "
-                         f"{INT_FORMAT!r} (a file written by `gaqat export --format int`)")
+        raise ValueError(
+            f"{path}: header field format is {header.get('format')!r}, expected "
+            f"{INT_FORMAT!r} (a file written by `gaqat export --format int`)"
+        )
     if header.get("format_version") != INT_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {header.get('format_version')!r}, this "
-                         f"gaqat reads version {INT_FORMAT_VERSION}")
-    missing = [k for k in ("model_config", "quant_config", "layers", "folded_bn") if k not in header]
+        raise ValueError(
+            f"{path}: format_version {header.get('format_version')!r}, this "
+            f"gaqat reads version {INT_FORMAT_VERSION}"
+        )
+    missing = [
+        k for k in ("model_config", "quant_config", "layers", "folded_bn") if k not in header
+    ]
     if missing:
         raise ValueError(f"{path}: header lacks {missing}")
     return header
@@ -92,42 +107,57 @@ def load_int(path: str | Path) -> Network:
         model = build_network(header["model_config"], header["quant_config"])
         fold_batchnorm(model, header["folded_bn"])
     except (ValueError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path}: header model_config/quant_config/folded_bn do not "
-                         f"describe a gaqat model ({error})") from error
+        raise ValueError(
+            f"{path}: header model_config/quant_config/folded_bn do not "
+            f"describe a gaqat model ({error})"
+        ) from error
     try:
         tensors = safetensors_torch.load_file(str(path))
     except Exception as error:
         raise ValueError(f"{path}: tensors are not readable ({error})") from error
     layers = quantized_modules(model)
     if set(layers) != set(header["layers"]):
-        raise ValueError(f"{path}: quantized layers {sorted(header['layers'])} do not match "
-                         f"the model its configs build ({sorted(layers)})")
+        raise ValueError(
+            f"{path}: quantized layers {sorted(header['layers'])} do not match "
+            f"the model its configs build ({sorted(layers)})"
+        )
     state = {}
     for name, layer in layers.items():
         info = header["layers"][name]
-        if info != {**layer_info(layer), "input_signed": info.get("input_signed")} or \
-                not isinstance(info["input_signed"], bool):
-            raise ValueError(f"{path}: layer {name} is {info}, its configs build "
-                             f"{layer_info(layer)}")
+        if info != {
+            **layer_info(layer),
+            "input_signed": info.get("input_signed"),
+        } or not isinstance(info["input_signed"], bool):
+            raise ValueError(
+                f"{path}: layer {name} is {info}, its configs build {layer_info(layer)}"
+            )
         codes = _pop(tensors, name + _CODES, path)
         q = layer.weight_quantizer
-        if codes.dtype != torch.int8 or codes.shape != layer.weight.shape or \
-                int(codes.min()) < q.q_min or int(codes.max()) > q.q_max:
-            raise ValueError(f"{path}: {name}{_CODES} must be int8 codes of shape "
-                             f"{tuple(layer.weight.shape)} in [{q.q_min}, {q.q_max}]")
+        if (
+            codes.dtype != torch.int8
+            or codes.shape != layer.weight.shape
+            or int(codes.min()) < q.q_min
+            or int(codes.max()) > q.q_max
+        ):
+            raise ValueError(
+                f"{path}: {name}{_CODES} must be int8 codes of shape "
+                f"{tuple(layer.weight.shape)} in [{q.q_min}, {q.q_max}]"
+            )
         step = _pop(tensors, f"{name}.weight_quantizer.scale", path)
         state[f"{name}.weight"] = codes.to(step.dtype) * step
         state[f"{name}.weight_quantizer.scale"] = step
         for role, signed in (("weight", True), ("input", info["input_signed"])):
             state[f"{name}.{role}_quantizer.is_initialized"] = torch.tensor(True)
-            state[f"{name}.{role}_quantizer.signedness"] = torch.tensor(int(signed),
-                                                                        dtype=torch.int8)
+            state[f"{name}.{role}_quantizer.signedness"] = torch.tensor(
+                int(signed), dtype=torch.int8
+            )
     state.update(tensors)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"{path}: tensors do not fit the model its header describes "
-                         f"({error})") from error
+        raise ValueError(
+            f"{path}: tensors do not fit the model its header describes ({error})"
+        ) from error
     return model.eval()
 
 

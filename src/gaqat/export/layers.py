@@ -23,13 +23,20 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
     quantizers never saw a batch (they have no step size or signedness yet)."""
     layers = quantized_modules(model)
     if not layers:
-        raise ValueError("the model has no quantized layer: export writes QAT models "
-                         "(train with a quantized algorithm, e.g. --algorithm lsq --bits 4)")
-    fresh = [name for name, m in layers.items()
-             if not (m.weight_quantizer.initialized and m.input_quantizer.initialized)]
+        raise ValueError(
+            "the model has no quantized layer: export writes QAT models "
+            "(train with a quantized algorithm, e.g. --algorithm lsq --bits 4)"
+        )
+    fresh = [
+        name
+        for name, m in layers.items()
+        if not (m.weight_quantizer.initialized and m.input_quantizer.initialized)
+    ]
     if fresh:
-        raise ValueError(f"quantizers of {fresh} were never initialised: run a forward pass "
-                         f"(train) before exporting")
+        raise ValueError(
+            f"quantizers of {fresh} were never initialised: run a forward pass "
+            f"(train) before exporting"
+        )
     return layers
 
 
@@ -42,8 +49,13 @@ def weight_codes(layer: QuantConv2d | QuantLinear) -> torch.Tensor:
 def layer_info(layer: QuantConv2d | QuantLinear) -> dict:
     """What a file says about a quantized layer beyond its tensors."""
     w, x = layer.weight_quantizer, layer.input_quantizer
-    return {"kind": type(layer).__name__, "weight_bits": w.bits, "per_channel": w.per_channel,
-            "act_bits": x.bits, "input_signed": x.signed}
+    return {
+        "kind": type(layer).__name__,
+        "weight_bits": w.bits,
+        "per_channel": w.per_channel,
+        "act_bits": x.bits,
+        "input_signed": x.signed,
+    }
 
 
 def model_sizes(model: nn.Module) -> dict[str, int]:

@@ -73,7 +73,9 @@ class _FakeQuantize(torch.autograd.Function):
         zero = g.op("Constant", value_t=torch.zeros((), dtype=dtype))
         q = g.op("QuantizeLinear", x, step, zero)
         if (q_min, q_max) != (info.min, info.max):
-            bounds = [g.op("Constant", value_t=torch.tensor(v, dtype=dtype)) for v in (q_min, q_max)]
+            bounds = [
+                g.op("Constant", value_t=torch.tensor(v, dtype=dtype)) for v in (q_min, q_max)
+            ]
             q = g.op("Clip", q, *bounds)
         return g.op("DequantizeLinear", q, step, zero)
 
@@ -86,7 +88,9 @@ class _ExportedWeight(nn.Module):
         q = layer.weight_quantizer
         self.per_channel = q.per_channel
         self.register_buffer("codes", weight_codes(layer))
-        self.register_buffer("step", q.step_size().flatten() if q.per_channel else q.step_size().view(()))
+        self.register_buffer(
+            "step", q.step_size().flatten() if q.per_channel else q.step_size().view(())
+        )
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _Dequantize.apply(self.codes, self.step, self.per_channel)
@@ -117,8 +121,9 @@ def onnx_ready(model: nn.Module) -> nn.Module:
     return ready
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_size: int,
-                properties: dict | None = None) -> int:
+def export_onnx(
+    model: nn.Module, path: str | Path, input_size: int, properties: dict | None = None
+) -> int:
     """Write the QDQ ONNX model (input "images" N x 3 x H x W, output "logits", batch and
     image side dynamic) with ``properties`` as JSON metadata; returns the opset used."""
     onnx = require("onnx")
@@ -131,10 +136,16 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int,
         # The torch.export-based exporter needs onnxscript; the TorchScript one does not,
         # and says (twice) that it is deprecated.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(ready, (dummy,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                        "logits": {0: "batch"}})
+        torch.onnx.export(
+            ready,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+        )
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in (properties or {}).items()})
     onnx.checker.check_model(proto)

@@ -25,5 +25,9 @@ def onnx_logits(path: str | Path, images: torch.Tensor, batch_size: int = 64) ->
     # Idle threads spinning for work cost more than they save on a shared CPU.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return torch.cat([torch.from_numpy(session.run(None, {"images": batch.cpu().numpy()})[0])
-                      for batch in images.split(batch_size)])
+    return torch.cat(
+        [
+            torch.from_numpy(session.run(None, {"images": batch.cpu().numpy()})[0])
+            for batch in images.split(batch_size)
+        ]
+    )

@@ -17,8 +17,16 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from gaqat.report.aggregate import (ACCURACY_CSV, PAIRED_CSV, accuracy_notes, accuracy_tables,
-                                    pair_runs, paired_notes, paired_tables, pairing_notes)
+from gaqat.report.aggregate import (
+    ACCURACY_CSV,
+    PAIRED_CSV,
+    accuracy_notes,
+    accuracy_tables,
+    pair_runs,
+    paired_notes,
+    paired_tables,
+    pairing_notes,
+)
 from gaqat.report.render import as_csv, as_latex, as_markdown
 from gaqat.report.runs import load_runs
 from gaqat.selection import SELECTION_METHODS
@@ -33,8 +41,12 @@ def _selections(selection: str) -> list[str]:
     return list(SELECTION_METHODS) if selection == "all" else [selection]
 
 
-def report(dirs: Sequence[str | Path], fmt: str = "markdown", selection: str = "training",
-           paired: str | None = None) -> str:
+def report(
+    dirs: Sequence[str | Path],
+    fmt: str = "markdown",
+    selection: str = "training",
+    paired: str | None = None,
+) -> str:
     """The tables of every run below ``dirs``, as markdown, CSV or LaTeX text.
 
     With ``paired`` (a baseline algorithm) the paired-difference tables replace the

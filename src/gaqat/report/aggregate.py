@@ -40,10 +40,33 @@ from gaqat.runfolder import DONE
 from gaqat.selection import SELECTION_METHODS, SelectionMethod
 
 # The CSV columns of each kind of table: its keys, its rows' labels, "domain", its cells'.
-ACCURACY_CSV = ("selection", "dataset", "algorithm", "bits", "domain", "mean", "stderr", "n",
-                "incomplete")
-PAIRED_CSV = ("selection", "dataset", "algorithm", "bits", "baseline", "baseline_bits", "domain",
-              "mean_diff", "stderr", "n", "wins", "ties", "losses", "incomplete")
+ACCURACY_CSV = (
+    "selection",
+    "dataset",
+    "algorithm",
+    "bits",
+    "domain",
+    "mean",
+    "stderr",
+    "n",
+    "incomplete",
+)
+PAIRED_CSV = (
+    "selection",
+    "dataset",
+    "algorithm",
+    "bits",
+    "baseline",
+    "baseline_bits",
+    "domain",
+    "mean_diff",
+    "stderr",
+    "n",
+    "wins",
+    "ties",
+    "losses",
+    "incomplete",
+)
 
 
 def _row_order(key: tuple[str, int]) -> tuple:
@@ -71,18 +94,31 @@ def _records(runs: Iterable[Run]) -> list[dict]:
 
 # --- accuracy tables ---------------------------------------------------------------------
 
+
 def _runs(group: dict[int, list[Run]]) -> list[Run]:
     return [run for runs in group.values() for run in runs]
 
 
-def _row(method: SelectionMethod, algorithm: str, bits: int, trials: int,
-         columns: list[dict[int, list[Run]]]) -> list[Cell]:
+def _row(
+    method: SelectionMethod,
+    algorithm: str,
+    bits: int,
+    trials: int,
+    columns: list[dict[int, list[Run]]],
+) -> list[Cell]:
     """One table row from its groups: per column, ``{trial seed: runs}``."""
-    per_column = [{trial: acc[1] for trial, runs in sorted(group.items())
-                   if (acc := method.sweep_acc(_records(runs))) is not None}
-                  for group in columns]
-    cells = [Mean(tuple(accs.values()), not all(run.complete for run in _runs(group)))
-             for accs, group in zip(per_column, columns)]
+    per_column = [
+        {
+            trial: acc[1]
+            for trial, runs in sorted(group.items())
+            if (acc := method.sweep_acc(_records(runs))) is not None
+        }
+        for group in columns
+    ]
+    cells = [
+        Mean(tuple(accs.values()), not all(run.complete for run in _runs(group)))
+        for accs, group in zip(per_column, columns)
+    ]
     covering = set.intersection(*(set(accs) for accs in per_column)) if columns else set()
     averages = tuple(float(np.mean([accs[t] for accs in per_column])) for t in sorted(covering))
     cells.append(Mean(averages, any(cell.incomplete for cell in cells)))
@@ -101,31 +137,44 @@ def accuracy_tables(runs: list[Run], selection: str) -> list[Table]:
         rows = []
         for key in sorted({(run.algorithm, run.bits) for run in mine}, key=_row_order):
             trials = len({run.trial_seed for run in mine if (run.algorithm, run.bits) == key})
-            rows.append(_row(method, *key, trials,
-                             [groups[(dataset, *key, env)] for env in columns]))
+            rows.append(
+                _row(method, *key, trials, [groups[(dataset, *key, env)] for env in columns])
+            )
         names = [mine[0].domains[env] for env in columns]
-        tables.append(Table(f"{dataset}: {method.name}",
-                            {"selection": selection, "dataset": dataset},
-                            ["Algorithm", "Bits", *names, "Avg", "Trials"], rows))
+        tables.append(
+            Table(
+                f"{dataset}: {method.name}",
+                {"selection": selection, "dataset": dataset},
+                ["Algorithm", "Bits", *names, "Avg", "Trials"],
+                rows,
+            )
+        )
     return tables
 
 
 def accuracy_notes(runs: list[Run], selections: list[str]) -> list[str]:
     """What the accuracy tables show, and why a method scored nothing."""
     n_incomplete = sum(not run.complete for run in runs)
-    notes = [f"{len(runs)} runs ({n_incomplete} without a `{DONE}` file, marked *).",
-             ("Test-domain accuracy (%), mean ± standard error over trial seeds "
-              "(numpy std with ddof=0 / sqrt(n), as DomainBed; no error shown for one seed). "
-              "Avg: mean over the columns per trial seed, over the seeds that cover every "
-              "column. As DomainBed, only runs with one test domain are scored.")]
+    notes = [
+        f"{len(runs)} runs ({n_incomplete} without a `{DONE}` file, marked *).",
+        (
+            "Test-domain accuracy (%), mean ± standard error over trial seeds "
+            "(numpy std with ddof=0 / sqrt(n), as DomainBed; no error shown for one seed). "
+            "Avg: mean over the columns per trial seed, over the seeds that cover every "
+            "column. As DomainBed, only runs with one test domain are scored."
+        ),
+    ]
     if "leave-one-out" in selections and not any(len(run.test_envs) == 2 for run in runs):
-        notes.append("Leave-one-domain-out cross-validation scores a domain only with runs "
-                     "holding it out together with each other domain (--test-envs i j); "
-                     "there are none here.")
+        notes.append(
+            "Leave-one-domain-out cross-validation scores a domain only with runs "
+            "holding it out together with each other domain (--test-envs i j); "
+            "there are none here."
+        )
     return notes
 
 
 # --- paired differences ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Draw:
@@ -177,8 +226,10 @@ def _draws(env: int, runs: list[Run]) -> list[Draw]:
     for members in by_seed.values():
         alone = [run for run in members if len(run.test_envs) == 1]
         if len(alone) > 1:
-            raise ValueError(f"{alone[0].path} and {alone[1].path}: {same_draw(alone[0])}; "
-                             f"a paired comparison needs one (report their folders separately)")
+            raise ValueError(
+                f"{alone[0].path} and {alone[1].path}: {same_draw(alone[0])}; "
+                f"a paired comparison needs one (report their folders separately)"
+            )
         if alone:
             draws.append(Draw(env, alone[0], tuple(members)))
     return draws
@@ -192,8 +243,9 @@ def pair_runs(runs: list[Run], baseline: str) -> list[Comparison]:
     """
     algorithms = sorted({run.algorithm for run in runs})
     if baseline not in algorithms:
-        raise ValueError(f"baseline {baseline!r} is not among the algorithms found: "
-                         f"{', '.join(algorithms)}")
+        raise ValueError(
+            f"baseline {baseline!r} is not among the algorithms found: {', '.join(algorithms)}"
+        )
     draws: dict[tuple, dict[tuple, Draw]] = defaultdict(dict)  # (dataset, algorithm, bits)
     for (dataset, algorithm, bits, env), trials in _groups(runs).items():
         for members in trials.values():
@@ -212,15 +264,18 @@ def pair_runs(runs: list[Run], baseline: str) -> list[Comparison]:
             unpaired = [draw for key, draw in mine.items() if key not in theirs]
             if base_bits is not None:
                 unpaired += [draw for key, draw in theirs.items() if key not in mine]
-            comparisons.append(Comparison(dataset, algorithm, bits, baseline, base_bits, pairs,
-                                          unpaired))
+            comparisons.append(
+                Comparison(dataset, algorithm, bits, baseline, base_bits, pairs, unpaired)
+            )
     return comparisons
 
 
 def _difference(method: SelectionMethod, pairs: list[tuple[Draw, Draw]]) -> Difference:
     accs = [(method.run_acc(draw.records), method.run_acc(base.records)) for draw, base in pairs]
-    return Difference(tuple(a[1] - b[1] for a, b in accs if a is not None and b is not None),
-                      any(not draw.complete for pair in pairs for draw in pair))
+    return Difference(
+        tuple(a[1] - b[1] for a, b in accs if a is not None and b is not None),
+        any(not draw.complete for pair in pairs for draw in pair),
+    )
 
 
 def paired_tables(comparisons: list[Comparison], selection: str) -> list[Table]:
@@ -234,16 +289,29 @@ def paired_tables(comparisons: list[Comparison], selection: str) -> list[Table]:
         if not draws:
             continue
         columns = sorted({draw.test_env for draw in draws})
-        rows = [[Label(c.algorithm, "algorithm"), Label(str(c.bits), "bits"),
-                 Label(str(c.baseline_bits), "baseline_bits"),
-                 *(_difference(method, [p for p in c.pairs if p[0].test_env == env])
-                   for env in columns), _difference(method, c.pairs)]
-                for c in mine]
+        rows = [
+            [
+                Label(c.algorithm, "algorithm"),
+                Label(str(c.bits), "bits"),
+                Label(str(c.baseline_bits), "baseline_bits"),
+                *(
+                    _difference(method, [p for p in c.pairs if p[0].test_env == env])
+                    for env in columns
+                ),
+                _difference(method, c.pairs),
+            ]
+            for c in mine
+        ]
         names = [draws[0].alone.domains[env] for env in columns]
         baseline = mine[0].baseline
-        tables.append(Table(f"{dataset}: paired difference to {baseline}, {method.name}",
-                            {"selection": selection, "dataset": dataset, "baseline": baseline},
-                            ["Algorithm", "Bits", f"{baseline} bits", *names, "All"], rows))
+        tables.append(
+            Table(
+                f"{dataset}: paired difference to {baseline}, {method.name}",
+                {"selection": selection, "dataset": dataset, "baseline": baseline},
+                ["Algorithm", "Bits", f"{baseline} bits", *names, "All"],
+                rows,
+            )
+        )
     return tables
 
 
@@ -253,21 +321,29 @@ def pairing_notes(comparisons: list[Comparison]) -> list[str]:
     for c in comparisons:
         name = f"{c.dataset}: {c.algorithm} {c.bits}-bit"
         if c.baseline_bits is None:
-            notes.append(f"{name} not compared: {c.baseline} has no {c.bits}-bit and no float "
-                         f"runs ({len(c.unpaired)} runs).")
+            notes.append(
+                f"{name} not compared: {c.baseline} has no {c.bits}-bit and no float "
+                f"runs ({len(c.unpaired)} runs)."
+            )
         elif c.unpaired:
-            notes.append(f"{name} vs {c.baseline} {c.baseline_bits}-bit: {len(c.unpaired)} "
-                         f"unpaired runs: " + "; ".join(d.alone.describe() for d in c.unpaired))
+            notes.append(
+                f"{name} vs {c.baseline} {c.baseline_bits}-bit: {len(c.unpaired)} "
+                f"unpaired runs: " + "; ".join(d.alone.describe() for d in c.unpaired)
+            )
     return notes
 
 
 def paired_notes(runs: list[Run], comparisons: list[Comparison]) -> list[str]:
     """What the paired tables show, and what was left out of them."""
-    return [accuracy_notes(runs, [])[0],
-            ("Paired difference in test-domain accuracy (points), algorithm − baseline, over "
-             "the runs sharing test domains, trial seed and hparams seed; each run's "
-             "checkpoint chosen by the selection method, no choice among hyperparameter "
-             "draws. A row is paired at its own bit width, else with a float baseline. Cell: "
-             "mean ± standard error (sample std with ddof=1 / sqrt(n); none for one pair) "
-             "(pairs: wins/ties/losses). All: every pair of the row pooled."),
-            *(f"- {note}" for note in pairing_notes(comparisons))]
+    return [
+        accuracy_notes(runs, [])[0],
+        (
+            "Paired difference in test-domain accuracy (points), algorithm − baseline, over "
+            "the runs sharing test domains, trial seed and hparams seed; each run's "
+            "checkpoint chosen by the selection method, no choice among hyperparameter "
+            "draws. A row is paired at its own bit width, else with a float baseline. Cell: "
+            "mean ± standard error (sample std with ddof=1 / sqrt(n); none for one pair) "
+            "(pairs: wins/ties/losses). All: every pair of the row pooled."
+        ),
+        *(f"- {note}" for note in pairing_notes(comparisons)),
+    ]

@@ -18,9 +18,18 @@ def _same(text: str) -> str:
 
 
 # Every character LaTeX gives a meaning to in running text, as text.
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -35,10 +44,13 @@ LATEX = Style(pm=r"$\pm$", missing="--", escape=latex_escape)
 def as_markdown(notes: list[str], tables: list[Table]) -> str:
     out = [*notes, ""]
     for table in tables:
-        out += [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
-                "|" + "---|" * len(table.header)]
-        out += ["| " + " | ".join(cell.text(MARKDOWN) for cell in row) + " |"
-                for row in table.rows]
+        out += [
+            f"### {table.title}",
+            "",
+            "| " + " | ".join(table.header) + " |",
+            "|" + "---|" * len(table.header),
+        ]
+        out += ["| " + " | ".join(cell.text(MARKDOWN) for cell in row) + " |" for row in table.rows]
         out.append("")
     return "\n".join(out)
 
@@ -46,9 +58,14 @@ def as_markdown(notes: list[str], tables: list[Table]) -> str:
 def as_latex(notes: list[str], tables: list[Table]) -> str:
     out = ["% " + note for note in notes]
     for table in tables:
-        out += ["", f"% {table.title}",
-                r"\begin{tabular}{ll" + "c" * (len(table.header) - 2) + "}", r"\toprule",
-                " & ".join(map(latex_escape, table.header)) + r" \\", r"\midrule"]
+        out += [
+            "",
+            f"% {table.title}",
+            r"\begin{tabular}{ll" + "c" * (len(table.header) - 2) + "}",
+            r"\toprule",
+            " & ".join(map(latex_escape, table.header)) + r" \\",
+            r"\midrule",
+        ]
         out += [" & ".join(cell.text(LATEX) for cell in row) + r" \\" for row in table.rows]
         out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"

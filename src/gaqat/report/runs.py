@@ -28,8 +28,15 @@ from gaqat.selection import count_domains
 
 FLOAT_BITS = 32
 # The fields every record needs: its checkpoint and the args DomainBed's scripts read.
-_FIELDS = {"step": int, "args": dict, "args.dataset": str, "args.algorithm": str,
-           "args.test_envs": list, "args.trial_seed": int, "args.hparams_seed": int}
+_FIELDS = {
+    "step": int,
+    "args": dict,
+    "args.dataset": str,
+    "args.algorithm": str,
+    "args.test_envs": list,
+    "args.trial_seed": int,
+    "args.hparams_seed": int,
+}
 
 
 @dataclass(frozen=True)
@@ -49,14 +56,18 @@ class Run:
 
     def describe(self) -> str:
         envs = "+".join(self.domains[i] for i in self.test_envs) or "(none)"
-        return (f"{self.algorithm} {self.bits}-bit, test {envs}, trial {self.trial_seed}, "
-                f"hparams {self.hparams_seed} ({self.path.parent})")
+        return (
+            f"{self.algorithm} {self.bits}-bit, test {envs}, trial {self.trial_seed}, "
+            f"hparams {self.hparams_seed} ({self.path.parent})"
+        )
 
 
 def same_draw(run: Run) -> str:
     """What two runs of one draw holding out the same domains are, in messages."""
-    return (f"two {run.algorithm} {run.bits}-bit runs with the same test domains, trial seed "
-            f"and hparams seed")
+    return (
+        f"two {run.algorithm} {run.bits}-bit runs with the same test domains, trial seed "
+        f"and hparams seed"
+    )
 
 
 def _check_record(record: object, where: str) -> dict:
@@ -66,17 +77,26 @@ def _check_record(record: object, where: str) -> dict:
     check_fields(record, {"args.domains": list}, where, required=False)  # DomainBed's: none
     n = len(args["domains"]) if "domains" in args else count_domains(record)
     if not all(is_a(e, int) and 0 <= e < n for e in args["test_envs"]):
-        raise ValueError(f"{where}: args.test_envs {args['test_envs']} are not domain indices "
-                         f"0..{n - 1}")
-    return check_fields(record, {f"env{i}_{split}_acc": float
-                                 for i in range(n) for split in ("in", "out")}, where)
+        raise ValueError(
+            f"{where}: args.test_envs {args['test_envs']} are not domain indices 0..{n - 1}"
+        )
+    return check_fields(
+        record, {f"env{i}_{split}_acc": float for i in range(n) for split in ("in", "out")}, where
+    )
 
 
 def _run_key(record: dict) -> tuple:
     """What every record of one run shares."""
     args = record["args"]
-    return (args["dataset"], args["algorithm"], args.get("bits"), tuple(args["test_envs"]),
-            args["trial_seed"], args["hparams_seed"], tuple(args.get("domains", ())))
+    return (
+        args["dataset"],
+        args["algorithm"],
+        args.get("bits"),
+        tuple(args["test_envs"]),
+        args["trial_seed"],
+        args["hparams_seed"],
+        tuple(args.get("domains", ())),
+    )
 
 
 def _row_name(args: dict) -> tuple[str, int]:
@@ -94,8 +114,10 @@ def _known_domains(dataset: str, n: int) -> tuple[str, ...]:
     if domains is None:
         return tuple(f"env{i}" for i in range(n))
     if len(domains) != n:
-        raise ValueError(f"{dataset}: records have {n} domains, gaqat's {dataset} has "
-                         f"{len(domains)} ({', '.join(domains)})")
+        raise ValueError(
+            f"{dataset}: records have {n} domains, gaqat's {dataset} has "
+            f"{len(domains)} ({', '.join(domains)})"
+        )
     return domains
 
 
@@ -105,19 +127,32 @@ def load_run(path: Path) -> Run | None:
     for where, record in read_jsonl(path):
         records.append(_check_record(record, where))
         if _run_key(record) != _run_key(records[0]):
-            raise ValueError(f"{where}: args (dataset, algorithm, bits, test_envs, seeds, domains) "
-                             f"differ from line 1's; one results.jsonl must hold one run")
+            raise ValueError(
+                f"{where}: args (dataset, algorithm, bits, test_envs, seeds, domains) "
+                f"differ from line 1's; one results.jsonl must hold one run"
+            )
     if not records:
         warnings.warn(f"{path}: no records, skipped", stacklevel=2)
         return None
     args = records[0]["args"]
     algorithm, bits = _row_name(args)
-    domains = (tuple(args["domains"]) if "domains" in args
-               else _known_domains(args["dataset"], count_domains(records[0])))
-    return Run(path=path, records=records, complete=(path.parent / DONE).exists(),
-               dataset=args["dataset"], algorithm=algorithm, bits=bits,
-               test_envs=tuple(args["test_envs"]), trial_seed=args["trial_seed"],
-               hparams_seed=args["hparams_seed"], domains=domains)
+    domains = (
+        tuple(args["domains"])
+        if "domains" in args
+        else _known_domains(args["dataset"], count_domains(records[0]))
+    )
+    return Run(
+        path=path,
+        records=records,
+        complete=(path.parent / DONE).exists(),
+        dataset=args["dataset"],
+        algorithm=algorithm,
+        bits=bits,
+        test_envs=tuple(args["test_envs"]),
+        trial_seed=args["trial_seed"],
+        hparams_seed=args["hparams_seed"],
+        domains=domains,
+    )
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -139,12 +174,19 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     for run in runs:
         first = domains.setdefault(run.dataset, run)
         if run.domains != first.domains:
-            raise ValueError(f"dataset {run.dataset}: {first.path} has domains "
-                             f"{list(first.domains)} "
-                             f"but {run.path} has {list(run.domains)}")
-        other = draws.setdefault((run.dataset, run.algorithm, run.bits, run.test_envs,
-                                  run.trial_seed, run.hparams_seed), run)
+            raise ValueError(
+                f"dataset {run.dataset}: {first.path} has domains "
+                f"{list(first.domains)} "
+                f"but {run.path} has {list(run.domains)}"
+            )
+        other = draws.setdefault(
+            (run.dataset, run.algorithm, run.bits, run.test_envs, run.trial_seed, run.hparams_seed),
+            run,
+        )
         if other is not run:
-            warnings.warn(f"{other.path} and {run.path}: {same_draw(run)}; their records are "
-                          f"pooled as one draw, as DomainBed's tools pool them", stacklevel=2)
+            warnings.warn(
+                f"{other.path} and {run.path}: {same_draw(run)}; their records are "
+                f"pooled as one draw, as DomainBed's tools pool them",
+                stacklevel=2,
+            )
     return runs

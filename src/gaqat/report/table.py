@@ -68,8 +68,12 @@ class Mean:
 
     def stats(self) -> dict[str, object]:
         """The cell's CSV columns, numbers unrounded beyond 1e-4."""
-        return {"mean": _number(self.mean), "stderr": _number(self.stderr),
-                "n": len(self.values), "incomplete": int(self.incomplete)}
+        return {
+            "mean": _number(self.mean),
+            "stderr": _number(self.stderr),
+            "n": len(self.values),
+            "incomplete": int(self.incomplete),
+        }
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,13 @@ class Difference(Mean):
     def stats(self) -> dict[str, object]:
         stats = super().stats()
         wins, ties, losses = self.counts
-        return {"mean_diff": stats.pop("mean"), **stats, "wins": wins, "ties": ties,
-                "losses": losses}
+        return {
+            "mean_diff": stats.pop("mean"),
+            **stats,
+            "wins": wins,
+            "ties": ties,
+            "losses": losses,
+        }
 
 
 def _number(value: float | None) -> str:
