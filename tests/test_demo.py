@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from gaqat.demo import QAT_ALGORITHMS, demo
 from gaqat.runfolder import CHECKPOINT, DONE, RESULTS
 
 
+@pytest.mark.slow
 def test_demo_trains_float_then_qat_from_it_and_reports(tmp_path, digits_dir, capsys):
     text = demo(tmp_path, data_dir=digits_dir, bits=3, float_steps=4, qat_steps=2, progress=False)
     (erm,) = tmp_path.glob("erm_env1_seed0_*")

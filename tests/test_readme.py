@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,7 @@ def _readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_library_example_runs_as_written():
     text = (ROOT / "README.md").read_text()
     example = text.split("### As a library\n\n```python\n", 1)[1].split("```", 1)[0]

@@ -314,6 +314,7 @@ def test_ctrl_c_stops_the_sweep_and_leaves_the_run_resumable(tmp_path, monkeypat
     assert "resumes from its last checkpoint" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_end_to_end_reports_both_methods_and_resumes(tmp_path, digits_dir, capsys):
     out = tmp_path / "sweep"
     argv = [

@@ -90,6 +90,7 @@ def test_every_algorithm_runs_and_writes_domainbed_records(
         assert "window" in kinds
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_gives_identical_weights(
     tmp_path, digits_dir, float_init, monkeypatch
 ):
@@ -140,6 +141,7 @@ def test_resume_after_a_crash_gives_identical_weights(
     assert _records(straight, GRADIENTS) == _records(resumed, GRADIENTS)
 
 
+@pytest.mark.slow
 def test_a_finished_folder_is_refused_unless_overwrite(tmp_path, digits_dir, capsys):
     run(_config(tmp_path, digits_dir, "run"))
     with pytest.raises(ValueError, match="finished run.*--overwrite"):

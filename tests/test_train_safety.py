@@ -154,6 +154,7 @@ def test_a_second_process_on_the_same_folder_is_refused(tmp_path, digits_dir):
     assert not folder.exists()  # nothing was written, so the folder went with the lock
 
 
+@pytest.mark.slow
 def test_resume_with_other_arguments_is_refused_listing_the_differences(
     tmp_path, digits_dir, monkeypatch
 ):
@@ -184,6 +185,7 @@ def test_resume_with_other_arguments_is_refused_listing_the_differences(
     assert (config.output / DONE).exists()
 
 
+@pytest.mark.slow
 def test_after_a_nan_stop_the_run_continues_at_a_new_learning_rate(
     tmp_path, digits_dir, monkeypatch
 ):
@@ -273,6 +275,7 @@ def _argv(tmp_path, digits_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_print_how_to_resume(tmp_path, digits_dir, monkeypatch, capsys):
     update = Algorithm.update
 
@@ -298,6 +301,7 @@ def test_ctrl_c_and_sigterm_print_how_to_resume(tmp_path, digits_dir, monkeypatc
     assert f"finished {tmp_path / 'run'}" in out and "held-out mnist_m: " in out
 
 
+@pytest.mark.slow
 def test_failures_at_run_time_exit_1_in_one_line_and_keep_the_checkpoint(
     tmp_path, digits_dir, monkeypatch, capsys
 ):
