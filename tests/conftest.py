@@ -11,6 +11,27 @@ from torch import nn
 
 from gaqat.data import build_digits
 
+TINY = {"batch_size": 8}  # hparams overrides that keep a DigitsDG run to a few seconds
+
+
+def tiny_run(output, digits_dir, algorithm="erm", **kwargs):
+    """A TrainConfig for a run of a few DigitsDG steps (mnist_m held out) into ``output``."""
+    from gaqat.train import TrainConfig
+
+    kwargs.setdefault("steps", 2)
+    kwargs.setdefault("checkpoint_freq", 2)
+    kwargs.setdefault("test_envs", (1,))
+    hparams = {**TINY, **kwargs.pop("hparams", {})}
+    return TrainConfig(
+        dataset="digits",
+        output=output,
+        algorithm=algorithm,
+        data_dir=digits_dir,
+        hparams=hparams,
+        progress=False,
+        **kwargs,
+    )
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):

@@ -6,30 +6,18 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm
 from gaqat.checkpoint import load_model
 from gaqat.names import ALGORITHMS, get_recipe
 from gaqat.runfolder import CHECKPOINT, DONE, GRADIENTS, RESULTS
-from gaqat.train import NonFiniteLossError, TrainConfig, run
-
-TINY = {"batch_size": 8}
+from gaqat.train import run
 
 
 def _config(tmp_path, digits_dir, name, algorithm="erm", **kwargs):
-    kwargs.setdefault("steps", 2)
-    kwargs.setdefault("checkpoint_freq", 2)
-    kwargs.setdefault("test_envs", (1,))
-    return TrainConfig(
-        dataset="digits",
-        output=tmp_path / name,
-        algorithm=algorithm,
-        data_dir=digits_dir,
-        hparams={**TINY, **kwargs.pop("hparams", {})},
-        progress=False,
-        **kwargs,
-    )
+    return tiny_run(tmp_path / name, digits_dir, algorithm, **kwargs)
 
 
 def _records(folder, name=RESULTS):
@@ -174,25 +162,6 @@ def test_an_unfinished_folder_needs_resume_or_overwrite(tmp_path, digits_dir):
     # --resume with nothing to resume from starts afresh (what `gaqat demo` relies on)
     out = run(_config(tmp_path, digits_dir, "fresh", resume=True, steps=1, checkpoint_freq=1))
     assert [r["step"] for r in _records(out)] == [1]
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
-    tmp_path, digits_dir, monkeypatch
-):
-    update = Algorithm.update
-
-    def explode_at_step_3(self, minibatches):
-        stats = update(self, minibatches)
-        if self.scheduler.last_epoch == 3:
-            stats["loss"] = float("nan")
-        return stats
-
-    monkeypatch.setattr(Algorithm, "update", explode_at_step_3)
-    with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint \\(step 2\\)"):
-        run(_config(tmp_path, digits_dir, "nan", steps=4))
-    assert torch.load(tmp_path / "nan" / CHECKPOINT, weights_only=False)["step"] == 2
-    assert [r["step"] for r in _records(tmp_path / "nan")] == [2]
-    assert not (tmp_path / "nan" / DONE).exists()
 
 
 def test_bad_arguments_get_clear_errors(tmp_path, digits_dir, float_init):

@@ -9,29 +9,17 @@ import signal
 
 import pytest
 import torch
+from conftest import TINY, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm
 from gaqat.errors import UsageError
 from gaqat.runfolder import CHECKPOINT, DONE, LOCK, PREVIOUS, RESULTS, FolderBusyError, locked
-from gaqat.train import NonFiniteLossError, RunInterrupted, TrainConfig, run
-
-TINY = {"batch_size": 8}
+from gaqat.train import NonFiniteLossError, RunInterrupted, run
 
 
 def _config(tmp_path, digits_dir, name="run", algorithm="erm", **kwargs):
-    kwargs.setdefault("steps", 2)
-    kwargs.setdefault("checkpoint_freq", 2)
-    kwargs.setdefault("test_envs", (1,))
-    return TrainConfig(
-        dataset="digits",
-        output=tmp_path / name,
-        algorithm=algorithm,
-        data_dir=digits_dir,
-        hparams={**TINY, **kwargs.pop("hparams", {})},
-        progress=False,
-        **kwargs,
-    )
+    return tiny_run(tmp_path / name, digits_dir, algorithm, **kwargs)
 
 
 def _snapshot(folder):
@@ -186,7 +174,7 @@ def test_resume_with_other_arguments_is_refused_listing_the_differences(
 
 
 @pytest.mark.slow
-def test_after_a_nan_stop_the_run_continues_at_a_new_learning_rate(
+def test_a_nan_stop_keeps_the_last_checkpoint_and_resumes_at_a_new_learning_rate(
     tmp_path, digits_dir, monkeypatch
 ):
     update = Algorithm.update
@@ -198,9 +186,13 @@ def test_after_a_nan_stop_the_run_continues_at_a_new_learning_rate(
         return stats
 
     monkeypatch.setattr(Algorithm, "update", explode_at_step_3)
-    with pytest.raises(NonFiniteLossError, match="--resume --new-lr 0.000333"):
+    with pytest.raises(
+        NonFiniteLossError, match="step 3.*checkpoint \\(step 2\\).*--resume --new-lr 0.000333"
+    ):
         run(_config(tmp_path, digits_dir, steps=4))
     monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == 2
+    assert not (tmp_path / "run" / DONE).exists()
     run(_config(tmp_path, digits_dir, steps=4, resume=True, new_lr=1e-4))
     records = [json.loads(line) for line in (tmp_path / "run" / RESULTS).read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
