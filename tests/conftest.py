@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by several test files (test files never import each other)."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,24 @@ def tiny_run(output, digits_dir, algorithm="erm", **kwargs):
         progress=False,
         **kwargs,
     )
+
+
+def tiny_argv(output, digits_dir, *extra):
+    """``gaqat train`` arguments for the same tiny run as :func:`tiny_run`'s defaults."""
+    return [
+        "train",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        str(digits_dir),
+        "--test-envs",
+        "1",
+        "--output",
+        str(output),
+        "--hparams",
+        json.dumps(TINY),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

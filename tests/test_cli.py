@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_argv
 from PIL import Image
 
 import gaqat
@@ -90,22 +91,7 @@ def test_data_info_counts_only_images_that_decode(tmp_path, capsys):
 
 
 def test_quiet_runs_print_no_progress(tmp_path, digits_dir, capsys):
-    argv = [
-        "train",
-        "--dataset",
-        "digits",
-        "--data-dir",
-        str(digits_dir),
-        "--test-envs",
-        "1",
-        "--output",
-        str(tmp_path / "run"),
-        "--steps",
-        "1",
-        "--hparams",
-        '{"batch_size": 8}',
-        "--quiet",
-    ]
+    argv = tiny_argv(tmp_path / "run", digits_dir, "--steps", "1", "--quiet")
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.startswith("finished ")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, tiny_run
+from conftest import tiny_argv, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm
@@ -134,23 +134,10 @@ def test_a_finished_folder_is_refused_unless_overwrite(tmp_path, digits_dir, cap
     run(_config(tmp_path, digits_dir, "run"))
     with pytest.raises(ValueError, match="finished run.*--overwrite"):
         run(_config(tmp_path, digits_dir, "run"))
-    argv = [
-        "train",
-        "--dataset",
-        "digits",
-        "--data-dir",
-        str(digits_dir),
-        "--test-envs",
-        "1",
-        "--output",
-        str(tmp_path / "run"),
-        "--steps",
-        "2",
-        "--no-progress",
-    ]
+    argv = tiny_argv(tmp_path / "run", digits_dir, "--steps", "2", "--no-progress")
     assert cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main(argv + ["--overwrite", "--hparams", json.dumps(TINY)]) == 0
+    assert cli.main(argv + ["--overwrite"]) == 0
     assert len(_records(tmp_path / "run")) == 1
 
 

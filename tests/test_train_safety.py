@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY, tiny_run
+from conftest import tiny_argv, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm
@@ -250,21 +250,7 @@ def test_deterministic_sets_pytorchs_flags(tmp_path, digits_dir, restore_determi
 
 
 def _argv(tmp_path, digits_dir, *extra):
-    return [
-        "train",
-        "--dataset",
-        "digits",
-        "--data-dir",
-        str(digits_dir),
-        "--test-envs",
-        "1",
-        "--output",
-        str(tmp_path / "run"),
-        "--hparams",
-        json.dumps(TINY),
-        "--quiet",
-        *extra,
-    ]
+    return tiny_argv(tmp_path / "run", digits_dir, "--quiet", *extra)
 
 
 @pytest.mark.slow
