@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gaqat.fields import is_a
 from gaqat.names import (
     ARCHITECTURES,
     DISORDER_METRICS,
@@ -169,24 +170,16 @@ def random_hparams(algorithm: str, dataset: str, seed: int, trial_seed: int = 0)
 
 
 def _checked(name: str, value: Any, current: Any) -> Any:
-    """``value`` if it can replace ``current`` (same type; floats accept ints), else an error."""
-    if isinstance(current, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(current, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(current, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
+    """``value`` if it can replace ``current`` (the JSON rule of ``gaqat.fields``: same type,
+    floats accept ints), else an error."""
+    if not is_a(value, type(current)):
         raise ValueError(
             f"hparams override {name!r}: expected {type(current).__name__}, "
             f"got {value!r} ({type(value).__name__})"
         )
     if name in CHOICES and value not in CHOICES[name]:
         raise ValueError(f"hparams override {name!r}: {value!r} is not one of {CHOICES[name]}")
-    return value
+    return float(value) if isinstance(current, float) else value
 
 
 def apply_overrides(hparams: dict[str, Any], overrides: str | dict | None) -> dict[str, Any]:
