@@ -15,7 +15,7 @@ from conftest import tiny_argv
 from PIL import Image
 
 import gaqat
-from gaqat import cli, sweep
+from gaqat import cli, launchers, sweep
 from gaqat.runfolder import locked
 
 SOURCES = Path(gaqat.__file__).parent
@@ -114,7 +114,7 @@ def test_no_unix_only_module_is_imported_at_module_level():
 
 def test_sweep_takes_every_shared_train_option(tmp_path, monkeypatch, capsys):
     runs = []
-    monkeypatch.setattr(sweep, "run", lambda config: runs.append(config))
+    monkeypatch.setattr(launchers, "run", lambda config: runs.append(config))
     argv = [
         "sweep",
         "--dataset",
@@ -161,3 +161,14 @@ def test_a_missing_extra_names_the_pip_command(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "gaqat.plots", raising=False)
     assert cli.main(["plot", str(tmp_path)]) == 1
     assert 'pip install "gaqat[plot]"' in capsys.readouterr().err
+
+
+def test_sweep_launch_options_are_checked_before_anything_runs(tmp_path, capsys):
+    base = ["sweep", "--dataset", "digits", "--algorithms", "erm", "--output", str(tmp_path)]
+    for extra, message in (
+        (["--jobs", "0"], "--jobs: expected at least 1"),
+        (["--threads", "0"], "--threads: expected at least 1"),
+    ):
+        assert cli.main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from gaqat import cli, sweep
+from gaqat import cli, launchers, sweep
 from gaqat.data.digits import DOMAINS as DIGITS_DOMAINS
 from gaqat.runfolder import CHECKPOINT, DONE, RESULTS
 
@@ -29,7 +30,7 @@ def fake_run(monkeypatch):
         (out / DONE).write_text("done\n")
         return out
 
-    monkeypatch.setattr(sweep, "run", run)
+    monkeypatch.setattr(launchers, "run", run)
     return calls
 
 
@@ -254,14 +255,14 @@ def test_dry_run_lists_the_jobs_and_their_state_and_runs_nothing(tmp_path, fake_
 def test_a_failure_stops_the_sweep_or_with_skip_failed_skips_its_dependants(
     tmp_path, fake_run, monkeypatch, capsys
 ):
-    ran = sweep.run
+    ran = launchers.run
 
     def fail_on_env0_erm(config):
         if config.algorithm == "erm" and config.test_envs == (0,):
             raise RuntimeError("disk full")
         return ran(config)
 
-    monkeypatch.setattr(sweep, "run", fail_on_env0_erm)
+    monkeypatch.setattr(launchers, "run", fail_on_env0_erm)
     jobs = sweep.plan(_config(tmp_path, ["lsq"], [0, 1]))
     stopped = sweep.launch(jobs)
     assert [o.status for o in stopped] == ["failed"] and not fake_run
@@ -298,7 +299,7 @@ def test_ctrl_c_stops_the_sweep_and_leaves_the_run_resumable(tmp_path, monkeypat
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep, "run", interrupted)
+    monkeypatch.setattr(launchers, "run", interrupted)
     argv = [
         "sweep",
         "--dataset",
@@ -311,7 +312,7 @@ def test_ctrl_c_stops_the_sweep_and_leaves_the_run_resumable(tmp_path, monkeypat
         str(tmp_path),
     ]
     assert cli.main(argv) == 130
-    assert "resumes from its last checkpoint" in capsys.readouterr().out
+    assert "resume from their last checkpoints" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -360,3 +361,107 @@ def test_a_tiny_sweep_end_to_end_reports_both_methods_and_resumes(tmp_path, digi
     )
     assert (qat / DONE).exists()
     assert [json.loads(line)["step"] for line in (qat / RESULTS).read_text().splitlines()] == [2]
+
+
+def _records_without_timing(folder):
+    """What must not depend on how runs were launched: everything but time, memory and
+    where the run folder is."""
+    skip = ("step_time", "mem_gb")
+    records = [json.loads(line) for line in (folder / RESULTS).read_text().splitlines()]
+    for record in records:
+        record["args"] = {
+            k: v for k, v in record["args"].items() if k not in ("output", "output_dir", "init")
+        }
+    return [{k: v for k, v in r.items() if k not in skip} for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["processes", "submitit"])
+def test_parallel_launchers_give_the_records_of_a_sequential_sweep(tmp_path, digits_dir, launcher):
+    """Runs get one thread each in both sweeps: float sums, and so quantization, round alike."""
+    import torch
+
+    def config(out):
+        return _config(
+            out, ["lsq_sagm"], [1], data_dir=digits_dir, steps=2, hparams=TINY, progress=False
+        )
+
+    threads = torch.get_num_threads()
+    try:
+        sequential = sweep.launch(
+            sweep.plan(config(tmp_path / "one")), launcher=launchers.InlineLauncher(threads=1)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    if launcher == "processes":
+        chosen = launchers.ProcessLauncher(2, threads=1)
+    else:
+        chosen = launchers.SubmititLauncher(
+            tmp_path / "submitit", 2, launchers.SlurmOptions(cluster="local", gpus=0, cpus=1)
+        )
+    lines = []
+    parallel = sweep.launch(
+        sweep.plan(config(tmp_path / "two")), launcher=chosen, note=lines.append
+    )
+    assert [o.status for o in sequential] == [o.status for o in parallel] == ["ran"] * 2
+    for a, b in zip(sequential, parallel):
+        assert a.job.folder.name == b.job.folder.name
+        assert _records_without_timing(a.job.folder) == _records_without_timing(b.job.folder)
+    assert "running" in lines[-1] and lines[-1].startswith("[2/2] ran")
+
+
+class _Recording:
+    """A launcher whose runs end at once (as finished futures), recording what started."""
+
+    slots = 3
+
+    def __init__(self):
+        self.started = []
+
+    def start(self, config):
+        from concurrent.futures import Future
+
+        self.started.append(Path(config.output).name)
+        handle = Future()
+        handle.set_result(config.output)
+        return handle
+
+    def stop(self, interrupt=False):
+        pass
+
+
+def test_a_qat_run_starts_only_after_its_float_init_is_done(tmp_path):
+    jobs = sweep.plan(_config(tmp_path, ["lsq", "gaqat"], [0, 1]))
+    recording = _Recording()
+    outcomes = sweep.launch(jobs, launcher=recording, note=lambda line: None)
+    assert [o.status for o in outcomes] == ["ran"] * 6
+    erm0, erm1 = (j.folder.name for j in jobs if j.needs is None)
+    # the two float runs take two of the three slots; QAT runs wait for them to end
+    assert recording.started[:2] == [erm0, erm1]
+    assert set(recording.started[2:]) == {j.folder.name for j in jobs if j.needs is not None}
+
+
+def test_workers_share_the_cpu_threads_and_take_one_gpu_each(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    launcher = launchers.ProcessLauncher(2)
+    submitted = []
+    monkeypatch.setattr(
+        launcher._pool,
+        "submit",
+        lambda fn, config, threads: submitted.append((config.device, threads)),
+    )
+    for name in "abc":
+        launcher.start(sweep.TrainConfig(dataset="digits", output=Path(name), test_envs=(1,)))
+    launcher.start(
+        sweep.TrainConfig(dataset="digits", output=Path("d"), test_envs=(1,), device="cpu")
+    )
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert submitted == [
+        ("cuda:0", threads),
+        ("cuda:1", threads),
+        ("cuda:0", threads),
+        ("cpu", threads),
+    ]
+    launcher.stop()

@@ -408,8 +408,61 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="steps between evaluations of the float runs (default: --checkpoint-freq)",
     )
+    scale = p.add_argument_group("where the runs execute")
+    scale.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once: worker processes on this machine (CPU threads split "
+        "between them, one GPU each where there are GPUs), or jobs queued "
+        "at once on SLURM",
+    )
+    scale.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of each run (default: all for --jobs 1, else split between the "
+        "jobs); equal threads give bit-identical records whatever --jobs is",
+    )
+    scale.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help='this machine, or SLURM through submitit (pip install "gaqat[slurm]")',
+    )
+    scale.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    scale.add_argument("--gpus-per-run", type=int, default=1, help="SLURM: GPUs of each run's job")
+    scale.add_argument("--cpus-per-run", type=int, default=8, help="SLURM: CPUs of each run's job")
+    scale.add_argument("--mem-gb", type=float, default=32, help="SLURM: memory of each run's job")
+    scale.add_argument(
+        "--time-min",
+        type=int,
+        default=24 * 60,
+        help="SLURM: time limit of each run's job, in minutes (a run that hits "
+        "it resumes from its last checkpoint when the sweep is launched again)",
+    )
     _add_run_options(p)
     p.set_defaults(resume_hint=lambda argv: "launch the same sweep again to resume")
+
+
+def _launcher(args: argparse.Namespace):
+    from gaqat import launchers
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: expected at least 1, got {args.jobs}")
+    if args.launcher == "slurm":
+        options = launchers.SlurmOptions(
+            partition=args.partition,
+            gpus=args.gpus_per_run,
+            cpus=args.cpus_per_run,
+            mem_gb=args.mem_gb,
+            time_min=args.time_min,
+        )
+        return launchers.SubmititLauncher(args.output / ".submitit", args.jobs, options)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected at least 1, got {args.threads}")
+    if args.jobs > 1:
+        return launchers.ProcessLauncher(args.jobs, args.threads)
+    return launchers.InlineLauncher(args.threads)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -417,6 +470,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from gaqat.report import report
     from gaqat.train import check_arguments
 
+    launcher = _launcher(args)
     config = sweep.SweepConfig(
         dataset=args.dataset,
         output=args.output,
@@ -441,11 +495,14 @@ def _sweep(args: argparse.Namespace) -> int:
         check_arguments(job.config)
     print(sweep.table(jobs), flush=True)
     if args.dry_run:
+        launcher.stop()
         return 0
     sweep.save_record(config, jobs)
     note = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     with _plain_warnings("sweep", args.quiet):
-        outcomes = sweep.launch(jobs, skip_failed=args.skip_failed, note=note)
+        outcomes = sweep.launch(
+            jobs, launcher=_launcher(args), skip_failed=args.skip_failed, note=note
+        )
         if any(o.status in ("kept", "ran") for o in outcomes):
             print(report([args.output], selection="all"))
     unfinished = [o for o in outcomes if o.status in ("failed", "skipped", "busy")]

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from gaqat import hparams as hparams_registry
 from gaqat.data import dataset_domains
+from gaqat.launchers import Handle, InlineLauncher, Launcher
 from gaqat.names import ALGORITHMS, BITS_RANGE, get_recipe
 from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, run_state
-from gaqat.train import TrainConfig, run
+from gaqat.train import TrainConfig
 
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
 SWEEP_RECORD = "sweep.json"
@@ -289,53 +294,107 @@ def save_record(config: SweepConfig, jobs: Sequence[Job]) -> Path:
 def launch(
     jobs: Sequence[Job],
     *,
+    launcher: Launcher | None = None,
     skip_failed: bool = False,
     overwrite: bool = False,
     note: Callable[[str], None] = print,
 ) -> list[Outcome]:
-    """Run the jobs one after another in this process, reporting one line per job to ``note``.
+    """Run the jobs through ``launcher`` (default: one after another in this process),
+    reporting one line per job to ``note``; returns one outcome per job reached.
 
-    A finished folder is kept (with ``overwrite``: trained again), an unfinished one
+    A job starts once its float init is done, while the launcher has a free slot. A
+    finished folder is kept (with ``overwrite``: trained again), an unfinished one
     resumed, one that another process holds is left to it ("busy"). A failing job stops
-    the sweep, or with ``skip_failed`` is reported and the sweep goes on without the jobs
-    that start from it. Ctrl-C stops
-    inside a run: its last checkpoint is where a relaunch resumes. Returns one outcome
-    per job reached.
+    the sweep (running jobs finish), or with ``skip_failed`` is reported and the sweep
+    goes on without the jobs that start from it. Ctrl-C stops the runs: their last
+    checkpoints are where a relaunch resumes.
     """
+    launcher = launcher or InlineLauncher()
     outcomes: list[Outcome] = []
     unusable: dict[Path, str] = {}  # float runs that failed, are busy or were skipped: why
+    finished: set[Path] = set()
+    waiting = list(jobs)
+    running: dict[Handle, tuple[Job, float]] = {}
+    durations: list[float] = []
 
     def report(job: Job, status: str, detail: str = "") -> None:
         outcomes.append(Outcome(job, status, detail))
-        n = f"[{len(outcomes)}/{len(jobs)}]"
-        note(f"{n} {status:<7} {job.folder}" + (f": {detail}" if detail else ""))
-
-    for job in jobs:
-        if job.needs in unusable:
-            unusable[job.folder] = f"needs {job.needs.name}, which {unusable[job.needs]}"
-            report(job, "skipped", unusable[job.folder])
-            continue
-        if run_state(job.folder) == "done" and not overwrite:
-            report(job, "kept", "finished earlier")
-            continue
-        tic = time.perf_counter()
-        try:
-            run(replace(job.config, resume=False, overwrite=True) if overwrite else job.config)
-        except KeyboardInterrupt:
-            note(
-                f"interrupted: {job.folder} resumes from its last checkpoint when the sweep "
-                f"is launched again"
+        line = f"[{len(outcomes)}/{len(jobs)}] {status:<7} {job.folder}" + (
+            f": {detail}" if detail else ""
+        )
+        if launcher.slots > 1:
+            left = len(jobs) - len(outcomes)
+            eta = (
+                f", about {np.mean(durations) * math.ceil(left / launcher.slots) / 60:.0f} min left"
+                if durations and left
+                else ""
             )
-            raise
+            line += f" ({len(running)} running, {left - len(running)} waiting{eta})"
+        note(line)
+
+    def settle(handle: Handle) -> bool:
+        """Report a finished run; False when the sweep must stop."""
+        job, tic = running.pop(handle)
+        try:
+            handle.result()
         except FolderBusyError as error:
             unusable[job.folder] = "another process is running"
             report(job, "busy", str(error))
-            continue
         except Exception as error:  # any failure of one run is reported, not only ours
             unusable[job.folder] = "failed"
             report(job, "failed", f"{type(error).__name__}: {error}")
-            if not skip_failed:
+            return skip_failed
+        else:
+            finished.add(job.folder)
+            durations.append(time.perf_counter() - tic)
+            report(job, "ran", f"{durations[-1]:.1f} s")
+        return True
+
+    going = True
+    try:
+        while going and (waiting or running):
+            for job in list(waiting):
+                if len(running) >= launcher.slots:
+                    break
+                if job.needs in unusable:
+                    unusable[job.folder] = f"needs {job.needs.name}, which {unusable[job.needs]}"
+                    report(job, "skipped", unusable[job.folder])
+                elif job.needs is not None and job.needs not in finished:
+                    continue  # its float init is still running or waiting
+                elif run_state(job.folder) == "done" and not overwrite:
+                    finished.add(job.folder)
+                    report(job, "kept", "finished earlier")
+                else:
+                    config = (
+                        replace(job.config, resume=False, overwrite=True)
+                        if overwrite
+                        else job.config
+                    )
+                    running[launcher.start(config)] = (job, time.perf_counter())
+                waiting.remove(job)
+            if not running:
                 break
-            continue
-        report(job, "ran", f"{time.perf_counter() - tic:.1f} s")
+            going = all([settle(handle) for handle in _finished(list(running))])
+        while running:  # after a failure: let the runs already going end
+            for handle in _finished(list(running)):
+                settle(handle)
+    except KeyboardInterrupt:
+        launcher.stop(interrupt=True)
+        note(
+            "interrupted: the runs resume from their last checkpoints when the sweep is "
+            "launched again"
+        )
+        raise
+    launcher.stop()
     return outcomes
+
+
+def _finished(handles: list[Handle]) -> list[Handle]:
+    """Wait until one of the handles is done; return every one that is."""
+    futures = [h for h in handles if isinstance(h, Future)]
+    if len(futures) == len(handles):
+        wait(futures, return_when=FIRST_COMPLETED)
+    else:
+        while not any(h.done() for h in handles):
+            time.sleep(1.0)
+    return [h for h in handles if h.done()]
