@@ -450,7 +450,7 @@ def test_workers_share_the_cpu_threads_and_take_one_gpu_each(monkeypatch):
     monkeypatch.setattr(
         launcher._pool,
         "submit",
-        lambda fn, config, threads: submitted.append((config.device, threads)),
+        lambda fn, config, threads: submitted.append((config.device, threads, config.progress)),
     )
     for name in "abc":
         launcher.start(sweep.TrainConfig(dataset="digits", output=Path(name), test_envs=(1,)))
@@ -459,9 +459,9 @@ def test_workers_share_the_cpu_threads_and_take_one_gpu_each(monkeypatch):
     )
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert submitted == [
-        ("cuda:0", threads),
-        ("cuda:1", threads),
-        ("cuda:0", threads),
-        ("cpu", threads),
+        ("cuda:0", threads, False),
+        ("cuda:1", threads, False),
+        ("cuda:0", threads, False),
+        ("cpu", threads, False),
     ]
     launcher.stop()

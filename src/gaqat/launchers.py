@@ -103,6 +103,7 @@ class ProcessLauncher:
         self._started = 0
 
     def start(self, config: TrainConfig) -> Handle:
+        config = replace(config, progress=False)  # bars of several workers would interleave
         if config.device is None and self.gpus:
             config = replace(config, device=self.gpus[self._started % len(self.gpus)])
         self._started += 1
@@ -161,7 +162,7 @@ class SubmititLauncher:
         self._executor.update_parameters(**parameters)
 
     def start(self, config: TrainConfig) -> Handle:
-        return self._executor.submit(_run_in_worker, config, self.threads)
+        return self._executor.submit(_run_in_worker, replace(config, progress=False), self.threads)
 
     def stop(self, interrupt: bool = False) -> None:
         """Submitted jobs keep their allocation and go on, even after an interrupt; a
