@@ -543,3 +543,12 @@ def test_report_on_gaqat_records_does_not_import_torch(sweep):
         f"selection='all'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runs_linked_from_another_sweep_are_read_once(tmp_path):
+    write_run(tmp_path / "main" / "erm", records("erm", None, 1, 0, 0.4))
+    write_run(tmp_path / "ablation" / "gaqat", records("gaqat", 3, 1, 0, 0.5))
+    (tmp_path / "ablation" / "erm").symlink_to(tmp_path / "main" / "erm")
+    text = report([tmp_path / "ablation"])
+    assert "| erm | 32 |" in text and "| gaqat | 3 |" in text
+    assert report([tmp_path]).count("| erm | 32 |") == 1  # the link and its target: one run

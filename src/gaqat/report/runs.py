@@ -16,6 +16,7 @@ other bad line is an error naming the file, line and field (:mod:`gaqat.fields`)
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ def load_run(path: Path) -> Run | None:
     )
 
 
+def _results_below(folder: Path) -> list[Path]:
+    """Every ``results.jsonl`` below ``folder``, following symbolic links: a sweep may
+    link the runs it shares with another (its float inits) instead of training them again."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        if RESULTS in files:
+            found.append(Path(root) / RESULTS)
+    return found
+
+
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     """Every run whose ``results.jsonl`` lies below one of ``dirs`` (each file once).
 
@@ -165,7 +177,7 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     for d in map(Path, dirs):
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no such folder")
-        paths.update(dict.fromkeys(p.resolve() for p in sorted(d.rglob(RESULTS))))
+        paths.update(dict.fromkeys(p.resolve() for p in _results_below(d)))
     if not paths:
         raise FileNotFoundError(f"no {RESULTS} below {', '.join(map(str, dirs))}")
     runs = [run for run in map(load_run, paths) if run is not None]
