@@ -1,0 +1,70 @@
+"""The DigitsDG study script (benchmarks/digits_study.py) end to end on tiny runs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+pytest.importorskip("matplotlib")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_study.py"
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("digits_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["digits_study"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
+    study = load_study()
+    scale = study.Scale(
+        steps=4,
+        checkpoint_freq=4,
+        float_steps=2,
+        float_checkpoint_freq=2,
+        seeds=(0, 1),
+        test_envs=(1,),
+        bits=(3,),
+        ablation_envs=(1,),
+        hparams={**TINY, "window": 2},
+        variants=("tau0.1",),
+    )
+    out = tmp_path / "study"
+    study.run_study(out, scale, jobs=1, threads=1, data_dir=digits_dir)
+
+    main = out / "main"
+    assert len(study.runs_of(main, "erm")) == 2
+    for algorithm in ("lsq", "lsq_sagm", "gaqat"):
+        assert len(study.runs_of(main, algorithm, 3)) == 2
+    # The ablation trains gaqat with tau 0.1 only; its float inits and lsq_sagm are links.
+    ablation = out / "ablations" / "tau0.1"
+    links = sorted(p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink())
+    assert links == ["erm", "erm", "lsq_sagm_w3", "lsq_sagm_w3"]
+    assert len(study.runs_of(out / "extra", "lsq_sam", 3)) == 1
+
+    # Launched again, every run is kept and nothing trains.
+    before = {p: p.stat().st_mtime for p in main.rglob("results.jsonl")}
+    study.run_study(out, scale, jobs=1, threads=1, data_dir=digits_dir)
+    assert {p: p.stat().st_mtime for p in main.rglob("results.jsonl")} == before
+
+    doc, json_path = tmp_path / "page" / "digits.md", tmp_path / "page" / "summary.json"
+    study.write_page(out, scale, True, doc, json_path)
+    text = doc.read_text()
+    for heading in ("## Held-out accuracy", "## Paired differences", "## What freezing did"):
+        assert heading in text
+    assert "| tau0.1 |" in text and "| sagm | 32 |" in text
+    assert "gaqat − lsq_sagm at 3 bits:" in text and "over 2 pairs" in text
+    for figure in ("erm_curve", "paired", "d_task", "freeze_timeline", "ablations"):
+        assert (doc.parent / "digits" / f"{figure}.png").stat().st_size > 0
+        assert f"(digits/{figure}.png)" in text
+    summary = json.loads(json_path.read_text())
+    assert summary["paired_gaqat_vs_lsq_sagm"]["3"]["n"] == "2"
+    assert summary["freezing"]["3"]["runs"] == 2
+    assert set(summary["step_times_s"]) == {"erm", "lsq_w3", "lsq_sagm_w3", "gaqat_w3"}
