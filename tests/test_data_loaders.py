@@ -179,3 +179,14 @@ def test_photo_folders_train_at_a_configurable_size(tmp_path, make_tree):
     assert not torch.equal(first[0][0], unaugmented[0][0])
     x, _ = next(iter(loaders.eval["env2_out"]))
     assert x.shape[1:] == (3, 32, 32)
+
+
+def test_the_shards_of_a_batch_are_the_batch():
+    """With several ranks each draws its share: together, the single process's batch."""
+    whole = StepSampler(size=50, batch_size=12, seed=3, stream=1)
+    for step in (0, 4, 9):
+        shards = [StepSampler(50, 12, 3, 1, shard=(r, 3)).batch(step) for r in range(3)]
+        assert [len(s) for s in shards] == [4, 4, 4]
+        assert sum(shards, []) == whole.batch(step)
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        StepSampler(50, 10, 3, 1, shard=(0, 3))

@@ -11,11 +11,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from gaqat.distributed import data_parallel, synchronise_batch_norm
 from gaqat.freezing import Freezer
 from gaqat.models import ModelConfig, Network, build_model
 from gaqat.names import LR_SCHEDULES, get_recipe
-from gaqat.optim import GAQAT, SAGM, SAM
+from gaqat.optim import GAQAT, SAGM, SAM, frozen_running_stats
 from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
 
 
@@ -82,6 +84,7 @@ class Algorithm:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             base, lr_lambda(hparams["lr_schedule"], total_steps)
         )
+        self._forward: nn.Module = self.network  # the training passes' module
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -116,13 +119,36 @@ class Algorithm:
         self.network.to(device)
         return self
 
+    @torch.no_grad()
+    def prime(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Initialise the quantizers' step sizes on these minibatches exactly as the first
+        training step's forward pass would, and change nothing else (batch-norm running
+        statistics and random state stay as they were). Ranks that will each see a shard
+        of the first batch call it with the whole batch, so their step sizes are the
+        single-process ones without any communication."""
+        if not self.recipe.quantized:
+            return
+        x = torch.cat([x for x, _ in minibatches])
+        self.network.train()
+        with torch.random.fork_rng(), frozen_running_stats(self.network):
+            self.network(x)
+
+    def distribute(self, device: torch.device) -> Algorithm:
+        """Train as one of several ranks (``gaqat.distributed``): batch norm on the global
+        batch, gradients averaged across ranks in every backward pass. Call it on every
+        rank after ``to`` and after loading a checkpoint; ``network`` stays the plain model
+        (checkpoints, evaluation), only the training passes go through the wrapper."""
+        synchronise_batch_norm(self.network)
+        self._forward = data_parallel(self.network, device)
+        return self
+
     def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
         self.network.train()
 
         def closure() -> torch.Tensor:
-            loss = F.cross_entropy(self.network(x), y)
+            loss = F.cross_entropy(self._forward(x), y)
             loss.backward()
             return loss
 

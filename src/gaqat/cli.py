@@ -283,6 +283,7 @@ def _train_resume_hint(argv: list[str]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from gaqat.distributed import world_from_environment
     from gaqat.train import TrainConfig, run, run_summary
 
     config = TrainConfig(
@@ -302,7 +303,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     with _plain_warnings("train", args.quiet):
         out = run(config)
-    print(run_summary(out))
+    if world_from_environment().main:  # under torchrun, one summary
+        print(run_summary(out))
     return 0
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gaqat import distributed
 from gaqat import hparams as hparams_registry
 from gaqat.algorithms import Algorithm
 from gaqat.checkpoint import load_checkpoint, save_atomic
@@ -55,6 +56,7 @@ from gaqat.runfolder import (
     settle,
     truncate_jsonl,
 )
+from gaqat.seeding import seed_hash
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,6 +124,7 @@ class Plan:
     model_config: ModelConfig
     init_state: dict | None
     device: torch.device
+    world: distributed.World  # this process among the run's ranks (one, unless started by torchrun)
 
     def identity(self, config: TrainConfig) -> dict:
         """What a resumed run must share with the run it continues."""
@@ -186,6 +189,13 @@ def check(config: TrainConfig) -> Plan:
                 f"--test-envs {list(config.test_envs)} leave no training domain in {dataset.name}"
             )
         model_config = _model_config(config, hp, dataset.num_classes)
+        world = distributed.world_from_environment()
+        if hp["batch_size"] % world.size:
+            raise UsageError(
+                f"hparams.batch_size: {hp['batch_size']} images per domain do not split "
+                f"into {world.size} equal shards, one per process; give a batch size "
+                f"divisible by {world.size}"
+            )
         return Plan(
             recipe,
             config.bits if recipe.quantized else None,
@@ -193,7 +203,8 @@ def check(config: TrainConfig) -> Plan:
             dataset,
             model_config,
             _init_state(config, model_config, recipe),
-            _device(config.device),
+            distributed.device_for(world, _device(config.device)),
+            world,
         )
 
 
@@ -378,6 +389,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_rng(checkpoint: dict, world: distributed.World, trial_seed: int, step: int) -> dict:
+    """This rank's random state to resume with: its own when the checkpoint has one (saved
+    by as many ranks), else rank 0's stream for rank 0 and a fresh one per other rank."""
+    ranks = checkpoint.get("rng_ranks")
+    if ranks is not None and len(ranks) == world.size:
+        return ranks[world.rank]
+    if world.main:
+        return checkpoint["rng"]
+    _seed_everything(seed_hash(trial_seed, "rank", world.rank, step))
+    return _rng_state()
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -454,26 +477,46 @@ def _checkpoint(
 
 
 def run(config: TrainConfig) -> Path:
-    """Train one (algorithm, dataset, test domains, seed) run; returns the output folder."""
+    """Train one (algorithm, dataset, test domains, seed) run; returns the output folder.
+
+    Started by ``torchrun`` with several processes, every rank calls it; rank 0 owns the
+    folder and tells the others whether to resume (``gaqat.distributed``).
+    """
     plan = check(config)
-    out = Path(config.output)
-    with locked(out):
-        resume_from = _claim(out, config, plan)
-        try:
+    out, world = Path(config.output), plan.world
+    distributed.start(world, plan.device)
+    try:
+        if not world.main:
+            refusal, resuming = distributed.broadcast(None, world)
+            if refusal:
+                raise UsageError(f"rank {world.rank}: rank 0 refused the run: {refusal}")
+            resume_from = load_checkpoint(out / CHECKPOINT, plan.device) if resuming else None
             _train(config, plan, out, resume_from)
-        except BaseException as error:
-            restored = (out / PREVIOUS).is_dir() and not (out / CHECKPOINT).exists()
-            settle(out, keep_new=(out / CHECKPOINT).exists())
-            if isinstance(error, KeyboardInterrupt) and restored:
-                raise RunInterrupted(
-                    f"{error} The run it was overwriting is back in place."
-                ) from None
-            raise
-    return out
+            return out
+        with locked(out):
+            try:
+                resume_from = _claim(out, config, plan)
+            except UsageError as error:
+                distributed.broadcast((str(error), False), world)
+                raise
+            distributed.broadcast((None, resume_from is not None), world)
+            try:
+                _train(config, plan, out, resume_from)
+            except BaseException as error:
+                restored = (out / PREVIOUS).is_dir() and not (out / CHECKPOINT).exists()
+                settle(out, keep_new=(out / CHECKPOINT).exists())
+                if isinstance(error, KeyboardInterrupt) and restored:
+                    raise RunInterrupted(
+                        f"{error} The run it was overwriting is back in place."
+                    ) from None
+                raise
+        return out
+    finally:
+        distributed.stop(world)
 
 
 def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None) -> None:
-    hp, dataset, device = plan.hparams, plan.dataset, plan.device
+    hp, dataset, device, world = plan.hparams, plan.dataset, plan.device, plan.world
     if config.deterministic:
         set_deterministic()
     _seed_everything(config.trial_seed)
@@ -494,14 +537,22 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
     if resume_from is not None:
         algorithm.network.load_state_dict(resume_from["model"])
         algorithm.load_optimizer_state(resume_from["training"])
-        _set_rng_state(resume_from["rng"])
         start = saved_step = resume_from["step"]
+        _set_rng_state(_rank_rng(resume_from, world, config.trial_seed, start))
         lr_changes = list(resume_from.get("lr_changes", []))
         if config.new_lr is not None:
             _change_lr(algorithm, config.new_lr)
             lr_changes.append([start, config.new_lr])
-    for name in (RESULTS, GRADIENTS):
-        truncate_jsonl(out / name, start)
+    elif not world.main:  # the model is built; this rank's dropout draws its own stream
+        _seed_everything(seed_hash(config.trial_seed, "rank", world.rank, 0))
+    if world.size > 1:
+        if resume_from is None:  # each rank sees a shard: step sizes from the whole batch
+            whole = next(loaders.train_batches(0))
+            algorithm.prime([(x.to(device), y.to(device)) for x, y in whole])
+        algorithm.distribute(device)
+    if world.main:
+        for name in (RESULTS, GRADIENTS):
+            truncate_jsonl(out / name, start)
 
     meta = {
         "dataset": dataset.name,
@@ -522,6 +573,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
         "algorithm": config.algorithm if bits is None else f"{config.algorithm}_w{bits}",
         "output_dir": str(out),
         "holdout_fraction": loaders.holdout_fraction,
+        **({"world_size": world.size} if world.size > 1 else {}),
     }
     steps_per_epoch = (
         min(
@@ -535,11 +587,11 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
     bar = tqdm(
         total=steps,
         initial=start,
-        disable=not config.progress,
+        disable=not (config.progress and world.main),
         desc=config.algorithm,
         dynamic_ncols=True,
     )
-    batches = loaders.train_batches(start)
+    batches = loaders.train_batches(start, shard=world.shard)
     loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
     step = start
     try:
@@ -564,11 +616,23 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
             if done_steps % freq and done_steps != steps:
                 continue
 
+            # Every rank: the collectives of a checkpoint. Then rank 0 alone evaluates and
+            # writes while the others wait for it.
+            loss = distributed.mean(loss_sum / n_since, world)
+            gradient_records = algorithm.pop_gradient_records()
+            if algorithm.freezer is not None:
+                distributed.agree(sorted(algorithm.freezer.frozen), world, "frozen step sizes")
+            rng_ranks = distributed.gather(_rng_state(), world) if world.size > 1 else None
+            if not world.main:
+                distributed.barrier(world)
+                loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
+                continue
+
             record = evaluate(algorithm, loaders.eval, device)
             record.update(
                 step=done_steps,
                 epoch=done_steps / steps_per_epoch,
-                loss=loss_sum / n_since,
+                loss=loss,
                 step_time=step_time_sum / n_since,
                 mem_gb=_peak_memory_gb(device),
                 hparams=hp,
@@ -578,12 +642,14 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
                 record.update(bits=plan.bits, n_frozen=stats.get("n_frozen", 0))
             if lr_changes:
                 record["lr_changes"] = lr_changes
-            append_jsonl(out / GRADIENTS, algorithm.pop_gradient_records())
+            append_jsonl(out / GRADIENTS, gradient_records)
             append_jsonl(out / RESULTS, [record])
-            save_atomic(
-                _checkpoint(algorithm, plan, meta, done_steps, args, lr_changes), out / CHECKPOINT
-            )
+            checkpoint = _checkpoint(algorithm, plan, meta, done_steps, args, lr_changes)
+            if rng_ranks is not None:
+                checkpoint["rng_ranks"] = rng_ranks
+            save_atomic(checkpoint, out / CHECKPOINT)
             settle(out, keep_new=True)  # an overwritten run goes once this one has a checkpoint
+            distributed.barrier(world)
             saved_step = done_steps
             targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
             bar.set_postfix(loss=f"{record['loss']:.3f}", target=f"{np.mean(targets):.3f}")
@@ -597,7 +663,8 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
         raise RunInterrupted(f"interrupted at step {step + 1} of {steps}: {kept}.") from None
     finally:
         bar.close()
-    (out / DONE).write_text("done\n")
+    if world.main:
+        (out / DONE).write_text("done\n")
 
 
 def _nan_message(loss: float, step: int, saved_step: int | None, out: Path, lr: float) -> str:

@@ -82,12 +82,29 @@ class StepSampler(Sampler):
     """Infinite batch sampler over ``size`` items; batch t is a function of (seed, stream, t).
 
     Items are drawn without replacement within an epoch (a seeded permutation per epoch),
-    and each comes with a per-sample augmentation seed.
+    and each comes with a per-sample augmentation seed. ``shard=(rank, ranks)`` keeps the
+    rank's contiguous 1/ranks of every batch: the ranks together see the batch one process
+    would, image for image.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, stream: int, start_step: int = 0):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        stream: int,
+        start_step: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ):
         if size < 1 or batch_size < 1:
             raise ValueError(f"need size >= 1 and batch_size >= 1, got {size} and {batch_size}")
+        rank, ranks = shard
+        if batch_size % ranks:
+            raise ValueError(
+                f"batch_size {batch_size} does not split into {ranks} equal shards: "
+                f"give a batch size divisible by the number of processes"
+            )
+        self.shard = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
@@ -104,7 +121,7 @@ class StepSampler(Sampler):
             items[chosen] = self._permutation(int(epoch))[offsets[chosen]]
         rng = np.random.default_rng([self.seed, self.stream, 1, step])
         seeds = rng.integers(0, 2**63 - 1, size=self.batch_size)
-        return list(zip(items.tolist(), seeds.tolist()))
+        return list(zip(items.tolist(), seeds.tolist()))[self.shard]
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
@@ -130,11 +147,12 @@ class TrainBatches:
         start_step: int,
         num_workers: int,
         pin_memory: bool,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self._loaders = [
             DataLoader(
                 view,
-                batch_sampler=StepSampler(len(view), batch_size, seed, stream, start_step),
+                batch_sampler=StepSampler(len(view), batch_size, seed, stream, start_step, shard),
                 num_workers=num_workers,
                 pin_memory=pin_memory,
                 generator=_private_generator(seed),
@@ -208,9 +226,9 @@ class DomainLoaders:
             self._train = self.train_batches(0)
         return self._train
 
-    def train_batches(self, start_step: int = 0) -> TrainBatches:
+    def train_batches(self, start_step: int = 0, shard: tuple[int, int] = (0, 1)) -> TrainBatches:
         """A fresh training stream whose first batch is the one a straight run sees at
-        ``start_step``."""
+        ``start_step``; with ``shard=(rank, ranks)``, that rank's share of it."""
         return TrainBatches(
             self._train_views,
             self.train_envs,
@@ -219,6 +237,7 @@ class DomainLoaders:
             start_step,
             self.num_workers,
             self.pin_memory,
+            shard,
         )
 
 
