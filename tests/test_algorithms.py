@@ -12,7 +12,7 @@ from gaqat.algorithms import Algorithm, lr_lambda
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig
 from gaqat.names import ALGORITHMS, get_recipe
-from gaqat.quant import quantizers, step_sizes
+from gaqat.quant import lsq_quantize, quantizers, step_sizes
 
 
 def test_unknown_algorithm_lists_the_choices():
@@ -135,3 +135,55 @@ def test_every_update_starts_from_zero_gradients(name):
     algorithm.update(batch)
     for p, g in zip(algorithm.network.parameters(), grads):
         torch.testing.assert_close(seen[p], g, rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_trains_with_fp32_weights_and_fp32_quantizer_grids():
+    torch.manual_seed(0)
+    hp = {**default_hparams("gaqat", "digits"), "window": 2}
+    algorithm = Algorithm("gaqat", ModelConfig(), hp, total_steps=4, bits=4, precision="bf16")
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(3)]
+    for _ in range(4):
+        assert math.isfinite(algorithm.update(batches)["loss"])
+    assert all(p.dtype == torch.float32 for p in algorithm.network.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in algorithm.network.parameters())
+    assert algorithm.predict(torch.zeros(2, 3, 16, 16)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        Algorithm("erm", ModelConfig(), default_hparams("erm", "digits"), 1, precision="fp16")
+
+
+def test_bf16_activations_are_quantized_on_the_fp32_grid():
+    x = torch.randn(64).to(torch.bfloat16).requires_grad_()
+    scale = torch.tensor(0.3, requires_grad=True)
+    out = lsq_quantize(x, scale, -8, 7, 1.0)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, lsq_quantize(x.detach().float(), scale, -8, 7, 1.0))
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and scale.grad.dtype == torch.float32
+
+
+def test_channels_last_changes_the_layout_not_the_gradient():
+    """Float model: the gradients agree to rounding. (Not compared on weights, where Adam's
+    first step turns the sign of a gradient that is zero up to rounding into a full
+    learning-rate step, nor on a quantized model, where rounding can move a value across
+    a quantization threshold.)"""
+    hp = default_hparams("sagm", "digits")
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(3)]
+    grads = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        algorithm = Algorithm("sagm", ModelConfig(), hp, 2, channels_last=channels_last)
+        algorithm.update(batches)
+        grads.append({n: p.grad for n, p in algorithm.network.named_parameters()})
+    assert algorithm.network.featurizer[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name
+    quantized = Algorithm(
+        "gaqat",
+        ModelConfig(),
+        {**hp, **default_hparams("gaqat", "digits")},
+        2,
+        bits=4,
+        channels_last=True,
+    )
+    assert math.isfinite(quantized.update(batches)["loss"])

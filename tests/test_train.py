@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -182,3 +183,20 @@ def test_hparams_on_the_command_line_must_be_a_json_object(capsys):
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "not valid JSON" in err and "expected a JSON object" in err
+
+
+def test_a_bf16_channels_last_run_trains_and_says_so(tmp_path, digits_dir):
+    out = run(
+        tiny_run(
+            tmp_path / "bf16",
+            digits_dir,
+            "lsq",
+            bits=4,
+            from_scratch=True,
+            precision="bf16",
+            channels_last=True,
+        )
+    )
+    (record,) = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    assert record["args"]["precision"] == "bf16" and record["args"]["channels_last"]
+    assert math.isfinite(record["loss"])

@@ -160,7 +160,13 @@ def test_resume_with_other_arguments_is_refused_listing_the_differences(
     monkeypatch.undo()
     before = _snapshot(config.output)
     other = _config(
-        tmp_path, digits_dir, steps=4, algorithm="sagm", resume=True, hparams={"lr": 1e-2}
+        tmp_path,
+        digits_dir,
+        steps=4,
+        algorithm="sagm",
+        resume=True,
+        hparams={"lr": 1e-2},
+        precision="bf16",
     )
     with pytest.raises(UsageError) as refused:
         run(other)
@@ -168,6 +174,7 @@ def test_resume_with_other_arguments_is_refused_listing_the_differences(
     assert "algorithm: 'erm' in the run, 'sagm' in this command" in text
     assert "hparams.lr: 0.001 in the run, 0.01 in this command" in text
     assert "hparams.rho: (absent) in the run, 0.05 in this command" in text
+    assert "precision: 'fp32' in the run, 'bf16' in this command" in text
     assert _snapshot(config.output) == before
     run(_config(tmp_path, digits_dir, steps=4, resume=True))
     assert (config.output / DONE).exists()

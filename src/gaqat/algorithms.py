@@ -16,7 +16,7 @@ from torch import nn
 from gaqat.distributed import data_parallel, synchronise_batch_norm
 from gaqat.freezing import Freezer
 from gaqat.models import ModelConfig, Network, build_model
-from gaqat.names import LR_SCHEDULES, get_recipe
+from gaqat.names import LR_SCHEDULES, PRECISIONS, get_recipe
 from gaqat.optim import GAQAT, SAGM, SAM, frozen_running_stats
 from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
 
@@ -40,7 +40,13 @@ def lr_lambda(schedule: str, total_steps: int):
 
 
 class Algorithm:
-    """Runs one recipe: ``update(minibatches)`` is one training step, ``predict(x)`` logits."""
+    """Runs one recipe: ``update(minibatches)`` is one training step, ``predict(x)`` logits.
+
+    ``precision="bf16"``: the forward passes (both of a two-pass step, and prediction) run
+    under bfloat16 autocast; weights, gradients, optimizer state and the quantizers' grids
+    stay float32. ``channels_last``: images and convolutions in NHWC memory layout, which
+    GPU convolution kernels prefer.
+    """
 
     def __init__(
         self,
@@ -50,12 +56,21 @@ class Algorithm:
         total_steps: int,
         bits: int | None = None,
         init_state: dict | None = None,
+        *,
+        precision: str = "fp32",
+        channels_last: bool = False,
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"Algorithm.precision: {precision!r} is not one of {PRECISIONS}")
         self.name = name
+        self.precision = precision
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.recipe = get_recipe(name)
         self.network: Network = build_model(model_config)
         if init_state is not None:
             self.network.load_state_dict(init_state)
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
         self.quant_config: QuantConfig | None = None
         if self.recipe.quantized:
             if bits is None:
@@ -142,13 +157,18 @@ class Algorithm:
         self._forward = data_parallel(self.network, device)
         return self
 
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
     def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        x = torch.cat([x for x, _ in minibatches])
+        x = torch.cat([x for x, _ in minibatches]).contiguous(memory_format=self.memory_format)
         y = torch.cat([y for _, y in minibatches])
         self.network.train()
 
         def closure() -> torch.Tensor:
-            loss = F.cross_entropy(self._forward(x), y)
+            with self._autocast(x.device):
+                logits = self._forward(x)
+            loss = F.cross_entropy(logits.float(), y)
             loss.backward()
             return loss
 
@@ -164,7 +184,8 @@ class Algorithm:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.network.eval()
-        return self.network(x)
+        with self._autocast(x.device):
+            return self.network(x.contiguous(memory_format=self.memory_format)).float()
 
     def pop_gradient_records(self) -> list[dict]:
         """GAQAT's window summaries and freeze decisions since the last call."""

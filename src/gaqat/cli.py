@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gaqat import __version__
 from gaqat.errors import UsageError, as_usage_errors
-from gaqat.names import ALGORITHMS, BITS_RANGE, DATASETS
+from gaqat.names import ALGORITHMS, BITS_RANGE, DATASETS, PRECISIONS
 
 DATASET_HELP = (
     f"{', '.join(DATASETS)}, or a folder in DomainBed's layout ROOT/<domain>/<class>/<image>"
@@ -193,6 +193,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="PyTorch's deterministic algorithms and cuDNN settings (slower on GPUs)",
     )
     p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: bfloat16 autocast of the forward passes (weights and optimizer stay fp32)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC memory layout for images and convolutions (faster on GPUs)",
+    )
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -211,6 +222,8 @@ def _run_options(args: argparse.Namespace) -> dict:
         "num_workers": args.num_workers,
         "device": args.device,
         "deterministic": args.deterministic,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
         "progress": args.progress and not args.quiet,
     }
 

@@ -66,5 +66,6 @@ ARCHITECTURES = ("small_cnn", "resnet18", "resnet50")
 LR_SCHEDULES = ("constant", "cosine")
 FIRST_LAST_POLICIES = ("float", "int8", "same")
 PERTURBED_PASS_RNG = ("replay", "fresh")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward passes, fp32 weights
 FREEZE_MODES = ("task", "all")
 DISORDER_METRICS = ("sign_flip", "cancellation")

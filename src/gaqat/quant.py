@@ -98,6 +98,8 @@ def lsq_quantize(
     to ``x`` for per-channel scales); ``grad_scale`` multiplies the step-size gradient."""
     if not q_min < q_max:
         raise ValueError(f"lsq_quantize: expected q_min < q_max, got {q_min} and {q_max}")
+    if x.dtype != scale.dtype:  # bf16 activations under autocast: quantize on the fp32 grid
+        x = x.to(scale.dtype)
     return _LsqQuantize.apply(x, scale, q_min, q_max, grad_scale)
 
 

@@ -33,7 +33,8 @@ from gaqat.train import TrainConfig
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
 SWEEP_RECORD = "sweep.json"
 HASH_CHARS = 8
-IDENTITY_DEFAULTS = {"image_size": None, "weights": "default"}  # TrainConfig's defaults
+# TrainConfig's defaults of the options that change results
+IDENTITY_DEFAULTS = {"image_size": None, "weights": "default", "precision": "fp32"}
 
 
 RUN_OPTIONS = (
@@ -46,6 +47,8 @@ RUN_OPTIONS = (
     "num_workers",
     "device",
     "deterministic",
+    "precision",
+    "channels_last",
     "progress",
 )
 """The TrainConfig fields a sweep hands to every run alike; the others differ per run."""

@@ -40,7 +40,7 @@ from gaqat.data import load_dataset, make_loaders
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
-from gaqat.names import BITS_RANGE, Recipe, get_recipe
+from gaqat.names import BITS_RANGE, PRECISIONS, Recipe, get_recipe
 from gaqat.quant import check_step_sizes
 from gaqat.runfolder import (
     CHECKPOINT,
@@ -90,6 +90,8 @@ class TrainConfig:
     image_size: int | None = None  # None: the dataset's (224 photos, 32 digits)
     device: str | None = None
     deterministic: bool = False  # PyTorch's deterministic algorithms, cuDNN included
+    precision: str = "fp32"  # "bf16": bfloat16 autocast of the forward passes
+    channels_last: bool = False  # NHWC memory layout (GPU convolutions prefer it)
     progress: bool = True
 
     def to_args(self) -> dict:
@@ -136,6 +138,7 @@ class Plan:
             "trial_seed": config.trial_seed,
             "hparams_seed": config.hparams_seed,
             "image_size": config.image_size,
+            "precision": config.precision,
             **{f"hparams.{k}": v for k, v in self.hparams.items()},
         }
 
@@ -150,6 +153,7 @@ def _stored_identity(checkpoint: dict) -> dict:
         "trial_seed": args["trial_seed"],
         "hparams_seed": args["hparams_seed"],
         "image_size": args.get("image_size"),
+        "precision": args.get("precision", "fp32"),  # runs from before the option: fp32
         **{f"hparams.{k}": v for k, v in checkpoint["hparams"].items()},
     }
 
@@ -196,6 +200,12 @@ def check(config: TrainConfig) -> Plan:
                 f"into {world.size} equal shards, one per process; give a batch size "
                 f"divisible by {world.size}"
             )
+        device = distributed.device_for(world, _device(config.device))
+        if config.precision == "bf16" and device.type == "cuda":
+            if not torch.cuda.is_bf16_supported():
+                raise UsageError(
+                    f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16"
+                )
         return Plan(
             recipe,
             config.bits if recipe.quantized else None,
@@ -203,7 +213,7 @@ def check(config: TrainConfig) -> Plan:
             dataset,
             model_config,
             _init_state(config, model_config, recipe),
-            distributed.device_for(world, _device(config.device)),
+            device,
             world,
         )
 
@@ -246,6 +256,8 @@ def _check_arguments(config: TrainConfig) -> dict:
             _positive(value, option)
     if config.num_workers < 0:
         raise UsageError(f"--num-workers: expected an integer >= 0, got {config.num_workers}")
+    if config.precision not in PRECISIONS:
+        raise UsageError(f"--precision: {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     for option, seed in (("--seed", config.trial_seed), ("--hparams-seed", config.hparams_seed)):
         if not 0 <= seed < 2**31:
             raise UsageError(f"{option}: expected an integer from 0 to 2**31 - 1, got {seed}")
@@ -530,7 +542,14 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
     )
     steps, freq = hp["steps"], hp["checkpoint_freq"]
     algorithm = Algorithm(
-        config.algorithm, plan.model_config, hp, steps, plan.bits, plan.init_state
+        config.algorithm,
+        plan.model_config,
+        hp,
+        steps,
+        plan.bits,
+        plan.init_state,
+        precision=config.precision,
+        channels_last=config.channels_last,
     ).to(device)
 
     start, saved_step, lr_changes = 0, None, []
