@@ -44,15 +44,29 @@ BITS = 4
 GOALS = {"gaqat/lsq_sagm": 1.05, "lsq_sagm/lsq": 2.3}
 
 
-def candidates(case: str, device: torch.device, window: int) -> dict:
-    """Method name -> a zero-argument callable running one ``Algorithm.update``."""
-    config, size, batch = CASES[case]
+def candidates(
+    case: tuple[ModelConfig, int, int],
+    device: torch.device,
+    window: int,
+    methods: tuple[str, ...] = METHODS,
+    domains: int = 1,
+    **algorithm_options,
+) -> dict:
+    """Method name -> a zero-argument callable running one ``Algorithm.update`` on
+    ``domains`` random minibatches of the case's (model, image size, batch size);
+    ``algorithm_options`` go to ``Algorithm`` (precision, channels_last)."""
+    config, size, batch = case
     torch.manual_seed(0)
     init_state = build_model(config).state_dict()
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, config.num_classes, (batch,), device=device)
+    minibatches = [
+        (
+            torch.randn(batch, 3, size, size, device=device),
+            torch.randint(0, config.num_classes, (batch,), device=device),
+        )
+        for _ in range(domains)
+    ]
     steps = {}
-    for name in METHODS:
+    for name in methods:
         recipe = get_recipe(name)
         hparams = default_hparams(name, "digits")
         if recipe.freezing:
@@ -64,8 +78,9 @@ def candidates(case: str, device: torch.device, window: int) -> dict:
             total_steps=10**6,
             bits=BITS if recipe.quantized else None,
             init_state=init_state,
+            **algorithm_options,
         ).to(device)
-        steps[name] = functools.partial(algorithm.update, [(x, y)])
+        steps[name] = functools.partial(algorithm.update, minibatches)
     return steps
 
 
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, ratio_rows = [], []
     for case in cases:
         timings = time_interleaved(
-            candidates(case, device, args.window),
+            candidates(CASES[case], device, args.window),
             rounds=rounds,
             warmup=warmup,
             device=device,
