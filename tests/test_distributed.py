@@ -3,8 +3,10 @@ equals one process's step on the same global batch, and ``torchrun -m gaqat trai
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from gaqat.distributed import SyncBatchNorm2d, synchronise_batch_norm
 from gaqat.errors import UsageError
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig
+from gaqat.runfolder import CHECKPOINT, DONE, RESULTS
 from gaqat.train import check
 
 STEPS, DOMAINS, PER_DOMAIN = 12, 3, 8
@@ -102,25 +105,6 @@ def torchrun(*argv):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.slow
-def test_torchrun_trains_one_run_that_rank_0_writes(tmp_path, digits_dir):
-    out = tmp_path / "run"
-    argv = tiny_argv(out, digits_dir, "--algorithm", "gaqat", "--bits", "3", "--from-scratch")
-    argv[argv.index("--hparams") + 1] = json.dumps({**TINY, "window": 2, "tau": 0.9})
-    done = torchrun(*argv, "--steps", "4", "--checkpoint-freq", "2", "--quiet")
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4]  # one writer: no record twice
-    assert records[0]["args"]["world_size"] == 2
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert len(checkpoint["rng_ranks"]) == 2
-
-    # A refusal on rank 0 (the run is finished) stops every rank with its message.
-    again = torchrun(*argv, "--steps", "4", "--checkpoint-freq", "2", "--quiet")
-    assert again.returncode != 0
-    assert "holds a finished run" in again.stderr
-
-
 def test_a_batch_that_does_not_split_is_refused_before_anything_starts(
     tmp_path, digits_dir, monkeypatch
 ):
@@ -129,3 +113,49 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_starts(
     with pytest.raises(UsageError, match="divisible by 3"):
         check(tiny_run(tmp_path / "odd", digits_dir))
     assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_run_rank_0_writes_and_a_stopped_one_resumes_to_the_same_weights(
+    tmp_path, digits_dir
+):
+    def argv(out, *extra):
+        args = tiny_argv(out, digits_dir, "--algorithm", "gaqat", "--bits", "3", "--from-scratch")
+        args[args.index("--hparams") + 1] = json.dumps({**TINY, "window": 2, "tau": 0.9})
+        return [*args, "--steps", "8", "--checkpoint-freq", "2", "--quiet", *extra]
+
+    straight = torchrun(*argv(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "straight" / RESULTS).open()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]  # rank 0 alone writes
+    assert records[0]["args"]["world_size"] == 2
+    assert straight.stdout.count("finished") == 1  # one summary
+
+    # A refusal on rank 0 (the run is finished) stops every rank with its message.
+    again = torchrun(*argv(tmp_path / "straight"))
+    assert again.returncode != 0 and "holds a finished run" in again.stderr
+
+    out = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher = subprocess.Popen(
+        [*command, "--nproc-per-node=2", "-m", "gaqat", *argv(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    launcher.wait(timeout=60)
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    assert saved["step"] < 8 and not (out / DONE).exists()
+    assert len(saved["rng_ranks"]) == 2  # each rank's random state, for the resume
+
+    resumed = torchrun(*argv(out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["model"]
+    got = torch.load(out / CHECKPOINT, weights_only=True)["model"]
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert (out / RESULTS).read_text().count("\n") == 4  # steps 2, 4, 6, 8, once each
