@@ -392,3 +392,16 @@ def test_export_imports_without_the_extra():
     assert done.returncode == 1
     assert "RuntimeError: export needs safetensors" in done.stderr
     assert 'pip install "gaqat[export]"' in done.stderr
+
+
+def test_mobilenet_v2_exports_to_onnx_that_onnxruntime_agrees_with(tmp_path, onnx, onnxruntime):
+    """Depthwise convs with per-channel step sizes, ReLU6, residual adds, a float stem."""
+    torch.manual_seed(0)
+    model = quantize_model(build_model(ModelConfig(arch="mobilenet_v2")), QuantConfig(4, 4))
+    images = torch.randn(8, 3, 32, 32)
+    model(images)  # initialises the quantizers
+    model.eval()
+    export.export_onnx(model, tmp_path / "m.onnx", 32)
+    with torch.no_grad():
+        expected = model(images)
+    assert float((export.onnx_logits(tmp_path / "m.onnx", images) - expected).abs().max()) < 1e-3

@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 
 from gaqat.models import ModelConfig, Network, build_model
+from gaqat.quant import QuantConfig, quantize_model, quantizers
 
 
 def test_small_cnn_classifies_32x32_images():
@@ -62,3 +63,45 @@ def test_frozen_batch_norm_keeps_running_statistics_in_training_mode():
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_large"])
+def test_mobilenets_load_a_local_file_and_give_1280_pooled_features(arch, tmp_path):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(weights=None)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(reference.state_dict(), path)  # with its ImageNet head, which is dropped
+    net = build_model(ModelConfig(arch=arch, num_classes=5, weights=str(path))).eval()
+    stem = net.featurizer.features[0][0].weight
+    assert torch.equal(stem, reference.features[0][0].weight)
+    x = torch.randn(2, 3, 64, 64)
+    assert net.featurizer(x).shape == (2, 1280) and net(x).shape == (2, 5)
+    if arch == "mobilenet_v3_large":  # its 960 -> 1280 layer is part of the backbone
+        reference.eval()
+        expected = reference.classifier[1](
+            reference.classifier[0](reference.avgpool(reference.features(x)).flatten(1))
+        )
+        assert torch.allclose(net.featurizer(x), expected)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model(
+            ModelConfig(
+                arch="mobilenet_v2" if arch != "mobilenet_v2" else "resnet18", weights=str(path)
+            )
+        )
+
+
+def test_mobilenet_quantization_follows_the_layer_rules():
+    """Stem conv and classifier float (first/last rule), depthwise convs per-channel weight
+    step sizes, ReLU6 outputs on an unsigned grid."""
+    net = build_model(ModelConfig(arch="mobilenet_v2"))
+    quantize_model(net, QuantConfig(weight_bits=4, act_bits=4))
+    assert type(net.featurizer.features[0][0]) is nn.Conv2d and type(net.classifier) is nn.Linear
+    block = net.featurizer.features[1].conv  # depthwise conv + BN + ReLU6, pointwise conv
+    depthwise, pointwise = block[0][0], block[1]
+    assert depthwise.weight_quantizer.scale.shape == (32, 1, 1, 1)
+    assert pointwise.weight_quantizer.scale.numel() == 1
+    net.train()(torch.randn(4, 3, 32, 32))
+    assert pointwise.input_quantizer.signed is False  # it reads ReLU6's output
+    plain = build_model(ModelConfig(arch="mobilenet_v2"))
+    quantize_model(plain, QuantConfig(depthwise_per_channel=False))
+    assert not any(q.per_channel for q in quantizers(plain).values())

@@ -1,8 +1,12 @@
-"""Backbones: a small CNN for 32x32 benchmarks and torchvision ResNets.
+"""Backbones: a small CNN for 32x32 benchmarks; torchvision's ResNet-18/50 (DomainBed's)
+and MobileNetV2 / MobileNetV3-Large (edge deployment).
 
 Every network is a :class:`Network`: a featurizer, dropout and a linear classifier,
 in that module order, so ``quantize_model``'s "first conv / last linear" policy finds
-the stem convolution and the classifier without per-architecture rules.
+the stem convolution and the classifier without per-architecture rules. A torchvision
+backbone loses its ImageNet head and keeps its pooled features: 512 (ResNet-18), 2048
+(ResNet-50), 1280 (MobileNetV2: the last 1x1 conv's; MobileNetV3-Large: after its
+960 -> 1280 linear layer and hardswish, which stay in the featurizer and are quantized).
 """
 
 from __future__ import annotations
@@ -84,7 +88,31 @@ def small_cnn_featurizer(channels: tuple[int, ...] = (32, 64, 128, 128)) -> nn.S
     return nn.Sequential(*layers)
 
 
-def _resnet_featurizer(arch: str, weights: str | None) -> tuple[nn.Module, int]:
+# The key prefix of each torchvision backbone's ImageNet classification layer.
+_IMAGENET_HEAD = {
+    "resnet18": "fc.",
+    "resnet50": "fc.",
+    "mobilenet_v2": "classifier.1.",
+    "mobilenet_v3_large": "classifier.3.",
+}
+
+
+def _drop_head(arch: str, net: nn.Module) -> int:
+    """Remove the ImageNet head in place (and torchvision's dropout before it: Network has
+    its own); return the number of features left."""
+    if arch.startswith("resnet"):
+        n_features = net.fc.in_features
+        net.fc = nn.Identity()
+    elif arch == "mobilenet_v2":
+        n_features = net.last_channel
+        net.classifier = nn.Identity()
+    else:  # mobilenet_v3_large: Linear(960, 1280), Hardswish, Dropout, Linear(1280, 1000)
+        n_features = net.classifier[0].out_features
+        net.classifier = nn.Sequential(net.classifier[0], net.classifier[1])
+    return n_features
+
+
+def _torchvision_featurizer(arch: str, weights: str | None) -> tuple[nn.Module, int]:
     constructor = getattr(torchvision.models, arch)
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
@@ -100,9 +128,7 @@ def _resnet_featurizer(arch: str, weights: str | None) -> tuple[nn.Module, int]:
         net = constructor(weights=None)
         if weights is not None:
             _load_local_weights(net, Path(weights), arch)
-    n_features = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, n_features
+    return net, _drop_head(arch, net)
 
 
 def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
@@ -114,12 +140,13 @@ def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
         raise ValueError(
             f"weights file {path}: not a readable torch state_dict ({error})"
         ) from error
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet's classes
+    head = _IMAGENET_HEAD[arch]
+    state = {k: v for k, v in state.items() if not k.startswith(head)}  # ImageNet's classes
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same keys, other shapes: another architecture
         raise ValueError(f"weights file {path} does not fit {arch}: {str(error)[:300]}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith(head)]
     if missing or unexpected:
         raise ValueError(
             f"weights file {path} does not fit {arch}: missing keys {missing[:5]}, "
@@ -136,5 +163,5 @@ def build_model(config: ModelConfig) -> Network:
             )
         featurizer, n_features = small_cnn_featurizer(), 128
     else:
-        featurizer, n_features = _resnet_featurizer(config.arch, config.weights)
+        featurizer, n_features = _torchvision_featurizer(config.arch, config.weights)
     return Network(featurizer, n_features, config.num_classes, config.dropout, config.freeze_bn)

@@ -316,6 +316,8 @@ _QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 class QuantConfig:
     """How to quantize a model; ``dataclasses.asdict`` / ``QuantConfig(**d)`` round-trip.
 
+    ``per_channel``: one weight step size per output channel in every layer;
+    ``depthwise_per_channel``: in depthwise convolutions whatever ``per_channel`` says.
     ``first_last``: the first Conv2d and the last Linear (in module order) stay "float",
     get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
     module names (a layer, or a container whose layers all stay float).
@@ -324,16 +326,18 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: int = 4
     per_channel: bool = False
+    depthwise_per_channel: bool = True
     first_last: str = "float"
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_bits(self.weight_bits, "QuantConfig.weight_bits")
         _check_bits(self.act_bits, "QuantConfig.act_bits")
-        if not isinstance(self.per_channel, bool):
-            raise ValueError(
-                f"QuantConfig.per_channel: expected true or false, got {self.per_channel!r}"
-            )
+        for name in ("per_channel", "depthwise_per_channel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"QuantConfig.{name}: expected true or false, got {getattr(self, name)!r}"
+                )
         if self.first_last not in FIRST_LAST_POLICIES:
             raise ValueError(
                 f"QuantConfig.first_last: expected one of {FIRST_LAST_POLICIES}, "
@@ -377,13 +381,20 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name, layer in layers:
         bits = _layer_bits(name, name in first_last, config)
         if bits is not None:
-            replaced[layer] = _QUANTIZED[type(layer)].from_float(layer, *bits, config.per_channel)
+            per_channel = config.per_channel or (config.depthwise_per_channel and _depthwise(layer))
+            replaced[layer] = _QUANTIZED[type(layer)].from_float(layer, *bits, per_channel)
     # Swap every reference, so a layer shared between two parents is replaced in both.
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if child in replaced:
                 setattr(parent, child_name, replaced[child])
     return model
+
+
+def _depthwise(layer: nn.Module) -> bool:
+    """One filter per input channel: a per-tensor step size would have to cover filters
+    whose ranges differ by orders of magnitude (per-tensor LSQ is known to fail there)."""
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
 
 
 def quantizers(model: nn.Module) -> dict[str, LsqQuantizer]:
