@@ -326,9 +326,9 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: int = 4
     per_channel: bool = False
-    depthwise_per_channel: bool = True
     first_last: str = "float"
     skip: tuple[str, ...] = ()
+    depthwise_per_channel: bool = True  # last: positional construction stays as it was
 
     def __post_init__(self) -> None:
         _check_bits(self.weight_bits, "QuantConfig.weight_bits")
