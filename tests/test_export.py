@@ -394,10 +394,12 @@ def test_export_imports_without_the_extra():
     assert 'pip install "gaqat[export]"' in done.stderr
 
 
-def test_mobilenet_v2_exports_to_onnx_that_onnxruntime_agrees_with(tmp_path, onnx, onnxruntime):
-    """Depthwise convs with per-channel step sizes, ReLU6, residual adds, a float stem."""
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_lite0"])
+def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(arch, tmp_path, onnx, onnxruntime):
+    """Depthwise convs with per-channel step sizes, ReLU6, residual adds, a float stem
+    (and EfficientNet's TensorFlow "same" padding)."""
     torch.manual_seed(0)
-    model = quantize_model(build_model(ModelConfig(arch="mobilenet_v2")), QuantConfig(4, 4))
+    model = quantize_model(build_model(ModelConfig(arch=arch)), QuantConfig(4, 4))
     images = torch.randn(8, 3, 32, 32)
     model(images)  # initialises the quantizers
     model.eval()

