@@ -122,6 +122,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
+        dtype = x.dtype  # statistics in at least fp32, even under bf16 autocast
+        x = x.to(torch.promote_types(dtype, torch.float32))
         count = x.new_full((x.shape[1],), x.numel() / x.shape[1])
         local = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
         total, total_sq, count = _AllReduce.apply(local)
@@ -133,7 +135,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
