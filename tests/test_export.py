@@ -26,6 +26,7 @@ from gaqat import cli, export
 from gaqat.checkpoint import save_atomic
 from gaqat.data import load_dataset, make_loaders
 from gaqat.models import ModelConfig, build_model
+from gaqat.names import ARCHITECTURES
 from gaqat.quant import QuantConfig, quantize_model
 
 BITS = (4, 3)
@@ -407,3 +408,25 @@ def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(arch, tmp_path,
     with torch.no_grad():
         expected = model(images)
     assert float((export.onnx_logits(tmp_path / "m.onnx", images) - expected).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_int4_weights_hold_the_same_codes_in_half_the_bytes(bits, tmp_path, onnx, onnxruntime):
+    torch.manual_seed(0)
+    model = quantize_model(build_model(ModelConfig()), QuantConfig(bits, bits))
+    images = torch.randn(16, 3, 32, 32)
+    model(images)  # initialises the quantizers
+    model.eval()
+    int8, int4 = tmp_path / "int8.onnx", tmp_path / "int4.onnx"
+    export.export_onnx(model, int8, 32)
+    assert export.export_onnx(model, int4, 32, int4_weights=True) == 21
+    initializers = onnx.load(str(int4)).graph.initializer
+    packed = [t for t in initializers if t.data_type == onnx.TensorProto.INT4]
+    assert len(packed) == 3  # the three quantized convs; stem and classifier stay float
+    codes = sum(m.weight.numel() for m in export.quantized_layers(model).values())
+    assert int8.stat().st_size - int4.stat().st_size >= codes // 2 - 64
+    assert torch.equal(export.onnx_logits(int4, images), export.onnx_logits(int8, images))
+
+
+def test_every_backbone_has_a_default_export_size():
+    assert set(export.INPUT_SIZES) == set(ARCHITECTURES)

@@ -632,7 +632,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--input-size",
         type=int,
         help="image side for tracing and the probe check "
-        "(default: 32 for small_cnn, 224 for ResNets)",
+        "(default: 32 for small_cnn, 224 for the ImageNet backbones)",
+    )
+    p.add_argument(
+        "--int4-weights",
+        action="store_true",
+        help="onnx: store 4-bit and 3-bit weight codes as packed INT4 (opset 21) instead of "
+        "int8: the same integers in half the bytes",
     )
 
 
@@ -641,7 +647,12 @@ def _export(args: argparse.Namespace) -> int:
 
     with as_usage_errors():  # what is wrong is the checkpoint or an option given
         summary = export_checkpoint(
-            args.checkpoint, args.format, args.out, fold_bn=args.fold_bn, input_size=args.input_size
+            args.checkpoint,
+            args.format,
+            args.out,
+            fold_bn=args.fold_bn,
+            input_size=args.input_size,
+            int4_weights=args.int4_weights,
         )
     print(summary)
     return 0

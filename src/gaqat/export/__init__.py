@@ -53,7 +53,14 @@ __all__ = [
 FORMATS = ("int", "onnx")
 #: Input side used to trace the ONNX graph and to probe it, per architecture (the
 #: small CNN is built for 32x32 DigitsDG, ResNets for 224x224 photos).
-INPUT_SIZES = {"small_cnn": 32, "resnet18": 224, "resnet50": 224}
+INPUT_SIZES = {
+    "small_cnn": 32,
+    "resnet18": 224,
+    "resnet50": 224,
+    "mobilenet_v2": 224,
+    "mobilenet_v3_large": 224,
+    "efficientnet_lite0": 224,
+}
 
 
 @dataclass
@@ -98,11 +105,14 @@ def export_checkpoint(
     out: str | Path,
     fold_bn: bool = False,
     input_size: int | None = None,
+    int4_weights: bool = False,
 ) -> ExportSummary:
     """``gaqat export``: load a QAT checkpoint, optionally fold BN into float convs,
     write the ``int`` or ``onnx`` file, and say what was written and how it checks."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
+    if int4_weights and fmt != "onnx":
+        raise ValueError("int4 weights are an option of the onnx format (--format onnx)")
     if input_size is not None and input_size < 1:
         raise ValueError(f"input size: expected a positive image side, got {input_size}")
     model, checkpoint = load_model(checkpoint_path)
@@ -134,6 +144,7 @@ def export_checkpoint(
                 "model_config": checkpoint["model_config"],
                 "quant_config": checkpoint["quant_config"],
             },
+            int4_weights=int4_weights,
         )
         diff = onnx_logits(out, probe) - model(probe)
         summary["onnx_max_abs_diff"] = float(diff.abs().max())

@@ -8,7 +8,10 @@ DequantizeLinear ("QCDQ", as brevitas exports) with the learned step size and ze
 the 8-bit type clipped in the integer domain to [q_min, q_max]: exact for any b in 2..8.
 Clip takes integer tensors from opset 12 and QuantizeLinear takes a per-channel ``axis``
 from opset 13, so models are written at opset 12, or 13 with per-channel weight scales:
-the lowest opsets that express them. Float layers stay float.
+the lowest opsets that express them. Float layers stay float. With ``int4_weights`` every
+weight whose codes fit in 4 bits (4-bit and 3-bit layers) is stored as a packed INT4
+initializer instead, at opset 21 (the first with 4-bit DequantizeLinear): the same
+integers, half the bytes.
 
 Rounding: the fake quantizer computes ``x * (1/s)``, QuantizeLinear ``x / s``, and ONNX
 Runtime's convolutions (the stem fused with its BN) sum in another order; any of these
@@ -121,11 +124,37 @@ def onnx_ready(model: nn.Module) -> nn.Module:
     return ready
 
 
+def _int4_weights(proto) -> int:
+    """Store as INT4 every DequantizeLinear initializer (the weight codes) whose values fit
+    in [-8, 7], with its zero point; returns how many. The graph then needs opset 21."""
+    numpy_helper = require("onnx").numpy_helper
+    int4 = require("ml_dtypes").int4  # onnx's own dependency: numpy's 4-bit type, packed raw
+    initializers = {t.name: t for t in proto.graph.initializer}
+    constants = {n.output[0]: n.attribute[0].t for n in proto.graph.node if n.op_type == "Constant"}
+    converted = 0
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        codes = numpy_helper.to_array(initializers[node.input[0]])
+        if codes.dtype.kind != "i" or codes.min() < -8 or codes.max() > 7:
+            continue
+        for tensor in (initializers[node.input[0]], constants[node.input[2]]):
+            values = numpy_helper.to_array(tensor).astype(int4)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+        converted += 1
+    return converted
+
+
 def export_onnx(
-    model: nn.Module, path: str | Path, input_size: int, properties: dict | None = None
+    model: nn.Module,
+    path: str | Path,
+    input_size: int,
+    properties: dict | None = None,
+    int4_weights: bool = False,
 ) -> int:
     """Write the QDQ ONNX model (input "images" N x 3 x H x W, output "logits", batch and
-    image side dynamic) with ``properties`` as JSON metadata; returns the opset used."""
+    image side dynamic) with ``properties`` as JSON metadata; returns the opset used.
+    ``int4_weights``: 4-bit and 3-bit weight codes as INT4 initializers (opset 21)."""
     onnx = require("onnx")
     opset = onnx_opset(model)
     ready = onnx_ready(model)
@@ -147,6 +176,11 @@ def export_onnx(
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
         )
     proto = onnx.load(str(path))
+    if int4_weights and _int4_weights(proto):
+        opset = 21
+        for entry in proto.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = opset
     onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in (properties or {}).items()})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
