@@ -38,6 +38,7 @@ CHUNK = 64  # images per forward pass, the same for every model compared bit for
 QUANTIZED_WEIGHTS, FLOAT_VALUES, STEP_SIZES = 239_616, 3_562, 6
 MIN_AGREEMENT = 0.999
 MIN_FOLD_AGREEMENT = 0.99  # on 359-500 images: a flip is 0.2-0.3%
+MIN_INTEGER_AGREEMENT = 0.97  # onnxruntime's integer kernels round near-ties their own way
 
 
 @pytest.fixture(scope="session")
@@ -430,3 +431,47 @@ def test_int4_weights_hold_the_same_codes_in_half_the_bytes(bits, tmp_path, onnx
 
 def test_every_backbone_has_a_default_export_size():
     assert set(export.INPUT_SIZES) == set(ARCHITECTURES)
+
+
+def test_integer_kernels_onnx_runs_qlinearconv_and_agrees_on_every_domain(
+    onnx, onnxruntime, run, tmp_path, capsys
+):
+    """Batch norm folded into the quantized convs' per-channel scales: onnxruntime's
+    optimised graph has a QLinearConv for every quantized conv that feeds another
+    quantizer (2 of the small CNN's 3; the last one feeds the float pooling and head).
+    Evaluated in float (no graph optimisation) the folded graph is the model up to
+    rounding; the integer kernels round the bias and the requantisation their own way,
+    which moves near-tie codes, so top-1 agreement is measured, not exact."""
+    path = _export(run, "onnx", "integer.onnx", "--integer-kernels")
+    levels = onnxruntime.GraphOptimizationLevel
+    sessions = {}
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = getattr(levels, level)
+        if level == "ORT_ENABLE_ALL":
+            options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        sessions[level] = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "BatchNormalization" not in ops
+    for domain, images in run.images.items():
+        expected = run.logits[domain]
+        logits = {
+            level: torch.cat(
+                [
+                    torch.from_numpy(session.run(None, {"images": chunk.numpy()})[0])
+                    for chunk in images.split(CHUNK)
+                ]
+            )
+            for level, session in sessions.items()
+        }
+        agree = _agreement(logits["ORT_ENABLE_ALL"], expected)
+        with capsys.disabled():
+            print(
+                f"\n{run.bits}-bit {domain}: integer kernels, top-1 agreement with PyTorch "
+                f"{agree:.4%}; folded graph in float: max |logit diff| "
+                f"{float((logits['ORT_DISABLE_ALL'] - expected).abs().max()):.3g}"
+            )
+        assert _agreement(logits["ORT_DISABLE_ALL"], expected) >= MIN_FOLD_AGREEMENT
+        assert agree >= MIN_INTEGER_AGREEMENT

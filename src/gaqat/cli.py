@@ -640,6 +640,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="onnx: store 4-bit and 3-bit weight codes as packed INT4 (opset 21) instead of "
         "int8: the same integers in half the bytes",
     )
+    p.add_argument(
+        "--integer-kernels",
+        action="store_true",
+        help="onnx: fold batch norm into the quantized convolutions' per-channel weight "
+        "scales (codes unchanged), so that onnxruntime runs them as QLinearConv",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -653,6 +659,7 @@ def _export(args: argparse.Namespace) -> int:
             fold_bn=args.fold_bn,
             input_size=args.input_size,
             int4_weights=args.int4_weights,
+            integer_kernels=args.integer_kernels,
         )
     print(summary)
     return 0

@@ -106,13 +106,16 @@ def export_checkpoint(
     fold_bn: bool = False,
     input_size: int | None = None,
     int4_weights: bool = False,
+    integer_kernels: bool = False,
 ) -> ExportSummary:
     """``gaqat export``: load a QAT checkpoint, optionally fold BN into float convs,
     write the ``int`` or ``onnx`` file, and say what was written and how it checks."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
-    if int4_weights and fmt != "onnx":
-        raise ValueError("int4 weights are an option of the onnx format (--format onnx)")
+    if (int4_weights or integer_kernels) and fmt != "onnx":
+        raise ValueError(
+            "int4 weights and integer kernels are options of the onnx format (--format onnx)"
+        )
     if input_size is not None and input_size < 1:
         raise ValueError(f"input size: expected a positive image side, got {input_size}")
     model, checkpoint = load_model(checkpoint_path)
@@ -145,6 +148,7 @@ def export_checkpoint(
                 "quant_config": checkpoint["quant_config"],
             },
             int4_weights=int4_weights,
+            integer_kernels=integer_kernels,
         )
         diff = onnx_logits(out, probe) - model(probe)
         summary["onnx_max_abs_diff"] = float(diff.abs().max())

@@ -1,8 +1,10 @@
-"""Batch-norm folding: only into a *float* convolution.
+"""Batch-norm folding into a *float* convolution (here), or into a quantized one's
+per-channel weight scales (the ONNX export's ``integer_kernels``, in ``qdq``).
 
-Folding a BN into a quantized convolution would rescale its weights per channel, which
-changes their integer codes (and makes a per-tensor step size wrong for every channel):
-that is a different model from the one trained, so those BNs stay as they are. Folding
+Folding a BN into a quantized convolution's float weights would change their integer
+codes: a different model from the one trained. In this module those BNs stay as they
+are; ``quantized_batchnorms`` finds them for the exporter, which keeps the codes and
+moves the BN's per-channel factor into the weight's step sizes instead. Folding
 moves the conv's outputs by an ulp or so, which flips the rare activation code that sits
 on a rounding tie. The ONNX exporter fuses a float conv + BN pair on its own (ONNX
 Runtime would at load time), so folding first matters mostly for the int file.
@@ -26,9 +28,10 @@ class _Tracer(fx.Tracer):
         return isinstance(m, QUANTIZED_TYPES) or super().is_leaf_module(m, qualname)
 
 
-def foldable_batchnorms(model: nn.Module) -> dict[str, str]:
-    """{BN name: conv name} for each BatchNorm2d whose only input is a float nn.Conv2d
-    used nowhere else (traced with torch.fx, so the pairing is the real data flow)."""
+def foldable_batchnorms(model: nn.Module, conv_type: type = nn.Conv2d) -> dict[str, str]:
+    """{BN name: conv name} for each BatchNorm2d whose only input is a ``conv_type`` (a
+    float nn.Conv2d by default) used nowhere else (traced with torch.fx, so the pairing
+    is the real data flow)."""
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -40,7 +43,7 @@ def foldable_batchnorms(model: nn.Module) -> dict[str, str]:
         if (
             isinstance(src, fx.Node)
             and src.op == "call_module"
-            and type(modules[src.target]) is nn.Conv2d
+            and type(modules[src.target]) is conv_type
             and len(src.users) == 1
             and calls[src.target] == calls[node.target] == 1
             and modules[node.target].track_running_stats

@@ -34,16 +34,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gaqat.export.batchnorm import foldable_batchnorms
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
 from gaqat.quant import QuantConv2d, QuantLinear, lsq_quantize
 
 
-def onnx_opset(model: nn.Module) -> int:
+def onnx_opset(model: nn.Module, integer_kernels: bool = False) -> int:
     """The lowest opset expressing the model's QDQ graph: 12 (Clip on integer tensors),
-    13 when some weight has per-channel step sizes (QuantizeLinear's ``axis``)."""
+    13 when some weight has per-channel step sizes (QuantizeLinear's ``axis``), as any
+    weight with a batch norm folded into it has."""
     layers = quantized_layers(model)
-    return 13 if any(m.weight_quantizer.per_channel for m in layers.values()) else 12
+    per_channel = any(m.weight_quantizer.per_channel for m in layers.values())
+    if integer_kernels:
+        per_channel = per_channel or bool(foldable_batchnorms(model, QuantConv2d))
+    return 13 if per_channel else 12
 
 
 class _Dequantize(torch.autograd.Function):
@@ -84,16 +89,23 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 class _ExportedWeight(nn.Module):
-    """Stands in for a weight quantizer: holds the codes, ignores the float weight."""
+    """Stands in for a weight quantizer: holds the codes, ignores the float weight.
 
-    def __init__(self, layer: QuantConv2d | QuantLinear):
+    ``channel_factor``: a batch norm's per-output-channel factor γ/σ folded into the step
+    sizes (which become per-channel); a negative factor flips that channel's codes, so
+    the scales stay positive and the integers keep their magnitudes."""
+
+    def __init__(self, layer: QuantConv2d | QuantLinear, channel_factor=None):
         super().__init__()
         q = layer.weight_quantizer
-        self.per_channel = q.per_channel
-        self.register_buffer("codes", weight_codes(layer))
-        self.register_buffer(
-            "step", q.step_size().flatten() if q.per_channel else q.step_size().view(())
-        )
+        codes, step = weight_codes(layer), q.step_size()
+        self.per_channel = q.per_channel or channel_factor is not None
+        if channel_factor is not None:
+            shape = (-1,) + (1,) * (codes.dim() - 1)
+            codes = codes * channel_factor.sign().to(codes.dtype).view(shape)
+            step = step.flatten().expand(codes.shape[0]) * channel_factor.abs()
+        self.register_buffer("codes", codes)
+        self.register_buffer("step", step.flatten() if self.per_channel else step.view(()))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _Dequantize.apply(self.codes, self.step, self.per_channel)
@@ -112,16 +124,41 @@ class _ExportedInput(nn.Module):
         return _FakeQuantize.apply(x, self.step, self.q_min, self.q_max)
 
 
-def onnx_ready(model: nn.Module) -> nn.Module:
+def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     """A CPU eval copy whose quantizers export as QDQ nodes; in PyTorch it computes the
-    same logits as ``model`` bit for bit."""
+    same logits as ``model`` bit for bit.
+
+    ``integer_kernels``: each batch norm that alone follows a quantized convolution is
+    folded into it, its factor into the weight's (then per-channel) step sizes and its
+    shift into the bias; the codes stay. Nothing then stands between a quantized conv and
+    the next quantizer but an activation, the pattern onnxruntime fuses into QLinearConv.
+    The logits move by float rounding only (as any BN folding)."""
     layers = quantized_layers(model)
     ready = deepcopy(model).cpu().eval()
+    folded = foldable_batchnorms(ready, QuantConv2d) if integer_kernels else {}
+    factors = {conv: _fold_shift(ready, bn, conv) for bn, conv in folded.items()}
     for name in layers:
         layer = ready.get_submodule(name)
-        layer.weight_quantizer = _ExportedWeight(layer)
+        layer.weight_quantizer = _ExportedWeight(layer, factors.get(name))
         layer.input_quantizer = _ExportedInput(layer)
     return ready
+
+
+@torch.no_grad()
+def _fold_shift(model: nn.Module, bn_name: str, conv_name: str) -> torch.Tensor:
+    """Replace the BN by Identity and put its shift β − μ·γ/σ (plus the scaled old bias)
+    into the conv's bias; return its factor γ/σ, for the weight's step sizes."""
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    factor = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * factor
+    if bn.affine:
+        factor, shift = factor * bn.weight, shift * bn.weight + bn.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * factor
+    conv.bias = nn.Parameter(shift, requires_grad=False)
+    parent, _, child = bn_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, nn.Identity())
+    return factor
 
 
 def _int4_weights(proto) -> int:
@@ -151,13 +188,16 @@ def export_onnx(
     input_size: int,
     properties: dict | None = None,
     int4_weights: bool = False,
+    integer_kernels: bool = False,
 ) -> int:
     """Write the QDQ ONNX model (input "images" N x 3 x H x W, output "logits", batch and
     image side dynamic) with ``properties`` as JSON metadata; returns the opset used.
-    ``int4_weights``: 4-bit and 3-bit weight codes as INT4 initializers (opset 21)."""
+    ``int4_weights``: 4-bit and 3-bit weight codes as INT4 initializers (opset 21).
+    ``integer_kernels``: batch norm folded into the quantized convolutions before it
+    (``onnx_ready``), so that onnxruntime runs them as integer convolutions."""
     onnx = require("onnx")
-    opset = onnx_opset(model)
-    ready = onnx_ready(model)
+    opset = onnx_opset(model, integer_kernels)
+    ready = onnx_ready(model, integer_kernels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, input_size, input_size)
