@@ -39,7 +39,7 @@ from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher
 from gaqat.plots import plot_run
 from gaqat.report import report
-from gaqat.runfolder import GRADIENTS, RESULTS, read_jsonl
+from gaqat.runfolder import DONE, GRADIENTS, RESULTS, read_jsonl
 from gaqat.sweep import SweepConfig, launch, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,12 +436,17 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
     curves = erm_curves(main)
     ablations = [("default (τ 0.3)", _all(vs_lsq_sagm, "gaqat", "3"))]
     frozen = {"default (τ 0.3)": _frozen_text(stats.get(3))}
+    wanted = len(scale.seeds) * len(scale.ablation_envs)
+    not_run = []
     for variant in scale.variants or VARIANTS:
         folder = out / "ablations" / variant
-        if folder.is_dir():
-            ablations.append((variant, _all(paired([folder], "lsq_sagm"), "gaqat", "3")))
-            variant_tau = VARIANTS[variant].get("tau", tau)
-            frozen[variant] = _frozen_text(freezing_stats(runs_of(folder, "gaqat", 3), variant_tau))
+        done = _finished(folder, wanted)
+        if done is None:
+            not_run.append(variant)
+            continue
+        ablations.append((variant, _all(paired([folder], "lsq_sagm"), "gaqat", "3")))
+        variant_tau = VARIANTS[variant].get("tau", tau)
+        frozen[variant] = _frozen_text(freezing_stats(done, variant_tau))
     extra = [main] + ([out / "extra"] if (out / "extra").is_dir() else [])
 
     figure_erm_curve(curves, figures / "erm_curve.png")
@@ -470,6 +475,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             str(b): {k: v for k, v in s.items() if k != "d_task"} for b, s in stats.items()
         },
         "ablations": {n: r for n, r in ablations},
+        "ablations_not_run": not_run,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -595,6 +601,15 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         "",
         "## Ablations (3 bits)",
         "",
+        *(
+            [
+                "Not run in this study (the session's time ran out first; `run` again "
+                f"trains them): {', '.join(f'`{v}`' for v in not_run)}.",
+                "",
+            ]
+            if not_run
+            else []
+        ),
         "| variant | gaqat − lsq_sagm | step sizes frozen |",
         "|---|---|---|",
         *(f"| {n} | {_diff_text(r)} | {frozen[n]} |" for n, r in ablations),
@@ -607,6 +622,17 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         "",
     ]
     doc.write_text("\n".join(lines))
+
+
+def _finished(folder: Path, wanted: int) -> list[Path] | None:
+    """The variant's gaqat and lsq_sagm runs when all ``wanted`` pairs are done, else None
+    (a study stopped part-way reports only the variants it finished)."""
+    if not folder.is_dir():
+        return None
+    runs = {a: runs_of(folder, a, 3) for a in ("gaqat", "lsq_sagm")}
+    if any(sum((r / DONE).exists() for r in found) < wanted for found in runs.values()):
+        return None
+    return runs["gaqat"]
 
 
 def _frozen_text(stats: dict | None) -> str:
