@@ -92,8 +92,8 @@ EXTRA_METHODS = ("sagm", "lsq_sam")
 # with it too, so every pair still differs by freezing alone.
 VARIANTS = {  # in the order they run: the likeliest to move the outcome first
     "freeze_all": {"freeze_mode": "all"},
-    "lr_scale10": {"step_size_lr_scale": 10.0},
     "tau0.4": {"tau": 0.4},
+    "lr_scale10": {"step_size_lr_scale": 10.0},
     "per_channel": {"per_channel": True},
     "tau0.1": {"tau": 0.1},
     "unfreeze": {"unfreeze": True},
