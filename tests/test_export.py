@@ -409,6 +409,11 @@ def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(arch, tmp_path,
     with torch.no_grad():
         expected = model(images)
     assert float((export.onnx_logits(tmp_path / "m.onnx", images) - expected).abs().max()) < 1e-3
+    # Every batch norm after a quantized conv folds into its step sizes.
+    export.export_onnx(model, tmp_path / "integer.onnx", 32, integer_kernels=True)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "integer.onnx")).graph.node}
+    assert "BatchNormalization" not in ops
+    assert export.onnx_logits(tmp_path / "integer.onnx", images).isfinite().all()
 
 
 @pytest.mark.parametrize("bits", [4, 3])

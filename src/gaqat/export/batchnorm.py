@@ -22,10 +22,13 @@ from gaqat.export.layers import QUANTIZED_TYPES
 
 
 class _Tracer(fx.Tracer):
-    """Treats quantized layers as opaque calls: only the data flow between modules matters."""
+    """Treats quantized layers, and modules with neither children nor parameters (such as
+    EfficientNet's shape-dependent padding), as opaque calls: only the data flow between
+    modules matters."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZED_TYPES) or super().is_leaf_module(m, qualname)
+        stateless = next(m.children(), None) is None and next(m.parameters(), None) is None
+        return isinstance(m, QUANTIZED_TYPES) or stateless or super().is_leaf_module(m, qualname)
 
 
 def foldable_batchnorms(model: nn.Module, conv_type: type = nn.Conv2d) -> dict[str, str]:
