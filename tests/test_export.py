@@ -480,3 +480,31 @@ def test_integer_kernels_onnx_runs_qlinearconv_and_agrees_on_every_domain(
             )
         assert _agreement(logits["ORT_DISABLE_ALL"], expected) >= MIN_FOLD_AGREEMENT
         assert agree >= MIN_INTEGER_AGREEMENT
+
+
+def test_a_network_trained_with_batch_norm_folded_exports_as_trained(
+    digits, tmp_path, onnx, onnxruntime, safetensors_torch
+):
+    """QuantConfig.fold_batch_norm: the int file gives the trained network's logits bit for
+    bit, and even without --integer-kernels no batch norm stands between a quantized conv
+    and the next quantizer, so onnxruntime fuses QLinearConv."""
+    ds, data = digits
+    torch.manual_seed(0)
+    quant = QuantConfig(4, 4, fold_batch_norm=True)
+    model = quantize_model(build_model(ModelConfig()), quant)
+    images = torch.cat([x[:16] for x, *_ in data.values()])
+    model.train()(images)  # initialises the quantizers, moves the running statistics
+    model.eval()
+    _checkpoint(model, quant, ds, 4, tmp_path / "checkpoint.pt")
+    folder = SimpleNamespace(folder=tmp_path)
+    with torch.no_grad():
+        expected = model(images)
+        loaded = export.load_int(_export(folder, "int", "model.safetensors"))
+        assert torch.equal(loaded(images), expected)
+    path = _export(folder, "onnx", "model.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "BatchNormalization" not in ops
+    assert float((export.onnx_logits(path, images) - expected).abs().max()) < 1e-2

@@ -26,9 +26,14 @@ from gaqat.quant import (
     quantizers,
     step_sizes,
 )
+from gaqat.quant import _lsq_traceable as lsq_traceable
 
 FAST = settings(max_examples=40, deadline=None)
 bits_st = st.integers(2, 8)
+# The autograd Function eager mode runs, and the plain-ops form torch.compile traces.
+implementations = pytest.mark.parametrize(
+    "quantize", [lsq_quantize, lsq_traceable], ids=["function", "traceable"]
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,6 +64,7 @@ def closed_form(x, scale, q_min, q_max, grad, grad_scale):
     return grad * inside, (grad * d_scale).sum_to_size(scale.shape) * grad_scale
 
 
+@implementations
 @FAST
 @given(
     seed=st.integers(0, 2**16),
@@ -67,16 +73,17 @@ def closed_form(x, scale, q_min, q_max, grad, grad_scale):
     scale=st.floats(1e-3, 10.0),
     spread=st.floats(0.01, 50.0),
 )
-def test_forward_equals_torch_learnable_fake_quant(seed, bits, signed, scale, spread):
+def test_forward_equals_torch_learnable_fake_quant(quantize, seed, bits, signed, scale, spread):
     q_min, q_max = grid_range(bits, signed)
     s = torch.tensor([scale])
     x = sample(seed, (257,), spread)
     ties = (torch.arange(q_min - 2, q_max + 3, dtype=torch.float32) + 0.5) * s  # midpoints
     x = torch.cat([x, ties, torch.arange(q_min - 1, q_max + 2) * s])
     ref = torch._fake_quantize_learnable_per_tensor_affine(x, s, torch.zeros(1), q_min, q_max, 1.0)
-    assert torch.equal(lsq_quantize(x, s, q_min, q_max, 1.0), ref)
+    assert torch.equal(quantize(x, s, q_min, q_max, 1.0), ref)
 
 
+@implementations
 @FAST
 @given(
     seed=st.integers(0, 2**16),
@@ -85,7 +92,7 @@ def test_forward_equals_torch_learnable_fake_quant(seed, bits, signed, scale, sp
     per_channel=st.booleans(),
     grad_scale=st.floats(1e-3, 1.0),
 )
-def test_gradients_follow_lsq_closed_form(seed, bits, signed, per_channel, grad_scale):
+def test_gradients_follow_lsq_closed_form(quantize, seed, bits, signed, per_channel, grad_scale):
     q_min, q_max = grid_range(bits, signed)
     gen = torch.Generator().manual_seed(seed)
     scale_shape = (3, 1, 1, 1) if per_channel else (1,)
@@ -93,37 +100,40 @@ def test_gradients_follow_lsq_closed_form(seed, bits, signed, per_channel, grad_
     x = sample(seed, (3, 2, 4, 4), 2.0**bits * 0.3, torch.float64) * scale
     grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     x_leaf, s_leaf = x.clone().requires_grad_(), scale.clone().requires_grad_()
-    lsq_quantize(x_leaf, s_leaf, q_min, q_max, grad_scale).backward(grad)
+    quantize(x_leaf, s_leaf, q_min, q_max, grad_scale).backward(grad)
     want_x, want_s = closed_form(x, scale, q_min, q_max, grad, grad_scale)
     torch.testing.assert_close(x_leaf.grad, want_x)
     torch.testing.assert_close(s_leaf.grad, want_s, rtol=1e-9, atol=1e-9)
 
 
-def test_float32_step_size_gradient_is_accurate_on_a_large_tensor():
+@implementations
+def test_float32_step_size_gradient_is_accurate_on_a_large_tensor(quantize):
     """The dot-product form of dL/ds must not lose precision at activation sizes."""
     x = sample(0, (8, 16, 32, 32), 1.0).relu()
     grad = sample(1, x.shape, 1.0)
     s = torch.tensor([0.05], requires_grad=True)
-    lsq_quantize(x, s, 0, 15, 1e-3).backward(grad)
+    quantize(x, s, 0, 15, 1e-3).backward(grad)
     _, want = closed_form(x.double(), s.detach().double(), 0, 15, grad.double(), 1e-3)
     torch.testing.assert_close(s.grad.double(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_boundaries_use_lsq_convention_not_torchs():
+@implementations
+def test_boundaries_use_lsq_convention_not_torchs(quantize):
     s = torch.tensor([0.25], requires_grad=True)
     x = torch.tensor([-2.0, 1.75, 1.8, -2.1, 0.6], requires_grad=True)  # y = -8, 7, 7.2, -8.4, 2.4
-    lsq_quantize(x, s, -8, 7, 1.0).backward(torch.ones(5))
+    quantize(x, s, -8, 7, 1.0).backward(torch.ones(5))
     assert x.grad.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]  # torch's op passes 1 at y = -8 and 7
     torch.testing.assert_close(s.grad, torch.tensor([-8 + 7 + 7 - 8 + (2 - 2.4)]))
 
 
+@implementations
 @FAST
 @given(seed=st.integers(0, 2**16), bits=bits_st, signed=st.booleans(), per_channel=st.booleans())
-def test_outputs_lie_on_the_grid(seed, bits, signed, per_channel):
+def test_outputs_lie_on_the_grid(quantize, seed, bits, signed, per_channel):
     q_min, q_max = grid_range(bits, signed)
     x = sample(seed, (4, 300), 3.0)
     scale = torch.tensor([[0.1], [0.3], [0.05], [1.0]]) if per_channel else torch.tensor([0.2])
-    out = lsq_quantize(x, scale, q_min, q_max, 1.0)
+    out = quantize(x, scale, q_min, q_max, 1.0)
     levels = out / scale
     torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
     assert levels.min() >= q_min - 1e-4 and levels.max() <= q_max + 1e-4

@@ -189,7 +189,7 @@ def test_a_nan_stop_keeps_the_last_checkpoint_and_resumes_at_a_new_learning_rate
     def explode_at_step_3(self, minibatches):
         stats = update(self, minibatches)
         if self.scheduler.last_epoch == 3:
-            stats["loss"] = float("nan")
+            stats["loss"] = torch.tensor(float("nan"))
         return stats
 
     monkeypatch.setattr(Algorithm, "update", explode_at_step_3)

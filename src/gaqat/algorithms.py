@@ -13,20 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaqat.bn_folding import freeze_statistics
 from gaqat.distributed import data_parallel, synchronise_batch_norm
 from gaqat.freezing import Freezer
 from gaqat.models import ModelConfig, Network, build_model
-from gaqat.names import LR_SCHEDULES, PRECISIONS, get_recipe
+from gaqat.names import FOLDED_BY_DEFAULT, LR_SCHEDULES, PRECISIONS, get_recipe
 from gaqat.optim import GAQAT, SAGM, SAM, frozen_running_stats
-from gaqat.quant import QuantConfig, check_optimizer, quantize_model, step_sizes
+from gaqat.quant import QuantConfig, check_optimizer, quantize_model, quantizers, step_sizes
 
 
-def quant_config_for(hparams: dict, bits: int) -> QuantConfig:
+def quant_config_for(hparams: dict, bits: int, arch: str) -> QuantConfig:
+    fold = hparams["fold_batch_norm"]
     return QuantConfig(
         weight_bits=bits,
         act_bits=bits,
         per_channel=hparams["per_channel"],
         first_last=hparams["first_last"],
+        fold_batch_norm=fold == "on" or (fold == "auto" and arch in FOLDED_BY_DEFAULT),
     )
 
 
@@ -45,7 +48,10 @@ class Algorithm:
     ``precision="bf16"``: the forward passes (both of a two-pass step, and prediction) run
     under bfloat16 autocast; weights, gradients, optimizer state and the quantizers' grids
     stay float32. ``channels_last``: images and convolutions in NHWC memory layout, which
-    GPU convolution kernels prefer.
+    GPU convolution kernels prefer. ``compile``: the training passes run through
+    ``torch.compile``, traced on the first step after the quantizers are initialised (so
+    the graph holds no initialisation branch); the quantizers then trace as plain tensor
+    ops that the compiler fuses (``gaqat.quant.lsq_quantize``).
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class Algorithm:
         *,
         precision: str = "fp32",
         channels_last: bool = False,
+        compile: bool = False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"Algorithm.precision: {precision!r} is not one of {PRECISIONS}")
@@ -77,7 +84,7 @@ class Algorithm:
                 raise ValueError(
                     f"algorithm {name!r} quantizes the model: give the bit width (--bits)"
                 )
-            self.quant_config = quant_config_for(hparams, bits)
+            self.quant_config = quant_config_for(hparams, bits, model_config.arch)
             quantize_model(self.network, self.quant_config)
         # The optimizer is built after quantize_model so that it holds every step size.
         base = torch.optim.Adam(
@@ -100,6 +107,12 @@ class Algorithm:
             base, lr_lambda(hparams["lr_schedule"], total_steps)
         )
         self._forward: nn.Module = self.network  # the training passes' module
+        self._compile_pending = compile
+        self._bn_freeze_step = (
+            round(hparams["bn_freeze_at"] * total_steps)
+            if self.quant_config is not None and self.quant_config.fold_batch_norm
+            else None
+        )
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -141,7 +154,9 @@ class Algorithm:
         statistics and random state stay as they were). Ranks that will each see a shard
         of the first batch call it with the whole batch, so their step sizes are the
         single-process ones without any communication."""
-        if not self.recipe.quantized:
+        if not self.recipe.quantized or all(
+            q.initialized for q in quantizers(self.network).values()
+        ):
             return
         x = torch.cat([x for x, _ in minibatches])
         self.network.train()
@@ -160,7 +175,13 @@ class Algorithm:
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16")
 
-    def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        if self._bn_freeze_step is not None:
+            freeze_statistics(self.network, self.scheduler.last_epoch >= self._bn_freeze_step)
+        if self._compile_pending:
+            self.prime(minibatches)
+            self._forward = torch.compile(self._forward)
+            self._compile_pending = False
         x = torch.cat([x for x, _ in minibatches]).contiguous(memory_format=self.memory_format)
         y = torch.cat([y for _, y in minibatches])
         self.network.train()
@@ -176,7 +197,7 @@ class Algorithm:
             self.optimizer.zero_grad(set_to_none=True)
         loss = self.optimizer.step(closure)
         self.scheduler.step()
-        stats = {"loss": loss.item()}
+        stats = {"loss": loss.detach()}  # on the device: reading it would wait for the step
         if self.freezer is not None:
             stats["n_frozen"] = len(self.freezer.frozen)
         return stats

@@ -204,6 +204,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="NHWC memory layout for images and convolutions (faster on GPUs)",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training passes (the first step traces and builds "
+        "kernels: seconds to minutes)",
+    )
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -224,6 +230,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         "deterministic": args.deterministic,
         "precision": args.precision,
         "channels_last": args.channels_last,
+        "compile": args.compile,
         "progress": args.progress and not args.quiet,
     }
 

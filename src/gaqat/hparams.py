@@ -28,6 +28,7 @@ import numpy as np
 from gaqat.fields import is_a
 from gaqat.names import (
     ARCHITECTURES,
+    BN_FOLDING,
     DISORDER_METRICS,
     FIRST_LAST_POLICIES,
     FREEZE_MODES,
@@ -63,6 +64,7 @@ CHOICES: dict[str, tuple] = {
     "freeze_mode": FREEZE_MODES,
     "disorder_metric": DISORDER_METRICS,
     "first_last": FIRST_LAST_POLICIES,
+    "fold_batch_norm": BN_FOLDING,
     "perturbed_pass_rng": PERTURBED_PASS_RNG,
 }
 
@@ -142,6 +144,10 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
         # step; a separate rate for them is the knob that is left.
         declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5))
+        # Batch norm folded into the quantized convolutions ("auto": for the mobile
+        # backbones), its statistics frozen after this fraction of the steps.
+        declare("fold_batch_norm", "auto")
+        declare("bn_freeze_at", 0.5)
 
     # Selective freezing.
     if recipe.freezing:

@@ -75,4 +75,7 @@ FIRST_LAST_POLICIES = ("float", "int8", "same")
 PERTURBED_PASS_RNG = ("replay", "fresh")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward passes, fp32 weights
 FREEZE_MODES = ("task", "all")
+BN_FOLDING = ("auto", "on", "off")  # auto: on for FOLDED_BY_DEFAULT
+# The mobile backbones, which deploy to integer runtimes: QAT folds their batch norm.
+FOLDED_BY_DEFAULT = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_lite0")
 DISORDER_METRICS = ("sign_flip", "cancellation")

@@ -91,6 +91,27 @@ class _LsqQuantize(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), grad_scale, None, None, None
 
 
+def _lsq_traceable(
+    x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int, grad_scale: float
+) -> torch.Tensor:
+    """_LsqQuantize in plain differentiable tensor ops, for torch.compile.
+
+    A custom autograd Function is opaque to the compiler, which then runs its forward and
+    backward as separate unfused kernels (slower than eager); these ops fuse into the
+    surrounding convolution's kernels. Same forward values bit for bit: each
+    ``a + (b - a).detach()`` is exact here (the step-size gradient scaling adds an exact
+    zero, and ``round(y) - y`` is exact for |y| < 2^23), and the gradients are LSQ's:
+    the step size's through ``where`` (round(y) - y inside, q_min or q_max outside), the
+    input's 1 inside the open range and 0 outside, the floor straight through.
+    """
+    step = scale + (scale.clamp_min(MIN_STEP) - scale).detach()
+    step = step.detach() + (step - step.detach()) * grad_scale
+    y = x * step.reciprocal()
+    inside = (y > q_min).logical_and_(y < q_max)
+    y = torch.where(inside, y, y.detach().clamp(q_min, q_max))
+    return (y + (y.round() - y).detach()) * step
+
+
 def lsq_quantize(
     x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int, grad_scale: float
 ) -> torch.Tensor:
@@ -100,6 +121,8 @@ def lsq_quantize(
         raise ValueError(f"lsq_quantize: expected q_min < q_max, got {q_min} and {q_max}")
     if x.dtype != scale.dtype:  # bf16 activations under autocast: quantize on the fp32 grid
         x = x.to(scale.dtype)
+    if torch.compiler.is_compiling():
+        return _lsq_traceable(x, scale, q_min, q_max, grad_scale)
     return _LsqQuantize.apply(x, scale, q_min, q_max, grad_scale)
 
 
@@ -204,7 +227,7 @@ class LsqQuantizer(nn.Module):
             return self.codes(x).mul_(self.step_size())
         q_max = self.q_max
         n = self._weight_numel or (x[0].numel() if x.dim() > 1 else x.numel())
-        return _LsqQuantize.apply(x, self.scale, self.q_min, q_max, 1.0 / math.sqrt(n * q_max))
+        return lsq_quantize(x, self.scale, self.q_min, q_max, 1.0 / math.sqrt(n * q_max))
 
     def step_size(self) -> torch.Tensor:
         """The step size the forward pass uses (floored at ``MIN_STEP``), without autograd."""
@@ -321,6 +344,8 @@ class QuantConfig:
     ``first_last``: the first Conv2d and the last Linear (in module order) stay "float",
     get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
     module names (a layer, or a container whose layers all stay float).
+    ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in
+    (``gaqat.bn_folding``).
     """
 
     weight_bits: int = 4
@@ -328,12 +353,13 @@ class QuantConfig:
     per_channel: bool = False
     first_last: str = "float"
     skip: tuple[str, ...] = ()
-    depthwise_per_channel: bool = True  # last: positional construction stays as it was
+    depthwise_per_channel: bool = True  # last ones: positional construction stays as it was
+    fold_batch_norm: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.weight_bits, "QuantConfig.weight_bits")
         _check_bits(self.act_bits, "QuantConfig.act_bits")
-        for name in ("per_channel", "depthwise_per_channel"):
+        for name in ("per_channel", "depthwise_per_channel", "fold_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"QuantConfig.{name}: expected true or false, got {getattr(self, name)!r}"
@@ -388,6 +414,10 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         for child_name, child in parent.named_children():
             if child in replaced:
                 setattr(parent, child_name, replaced[child])
+    if config.fold_batch_norm:
+        from gaqat.bn_folding import fold_batch_norm  # it builds on this module's layers
+
+        fold_batch_norm(model)
     return model
 
 

@@ -49,6 +49,7 @@ RUN_OPTIONS = (
     "deterministic",
     "precision",
     "channels_last",
+    "compile",
     "progress",
 )
 """The TrainConfig fields a sweep hands to every run alike; the others differ per run."""

@@ -92,6 +92,7 @@ class TrainConfig:
     deterministic: bool = False  # PyTorch's deterministic algorithms, cuDNN included
     precision: str = "fp32"  # "bf16": bfloat16 autocast of the forward passes
     channels_last: bool = False  # NHWC memory layout (GPU convolutions prefer it)
+    compile: bool = False  # torch.compile the training passes
     progress: bool = True
 
     def to_args(self) -> dict:
@@ -550,6 +551,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
         plan.init_state,
         precision=config.precision,
         channels_last=config.channels_last,
+        compile=config.compile,
     ).to(device)
 
     start, saved_step, lr_changes = 0, None, []
@@ -611,25 +613,21 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
         dynamic_ncols=True,
     )
     batches = loaders.train_batches(start, shard=world.shard)
-    loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
+    # The losses stay on the device until a checkpoint reads them all at once: a per-step
+    # read would make the host wait for every step's kernels. So step_time is the wall
+    # time of the steps since the last checkpoint, and a non-finite loss stops the run at
+    # the next checkpoint, which is then not written.
+    losses: list[torch.Tensor] = []
+    tic = time.perf_counter()
     step = start
     try:
         for step in range(start, steps):
-            tic = time.perf_counter()
             minibatches = [
                 (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 for x, y in next(batches)
             ]
             stats = algorithm.update(minibatches)
-            step_time_sum += time.perf_counter() - tic
-            if not np.isfinite(stats["loss"]):
-                raise NonFiniteLossError(
-                    _nan_message(
-                        stats["loss"], step + 1, saved_step, out, algorithm.scheduler.base_lrs[0]
-                    )
-                )
-            loss_sum += stats["loss"]
-            n_since += 1
+            losses.append(stats["loss"])
             bar.update(1)
             done_steps = step + 1
             if done_steps % freq and done_steps != steps:
@@ -637,14 +635,22 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
 
             # Every rank: the collectives of a checkpoint. Then rank 0 alone evaluates and
             # writes while the others wait for it.
-            loss = distributed.mean(loss_sum / n_since, world)
+            values = torch.stack(losses).tolist()
+            step_time = (time.perf_counter() - tic) / len(values)
+            loss = distributed.mean(sum(values) / len(values), world)
+            if not math.isfinite(loss):
+                bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+                at = done_steps - len(values) + 1 + bad if bad is not None else done_steps
+                lr = algorithm.scheduler.base_lrs[0]
+                value = values[bad] if bad is not None else loss
+                raise NonFiniteLossError(_nan_message(value, at, saved_step, out, lr))
             gradient_records = algorithm.pop_gradient_records()
             if algorithm.freezer is not None:
                 distributed.agree(sorted(algorithm.freezer.frozen), world, "frozen step sizes")
             rng_ranks = distributed.gather(_rng_state(), world) if world.size > 1 else None
             if not world.main:
                 distributed.barrier(world)
-                loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
+                losses, tic = [], time.perf_counter()
                 continue
 
             record = evaluate(algorithm, loaders.eval, device)
@@ -652,7 +658,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
                 step=done_steps,
                 epoch=done_steps / steps_per_epoch,
                 loss=loss,
-                step_time=step_time_sum / n_since,
+                step_time=step_time,
                 mem_gb=_peak_memory_gb(device),
                 hparams=hp,
                 args=args,
@@ -672,7 +678,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
             saved_step = done_steps
             targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
             bar.set_postfix(loss=f"{record['loss']:.3f}", target=f"{np.mean(targets):.3f}")
-            loss_sum, step_time_sum, n_since = 0.0, 0.0, 0
+            losses, tic = [], time.perf_counter()
     except KeyboardInterrupt:
         kept = (
             f"{out / CHECKPOINT} keeps step {saved_step}"

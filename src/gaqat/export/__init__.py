@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from gaqat.bn_folding import conv_batchnorm_pairs, deployable
 from gaqat.checkpoint import load_model
-from gaqat.export.batchnorm import fold_batchnorm, foldable_batchnorms
+from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.intfile import INT_FORMAT, INT_FORMAT_VERSION, export_int, int_metadata, load_int
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
 from gaqat.export.qdq import export_onnx, onnx_opset, onnx_ready
@@ -35,7 +36,7 @@ __all__ = [
     "quantized_layers",
     "weight_codes",
     "model_sizes",
-    "foldable_batchnorms",
+    "conv_batchnorm_pairs",
     "fold_batchnorm",
     "INT_FORMAT",
     "INT_FORMAT_VERSION",
@@ -119,6 +120,7 @@ def export_checkpoint(
     if input_size is not None and input_size < 1:
         raise ValueError(f"input size: expected a positive image side, got {input_size}")
     model, checkpoint = load_model(checkpoint_path)
+    deployable(model)  # a network trained with batch norm folded: as plain quantized layers
     if checkpoint["quant_config"] is None:
         raise ValueError(
             f"checkpoint {checkpoint_path} is a float model (quant_config is "

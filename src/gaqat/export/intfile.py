@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gaqat.bn_folding import deployable
 from gaqat.checkpoint import build_network
 from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.extra import require
@@ -104,7 +105,7 @@ def load_int(path: str | Path) -> Network:
     safetensors_torch = require("safetensors.torch")
     header = int_metadata(path)
     try:
-        model = build_network(header["model_config"], header["quant_config"])
+        model = deployable(build_network(header["model_config"], header["quant_config"]))
         fold_batchnorm(model, header["folded_bn"])
     except (ValueError, TypeError, AttributeError) as error:
         raise ValueError(

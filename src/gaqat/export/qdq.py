@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gaqat.export.batchnorm import foldable_batchnorms
+from gaqat.bn_folding import conv_batchnorm_pairs, deployable
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
 from gaqat.quant import QuantConv2d, QuantLinear, lsq_quantize
@@ -47,7 +47,7 @@ def onnx_opset(model: nn.Module, integer_kernels: bool = False) -> int:
     layers = quantized_layers(model)
     per_channel = any(m.weight_quantizer.per_channel for m in layers.values())
     if integer_kernels:
-        per_channel = per_channel or bool(foldable_batchnorms(model, QuantConv2d))
+        per_channel = per_channel or bool(conv_batchnorm_pairs(model, QuantConv2d))
     return 13 if per_channel else 12
 
 
@@ -133,9 +133,9 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     shift into the bias; the codes stay. Nothing then stands between a quantized conv and
     the next quantizer but an activation, the pattern onnxruntime fuses into QLinearConv.
     The logits move by float rounding only (as any BN folding)."""
-    layers = quantized_layers(model)
-    ready = deepcopy(model).cpu().eval()
-    folded = foldable_batchnorms(ready, QuantConv2d) if integer_kernels else {}
+    ready = deployable(deepcopy(model).cpu().eval())
+    layers = quantized_layers(ready)
+    folded = conv_batchnorm_pairs(ready, QuantConv2d) if integer_kernels else {}
     factors = {conv: _fold_shift(ready, bn, conv) for bn, conv in folded.items()}
     for name in layers:
         layer = ready.get_submodule(name)
