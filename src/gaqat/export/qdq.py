@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from copy import deepcopy
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from gaqat.bn_folding import conv_batchnorm_pairs, deployable
+from gaqat.bn_folding import LayerTracer, conv_batchnorm_pairs, deployable
+from gaqat.efficientnet_lite import SamePad
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
 from gaqat.quant import QuantConv2d, QuantLinear, lsq_quantize
@@ -68,17 +70,21 @@ class _Dequantize(torch.autograd.Function):
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """LSQ's fake quantization in PyTorch; QuantizeLinear -> Clip -> DequantizeLinear in ONNX."""
+    """LSQ's fake quantization in PyTorch; QuantizeLinear -> Clip -> DequantizeLinear in ONNX.
+
+    ``offset``: the zero point, added to the codes' range: 128 stores a signed range as
+    uint8 (the same values: (q + 128 - 128)·s), which x86 integer kernels need."""
 
     @staticmethod
-    def forward(ctx, x, step, q_min, q_max):
+    def forward(ctx, x, step, q_min, q_max, offset):
         return lsq_quantize(x, step, q_min, q_max, 1.0)
 
     @staticmethod
-    def symbolic(g, x, step, q_min, q_max):
+    def symbolic(g, x, step, q_min, q_max, offset):
+        q_min, q_max = q_min + offset, q_max + offset
         dtype = torch.int8 if q_min < 0 else torch.uint8
         info = torch.iinfo(dtype)
-        zero = g.op("Constant", value_t=torch.zeros((), dtype=dtype))
+        zero = g.op("Constant", value_t=torch.tensor(offset, dtype=dtype))
         q = g.op("QuantizeLinear", x, step, zero)
         if (q_min, q_max) != (info.min, info.max):
             bounds = [
@@ -112,36 +118,90 @@ class _ExportedWeight(nn.Module):
 
 
 class _ExportedInput(nn.Module):
-    """Stands in for an input quantizer, with a fixed step size and signedness."""
+    """Stands in for an input quantizer, with a fixed step size and signedness.
 
-    def __init__(self, layer: QuantConv2d | QuantLinear):
+    ``unsigned_storage``: a signed range stored as uint8 with zero point 128.
+    ``ceiling``: the input comes from a ReLU6 (now a ReLU): its upper clip moves into the
+    integer range, q_max = min(q_max, round(6/s)), which is exact because rounding is
+    monotone: round(min(y, 6)/s) = min(round(y/s), round(6/s))."""
+
+    def __init__(
+        self,
+        layer: QuantConv2d | QuantLinear,
+        unsigned_storage: bool = False,
+        ceiling: float | None = None,
+    ):
         super().__init__()
         q = layer.input_quantizer
+        step = q.step_size()
         self.q_min, self.q_max = q.q_min, q.q_max
-        self.register_buffer("step", q.step_size().view(()))
+        if ceiling is not None:
+            self.q_max = min(self.q_max, int(torch.round(ceiling * step.reciprocal())))
+        self.offset = 128 if unsigned_storage and self.q_min < 0 else 0
+        self.register_buffer("step", step.view(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FakeQuantize.apply(x, self.step, self.q_min, self.q_max)
+        return _FakeQuantize.apply(x, self.step, self.q_min, self.q_max, self.offset)
 
 
 def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     """A CPU eval copy whose quantizers export as QDQ nodes; in PyTorch it computes the
     same logits as ``model`` bit for bit.
 
-    ``integer_kernels``: each batch norm that alone follows a quantized convolution is
-    folded into it, its factor into the weight's (then per-channel) step sizes and its
-    shift into the bias; the codes stay. Nothing then stands between a quantized conv and
-    the next quantizer but an activation, the pattern onnxruntime fuses into QLinearConv.
-    The logits move by float rounding only (as any BN folding)."""
+    ``integer_kernels``: the graph onnxruntime's x86 kernels fuse into QLinearConv, whose
+    pattern is DequantizeLinear -> Conv -> (Relu) -> QuantizeLinear on uint8 activations.
+    Each batch norm that alone follows a quantized convolution is folded into it, its
+    factor into the weight's (then per-channel) step sizes and its shift into the bias (the
+    codes stay); each ReLU6 that only feeds quantized layers becomes a ReLU, its clip at 6
+    moved into their integer ranges; signed activations are stored as uint8 with zero
+    point 128. The logits move by float rounding only (as any BN folding)."""
     ready = deployable(deepcopy(model).cpu().eval())
     layers = quantized_layers(ready)
     folded = conv_batchnorm_pairs(ready, QuantConv2d) if integer_kernels else {}
     factors = {conv: _fold_shift(ready, bn, conv) for bn, conv in folded.items()}
+    ceilings = _relu6_into_quantizers(ready) if integer_kernels else {}
     for name in layers:
         layer = ready.get_submodule(name)
         layer.weight_quantizer = _ExportedWeight(layer, factors.get(name))
-        layer.input_quantizer = _ExportedInput(layer)
+        layer.input_quantizer = _ExportedInput(layer, integer_kernels, ceilings.get(name))
     return ready
+
+
+def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
+    """Replace by ReLU each ReLU6 module whose output reaches only quantized layers (through
+    zero padding at most); return {layer name: 6.0} for those layers' input quantizers."""
+    graph = LayerTracer().trace(model)
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def consumers(node: fx.Node) -> list[str] | None:
+        """The quantized layers ``node`` feeds, or None if it feeds anything else."""
+        found = []
+        for user in node.users:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            if module is None or calls[user.target] != 1:
+                return None
+            if isinstance(module, (QuantConv2d, QuantLinear)):
+                found.append(user.target)
+            elif isinstance(module, (SamePad, nn.ZeroPad2d)):  # pads zeros: relu6(0) = 0
+                below = consumers(user)
+                if below is None:
+                    return None
+                found += below
+            else:
+                return None
+        return found
+
+    ceilings = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or type(modules[node.target]) is not nn.ReLU6:
+            continue
+        layers = consumers(node) if calls[node.target] == 1 else None
+        if layers:
+            parent, _, child = node.target.rpartition(".")
+            setattr(model.get_submodule(parent), child, nn.ReLU())
+            ceilings.update(dict.fromkeys(layers, 6.0))
+    return ceilings
 
 
 @torch.no_grad()
