@@ -185,7 +185,13 @@ def main() -> None:
     ]
     path = write_json(
         "deploy_latency_quick" if args.quick else "deploy_latency",
-        {"onnxruntime": ort.__version__, "rounds": rounds, "rows": rows, "summary": summary},
+        {
+            "onnxruntime": ort.__version__,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+            "rounds": rounds,
+            "rows": rows,
+            "summary": summary,
+        },
     )
     speedups = ", ".join(f"{s['case']} {s['integer_speedup_b1_t1']:.2f}x" for s in summary)
     print(f"\nwrote {path}; integer vs float at batch 1, 1 thread: {speedups}")

@@ -2,7 +2,7 @@
 
 ResNet-50 at 224x224 with PACS's shape of a step (3 training domains x 32 images), erm
 (float) against lsq, lsq_sagm and gaqat at 4 bits, in fp32 and in bf16 autocast
-(``--precision``), ``--channels-last`` optional. One step is
+(``--precision``), ``--channels-last`` and ``--compile`` (torch.compile) optional. One step is
 ``gaqat.algorithms.Algorithm.update`` on random images already on the device, so the
 numbers measure the training step, not the input pipeline. Goals (issue "Scale"): gaqat
 >= 0.45x float erm's images/s (two passes make 0.5 the ceiling), W4A4 lsq >= 0.8x.
@@ -53,15 +53,10 @@ def peak_memory(step, device: torch.device) -> float | None:
     return peak_memory_mb(device)
 
 
-def measure(case, device, precision, channels_last, rounds, warmup, label) -> list[dict]:
+def measure(case, device, precision, layout: dict, rounds, warmup, label) -> list[dict]:
+    """``layout``: the Algorithm options channels_last and compile."""
     steps = candidates(
-        case,
-        device,
-        window=50,
-        methods=METHODS,
-        domains=DOMAINS,
-        precision=precision,
-        channels_last=channels_last,
+        case, device, window=50, methods=METHODS, domains=DOMAINS, precision=precision, **layout
     )
     timings = time_interleaved(steps, rounds=rounds, warmup=warmup, device=device)
     images = DOMAINS * case[2]
@@ -85,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__.splitlines()[0], CASES, rounds=20, warmup=3)
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the steps")
     args = parse_benchmark_args(parser, argv)
+    layout = {"channels_last": args.channels_last, "compile": args.compile}
     device = torch.device(args.device)
     cases = {"small_cnn_32px": QUICK_CASE} if args.quick else {c: CASES[c] for c in args.cases}
     rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
@@ -93,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         row
         for label, case in cases.items()
         for precision in args.precision
-        for row in measure(case, device, precision, args.channels_last, rounds, warmup, label)
+        for row in measure(case, device, precision, layout, rounds, warmup, label)
     ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print_table(rows, title=f"training throughput on {name} ({device}), {rounds} rounds")
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             "step": "gaqat.algorithms.Algorithm.update",
             "domains": DOMAINS,
-            "channels_last": args.channels_last,
+            **layout,
             "rounds": rounds,
             "goals": GOALS,
             "rows": rows,
