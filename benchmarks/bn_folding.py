@@ -25,6 +25,7 @@ from timing import print_table, write_json
 from gaqat.launchers import InlineLauncher, ProcessLauncher
 from gaqat.report.runs import load_run
 from gaqat.report.table import Difference
+from gaqat.runfolder import DONE, RESULTS
 from gaqat.selection import SELECTION_METHODS
 from gaqat.sweep import launch, plan
 
@@ -51,8 +52,8 @@ def run(study: Path, bits, seeds, jobs: int, threads: int | None) -> None:
 
 def _selected(folder: Path) -> float | None:
     """Held-out accuracy (percent) at the checkpoint training-domain validation picks."""
-    loaded = load_run(folder)
-    if loaded is None or not (folder / "done").exists():
+    loaded = load_run(folder / RESULTS)
+    if loaded is None or not (folder / DONE).exists():
         return None
     return 100 * SELECTION_METHODS["training"].run_acc(loaded.records)[1]
 
@@ -99,8 +100,8 @@ def table(study: Path, bits, seeds) -> None:
         diffs = sum(differences.values(), []) if b == "all" else differences[b]
         if diffs:
             stats = Difference(tuple(diffs), False).stats()
-            for key in ("mean_diff", "stderr"):
-                stats[key] = 100 * float(stats[key])
+            for key in ("mean_diff", "stderr"):  # percentage points, as strings
+                stats[key] = float(stats[key])
             summary.append({"bits": b, **stats})
     print_table(
         per_domain, title="lsq, training-domain validation, held-out accuracy (%), seed mean"
