@@ -402,16 +402,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rank_rng(checkpoint: dict, world: distributed.World, trial_seed: int, step: int) -> dict:
-    """This rank's random state to resume with: its own when the checkpoint has one (saved
-    by as many ranks), else rank 0's stream for rank 0 and a fresh one per other rank."""
+def _restore_rng(checkpoint: dict, world: distributed.World, trial_seed: int, step: int) -> None:
+    """Set this rank's random state to resume with: its own when the checkpoint has one
+    (saved by as many ranks), else rank 0's stream for rank 0 and a fresh one per other
+    rank."""
     ranks = checkpoint.get("rng_ranks")
     if ranks is not None and len(ranks) == world.size:
-        return ranks[world.rank]
-    if world.main:
-        return checkpoint["rng"]
-    _seed_everything(seed_hash(trial_seed, "rank", world.rank, step))
-    return _rng_state()
+        _set_rng_state(ranks[world.rank])
+    elif world.main:
+        _set_rng_state(checkpoint["rng"])
+    else:
+        _seed_everything(seed_hash(trial_seed, "rank", world.rank, step))
 
 
 def _seed_everything(seed: int) -> None:
@@ -559,7 +560,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
         algorithm.network.load_state_dict(resume_from["model"])
         algorithm.load_optimizer_state(resume_from["training"])
         start = saved_step = resume_from["step"]
-        _set_rng_state(_rank_rng(resume_from, world, config.trial_seed, start))
+        _restore_rng(resume_from, world, config.trial_seed, start)
         lr_changes = list(resume_from.get("lr_changes", []))
         if config.new_lr is not None:
             _change_lr(algorithm, config.new_lr)
