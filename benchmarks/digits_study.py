@@ -415,10 +415,9 @@ def _diff_text(row: dict) -> str:
     if not row or not row.get("n") or row["n"] == "0":
         return "no pairs"
     stderr = f" ± {float(row['stderr']):.2f}" if row.get("stderr") else ""
-    return (
-        f"{float(row['mean_diff']):+.2f}{stderr} points over {row['n']} pairs "
-        f"({row['wins']} wins, {row['ties']} ties, {row['losses']} losses)"
-    )
+    singular = {"wins": "win", "ties": "tie", "losses": "loss"}
+    counts = ", ".join(f"{row[k]} {k if int(row[k]) != 1 else singular[k]}" for k in singular)
+    return f"{float(row['mean_diff']):+.2f}{stderr} points over {row['n']} pairs ({counts})"
 
 
 def _verdict(row: dict, comparison: str = "gaqat − lsq_sagm") -> str:
