@@ -35,8 +35,10 @@ import torch
 from timing import print_table, time_interleaved, write_json
 
 from gaqat import export
+from gaqat.bn_folding import deployable
 from gaqat.checkpoint import load_model
 from gaqat.data import load_dataset, make_loaders
+from gaqat.export.layers import quantized_modules
 from gaqat.models import ModelConfig, build_model
 from gaqat.optim import frozen_running_stats
 from gaqat.quant import QuantConfig, quantize_model
@@ -46,13 +48,13 @@ VARIANTS["int4"] = {"integer_kernels": True, "int4_weights": True}
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "cat")
 
 
-def float_twin(model: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
-    """The same weights with no quantizer (of a model trained without batch norm folded):
-    the float graph a deployment starts from."""
-    twin = build_model(config)
-    state = {k: v for k, v in model.state_dict().items() if "quantizer" not in k}
-    twin.load_state_dict(state)
-    return twin.eval()
+def float_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The same float weights (batch norm folded in, if it was trained folded) with every
+    quantizer removed: the float graph a deployment starts from."""
+    twin = deployable(copy.deepcopy(model)).eval()
+    for layer in quantized_modules(twin).values():
+        layer.weight_quantizer = layer.input_quantizer = torch.nn.Identity()
+    return twin
 
 
 def photos(size: int) -> torch.Tensor:
@@ -75,13 +77,12 @@ def imagenet_case(arch: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Te
     except RuntimeError as error:  # no download here, no [lite] extra: random weights
         print(f"{arch}: {str(error)[:120]}... using random weights")
         model = build_model(ModelConfig(arch=arch, num_classes=1000))
-    twin = copy.deepcopy(model).eval()
     images = photos(224)
     quantize_model(model, QuantConfig(4, 4, fold_batch_norm=True))
     model.train()
     with torch.no_grad(), frozen_running_stats(model):
         model(images)  # step sizes from the photos, ImageNet's statistics kept
-    return model.eval(), twin, images
+    return model.eval(), float_twin(model), images
 
 
 def digits_case(checkpoint: Path, data_dir: Path | None):
@@ -90,7 +91,7 @@ def digits_case(checkpoint: Path, data_dir: Path | None):
     dataset = load_dataset("digits", data_dir)
     loaders = make_loaders(dataset, [test_env], batch_size=32)
     images = torch.cat([x for x, _ in loaders.eval[f"env{test_env}_in"]])
-    return model.eval(), float_twin(model, ModelConfig(**saved["model_config"])), images
+    return model.eval(), float_twin(model), images
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
