@@ -51,7 +51,10 @@ class Algorithm:
     GPU convolution kernels prefer. ``compile``: the training passes run through
     ``torch.compile``, traced on the first step after the quantizers are initialised (so
     the graph holds no initialisation branch); the quantizers then trace as plain tensor
-    ops that the compiler fuses (``gaqat.quant.lsq_quantize``).
+    ops that the compiler fuses (``gaqat.quant.lsq_quantize``). A network quantized with
+    batch norm folded (``hparams["fold_batch_norm"]``) trains its folded layers on live
+    statistics for the first ``bn_freeze_at`` of the steps, on the running ones after
+    (``gaqat.bn_folding``).
     """
 
     def __init__(
