@@ -411,6 +411,12 @@ def _all(rows: list[dict], algorithm: str, bits: str) -> dict:
     )
 
 
+def _extras_done(out: Path) -> bool:
+    """Whether every float sagm and lsq_sam run of the study has finished."""
+    runs = [f for m in EXTRA_METHODS for f in (out / "extra").glob(f"{m}_*")]
+    return bool(runs) and all((f / DONE).exists() for f in runs)
+
+
 def _diff_text(row: dict) -> str:
     if not row or not row.get("n") or row["n"] == "0":
         return "no pairs"
@@ -494,7 +500,6 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             ("gaqat", "erm"),
         )
     }
-    best = max(ablations[1:], key=lambda a: _number(a[1], "mean_diff") or -1e9, default=None)
     summary = {
         "commit": _commit(),
         "scale": scale.__dict__,
@@ -576,7 +581,10 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         report([str(d) for d in extra], "markdown", "training"),
         "",
         f"Float `sagm` and `lsq_sam` (LSQ with SAM) ran on trial seed {scale.seeds[0]} "
-        f"only (`{out.name}/extra`), so their rows have one trial.",
+        f"only (`{out.name}/extra`), so their rows have one trial."
+        if _extras_done(out)
+        else "Float `sagm` and `lsq_sam` (LSQ with SAM), planned on one trial seed "
+        f"(`{out.name}/extra`), did not run in this study; `run` again trains them.",
         "",
         "### The oracle (test-domain validation: an upper bound, not a result)",
         "",
@@ -663,7 +671,6 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             per_bits,
             stats,
             ablations,
-            best,
             _all(oracle_vs_lsq_sagm, "gaqat", "3"),
             tau,
             scale.steps,
@@ -690,7 +697,7 @@ def _frozen_text(stats: dict | None) -> str:
     return f"{stats['frozen']} of {stats['step_sizes']} in {stats['runs']} runs"
 
 
-def _conclusion(headline, per_bits, stats, ablations, best, oracle3, tau, qat_steps) -> list[str]:
+def _conclusion(headline, per_bits, stats, ablations, oracle3, tau, qat_steps) -> list[str]:
     main = headline["gaqat − lsq_sagm"]
     verdicts = {b: _verdict(r) for b, r in per_bits.items()}
     lines = [
@@ -729,10 +736,24 @@ def _conclusion(headline, per_bits, stats, ablations, best, oracle3, tau, qat_st
         "so freezing changes how a step size moves less than the task/smoothness split "
         "suggests; the `lr_scale*` and `freeze_all` ablations test that reading."
     )
-    if best is not None:
+    variants = [(name, row) for name, row in ablations[1:] if row and row.get("n")]
+    if variants:
+        ranked = sorted(variants, key=lambda a: float(a[1]["mean_diff"]))
+        for label, (name, row) in (("most", ranked[-1]), ("least", ranked[0])):
+            lines.append(
+                f"- The ablation {label} favourable to GAQAT is `{name}`: {_diff_text(row)} "
+                f"({_verdict(row)})."
+            )
+        decided = [n for n, r in variants if _verdict(r) != "no difference beyond noise"]
         lines.append(
-            f"- Of the ablations, `{best[0]}` moves the outcome most: "
-            f"{_diff_text(best[1])} ({_verdict(best[1])})."
+            "- Beyond two standard errors: "
+            + (
+                ", ".join(f"`{n}` ({_verdict(r)})" for n, r in variants if n in decided)
+                if decided
+                else "none"
+            )
+            + f", out of {len(variants)} variants of 6 pairs each, where one or two such "
+            "outcomes are what chance alone gives at this many comparisons."
         )
     if oracle3:
         lines.append(f"- Under the oracle, at 3 bits: {_diff_text(oracle3)}.")
