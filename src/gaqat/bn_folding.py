@@ -111,11 +111,6 @@ def conv_batchnorm_pairs(model: nn.Module, conv_type: type = nn.Conv2d) -> dict[
     return pairs
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
 def fold_batch_norm(model: nn.Module) -> dict[str, str]:
     """Swap each quantized conv + affine BN pair for a :class:`QuantConvBn2d` (at the conv's
     name; the BN becomes Identity), in place; returns the {BN name: conv name} folded."""
@@ -126,8 +121,8 @@ def fold_batch_norm(model: nn.Module) -> dict[str, str]:
     }
     for bn_name, conv_name in pairs.items():
         bn = model.get_submodule(bn_name)
-        _replace(model, conv_name, QuantConvBn2d(model.get_submodule(conv_name), bn))
-        _replace(model, bn_name, nn.Identity())
+        model.set_submodule(conv_name, QuantConvBn2d(model.get_submodule(conv_name), bn))
+        model.set_submodule(bn_name, nn.Identity())
     return pairs
 
 
@@ -149,5 +144,5 @@ def deployable(model: nn.Module) -> nn.Module:
         weight = conv.weight * module._factor().view(-1, 1, 1, 1)
         conv.bias = nn.Parameter(module.folded_bias(), requires_grad=False)
         conv.weight = nn.Parameter(weight, requires_grad=False)
-        _replace(model, name, conv)
+        model.set_submodule(name, conv)
     return model

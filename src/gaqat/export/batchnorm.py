@@ -44,6 +44,5 @@ def fold_batchnorm(model: nn.Module, pairs: dict[str, str] | None = None) -> dic
         )
         # fuse_conv_bn_weights freezes a bias the conv lacked; it should train like the weight.
         conv.weight, conv.bias = weight, bias.requires_grad_(weight.requires_grad)
-        parent, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
     return dict(pairs)

@@ -198,8 +198,7 @@ def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
             continue
         layers = consumers(node) if calls[node.target] == 1 else None
         if layers:
-            parent, _, child = node.target.rpartition(".")
-            setattr(model.get_submodule(parent), child, nn.ReLU())
+            model.set_submodule(node.target, nn.ReLU())
             ceilings.update(dict.fromkeys(layers, 6.0))
     return ceilings
 
@@ -216,8 +215,7 @@ def _fold_shift(model: nn.Module, bn_name: str, conv_name: str) -> torch.Tensor:
     if conv.bias is not None:
         shift = shift + conv.bias * factor
     conv.bias = nn.Parameter(shift, requires_grad=False)
-    parent, _, child = bn_name.rpartition(".")
-    setattr(model.get_submodule(parent), child, nn.Identity())
+    model.set_submodule(bn_name, nn.Identity())
     return factor
 
 
