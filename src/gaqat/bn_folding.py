@@ -77,7 +77,7 @@ class QuantConvBn2d(nn.Module):
         return conv._conv_forward(x, weight, self.folded_bias())
 
 
-class LayerTracer(fx.Tracer):
+class _Tracer(fx.Tracer):
     """Treats quantized layers, and modules with neither children nor parameters (such as
     EfficientNet's shape-dependent padding), as opaque calls: only the data flow between
     modules matters."""
@@ -88,12 +88,18 @@ class LayerTracer(fx.Tracer):
         return quantized or stateless or super().is_leaf_module(m, qualname)
 
 
+def data_flow(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module], Counter]:
+    """``model`` traced with :class:`_Tracer`, its modules by name, and how many times
+    the graph calls each (a module called twice cannot be rewritten for one call alone)."""
+    graph = _Tracer().trace(model)
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    return graph, dict(model.named_modules()), calls
+
+
 def conv_batchnorm_pairs(model: nn.Module, conv_type: type = nn.Conv2d) -> dict[str, str]:
     """{BN name: conv name} for each BatchNorm2d with running statistics whose only input
     is a ``conv_type`` (exact type) used nowhere else."""
-    graph = LayerTracer().trace(model)
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = data_flow(model)
     pairs = {}
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) is not nn.BatchNorm2d:

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter
 from copy import deepcopy
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from gaqat.bn_folding import LayerTracer, conv_batchnorm_pairs, deployable
+from gaqat.bn_folding import conv_batchnorm_pairs, data_flow, deployable
 from gaqat.efficientnet_lite import SamePad
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
@@ -46,11 +45,13 @@ def onnx_opset(model: nn.Module, integer_kernels: bool = False) -> int:
     """The lowest opset expressing the model's QDQ graph: 12 (Clip on integer tensors),
     13 when some weight has per-channel step sizes (QuantizeLinear's ``axis``), as any
     weight with a batch norm folded into it has."""
-    layers = quantized_layers(model)
-    per_channel = any(m.weight_quantizer.per_channel for m in layers.values())
-    if integer_kernels:
-        per_channel = per_channel or bool(conv_batchnorm_pairs(model, QuantConv2d))
-    return 13 if per_channel else 12
+    return _opset(onnx_ready(model, integer_kernels))
+
+
+def _opset(ready: nn.Module) -> int:
+    """``onnx_opset`` of a model ``onnx_ready`` prepared."""
+    weights = [m for m in ready.modules() if isinstance(m, _ExportedWeight)]
+    return 13 if any(w.per_channel for w in weights) else 12
 
 
 class _Dequantize(torch.autograd.Function):
@@ -170,9 +171,7 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
 def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
     """Replace by ReLU each ReLU6 module whose output reaches only quantized layers (through
     zero padding at most); return {layer name: 6.0} for those layers' input quantizers."""
-    graph = LayerTracer().trace(model)
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = data_flow(model)
 
     def consumers(node: fx.Node) -> list[str] | None:
         """The quantized layers ``node`` feeds, or None if it feeds anything else."""
@@ -254,8 +253,8 @@ def export_onnx(
     ``integer_kernels``: batch norm folded into the quantized convolutions before it
     (``onnx_ready``), so that onnxruntime runs them as integer convolutions."""
     onnx = require("onnx")
-    opset = onnx_opset(model, integer_kernels)
     ready = onnx_ready(model, integer_kernels)
+    opset = _opset(ready)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, input_size, input_size)
