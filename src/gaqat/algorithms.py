@@ -116,6 +116,7 @@ class Algorithm:
             if self.quant_config is not None and self.quant_config.fold_batch_norm
             else None
         )
+        self._statistics_frozen: bool | None = None  # as the folded layers were last set
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -179,8 +180,11 @@ class Algorithm:
         return torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16")
 
     def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-        if self._bn_freeze_step is not None:
-            freeze_statistics(self.network, self.scheduler.last_epoch >= self._bn_freeze_step)
+        if self._bn_freeze_step is not None:  # set on the first step (or resume) and once more
+            frozen = self.scheduler.last_epoch >= self._bn_freeze_step
+            if frozen != self._statistics_frozen:
+                freeze_statistics(self.network, frozen)
+                self._statistics_frozen = frozen
         if self._compile_pending:
             self.prime(minibatches)
             self._forward = torch.compile(self._forward)
