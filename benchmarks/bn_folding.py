@@ -52,10 +52,12 @@ def run(study: Path, bits, seeds, jobs: int, threads: int | None) -> None:
 
 def _selected(folder: Path) -> float | None:
     """Held-out accuracy (percent) at the checkpoint training-domain validation picks."""
-    loaded = load_run(folder / RESULTS)
-    if loaded is None or not (folder / DONE).exists():
+    if not (folder / DONE).exists():
         return None
-    return 100 * SELECTION_METHODS["training"].run_acc(loaded.records)[1]
+    loaded = load_run(folder / RESULTS)
+    return (
+        None if loaded is None else 100 * SELECTION_METHODS["training"].run_acc(loaded.records)[1]
+    )
 
 
 def table(study: Path, bits, seeds) -> None:
@@ -67,12 +69,11 @@ def table(study: Path, bits, seeds) -> None:
         }
         for config in _arms(study, bits, seeds)
     ]
-    rows, differences = [], {b: [] for b in bits}
+    rows = []
     for (env, seed, b), folder in sorted(arms[0].items()):
         acc = _selected(folder), _selected(arms[1][env, seed, b])
         if None in acc:
             continue
-        differences[b].append((acc[0] - acc[1]) / 100)  # Difference takes fractions
         rows.append(
             {
                 "bits": b,
@@ -97,7 +98,8 @@ def table(study: Path, bits, seeds) -> None:
     ]
     summary = []
     for b in (*bits, "all"):
-        diffs = sum(differences.values(), []) if b == "all" else differences[b]
+        # Difference takes fractions
+        diffs = [r["difference"] / 100 for r in rows if b in ("all", r["bits"])]
         if diffs:
             stats = Difference(tuple(diffs), False).stats()
             for key in ("mean_diff", "stderr"):  # percentage points, as strings
