@@ -1,6 +1,6 @@
 """The DigitsDG study: GAQAT against LSQ+SAGM with enough pairs to decide, ablations, figures.
 
-    python benchmarks/digits_study.py run OUT [--quick] [--jobs 2 --threads 1]
+    python benchmarks/digits_study.py run OUT [--quick] [--jobs 2 --threads 1] [--parts ...]
     python benchmarks/digits_study.py page OUT [--quick]
 
 ``run`` trains every run into OUT (idempotent: a stopped study resumes when launched
@@ -157,10 +157,19 @@ def _link_shared(jobs, main: Path) -> None:
             job.folder.symlink_to(os.path.relpath(source, job.folder.parent))
 
 
-def run_study(out: Path, scale: Scale, jobs: int, threads: int | None, data_dir) -> None:
+PARTS = ("main", "ablations", "extra")
+
+
+def run_study(
+    out: Path, scale: Scale, jobs: int, threads: int | None, data_dir, parts=PARTS
+) -> None:
+    """Train the study's ``parts`` in order; the ablations and extras link the float and
+    unchanged runs the main grid already has (or train them where it has not run)."""
     main = out / "main"
-    sweeps = [_sweep(main, scale, MAIN_METHODS, data_dir=data_dir)]
-    for name in scale.variants or VARIANTS:
+    sweeps = []
+    if "main" in parts:
+        sweeps.append(_sweep(main, scale, MAIN_METHODS, data_dir=data_dir))
+    for name in (scale.variants or VARIANTS) if "ablations" in parts else ():
         sweeps.append(
             _sweep(
                 out / "ablations" / name,
@@ -172,9 +181,10 @@ def run_study(out: Path, scale: Scale, jobs: int, threads: int | None, data_dir)
                 data_dir=data_dir,
             )
         )
-    sweeps.append(
-        _sweep(out / "extra", scale, EXTRA_METHODS, seeds=scale.seeds[:1], data_dir=data_dir)
-    )
+    if "extra" in parts:
+        sweeps.append(
+            _sweep(out / "extra", scale, EXTRA_METHODS, seeds=scale.seeds[:1], data_dir=data_dir)
+        )
     for config in sweeps:
         planned = plan(config)
         if config.output != main:
@@ -201,12 +211,12 @@ def paired(dirs, baseline: str, selection: str = "training") -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def pooled(folder: Path, algorithm: str, baseline: str, selection: str = "training") -> dict:
+def pooled(folders, algorithm: str, baseline: str, selection: str = "training") -> dict:
     """``algorithm`` − ``baseline`` over every pair of every bit width (the table's rows
     pool one bit width each), in the report's own pairing and statistics."""
     method = SELECTION_METHODS[selection]
     differences = []
-    for comparison in pair_runs(load_runs([folder]), baseline):
+    for comparison in pair_runs(load_runs(folders), baseline):
         if comparison.algorithm == algorithm and comparison.baseline_bits is not None:
             for draw, base in comparison.pairs:
                 differences.append(
@@ -411,10 +421,50 @@ def _all(rows: list[dict], algorithm: str, bits: str) -> dict:
     )
 
 
+# What the extras answer: SAGM's effect without quantization, and whether SAGM's gain in
+# QAT is more than plain SAM's (each on the extras' one trial seed).
+EXTRA_COMPARISONS = (("sagm", "erm"), ("lsq_sam", "lsq"), ("lsq_sam", "lsq_sagm"))
+
+
+def extra_comparisons(out: Path) -> dict[str, dict]:
+    """Each of ``EXTRA_COMPARISONS`` pooled over the bit widths, on the pairs the extras'
+    trial seed has (the main grid's runs of that seed are the QAT baselines)."""
+    folders = [out / "main", out / "extra"]
+    return {f"{a} − {b}": pooled(folders, a, b) for a, b in EXTRA_COMPARISONS}
+
+
 def _extras_done(out: Path) -> bool:
     """Whether every float sagm and lsq_sam run of the study has finished."""
     runs = [f for m in EXTRA_METHODS for f in (out / "extra").glob(f"{m}_*")]
     return bool(runs) and all((f / DONE).exists() for f in runs)
+
+
+def extras_text(out: Path, scale: Scale, extras: dict[str, dict]) -> list[str]:
+    """The page's lines on float ``sagm`` and ``lsq_sam``: their paired differences, or
+    that they have not run."""
+    if not extras:
+        return [
+            "Float `sagm` and `lsq_sam` (LSQ with SAM), planned on one trial seed "
+            f"(`{out.name}/extra`), did not run in this study; `run` again trains them.",
+            "",
+        ]
+    return [
+        f"Float `sagm` and `lsq_sam` (LSQ with SAM) ran on trial seed {scale.seeds[0]} "
+        f"only (`{out.name}/extra`), so their rows have one trial. Paired on that seed "
+        "(both bit widths pooled for `lsq_sam`), training-domain validation:",
+        "",
+        *_comparison_table(extras),
+        "",
+    ]
+
+
+def _comparison_table(rows: dict[str, dict]) -> list[str]:
+    """A markdown table of named paired differences ("a − b" → the difference's stats)."""
+    return [
+        "| comparison | difference (points) | |",
+        "|---|---|---|",
+        *(f"| {name} | {_diff_text(row)} | {_verdict(row, name)} |" for name, row in rows.items()),
+    ]
 
 
 def _diff_text(row: dict) -> str:
@@ -473,6 +523,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         variant_tau = VARIANTS[variant].get("tau", tau)
         frozen[variant] = _frozen_text(freezing_stats(done, variant_tau))
     extra = [main] + ([out / "extra"] if (out / "extra").is_dir() else [])
+    extras = extra_comparisons(out) if _extras_done(out) else {}
 
     figure_erm_curve(curves, figures / "erm_curve.png")
     panels = {
@@ -491,7 +542,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
 
     per_bits = {b: _all(vs_lsq_sagm, "gaqat", str(b)) for b in scale.bits}
     headline = {
-        f"{a} − {b}": pooled(main, a, b)
+        f"{a} − {b}": pooled([main], a, b)
         for a, b in (
             ("gaqat", "lsq_sagm"),
             ("lsq_sagm", "lsq"),
@@ -511,6 +562,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         },
         "ablations": {n: r for n, r in ablations},
         "ablations_not_run": not_run,
+        "extras": extras,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -580,12 +632,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         "",
         report([str(d) for d in extra], "markdown", "training"),
         "",
-        f"Float `sagm` and `lsq_sam` (LSQ with SAM) ran on trial seed {scale.seeds[0]} "
-        f"only (`{out.name}/extra`), so their rows have one trial."
-        if _extras_done(out)
-        else "Float `sagm` and `lsq_sam` (LSQ with SAM), planned on one trial seed "
-        f"(`{out.name}/extra`), did not run in this study; `run` again trains them.",
-        "",
+        *extras_text(out, scale, extras),
         "### The oracle (test-domain validation: an upper bound, not a result)",
         "",
         report([str(main)], "markdown", "oracle"),
@@ -595,12 +642,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         f"Every pair of both bit widths ({' and '.join(map(str, scale.bits))}), "
         "training-domain validation; mean ± standard error (ddof 1), pairs, wins/ties/losses:",
         "",
-        "| comparison | difference (points) | |",
-        "|---|---|---|",
-        *(
-            f"| {name} | {_diff_text(row)} | {_verdict(row, name)} |"
-            for name, row in headline.items()
-        ),
+        *_comparison_table(headline),
         "",
         "Per held-out domain and bit width, gaqat − lsq_sagm:",
         "",
@@ -674,6 +716,11 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             _all(oracle_vs_lsq_sagm, "gaqat", "3"),
             tau,
             scale.steps,
+        ),
+        *(
+            f"- `{name}` on trial seed {scale.seeds[0]} (the extras): {_diff_text(row)} "
+            f"({_verdict(row, name)})."
+            for name, row in extras.items()
         ),
         "",
     ]
@@ -768,10 +815,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--data-dir", type=Path, help="DigitsDG cache folder")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=PARTS,
+        help="with run: which sweeps to train (default all, in this order)",
+    )
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
     if args.action == "run":
-        run_study(args.out, scale, args.jobs, args.threads, args.data_dir)
+        run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
     else:
         if args.quick:
             doc, json_path = (

@@ -68,3 +68,30 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     assert summary["paired_gaqat_vs_lsq_sagm"]["3"]["n"] == "2"
     assert summary["freezing"]["3"]["runs"] == 2
     assert set(summary["step_times_s"]) == {"erm", "lsq_w3", "lsq_sagm_w3", "gaqat_w3"}
+    # The extras pair with the main grid's runs of their one seed.
+    assert {name: row["n"] for name, row in summary["extras"].items()} == {
+        "sagm − erm": "1",
+        "lsq_sam − lsq": "1",
+        "lsq_sam − lsq_sagm": "1",
+    }
+    assert "| lsq_sam − lsq_sagm |" in text and "`sagm − erm` on trial seed 0" in text
+
+
+def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir):
+    study = load_study()
+    scale = study.Scale(
+        steps=2,
+        checkpoint_freq=2,
+        float_steps=2,
+        float_checkpoint_freq=2,
+        seeds=(0, 1),
+        test_envs=(1,),
+        bits=(3,),
+        ablation_envs=(1,),
+        hparams=TINY,
+    )
+    out = tmp_path / "study"
+    study.run_study(out, scale, jobs=1, threads=1, data_dir=digits_dir, parts=("extra",))
+    assert sorted(p.name for p in out.iterdir()) == ["extra"]
+    trained = sorted(p.name.split("_env")[0] for p in (out / "extra").iterdir())
+    assert trained == ["erm", "lsq_sam_w3", "sagm"]  # the first seed; its float init too
