@@ -21,21 +21,26 @@ def load_study():
     return module
 
 
+def tiny_scale(study, **overrides):
+    """Two seeds, one held-out domain, 3 bits: runs of a few seconds."""
+    fields = {
+        "steps": 2,
+        "checkpoint_freq": 2,
+        "float_steps": 2,
+        "float_checkpoint_freq": 2,
+        "seeds": (0, 1),
+        "test_envs": (1,),
+        "bits": (3,),
+        "ablation_envs": (1,),
+        "hparams": {**TINY, "window": 2},
+    }
+    return study.Scale(**{**fields, **overrides})
+
+
 @pytest.mark.slow
 def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     study = load_study()
-    scale = study.Scale(
-        steps=4,
-        checkpoint_freq=4,
-        float_steps=2,
-        float_checkpoint_freq=2,
-        seeds=(0, 1),
-        test_envs=(1,),
-        bits=(3,),
-        ablation_envs=(1,),
-        hparams={**TINY, "window": 2},
-        variants=("tau0.1",),
-    )
+    scale = tiny_scale(study, steps=4, checkpoint_freq=4, variants=("tau0.1",))
     out = tmp_path / "study"
     study.run_study(out, scale, jobs=1, threads=1, data_dir=digits_dir)
 
@@ -79,17 +84,7 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
 
 def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir):
     study = load_study()
-    scale = study.Scale(
-        steps=2,
-        checkpoint_freq=2,
-        float_steps=2,
-        float_checkpoint_freq=2,
-        seeds=(0, 1),
-        test_envs=(1,),
-        bits=(3,),
-        ablation_envs=(1,),
-        hparams=TINY,
-    )
+    scale = tiny_scale(study)
     out = tmp_path / "study"
     study.run_study(out, scale, jobs=1, threads=1, data_dir=digits_dir, parts=("extra",))
     assert sorted(p.name for p in out.iterdir()) == ["extra"]
