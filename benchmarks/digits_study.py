@@ -458,6 +458,13 @@ def extras_text(out: Path, scale: Scale, extras: dict[str, dict]) -> list[str]:
     ]
 
 
+def extras_conclusion(extras: dict[str, dict], seed: int) -> list[str]:
+    return [
+        f"- `{name}` on trial seed {seed} (the extras): {_diff_text(row)} ({_verdict(row, name)})."
+        for name, row in extras.items()
+    ]
+
+
 def _comparison_table(rows: dict[str, dict]) -> list[str]:
     """A markdown table of named paired differences ("a − b" → the difference's stats)."""
     return [
@@ -717,11 +724,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             tau,
             scale.steps,
         ),
-        *(
-            f"- `{name}` on trial seed {scale.seeds[0]} (the extras): {_diff_text(row)} "
-            f"({_verdict(row, name)})."
-            for name, row in extras.items()
-        ),
+        *extras_conclusion(extras, scale.seeds[0]),
         "",
     ]
     doc.write_text("\n".join(lines))

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import TINY
@@ -82,11 +83,18 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     assert "| lsq_sam − lsq_sagm |" in text and "`sagm − erm` on trial seed 0" in text
 
 
-def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir):
+def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch):
     study = load_study()
-    scale = tiny_scale(study)
+    launched = []
+
+    def launch(jobs, launcher, note):
+        launched.extend(jobs)
+        return [SimpleNamespace(status="ran") for _ in jobs]
+
+    monkeypatch.setattr(study, "launch", launch)
     out = tmp_path / "study"
-    study.run_study(out, scale, jobs=1, threads=1, data_dir=digits_dir, parts=("extra",))
-    assert sorted(p.name for p in out.iterdir()) == ["extra"]
-    trained = sorted(p.name.split("_env")[0] for p in (out / "extra").iterdir())
+    study.run_study(out, tiny_scale(study), 1, 1, digits_dir, parts=("extra",))
+    folders = {job.folder.parent for job in launched}
+    assert folders == {out / "extra"}
+    trained = sorted(job.folder.name.split("_env")[0] for job in launched)
     assert trained == ["erm", "lsq_sam_w3", "sagm"]  # the first seed; its float init too
