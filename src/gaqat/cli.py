@@ -653,6 +653,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="onnx: fold batch norm into the quantized convolutions' per-channel weight "
         "scales (codes unchanged), so that onnxruntime runs them as QLinearConv",
     )
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="onnx: run the written file under onnxruntime on every split of the run's "
+        "dataset (its trial seed and holdout) and print its accuracy beside PyTorch's "
+        "and their top-1 agreement; also written to <out>.eval.json",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="with --evaluate: the data directory (default: the run's, else $GAQAT_DATA "
+        "or ~/.cache/gaqat)",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -667,6 +680,8 @@ def _export(args: argparse.Namespace) -> int:
             input_size=args.input_size,
             int4_weights=args.int4_weights,
             integer_kernels=args.integer_kernels,
+            evaluate=args.evaluate,
+            data_dir=args.data_dir,
         )
     print(summary)
     return 0

@@ -10,6 +10,7 @@ of two formats and checks what it wrote. One module per part:
 - ``intfile``: the ``int`` format (safetensors), ``export_int`` and ``load_int``;
 - ``qdq``: the ``onnx`` format, a QuantizeLinear/DequantizeLinear graph;
 - ``verify``: the probe batch and ONNX Runtime's logits;
+- ``evaluate``: the exported file's accuracy on every split of its run, beside PyTorch's;
 - ``extra``: the optional packages (``pip install "gaqat[export]"``), imported when needed.
 """
 
@@ -23,6 +24,13 @@ import torch
 from gaqat.bn_folding import conv_batchnorm_pairs, deployable
 from gaqat.checkpoint import load_model
 from gaqat.export.batchnorm import fold_batchnorm
+from gaqat.export.evaluate import (
+    SplitAccuracy,
+    evaluate_export,
+    evaluation_table,
+    run_splits,
+    write_evaluation,
+)
 from gaqat.export.intfile import INT_FORMAT, INT_FORMAT_VERSION, export_int, int_metadata, load_int
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
 from gaqat.export.qdq import export_onnx, onnx_opset, onnx_ready
@@ -49,6 +57,8 @@ __all__ = [
     "PROBE_BATCH",
     "probe_inputs",
     "onnx_logits",
+    "SplitAccuracy",
+    "evaluate_export",
 ]
 
 FORMATS = ("int", "onnx")
@@ -77,6 +87,8 @@ class ExportSummary:
     folded_bn: dict[str, str] = field(default_factory=dict)
     fold_max_abs_change: float | None = None
     onnx_max_abs_diff: float | None = None
+    evaluation: list[SplitAccuracy] | None = None
+    evaluation_path: Path | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -96,6 +108,11 @@ class ExportSummary:
                 f"folded batch norm {sorted(self.folded_bn)} into float convs; max abs "
                 f"logit change on the probe inputs {self.fold_max_abs_change:.3g}"
             )
+        if self.evaluation is not None:
+            lines.append(
+                f"accuracy on the run's splits, PyTorch vs ONNX Runtime "
+                f"(also in {self.evaluation_path}):\n{evaluation_table(self.evaluation)}"
+            )
         return "\n".join(lines)
 
 
@@ -108,14 +125,19 @@ def export_checkpoint(
     input_size: int | None = None,
     int4_weights: bool = False,
     integer_kernels: bool = False,
+    evaluate: bool = False,
+    data_dir: str | Path | None = None,
 ) -> ExportSummary:
     """``gaqat export``: load a QAT checkpoint, optionally fold BN into float convs,
-    write the ``int`` or ``onnx`` file, and say what was written and how it checks."""
+    write the ``int`` or ``onnx`` file, and say what was written and how it checks; with
+    ``evaluate``, also the ONNX file's accuracy on every split of the run (data from
+    ``data_dir``, else where the run found it), written beside it as ``<name>.eval.json``."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
-    if (int4_weights or integer_kernels) and fmt != "onnx":
+    if (int4_weights or integer_kernels or evaluate) and fmt != "onnx":
         raise ValueError(
-            "int4 weights and integer kernels are options of the onnx format (--format onnx)"
+            "int4 weights, integer kernels and evaluation are options of the onnx format "
+            "(--format onnx; the int file reloads with PyTorch's own logits)"
         )
     if input_size is not None and input_size < 1:
         raise ValueError(f"input size: expected a positive image side, got {input_size}")
@@ -129,6 +151,7 @@ def export_checkpoint(
         )
     model.eval()
     quantized_layers(model)
+    splits = run_splits(checkpoint, str(checkpoint_path), data_dir) if evaluate else None
     input_size = input_size or INPUT_SIZES[checkpoint["model_config"]["arch"]]
     probe = probe_inputs(input_size)
     summary = {}
@@ -154,4 +177,17 @@ def export_checkpoint(
         )
         diff = onnx_logits(out, probe) - model(probe)
         summary["onnx_max_abs_diff"] = float(diff.abs().max())
+        if evaluate:
+            rows = evaluate_export(out, model, splits)
+            summary["evaluation"] = rows
+            summary["evaluation_path"] = out.with_suffix(".eval.json")
+            about = {
+                "file": str(out),
+                "checkpoint": str(checkpoint_path),
+                **{k: checkpoint["meta"][k] for k in ("dataset", "algorithm", "bits", "test_envs")},
+                "trial_seed": checkpoint["args"]["trial_seed"],
+                "integer_kernels": integer_kernels,
+                "int4_weights": int4_weights,
+            }
+            write_evaluation(rows, summary["evaluation_path"], about)
     return ExportSummary(out, fmt, out.stat().st_size, **model_sizes(model), **summary)

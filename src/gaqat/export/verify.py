@@ -18,13 +18,22 @@ def probe_inputs(input_size: int, n: int = PROBE_BATCH) -> torch.Tensor:
     return torch.randn(n, 3, input_size, input_size, generator=generator)
 
 
-def onnx_logits(path: str | Path, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Logits of an exported model under ONNX Runtime (CPU), ``batch_size`` images a run."""
+def onnx_session(path: str | Path):
+    """An ONNX Runtime CPU session on an exported file (all graph optimisations on, as a
+    deployment runs it)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     # Idle threads spinning for work cost more than they save on a shared CPU.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path_or_session, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Logits of an exported model (a path, or an ``onnx_session`` to reuse) under ONNX
+    Runtime, ``batch_size`` images a run."""
+    session = path_or_session
+    if isinstance(session, (str, Path)):
+        session = onnx_session(session)
     return torch.cat(
         [
             torch.from_numpy(session.run(None, {"images": batch.cpu().numpy()})[0])

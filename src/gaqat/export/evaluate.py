@@ -1,0 +1,129 @@
+"""The accuracy of an exported ONNX file on its run's own data: what a device will deliver.
+
+A QAT checkpoint is the fake-quantized model; the ONNX file is what a runtime executes.
+They agree up to rounding, but onnxruntime's integer kernels round the bias and the
+requantisation their own way, which moves near-tie codes, so the deployed accuracy is
+measured rather than assumed. Every split the run itself evaluated (DomainBed's
+``env{i}_in`` and ``env{i}_out``, drawn with the run's trial seed and holdout fraction)
+goes through both, and each row holds PyTorch's accuracy, the file's, and their top-1
+agreement; the held-out domains are the rows that tell how the file generalises.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from gaqat.data import load_dataset, make_loaders
+from gaqat.export.verify import onnx_logits, onnx_session
+
+ROLES = {"in": "training", "out": "validation"}
+
+
+@dataclass(frozen=True)
+class SplitAccuracy:
+    """One split through the PyTorch model and the exported file."""
+
+    split: str  # DomainBed's key: env0_in, env0_out, ...
+    domain: str
+    role: str  # "held out", or "training" / "validation" for a training domain's splits
+    images: int
+    pytorch_acc: float
+    onnx_acc: float
+    agreement: float  # share of images with the same top-1 class
+
+
+def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> dict:
+    """The run's evaluation loaders, rebuilt from the ``args`` and ``meta`` its checkpoint
+    stores (``data_dir`` replaces the one the run was trained with). Called before the
+    export writes anything, so that a checkpoint or data it cannot use fails first."""
+    args, meta = checkpoint.get("args"), checkpoint["meta"]
+    if not args or "trial_seed" not in args:
+        raise ValueError(
+            f"{source}: the checkpoint has no 'args' with the run's trial seed and holdout, "
+            f"which evaluating the export needs to draw the run's own splits; evaluate a "
+            f"checkpoint.pt written by `gaqat train`"
+        )
+    dataset = load_dataset(args["dataset"], data_dir or args.get("data_dir"))
+    if list(dataset.domains) != list(meta["domains"]):
+        raise ValueError(
+            f"{source}: the run was trained on {args['dataset']} domains "
+            f"{list(meta['domains'])}, but the data found has {list(dataset.domains)}; "
+            f"pass the data directory it was trained on (--data-dir)"
+        )
+    loaders = make_loaders(
+        dataset,
+        meta["test_envs"],
+        batch_size=1,  # the training stream is never drawn here
+        seed=args["trial_seed"],
+        holdout_fraction=args.get("holdout_fraction", 0.2),
+        augment=False,
+        image_size=args.get("image_size"),
+    )
+    return {"domains": dataset.domains, "test_envs": meta["test_envs"], "eval": loaders.eval}
+
+
+@torch.no_grad()
+def evaluate_export(path: str | Path, model: torch.nn.Module, splits: dict) -> list[SplitAccuracy]:
+    """Every split of the run (``run_splits``) through ``model`` (in eval mode) and the
+    ONNX file at ``path``."""
+    session = onnx_session(path)
+    rows = []
+    for name, loader in splits["eval"].items():
+        env, part = name.removeprefix("env").split("_")
+        held_out = int(env) in splits["test_envs"]
+        rows.append(
+            _compare(
+                name,
+                splits["domains"][int(env)],
+                "held out" if held_out else ROLES[part],
+                model,
+                session,
+                loader,
+            )
+        )
+    return rows
+
+
+def _compare(name, domain, role, model, session, loader: DataLoader) -> SplitAccuracy:
+    hits = {"pytorch": 0, "onnx": 0, "same": 0}
+    images = 0
+    for x, y in loader:
+        ours = model(x).argmax(1)
+        theirs = onnx_logits(session, x, len(x)).argmax(1)
+        hits["pytorch"] += int((ours == y).sum())
+        hits["onnx"] += int((theirs == y).sum())
+        hits["same"] += int((ours == theirs).sum())
+        images += len(y)
+    return SplitAccuracy(
+        name,
+        domain,
+        role,
+        images,
+        hits["pytorch"] / images,
+        hits["onnx"] / images,
+        hits["same"] / images,
+    )
+
+
+def evaluation_table(rows: list[SplitAccuracy]) -> str:
+    """A plain-text table, percentages to two decimals."""
+    lines = [
+        f"{'split':<10} {'domain':<14} {'role':<10} {'images':>7} {'pytorch':>8} "
+        f"{'onnx':>8} {'agree':>8}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.split:<10} {r.domain:<14} {r.role:<10} {r.images:>7} "
+            f"{100 * r.pytorch_acc:>7.2f}% {100 * r.onnx_acc:>7.2f}% {100 * r.agreement:>7.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def write_evaluation(rows: list[SplitAccuracy], path: Path, about: dict) -> None:
+    """The rows as JSON beside the exported file, with ``about`` (file, checkpoint, run)."""
+    path.write_text(json.dumps({**about, "splits": [asdict(r) for r in rows]}, indent=1) + "\n")

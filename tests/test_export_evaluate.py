@@ -1,0 +1,84 @@
+"""``gaqat export --evaluate``: the ONNX file's accuracy on every split of its run, against
+the run's own records (exact for the PyTorch column)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_run
+
+from gaqat import cli
+from gaqat.runfolder import RESULTS, read_jsonl
+from gaqat.train import run as train
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def lsq_run(digits_dir, tmp_path_factory):
+    """A W4 lsq run of a few steps from scratch, holding out mnist_m."""
+    root = tmp_path_factory.mktemp("evaluate")
+    return train(tiny_run(root / "lsq", digits_dir, "lsq", bits=4, from_scratch=True))
+
+
+def _export(run, out, *options, fmt="onnx"):
+    return cli.main(
+        ["export", str(run / "checkpoint.pt"), "--format", fmt, "--out", str(out), *options]
+    )
+
+
+def test_evaluation_covers_every_split_and_matches_the_runs_own_accuracy(
+    lsq_run, digits_dir, tmp_path, capsys
+):
+    """With integer kernels, the file that disagrees most with PyTorch (test_export)."""
+    out = tmp_path / "model.onnx"
+    args = ("--evaluate", "--data-dir", str(digits_dir), "--integer-kernels")
+    assert _export(lsq_run, out, *args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "model.eval.json").read_text())
+    assert report["file"] == str(out) and report["test_envs"] == [1]
+    assert report["integer_kernels"] is True
+
+    rows = {row["split"]: row for row in report["splits"]}
+    last = [record for _, record in read_jsonl(lsq_run / RESULTS)][-1]
+    assert sorted(rows) == sorted(k.removesuffix("_acc") for k in last if k.endswith("_acc"))
+    for name, row in rows.items():
+        # The PyTorch column is the run's own evaluation of the same splits, to the image.
+        assert row["pytorch_acc"] == pytest.approx(last[f"{name}_acc"], abs=1e-12)
+        assert 0.9 <= row["agreement"] <= 1.0
+        same = round(row["agreement"] * row["images"])
+        # Each disagreement moves each accuracy by at most one image.
+        assert abs(row["onnx_acc"] - row["pytorch_acc"]) * row["images"] <= row["images"] - same
+        assert f"{name:<10} {row['domain']:<14} {row['role']:<10}" in printed
+    assert {rows[f"env1_{p}"]["role"] for p in ("in", "out")} == {"held out"}
+    assert (rows["env0_in"]["role"], rows["env0_out"]["role"]) == ("training", "validation")
+    assert sum(row["images"] for row in rows.values()) == 9297  # every DigitsDG image once
+
+
+def test_evaluation_needs_an_onnx_file_and_a_run_checkpoint(lsq_run, tmp_path, capsys):
+    assert _export(lsq_run, tmp_path / "m.safetensors", "--evaluate", fmt="int") == 2
+    assert "onnx format" in capsys.readouterr().err
+
+    bare = torch.load(lsq_run / "checkpoint.pt", weights_only=False)
+    del bare["args"]
+    (tmp_path / "run").mkdir()
+    torch.save(bare, tmp_path / "run" / "checkpoint.pt")
+    assert _export(tmp_path / "run", tmp_path / "m.onnx", "--evaluate") == 2
+    error = capsys.readouterr().err
+    assert "has no 'args'" in error and "Traceback" not in error
+    assert not (tmp_path / "m.onnx").exists()  # refused before anything is written
+
+
+def test_evaluation_refuses_data_with_other_domains(lsq_run, tmp_path, make_tree, capsys):
+    other = make_tree(tmp_path / "other", {"photo": ["0", "1"], "sketch": ["0", "1"]})
+    bare = torch.load(lsq_run / "checkpoint.pt", weights_only=False)
+    bare["args"]["dataset"] = str(other)
+    (tmp_path / "run").mkdir()
+    torch.save(bare, tmp_path / "run" / "checkpoint.pt")
+    assert _export(tmp_path / "run", tmp_path / "m.onnx", "--evaluate") == 2
+    error = capsys.readouterr().err
+    assert "the data found has ['photo', 'sketch']" in error and "--data-dir" in error
+    assert not (tmp_path / "m.onnx").exists()
