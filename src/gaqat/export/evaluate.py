@@ -37,7 +37,29 @@ class SplitAccuracy:
     agreement: float  # share of images with the same top-1 class
 
 
-def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> dict:
+@dataclass(frozen=True)
+class RunSplits:
+    """The splits a run evaluated: DomainBed's ``env{i}_in`` / ``env{i}_out`` loaders."""
+
+    domains: tuple[str, ...]
+    test_envs: tuple[int, ...]
+    loaders: dict[str, DataLoader]
+
+    def role(self, split: str) -> str:
+        env, part = _env_part(split)
+        return "held out" if env in self.test_envs else ROLES[part]
+
+    def domain(self, split: str) -> str:
+        return self.domains[_env_part(split)[0]]
+
+
+def _env_part(split: str) -> tuple[int, str]:
+    """``"env2_out"`` → ``(2, "out")``."""
+    env, part = split.removeprefix("env").split("_")
+    return int(env), part
+
+
+def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> RunSplits:
     """The run's evaluation loaders, rebuilt from the ``args`` and ``meta`` its checkpoint
     stores (``data_dir`` replaces the one the run was trained with). Called before the
     export writes anything, so that a checkpoint or data it cannot use fails first."""
@@ -64,50 +86,38 @@ def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> di
         augment=False,
         image_size=args.get("image_size"),
     )
-    return {"domains": dataset.domains, "test_envs": meta["test_envs"], "eval": loaders.eval}
+    return RunSplits(tuple(dataset.domains), tuple(meta["test_envs"]), loaders.eval)
 
 
 @torch.no_grad()
-def evaluate_export(path: str | Path, model: torch.nn.Module, splits: dict) -> list[SplitAccuracy]:
-    """Every split of the run (``run_splits``) through ``model`` (in eval mode) and the
-    ONNX file at ``path``."""
+def evaluate_export(
+    path: str | Path, model: torch.nn.Module, splits: RunSplits
+) -> list[SplitAccuracy]:
+    """Every split of the run through ``model`` (in eval mode) and the ONNX file at
+    ``path``, counting the images each gets right and those they agree on."""
     session = onnx_session(path)
     rows = []
-    for name, loader in splits["eval"].items():
-        env, part = name.removeprefix("env").split("_")
-        held_out = int(env) in splits["test_envs"]
+    for name, loader in splits.loaders.items():
+        images = right = right_onnx = same = 0
+        for x, y in loader:
+            ours = model(x).argmax(1)
+            theirs = onnx_logits(session, x, len(x)).argmax(1)
+            right += int((ours == y).sum())
+            right_onnx += int((theirs == y).sum())
+            same += int((ours == theirs).sum())
+            images += len(y)
         rows.append(
-            _compare(
+            SplitAccuracy(
                 name,
-                splits["domains"][int(env)],
-                "held out" if held_out else ROLES[part],
-                model,
-                session,
-                loader,
+                splits.domain(name),
+                splits.role(name),
+                images,
+                right / images,
+                right_onnx / images,
+                same / images,
             )
         )
     return rows
-
-
-def _compare(name, domain, role, model, session, loader: DataLoader) -> SplitAccuracy:
-    hits = {"pytorch": 0, "onnx": 0, "same": 0}
-    images = 0
-    for x, y in loader:
-        ours = model(x).argmax(1)
-        theirs = onnx_logits(session, x, len(x)).argmax(1)
-        hits["pytorch"] += int((ours == y).sum())
-        hits["onnx"] += int((theirs == y).sum())
-        hits["same"] += int((ours == theirs).sum())
-        images += len(y)
-    return SplitAccuracy(
-        name,
-        domain,
-        role,
-        images,
-        hits["pytorch"] / images,
-        hits["onnx"] / images,
-        hits["same"] / images,
-    )
 
 
 def evaluation_table(rows: list[SplitAccuracy]) -> str:
