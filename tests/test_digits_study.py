@@ -53,7 +53,8 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     ablation = out / "ablations" / "tau0.1"
     links = sorted(p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink())
     assert links == ["erm", "erm", "lsq_sagm_w3", "lsq_sagm_w3"]
-    assert len(study.runs_of(out / "extra", "lsq_sam", 3)) == 1
+    assert len(study.runs_of(out / "extra", "sagm")) == 1  # the first seed only
+    assert len(study.runs_of(out / "extra", "lsq_sam", 3)) == 2
 
     # Launched again, every run is kept and nothing trains.
     before = {p: p.stat().st_mtime for p in main.rglob("results.jsonl")}
@@ -74,13 +75,13 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     assert summary["paired_gaqat_vs_lsq_sagm"]["3"]["n"] == "2"
     assert summary["freezing"]["3"]["runs"] == 2
     assert set(summary["step_times_s"]) == {"erm", "lsq_w3", "lsq_sagm_w3", "gaqat_w3"}
-    # The extras pair with the main grid's runs of their one seed.
+    # The extras pair with the main grid's runs of their seeds.
     assert {name: row["n"] for name, row in summary["extras"].items()} == {
         "sagm − erm": "1",
-        "lsq_sam − lsq": "1",
-        "lsq_sam − lsq_sagm": "1",
+        "lsq_sam − lsq": "2",
+        "lsq_sam − lsq_sagm": "2",
     }
-    assert "| lsq_sam − lsq_sagm |" in text and "`sagm − erm` on trial seed 0" in text
+    assert "| lsq_sam − lsq_sagm |" in text and "`sagm − erm` (the extras)" in text
 
 
 def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch):
@@ -97,4 +98,5 @@ def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch
     folders = {job.folder.parent for job in launched}
     assert folders == {out / "extra"}
     trained = sorted(job.folder.name.split("_env")[0] for job in launched)
-    assert trained == ["erm", "lsq_sam_w3", "sagm"]  # the first seed; its float init too
+    # sagm on the first seed, lsq_sam on both and their float inits (once each)
+    assert trained == ["erm", "erm", "lsq_sam_w3", "lsq_sam_w3", "sagm"]
