@@ -623,7 +623,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "write a QAT checkpoint as integer codes (safetensors) or ONNX QDQ",
         "int: b-bit weight codes as int8, step sizes, float remainder and metadata in one "
         "safetensors file. onnx: QuantizeLinear/DequantizeLinear around every quantized "
-        "layer's weight and input, checked with ONNX Runtime.",
+        "layer's weight and input, checked with ONNX Runtime; with --evaluate, also the "
+        "file's accuracy on every split of its run beside PyTorch's.",
         _export,
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt of a quantized run")
