@@ -27,6 +27,7 @@ from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.evaluate import (
     SplitAccuracy,
     evaluate_export,
+    evaluation_path,
     evaluation_table,
     run_splits,
     write_evaluation,
@@ -34,7 +35,7 @@ from gaqat.export.evaluate import (
 from gaqat.export.intfile import INT_FORMAT, INT_FORMAT_VERSION, export_int, int_metadata, load_int
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
 from gaqat.export.qdq import export_onnx, onnx_opset, onnx_ready
-from gaqat.export.verify import PROBE_BATCH, onnx_logits, probe_inputs
+from gaqat.export.verify import PROBE_BATCH, onnx_logits, onnx_session, probe_inputs
 
 __all__ = [
     "FORMATS",
@@ -88,7 +89,6 @@ class ExportSummary:
     fold_max_abs_change: float | None = None
     onnx_max_abs_diff: float | None = None
     evaluation: list[SplitAccuracy] | None = None
-    evaluation_path: Path | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -111,7 +111,7 @@ class ExportSummary:
         if self.evaluation is not None:
             lines.append(
                 f"accuracy on the run's splits, PyTorch vs ONNX Runtime "
-                f"(also in {self.evaluation_path}):\n{evaluation_table(self.evaluation)}"
+                f"(also in {evaluation_path(self.path)}):\n{evaluation_table(self.evaluation)}"
             )
         return "\n".join(lines)
 
@@ -175,12 +175,12 @@ def export_checkpoint(
             int4_weights=int4_weights,
             integer_kernels=integer_kernels,
         )
-        diff = onnx_logits(out, probe) - model(probe)
+        session = onnx_session(out)  # one session for the probe and the evaluation
+        diff = onnx_logits(session, probe) - model(probe)
         summary["onnx_max_abs_diff"] = float(diff.abs().max())
         if evaluate:
-            rows = evaluate_export(out, model, splits)
+            rows = evaluate_export(session, model, splits)
             summary["evaluation"] = rows
-            summary["evaluation_path"] = out.with_suffix(".eval.json")
             about = {
                 "file": str(out),
                 "checkpoint": str(checkpoint_path),
@@ -189,5 +189,5 @@ def export_checkpoint(
                 "integer_kernels": integer_kernels,
                 "int4_weights": int4_weights,
             }
-            write_evaluation(rows, summary["evaluation_path"], about)
+            write_evaluation(rows, out, about)
     return ExportSummary(out, fmt, out.stat().st_size, **model_sizes(model), **summary)

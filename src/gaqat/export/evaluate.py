@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gaqat.data import load_dataset, make_loaders
-from gaqat.export.verify import onnx_logits, onnx_session
+from gaqat.export.verify import onnx_logits
 
 ROLES = {"in": "training", "out": "validation"}
 
@@ -90,12 +90,9 @@ def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> Ru
 
 
 @torch.no_grad()
-def evaluate_export(
-    path: str | Path, model: torch.nn.Module, splits: RunSplits
-) -> list[SplitAccuracy]:
-    """Every split of the run through ``model`` (in eval mode) and the ONNX file at
-    ``path``, counting the images each gets right and those they agree on."""
-    session = onnx_session(path)
+def evaluate_export(session, model: torch.nn.Module, splits: RunSplits) -> list[SplitAccuracy]:
+    """Every split of the run through ``model`` (in eval mode) and the exported file's
+    ``onnx_session``, counting the images each gets right and those they agree on."""
     rows = []
     for name, loader in splits.loaders.items():
         images = right = right_onnx = same = 0
@@ -134,6 +131,12 @@ def evaluation_table(rows: list[SplitAccuracy]) -> str:
     return "\n".join(lines)
 
 
-def write_evaluation(rows: list[SplitAccuracy], path: Path, about: dict) -> None:
+def evaluation_path(exported: Path) -> Path:
+    """Where the evaluation of an exported file goes: ``model.onnx`` → ``model.eval.json``."""
+    return exported.with_suffix(".eval.json")
+
+
+def write_evaluation(rows: list[SplitAccuracy], exported: Path, about: dict) -> None:
     """The rows as JSON beside the exported file, with ``about`` (file, checkpoint, run)."""
-    path.write_text(json.dumps({**about, "splits": [asdict(r) for r in rows]}, indent=1) + "\n")
+    text = json.dumps({**about, "splits": [asdict(r) for r in rows]}, indent=1)
+    evaluation_path(exported).write_text(text + "\n")
