@@ -206,6 +206,25 @@ def test_step_size_stays_positive_and_recovers_after_hostile_update(hostile):
         assert check_step_sizes(model) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step", [-1e3, -0.75, -0.25, -1e-9, 0.0, 1e-9, 1e-8, 0.3])
+def test_both_forms_floor_any_step_size_alike(step, dtype):
+    """Negative and sub-floor step sizes, where ``s + (max(s, floor) - s)`` is not exact:
+    the traceable form gives the Function's outputs and step-size gradients bit for bit."""
+    x = sample(1, (64,), 1e-7, dtype)
+    results = []
+    for quantize in (lsq_quantize, lsq_traceable):
+        s = torch.tensor([step], dtype=dtype, requires_grad=True)
+        xi = x.clone().requires_grad_()
+        out = quantize(xi, s, -8, 7, 0.5)
+        out.backward(torch.linspace(-1, 1, 64, dtype=dtype))
+        results.append((out.detach(), xi.grad, s.grad))
+    for eager, traced in zip(*results):
+        assert torch.isfinite(traced).all()
+        torch.testing.assert_close(traced, eager, rtol=1e-6, atol=0)
+    assert torch.equal(results[0][0], results[1][0])  # the forward, exactly
+
+
 def resnet18():
     torch.manual_seed(0)
     return torchvision.models.resnet18(weights=None, num_classes=5)

@@ -98,14 +98,14 @@ def _lsq_traceable(
 
     A custom autograd Function is opaque to the compiler, which then runs its forward and
     backward as separate unfused kernels (slower than eager); these ops fuse into the
-    surrounding convolution's kernels. Same forward values bit for bit: each
-    ``a + (b - a).detach()`` is exact here (the step-size gradient scaling adds an exact
-    zero, and ``round(y) - y`` is exact for |y| < 2^23), and the gradients are LSQ's:
-    the step size's through ``where`` (round(y) - y inside, q_min or q_max outside), the
-    input's 1 inside the open range and 0 outside, the floor straight through.
+    surrounding convolution's kernels. Same forward values bit for bit, for every step
+    size, negative ones included: the floored step plus ``(s - s.detach()) * grad_scale``
+    adds an exact zero, and ``y + (round(y) - y).detach()`` is exact for |y| < 2^23. The
+    gradients are LSQ's: the step size's through ``where`` (round(y) - y inside, q_min or
+    q_max outside), scaled by ``grad_scale``, the floor straight through; the input's 1
+    inside the open range and 0 outside.
     """
-    step = scale + (scale.clamp_min(MIN_STEP) - scale).detach()
-    step = step.detach() + (step - step.detach()) * grad_scale
+    step = scale.clamp_min(MIN_STEP).detach() + (scale - scale.detach()) * grad_scale
     y = x * step.reciprocal()
     inside = (y > q_min).logical_and_(y < q_max)
     y = torch.where(inside, y, y.detach().clamp(q_min, q_max))
