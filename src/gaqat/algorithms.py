@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaqat.bn_folding import freeze_statistics
+from gaqat.bn_folding import freeze_statistics, update_running_statistics
 from gaqat.distributed import data_parallel, synchronise_batch_norm
 from gaqat.freezing import Freezer
 from gaqat.models import ModelConfig, Network, build_model
@@ -54,7 +54,8 @@ class Algorithm:
     ops that the compiler fuses (``gaqat.quant.lsq_quantize``). A network quantized with
     batch norm folded (``hparams["fold_batch_norm"]``) trains its folded layers on live
     statistics for the first ``bn_freeze_at`` of the steps, on the running ones after
-    (``gaqat.bn_folding``).
+    (``gaqat.bn_folding``); while they are live, their running statistics move after each
+    step, not inside its passes.
     """
 
     def __init__(
@@ -203,6 +204,8 @@ class Algorithm:
         if self.recipe.objective == "erm":  # the two-pass steps zero before each of their passes
             self.optimizer.zero_grad(set_to_none=True)
         loss = self.optimizer.step(closure)
+        if self._statistics_frozen is False:  # folded layers staged their batch statistics
+            update_running_statistics(self.network)
         self.scheduler.step()
         stats = {"loss": loss.detach()}  # on the device: reading it would wait for the step
         if self.freezer is not None:

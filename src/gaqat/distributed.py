@@ -110,32 +110,49 @@ class _AllReduce(torch.autograd.Function):
         return grad
 
 
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of an NCHW batch, and the number of values
+    behind each: the global batch's across ranks when several train together
+    (differentiable through one all-reduce of sum, sum of squares and count), the local
+    batch's otherwise. Computed in at least fp32, even under bf16 autocast."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if not active():
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return mean, var, x.new_tensor(x.numel() / x.shape[1])
+    count = x.new_full((x.shape[1],), x.numel() / x.shape[1])
+    local = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
+    total, total_sq, count = _AllReduce.apply(local)
+    mean = total / count
+    return mean, total_sq / count - mean * mean, count[0]
+
+
+def normalise(
+    x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bn: nn.BatchNorm2d
+) -> torch.Tensor:
+    """Batch norm's training-mode output for the given statistics, in ``x``'s dtype."""
+    shape = (1, -1, 1, 1)
+    y = (x.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(x.dtype)
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose training-mode statistics are the global batch's across ranks.
 
     ``torch.nn.SyncBatchNorm`` runs on GPUs only; this one is a handful of tensor ops and
-    one differentiable all-reduce of (sum, sum of squares, count), so it runs wherever the
-    process group does. In eval mode, with one rank, or with ``track_running_stats=False``
-    outside training it is plain batch norm. Its state dict is BatchNorm2d's.
+    one differentiable all-reduce (:func:`batch_statistics`), so it runs wherever the
+    process group does. In eval mode, or with one rank, it is plain batch norm. Its state
+    dict is BatchNorm2d's.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        dtype = x.dtype  # statistics in at least fp32, even under bf16 autocast
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        count = x.new_full((x.shape[1],), x.numel() / x.shape[1])
-        local = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
-        total, total_sq, count = _AllReduce.apply(local)
-        mean = total / count
-        var = total_sq / count - mean * mean
+        mean, var, count = batch_statistics(x)
         if self.track_running_stats:
-            self._update_running_stats(mean, var, count[0])
-        shape = (1, -1, 1, 1)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(dtype)
+            self._update_running_stats(mean, var, count)
+        return normalise(x, mean, var, self)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
