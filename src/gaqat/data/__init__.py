@@ -2,12 +2,13 @@
 
 Public API (what training code calls)::
 
-    ds = load_dataset(name, root=None) -> MultiDomainDataset
+    ds = load_dataset(name, root=None, class_map=None) -> MultiDomainDataset
         name: "digits" (DigitsDG, built offline into root = data dir, default
         $GAQAT_DATA or ~/.cache/gaqat), "PACS", "VLCS", "OfficeHome", "TerraIncognita",
         "DomainNet" (root = the folder holding e.g. PACS/, or PACS/ itself), or
         "folder:PATH" / an existing directory (custom ROOT/<domain>/<class>/<image>).
-        Case-insensitive.
+        Case-insensitive. class_map: a JSON file {domain: {folder name: class}} for
+        domains that name their class folders differently.
     ds.name, ds.domains, ds.classes, ds.num_classes, ds.input_shape (C, H, W)
     len(ds) == number of domains; ds[i] is domain i's torch Dataset of
         (image_tensor, label) with the evaluation transform.
@@ -26,6 +27,12 @@ Transforms: photos follow DomainBed (224, RandomResizedCrop 0.7-1, flip, colour 
 0.3, random grayscale, ImageNet normalisation; resize only at test time). DigitsDG is
 32x32 normalised to [-1, 1], trained with shifts of at most 2 pixels only: flips and
 colour jitter would destroy digits or the colour cues that separate their domains.
+
+A run records ``dataset_record(ds, class_map)`` in its args (the folder's absolute path,
+the class map, a fingerprint of the files); ``load_recorded(args, data_dir=None)`` loads
+that data again and refuses other files of the same name (``check_same_data``).
+``check_run_data(ds, test_envs)`` refuses data a run cannot use: a domain too small for
+the holdout, held-out classes that no training domain has.
 
 Other entry points: ``build_digits`` / ``ensure_digits`` (the DigitsDG cache),
 ``download_dataset`` (the five real datasets), ``preview_grid`` (a PNG of samples),
@@ -48,12 +55,16 @@ _MODULES = {
     "Split": "loaders",
     "TrainBatches": "loaders",
     "build_digits": "digits_cache",
+    "check_run_data": "loaders",
+    "check_same_data": "registry",
+    "dataset_record": "registry",
     "dataset_domains": "registry",
     "default_data_dir": "digits_cache",
     "download_dataset": "download",
     "ensure_digits": "digits_cache",
     "holdout_split": "loaders",
     "load_dataset": "registry",
+    "load_recorded": "registry",
     "make_loaders": "loaders",
     "preview_grid": "preview",
 }

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import numpy as np
 
 from gaqat.data.digits_cache import build_digits, default_data_dir
 from gaqat.data.download import download_dataset
 from gaqat.data.folders import ImageFolderDomain
+from gaqat.data.loaders import check_domain_sizes
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.data.preview import preview_grid
 from gaqat.data.registry import load_dataset
@@ -37,8 +39,13 @@ def build(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     """The table of ``format_info``; unless ``--quick``, every image is decoded first and
-    the ones that fail are left out of the counts and listed (exit status 1)."""
+    the ones that fail are left out of the counts and listed (exit status 1). A domain
+    too small to train on is warned about: the table is what helps fix it."""
     ds = _load(args)
+    try:
+        check_domain_sizes(ds)
+    except ValueError as error:
+        warnings.warn(str(error), stacklevel=1)
     bad = (
         {}
         if args.quick
@@ -80,8 +87,8 @@ def download(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> MultiDomainDataset:
-    with as_usage_errors():  # an unknown name or a missing folder is a bad argument
-        return load_dataset(args.name, args.root)
+    with as_usage_errors():  # an unknown name, a missing folder, a bad class map
+        return load_dataset(args.name, args.root, args.class_map)
 
 
 def format_info(ds: MultiDomainDataset, exclude: dict[int, list[int]] | None = None) -> str:

@@ -25,9 +25,13 @@ from gaqat.data.multidomain import DomainDataset, MultiDomainDataset
 from gaqat.seeding import seed_hash
 
 DEFAULT_EVAL_BATCH_SIZE = 128
+#: DomainBed's holdout: the fraction of each domain kept out of training for validation.
+HOLDOUT_FRACTION = 0.2
 
 
-def holdout_split(size: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(
+    size: int, fraction: float = HOLDOUT_FRACTION, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(in, out) sorted index arrays: ``int(size * fraction)`` indices held out.
 
     DomainBed's ``split_dataset``: ``RandomState(seed)`` shuffles the indices (the stream is
@@ -36,11 +40,78 @@ def holdout_split(size: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.n
     ``StepSampler``'s own permutations, evaluation counts), and sorted indices read a
     domain's files in order.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    _check_fraction(fraction)
     order = np.random.RandomState(seed).permutation(size)
     n_out = int(size * fraction)
     return np.sort(order[n_out:]), np.sort(order[:n_out])
+
+
+def min_domain_size(fraction: float = HOLDOUT_FRACTION) -> int:
+    """The fewest images for which ``holdout_split`` leaves both splits non-empty (5 at
+    20%). A run needs both: a training domain's out split is its validation set, which
+    model selection reads, and a held-out domain's out split is the oracle's; without
+    them the run's records lack accuracies that its summary and report read."""
+    _check_fraction(fraction)
+    if fraction == 0:
+        return 1  # no holdout asked for
+    return next(n for n in itertools.count(2) if 1 <= int(n * fraction) < n)
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+
+
+def check_domain_sizes(ds: MultiDomainDataset, fraction: float = HOLDOUT_FRACTION) -> None:
+    """Refuse a dataset with a domain too small to split (see ``min_domain_size``)."""
+    needed = min_domain_size(fraction)
+    small = [
+        f"{ds.root / domain if ds.root else repr(domain)} ({len(data)} images)"
+        for domain, data in zip(ds.domains, ds.datasets)
+        if len(data) < needed
+    ]
+    if small:
+        raise ValueError(
+            f"{ds.name}: too few images in domain folder(s) {', '.join(small)}: each domain needs "
+            f"at least {needed} images, so that holding out {fraction:.0%} of it for "
+            f"validation leaves images on both sides. Add images, or move the domain out "
+            f"of the dataset"
+        )
+
+
+def check_run_data(ds: MultiDomainDataset, test_envs: Sequence[int]) -> None:
+    """What a training run asks of its data beyond loading: every domain large enough
+    for DomainBed's holdout, and no held-out class that no training domain has."""
+    check_domain_sizes(ds)
+    check_held_out_classes(ds, test_envs)
+
+
+def check_held_out_classes(ds: MultiDomainDataset, test_envs: Sequence[int]) -> None:
+    """Refuse held-out images of a class no training domain has: the model can never get
+    them right, so the held-out accuracy would measure the class lists, not
+    generalization. Domains that name their classes differently end here (a class map
+    joins them)."""
+    counts = ds.class_counts()
+    training = [i for i in range(len(ds)) if i not in test_envs]
+    seen = counts[training].sum(axis=0) > 0
+    unseen = {
+        ds.domains[e]: [c for k, c in enumerate(ds.classes) if counts[e, k] and not seen[k]]
+        for e in sorted(set(test_envs))
+    }
+    listing = "; ".join(f"{d!r}: {_shown(names)}" for d, names in unseen.items() if names)
+    if listing:
+        raise ValueError(
+            f"{ds.name}: held-out domains have images of classes that no training domain "
+            f"({', '.join(repr(ds.domains[i]) for i in training)}) has ({listing}); the "
+            f"model cannot get them right, so their accuracy would measure nothing. If the "
+            f"domains name their class folders differently, join them with --class-map "
+            f"FILE, a JSON object {{domain: {{folder name: class}}}}"
+        )
+
+
+def _shown(names: Sequence[str], limit: int = 10) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 @dataclass(frozen=True)
@@ -253,7 +324,7 @@ def make_loaders(
     batch_size: int,
     *,
     seed: int = 0,
-    holdout_fraction: float = 0.2,
+    holdout_fraction: float = HOLDOUT_FRACTION,
     augment: bool = True,
     num_workers: int = 0,
     image_size: int | None = None,
@@ -277,17 +348,11 @@ def make_loaders(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    splits = []
-    for i, domain in enumerate(ds.domains):
-        in_indices, out_indices = holdout_split(
-            len(ds[i]), holdout_fraction, seed_hash(int(seed), i)
-        )
-        if i not in test_envs and len(in_indices) == 0:
-            raise ValueError(
-                f"{ds.name}: training domain {domain!r} has no images left "
-                f"after holding out {holdout_fraction:.0%}"
-            )
-        splits.append(Split(domain, in_indices, out_indices))
+    check_domain_sizes(ds, holdout_fraction)
+    splits = [
+        Split(domain, *holdout_split(len(ds[i]), holdout_fraction, seed_hash(int(seed), i)))
+        for i, domain in enumerate(ds.domains)
+    ]
     return DomainLoaders(
         ds,
         test_envs,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,12 @@ class DomainDataset(Dataset, ABC):
 
 
 class MultiDomainDataset:
-    """Named domains sharing one label space; ``ds[i]`` is the i-th domain's Dataset."""
+    """Named domains sharing one label space; ``ds[i]`` is the i-th domain's Dataset.
+
+    An image folder also has its ``root`` and a ``fingerprint`` of its files, which a run
+    records so that resuming or evaluating it can tell its data from another folder of
+    the same name; both are None for data built in memory (DigitsDG).
+    """
 
     def __init__(
         self,
@@ -48,6 +54,9 @@ class MultiDomainDataset:
         classes: Sequence[str],
         datasets: Sequence[DomainDataset],
         image_size: int,
+        *,
+        root: Path | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         if len(domains) != len(datasets):
             raise ValueError(f"{name}: {len(domains)} domain names for {len(datasets)} datasets")
@@ -56,6 +65,8 @@ class MultiDomainDataset:
         self.classes = list(classes)
         self.datasets = list(datasets)
         self.image_size = image_size
+        self.root = root
+        self.fingerprint = fingerprint
 
     @property
     def num_classes(self) -> int:
