@@ -47,3 +47,11 @@ def test_bad_files_get_errors_that_say_what_is_wrong(tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="model_config has unknown entries \\['width'\\]"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_callers_name_the_fields_they_read(tmp_path):
+    """``train --resume`` reads the training state; a hand edit that lost it is named."""
+    torch.save(_checkpoint(build_model(ModelConfig()), None), tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"checkpoint .*c.pt: missing field 'args'"):
+        load_checkpoint(tmp_path / "c.pt", require={"args": dict, "args.trial_seed": int})
+    assert load_checkpoint(tmp_path / "c.pt", require={"meta.algorithm": str})

@@ -196,6 +196,11 @@ def test_run_tau(tmp_path):
         ValueError, match=r"line 1: field 'hparams.tau' is 'high', expected a number"
     ):
         run_tau(write_run(tmp_path / "c", [], tau="high"))
+    for i, bad in enumerate((float("nan"), 5.0, -0.1)):
+        with pytest.raises(
+            ValueError, match=r"field 'hparams.tau' is .*, expected a number from 0"
+        ):
+            run_tau(write_run(tmp_path / f"bad{i}", [], tau=bad))
     # Read as every JSON-lines file is: a torn last line is skipped with a warning.
     torn = write_run(tmp_path / "d", [], tau=0.25)
     with (torn / "results.jsonl").open("a") as f:

@@ -82,6 +82,8 @@ def run_tau(run_dir: str | Path) -> float | None:
     where, first = records[0]
     check_fields(first, {"hparams": dict, "hparams.tau": float}, where, required=False)
     tau = first.get("hparams", {}).get("tau")
+    if tau is not None and not 0 <= tau <= 1:  # NaN too
+        raise ValueError(f"{where}: field 'hparams.tau' is {tau!r}, expected a number from 0 to 1")
     return None if tau is None else float(tau)
 
 

@@ -11,6 +11,7 @@ of two formats and checks what it wrote. One module per part:
 - ``qdq``: the ``onnx`` format, a QuantizeLinear/DequantizeLinear graph;
 - ``verify``: the probe batch and ONNX Runtime's logits;
 - ``evaluate``: the exported file's accuracy on every split of its run, beside PyTorch's;
+- ``output``: where an export may write, and writing all its files or none;
 - ``extra``: the optional packages (``pip install "gaqat[export]"``), imported when needed.
 """
 
@@ -23,18 +24,27 @@ import torch
 
 from gaqat.bn_folding import conv_batchnorm_pairs, deployable
 from gaqat.checkpoint import load_model
+from gaqat.errors import UsageError
 from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.evaluate import (
     SplitAccuracy,
     evaluate_export,
+    evaluation_json,
     evaluation_path,
     evaluation_table,
     run_splits,
-    write_evaluation,
 )
-from gaqat.export.intfile import INT_FORMAT, INT_FORMAT_VERSION, export_int, int_metadata, load_int
+from gaqat.export.intfile import (
+    INT_FORMAT,
+    INT_FORMAT_VERSION,
+    export_int,
+    int_bytes,
+    int_metadata,
+    load_int,
+)
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
-from gaqat.export.qdq import export_onnx, onnx_opset, onnx_ready
+from gaqat.export.output import check_output, write_outputs
+from gaqat.export.qdq import export_onnx, onnx_bytes, onnx_opset, onnx_ready
 from gaqat.export.verify import PROBE_BATCH, onnx_logits, onnx_session, probe_inputs
 
 __all__ = [
@@ -50,11 +60,13 @@ __all__ = [
     "INT_FORMAT",
     "INT_FORMAT_VERSION",
     "export_int",
+    "int_bytes",
     "int_metadata",
     "load_int",
     "onnx_opset",
     "onnx_ready",
     "export_onnx",
+    "onnx_bytes",
     "PROBE_BATCH",
     "probe_inputs",
     "onnx_logits",
@@ -116,6 +128,22 @@ class ExportSummary:
         return "\n".join(lines)
 
 
+def _check_options(fmt: str, input_size: int | None, onnx_only: dict, data_dir) -> None:
+    """UsageError for options that do not go together, before anything is read."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    given = [option for option, value in onnx_only.items() if value]
+    if given and fmt != "onnx":
+        raise UsageError(
+            f"{', '.join(given)}: options of the onnx format (--format onnx; the int file "
+            f"reloads with PyTorch's own logits)"
+        )
+    if data_dir is not None and not onnx_only["--evaluate"]:
+        raise UsageError("--data-dir: the data of --evaluate, which was not given")
+    if input_size is not None and input_size < 1:
+        raise UsageError(f"--input-size: expected a positive image side, got {input_size}")
+
+
 @torch.no_grad()
 def export_checkpoint(
     checkpoint_path: str | Path,
@@ -127,20 +155,25 @@ def export_checkpoint(
     integer_kernels: bool = False,
     evaluate: bool = False,
     data_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """``gaqat export``: load a QAT checkpoint, optionally fold BN into float convs,
     write the ``int`` or ``onnx`` file, and say what was written and how it checks; with
     ``evaluate``, also the ONNX file's accuracy on every split of the run (data from
-    ``data_dir``, else where the run found it), written beside it as ``<name>.eval.json``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
-    if (int4_weights or integer_kernels or evaluate) and fmt != "onnx":
-        raise ValueError(
-            "int4 weights, integer kernels and evaluation are options of the onnx format "
-            "(--format onnx; the int file reloads with PyTorch's own logits)"
-        )
-    if input_size is not None and input_size < 1:
-        raise ValueError(f"input size: expected a positive image side, got {input_size}")
+    ``data_dir``, else where the run found it), written beside it as ``<name>.eval.json``.
+
+    An existing output is replaced only with ``overwrite``, a run's files never
+    (``gaqat.export.output``); the outputs are written once everything else has succeeded."""
+    onnx_only = {
+        "--int4-weights": int4_weights,
+        "--integer-kernels": integer_kernels,
+        "--evaluate": evaluate,
+    }
+    _check_options(fmt, input_size, onnx_only, data_dir)
+    checkpoint_path, out = Path(checkpoint_path), Path(out)
+    outputs = {out: "--out", **({evaluation_path(out): "--evaluate"} if evaluate else {})}
+    for path, option in outputs.items():
+        check_output(path, option, checkpoint_path, overwrite)
     model, checkpoint = load_model(checkpoint_path)
     deployable(model)  # a network trained with batch norm folded: as plain quantized layers
     if checkpoint["quant_config"] is None:
@@ -159,13 +192,11 @@ def export_checkpoint(
         before = model(probe)
         summary["folded_bn"] = fold_batchnorm(model)
         summary["fold_max_abs_change"] = float((model(probe) - before).abs().max())
-    out = Path(out)
     if fmt == "int":
-        export_int(model, out, checkpoint, summary.get("folded_bn"))
+        files = {out: int_bytes(model, checkpoint, summary.get("folded_bn"))}
     else:
-        summary["opset"] = export_onnx(
+        data, summary["opset"] = onnx_bytes(
             model,
-            out,
             input_size,
             {
                 **checkpoint["meta"],
@@ -175,7 +206,8 @@ def export_checkpoint(
             int4_weights=int4_weights,
             integer_kernels=integer_kernels,
         )
-        session = onnx_session(out)  # one session for the probe and the evaluation
+        files = {out: data}
+        session = onnx_session(data)  # one session for the probe and the evaluation
         diff = onnx_logits(session, probe) - model(probe)
         summary["onnx_max_abs_diff"] = float(diff.abs().max())
         if evaluate:
@@ -184,10 +216,12 @@ def export_checkpoint(
             about = {
                 "file": str(out),
                 "checkpoint": str(checkpoint_path),
-                **{k: checkpoint["meta"][k] for k in ("dataset", "algorithm", "bits", "test_envs")},
+                **{k: checkpoint["meta"].get(k) for k in ("dataset", "algorithm", "bits")},
+                "test_envs": checkpoint["meta"]["test_envs"],
                 "trial_seed": checkpoint["args"]["trial_seed"],
                 "integer_kernels": integer_kernels,
                 "int4_weights": int4_weights,
             }
-            write_evaluation(rows, out, about)
-    return ExportSummary(out, fmt, out.stat().st_size, **model_sizes(model), **summary)
+            files[evaluation_path(out)] = evaluation_json(rows, about)
+    write_outputs(files)
+    return ExportSummary(out, fmt, len(files[out]), **model_sizes(model), **summary)

@@ -18,10 +18,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from gaqat.data import load_dataset, make_loaders
+from gaqat.data import load_recorded, make_loaders
 from gaqat.export.verify import onnx_logits
+from gaqat.fields import check_fields
 
 ROLES = {"in": "training", "out": "validation"}
+# What drawing the run's splits again reads from its checkpoint.
+_RUN_FIELDS = {
+    "args.dataset": str,
+    "args.trial_seed": int,
+    "meta.domains": list,
+    "meta.test_envs": list,
+}
 
 
 @dataclass(frozen=True)
@@ -63,14 +71,15 @@ def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> Ru
     """The run's evaluation loaders, rebuilt from the ``args`` and ``meta`` its checkpoint
     stores (``data_dir`` replaces the one the run was trained with). Called before the
     export writes anything, so that a checkpoint or data it cannot use fails first."""
-    args, meta = checkpoint.get("args"), checkpoint["meta"]
-    if not args or "trial_seed" not in args:
+    if not checkpoint.get("args"):
         raise ValueError(
             f"{source}: the checkpoint has no 'args' with the run's trial seed and holdout, "
             f"which evaluating the export needs to draw the run's own splits; evaluate a "
             f"checkpoint.pt written by `gaqat train`"
         )
-    dataset = load_dataset(args["dataset"], data_dir or args.get("data_dir"))
+    check_fields(checkpoint, _RUN_FIELDS, f"checkpoint {source}")
+    args, meta = checkpoint["args"], checkpoint["meta"]
+    dataset = load_recorded(args, data_dir, source)  # a folder dataset by its recorded path
     if list(dataset.domains) != list(meta["domains"]):
         raise ValueError(
             f"{source}: the run was trained on {args['dataset']} domains "
@@ -136,7 +145,7 @@ def evaluation_path(exported: Path) -> Path:
     return exported.with_suffix(".eval.json")
 
 
-def write_evaluation(rows: list[SplitAccuracy], exported: Path, about: dict) -> None:
-    """The rows as JSON beside the exported file, with ``about`` (file, checkpoint, run)."""
-    text = json.dumps({**about, "splits": [asdict(r) for r in rows]}, indent=1)
-    evaluation_path(exported).write_text(text + "\n")
+def evaluation_json(rows: list[SplitAccuracy], about: dict) -> bytes:
+    """The rows as JSON, with ``about`` (file, checkpoint, run): the ``evaluation_path``
+    file's content."""
+    return (json.dumps({**about, "splits": [asdict(r) for r in rows]}, indent=1) + "\n").encode()

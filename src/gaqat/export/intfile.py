@@ -28,6 +28,7 @@ from gaqat.export.layers import (
     quantized_modules,
     weight_codes,
 )
+from gaqat.export.output import write_outputs
 from gaqat.models import Network
 from gaqat.quant import MIN_STEP
 
@@ -39,8 +40,13 @@ _CODES = ".weight_codes"  # replaces a quantized layer's ".weight" in the int fi
 def export_int(
     model: nn.Module, path: str | Path, checkpoint: dict, folded: dict[str, str] | None = None
 ) -> None:
-    """Write ``model`` (built from ``checkpoint``'s configs, BN-folded as ``folded`` says)
-    to a safetensors file; see the module docstring for what it holds."""
+    """Write ``int_bytes`` to a file, atomically."""
+    write_outputs({Path(path): int_bytes(model, checkpoint, folded)})
+
+
+def int_bytes(model: nn.Module, checkpoint: dict, folded: dict[str, str] | None = None) -> bytes:
+    """``model`` (built from ``checkpoint``'s configs, BN-folded as ``folded`` says) as a
+    safetensors file; see the module docstring for what it holds."""
     safetensors_torch = require("safetensors.torch")
     layers = quantized_layers(model)
     tensors = {}
@@ -63,9 +69,7 @@ def export_int(
         "folded_bn": folded or {},
         **model_sizes(model),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors_torch.save_file(tensors, str(path), {k: json.dumps(v) for k, v in header.items()})
+    return safetensors_torch.save(tensors, {k: json.dumps(v) for k, v in header.items()})
 
 
 def int_metadata(path: str | Path) -> dict:

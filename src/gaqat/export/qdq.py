@@ -26,6 +26,7 @@ methods below.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from copy import deepcopy
@@ -38,6 +39,7 @@ from gaqat.bn_folding import conv_batchnorm_pairs, data_flow, deployable
 from gaqat.efficientnet_lite import SamePad
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
+from gaqat.export.output import write_outputs
 from gaqat.quant import QuantConv2d, QuantLinear, lsq_quantize
 
 
@@ -247,16 +249,28 @@ def export_onnx(
     int4_weights: bool = False,
     integer_kernels: bool = False,
 ) -> int:
-    """Write the QDQ ONNX model (input "images" N x 3 x H x W, output "logits", batch and
-    image side dynamic) with ``properties`` as JSON metadata; returns the opset used.
+    """Write ``onnx_bytes`` to a file, atomically; returns the opset used."""
+    data, opset = onnx_bytes(model, input_size, properties, int4_weights, integer_kernels)
+    write_outputs({Path(path): data})
+    return opset
+
+
+def onnx_bytes(
+    model: nn.Module,
+    input_size: int,
+    properties: dict | None = None,
+    int4_weights: bool = False,
+    integer_kernels: bool = False,
+) -> tuple[bytes, int]:
+    """The QDQ ONNX model (input "images" N x 3 x H x W, output "logits", batch and
+    image side dynamic) with ``properties`` as JSON metadata, and the opset used.
     ``int4_weights``: 4-bit and 3-bit weight codes as INT4 initializers (opset 21).
     ``integer_kernels``: batch norm folded into the quantized convolutions before it
     (``onnx_ready``), so that onnxruntime runs them as integer convolutions."""
     onnx = require("onnx")
     ready = onnx_ready(model, integer_kernels)
     opset = _opset(ready)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    traced = io.BytesIO()
     dummy = torch.zeros(1, 3, input_size, input_size)
     with warnings.catch_warnings():
         # The torch.export-based exporter needs onnxscript; the TorchScript one does not,
@@ -265,14 +279,14 @@ def export_onnx(
         torch.onnx.export(
             ready,
             (dummy,),
-            str(path),
+            traced,
             dynamo=False,
             opset_version=opset,
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
         )
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(traced.getvalue())
     if int4_weights and _int4_weights(proto):
         opset = 21
         for entry in proto.opset_import:
@@ -280,5 +294,4 @@ def export_onnx(
                 entry.version = opset
     onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in (properties or {}).items()})
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    return opset
+    return proto.SerializeToString(), opset

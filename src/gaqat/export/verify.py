@@ -18,14 +18,15 @@ def probe_inputs(input_size: int, n: int = PROBE_BATCH) -> torch.Tensor:
     return torch.randn(n, 3, input_size, input_size, generator=generator)
 
 
-def onnx_session(path: str | Path):
-    """An ONNX Runtime CPU session on an exported file (all graph optimisations on, as a
-    deployment runs it)."""
+def onnx_session(model: str | Path | bytes):
+    """An ONNX Runtime CPU session on an exported file or its bytes (all graph
+    optimisations on, as a deployment runs it)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     # Idle threads spinning for work cost more than they save on a shared CPU.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def onnx_logits(path_or_session, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -10,8 +10,11 @@ from gaqat's registry for the datasets it knows (``PACS``, ``VLCS``, ...), else 
 ``env1``, ... So a gaqat sweep and a DomainBed sweep can share one table.
 
 A run folder without a ``done`` file (killed or still running) is read and marked
-incomplete. A torn last line (a run killed while writing) is skipped with a warning; any
-other bad line is an error naming the file, line and field (:mod:`gaqat.fields`).
+incomplete. A torn last line (a run killed while writing) is skipped with a warning. A
+run with any other bad line (a field missing or of the wrong type, an accuracy outside
+[0, 1] or NaN) is skipped, with a :class:`SkippedRunWarning` naming the file, line and
+field (:mod:`gaqat.fields`): the whole run, not the line, because selection picks one of
+its checkpoints, and picking among the ones left would report a number the run never had.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ _FIELDS = {
     "args.trial_seed": int,
     "args.hparams_seed": int,
 }
+
+
+class SkippedRunWarning(RuntimeWarning):
+    """A run left out of the report because its results file is corrupt (shown even
+    with ``--quiet``: the tables lack it)."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +83,34 @@ def _check_record(record: object, where: str) -> dict:
     """The record if it has every field the report reads, else an error naming the field."""
     check_fields(record, _FIELDS, where)
     args = record["args"]
-    check_fields(record, {"args.domains": list}, where, required=False)  # DomainBed's: none
-    n = len(args["domains"]) if "domains" in args else count_domains(record)
+    if args.get("bits") is not None:  # None (or absent): a float run
+        check_fields(record, {"args.bits": int}, where)
+    n = _domain_count(record, where)
     if not all(is_a(e, int) and 0 <= e < n for e in args["test_envs"]):
         raise ValueError(
             f"{where}: args.test_envs {args['test_envs']} are not domain indices 0..{n - 1}"
         )
-    return check_fields(
-        record, {f"env{i}_{split}_acc": float for i in range(n) for split in ("in", "out")}, where
-    )
+    accuracies = [f"env{i}_{split}_acc" for i in range(n) for split in ("in", "out")]
+    check_fields(record, dict.fromkeys(accuracies, float), where)
+    for key in accuracies:
+        if not 0 <= record[key] <= 1:  # NaN too
+            raise ValueError(
+                f"{where}: field {key!r} is {record[key]}, expected an accuracy from 0 to 1"
+            )
+    return record
+
+
+def _domain_count(record: dict, where: str) -> int:
+    """The domains a record's accuracies cover: its ``args.domains`` (gaqat's), else
+    as many as its keys name (DomainBed's records have no names)."""
+    domains = record["args"].get("domains")
+    if domains is None:
+        return count_domains(record)
+    if not (isinstance(domains, list) and domains and all(isinstance(d, str) for d in domains)):
+        raise ValueError(
+            f"{where}: field 'args.domains' is {domains!r}, expected a list of domain names"
+        )
+    return len(domains)
 
 
 def _run_key(record: dict) -> tuple:
@@ -108,7 +135,7 @@ def _row_name(args: dict) -> tuple[str, int]:
     return args["algorithm"].removesuffix(f"_w{bits}"), bits
 
 
-def _known_domains(dataset: str, n: int) -> tuple[str, ...]:
+def _known_domains(dataset: str, n: int, path: Path) -> tuple[str, ...]:
     """Domain names for records that carry none (DomainBed's): gaqat's, for a dataset it
     knows (``gaqat.names``), else ``env0``, ``env1``, ..."""
     domains = DATASETS.get(canonical_dataset(dataset))
@@ -116,7 +143,7 @@ def _known_domains(dataset: str, n: int) -> tuple[str, ...]:
         return tuple(f"env{i}" for i in range(n))
     if len(domains) != n:
         raise ValueError(
-            f"{dataset}: records have {n} domains, gaqat's {dataset} has "
+            f"{path}: {dataset}: records have {n} domains, gaqat's {dataset} has "
             f"{len(domains)} ({', '.join(domains)})"
         )
     return domains
@@ -140,7 +167,7 @@ def load_run(path: Path) -> Run | None:
     domains = (
         tuple(args["domains"])
         if "domains" in args
-        else _known_domains(args["dataset"], count_domains(records[0]))
+        else _known_domains(args["dataset"], count_domains(records[0]), path)
     )
     return Run(
         path=path,
@@ -154,6 +181,28 @@ def load_run(path: Path) -> Run | None:
         hparams_seed=args["hparams_seed"],
         domains=domains,
     )
+
+
+def _read_runs(paths: Sequence[Path], below: str) -> list[Run]:
+    """The runs of ``paths``. A corrupt one is skipped with a warning, so that it does not
+    keep the others from the report; none left is an error that says why (the warnings of
+    a failed command may go unseen)."""
+    runs, skipped = [], []
+    for path in paths:
+        try:
+            run = load_run(path)
+        except ValueError as error:
+            warnings.warn(f"{error}; run skipped", SkippedRunWarning, stacklevel=3)
+            skipped.append(str(error))
+            continue
+        if run is None:
+            skipped.append(f"{path}: no records")
+        else:
+            runs.append(run)
+    if not runs:
+        more = f" (and {len(skipped) - 1} more skipped)" if len(skipped) > 1 else ""
+        raise ValueError(f"no readable run with records below {below}: {skipped[0]}{more}")
+    return runs
 
 
 def _results_below(folder: Path) -> list[Path]:
@@ -170,17 +219,20 @@ def _results_below(folder: Path) -> list[Path]:
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     """Every run whose ``results.jsonl`` lies below one of ``dirs`` (each file once).
 
-    A dataset's runs must agree on its domains. Two runs of one draw holding out the
-    same domains are kept, with a warning: their records are pooled as DomainBed pools them.
+    A corrupt run is skipped with a :class:`SkippedRunWarning`. A dataset's runs must
+    agree on its domains. Two runs of one draw holding out the same domains are kept, with
+    a warning: their records are pooled as DomainBed pools them.
     """
     paths: dict[Path, None] = {}
     for d in map(Path, dirs):
+        if d.is_file():
+            raise FileNotFoundError(f"{d} is a file; give the folder that holds it: {d.parent}")
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no such folder")
         paths.update(dict.fromkeys(p.resolve() for p in _results_below(d)))
     if not paths:
         raise FileNotFoundError(f"no {RESULTS} below {', '.join(map(str, dirs))}")
-    runs = [run for run in map(load_run, paths) if run is not None]
+    runs = _read_runs(list(paths), ", ".join(map(str, dirs)))
     domains: dict[str, Run] = {}
     draws: dict[tuple, Run] = {}
     for run in runs:
