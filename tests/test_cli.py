@@ -7,6 +7,7 @@ import argparse
 import ast
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,13 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
             assert "(default: erm)" in text and "(default: 0)" in text
 
 
-def test_usage_errors_exit_2(capsys):
-    for argv in (["train"], ["nope"], ["demo", "--bits", "9"], ["report"]):
+def test_usage_errors_exit_2(tmp_path, capsys):
+    for argv in (["train"], ["nope"], ["report"]):
         with pytest.raises(SystemExit) as stop:
             cli.main(argv)
         assert stop.value.code == 2
-    assert "invalid choice: 9" in capsys.readouterr().err
+    assert cli.main(["demo", "--bits", "9", "--output", str(tmp_path / "demo")]) == 2
+    assert "--bits: expected an integer from 2 to 8, got 9" in capsys.readouterr().err
 
 
 def test_plot_refuses_a_threshold_outside_0_1(tmp_path, capsys):
@@ -67,7 +69,7 @@ def test_demo_checks_every_run_before_training_anything(tmp_path):
     from gaqat.demo import demo
     from gaqat.errors import UsageError
 
-    with pytest.raises(UsageError, match="--bits: .* from 2 to 8, got \\[9\\]"):
+    with pytest.raises(UsageError, match="--bits: .* from 2 to 8, got 9"):
         demo(tmp_path / "demo", bits=9)
     assert not (tmp_path / "demo").exists()
 
@@ -166,9 +168,41 @@ def test_a_missing_extra_names_the_pip_command(tmp_path, monkeypatch, capsys):
 def test_sweep_launch_options_are_checked_before_anything_runs(tmp_path, capsys):
     base = ["sweep", "--dataset", "digits", "--algorithms", "erm", "--output", str(tmp_path)]
     for extra, message in (
-        (["--jobs", "0"], "--jobs: expected at least 1"),
-        (["--threads", "0"], "--threads: expected at least 1"),
+        (["--jobs", "0"], "--jobs: expected an integer >= 1, got '0'"),
+        (["--threads", "0"], "--threads: expected an integer >= 1"),
+        (["--mem-gb", "-1"], "--mem-gb: expected a finite number > 0, got '-1'"),
+        (["--mem-gb", "nan"], "--mem-gb: expected a finite number > 0"),
+        (["--time-min", "0"], "--time-min: expected an integer >= 1"),
+        (["--cpus-per-run", "0"], "--cpus-per-run: expected an integer >= 1"),
+        (["--gpus-per-run", "-1"], "--gpus-per-run: expected an integer >= 0"),
+        (["--float-steps", "0"], "--float-steps: expected an integer >= 1"),
+        (["--float-checkpoint-freq", "-2"], "--float-checkpoint-freq: expected an integer >= 1"),
+        (["--seeds", "0", "--seeds", "1"], "--seeds given more than once"),
     ):
-        assert cli.main(base + extra) == 2
+        with pytest.raises(SystemExit) as stop:
+            cli.main(base + ["--dry-run"] + extra)
+        assert stop.value.code == 2
         assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_warnings_are_one_plain_line_each_even_when_the_command_then_fails(
+    tmp_path, monkeypatch, capsys
+):
+    from gaqat import report
+
+    def warn_then_fail(*args, **kwargs):
+        warnings.warn("a torn last line, skipped", stacklevel=2)
+        warnings.warn("step sizes floored", RuntimeWarning, stacklevel=2)
+        raise ValueError("no readable run")
+
+    monkeypatch.setattr(report, "report", warn_then_fail)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "gaqat report: warning: a torn last line, skipped",
+        "gaqat report: warning: step sizes floored",
+        "gaqat report: error: no readable run",
+    ]
+    assert cli.main(["report", str(tmp_path), "--quiet"]) == 2  # notes left out, not alarms
+    assert capsys.readouterr().err.splitlines()[0] == "gaqat report: warning: step sizes floored"

@@ -1,13 +1,13 @@
 """The hyperparameter registry: published defaults, key sets, seeded draws, overrides."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from gaqat import hparams
 from gaqat.hparams import (
-    CHOICES,
     Hparam,
     apply_overrides,
     default_hparams,
@@ -117,7 +117,7 @@ def test_draws_stay_in_their_ranges(dataset):
         window = default_hparams("gaqat", dataset)["window"]
         assert window // 2 <= hp["window"] <= 2 * window
         assert hp["resnet_dropout"] in (0.0, 0.1, 0.5)
-        assert all(hp[k] in CHOICES[k] for k in CHOICES)
+        assert apply_overrides(hp, hp, "gaqat", dataset) == hp  # every draw is valid
         # Not-searched values are their defaults in every draw.
         assert hp["steps"] == default_hparams("gaqat", dataset)["steps"]
 
@@ -138,7 +138,10 @@ def test_adding_a_hyperparameter_changes_no_other_draw(monkeypatch):
 def test_overrides_from_json_and_dict():
     hp = default_hparams("gaqat", "PACS")
     out = apply_overrides(
-        hp, '{"lr": 1, "tau": 0.2, "unfreeze": true, "window": 100, "freeze_mode": "all"}'
+        hp,
+        '{"lr": 1, "tau": 0.2, "unfreeze": true, "window": 100, "freeze_mode": "all"}',
+        "gaqat",
+        "PACS",
     )
     assert (out["lr"], out["tau"], out["unfreeze"], out["window"], out["freeze_mode"]) == (
         1.0,
@@ -149,36 +152,71 @@ def test_overrides_from_json_and_dict():
     )
     assert isinstance(out["lr"], float)
     assert hp == default_hparams("gaqat", "PACS")  # the input is not modified
-    assert apply_overrides(hp, {"rho": 0.1})["rho"] == 0.1
-    assert apply_overrides(hp, None) == apply_overrides(hp, "") == hp
+    assert apply_overrides(hp, {"rho": 0.1}, "gaqat", "PACS")["rho"] == 0.1
+    assert apply_overrides(hp, None, "gaqat", "PACS") == hp
+    assert apply_overrides(hp, "", "gaqat", "PACS") == hp
 
 
 def test_unknown_override_key_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown key\(s\) tau.*valid keys.*alpha, arch"):
-        apply_overrides(default_hparams("sagm", "PACS"), '{"tau": 0.1}')
+        apply_overrides(default_hparams("sagm", "PACS"), '{"tau": 0.1}', "sagm", "PACS")
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ('{"lr": "fast"}', "'lr': expected float"),
-        ('{"lr": true}', "'lr': expected float"),
-        ('{"window": 2.5}', "'window': expected int"),
-        ('{"window": true}', "'window': expected int"),
-        ('{"unfreeze": 1}', "'unfreeze': expected bool"),
-        ('{"freeze_mode": "some"}', r"'freeze_mode': 'some' is not one of \('task', 'all'\)"),
-        ('{"disorder_metric": 3}', "'disorder_metric': expected str"),
-        (
-            '{"perturbed_pass_rng": "same"}',
-            r"'perturbed_pass_rng': 'same' is not one of \('replay', ",
-        ),
+        ('{"lr": "fast"}', "lr must be a finite number > 0"),
+        ('{"lr": true}', "lr must be a finite number > 0"),
+        ('{"window": 2.5}', "window must be an integer >= 2"),
+        ('{"window": true}', "window must be an integer >= 2"),
+        ('{"unfreeze": 1}', "unfreeze must be true or false"),
+        ('{"freeze_mode": "some"}', "freeze_mode must be one of 'task', 'all'"),
+        ('{"disorder_metric": 3}', "disorder_metric must be one of 'sign_flip', "),
+        ('{"perturbed_pass_rng": "same"}', "perturbed_pass_rng must be one of 'replay', "),
         ('{"lr": 1e-3', "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
     ],
 )
 def test_bad_override_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
-        apply_overrides(default_hparams("gaqat", "digits"), overrides)
+        apply_overrides(default_hparams("gaqat", "digits"), overrides, "gaqat", "digits")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),
+        ({"lr": -1e-3}, "lr must be a finite number > 0"),
+        ({"lr": 0}, "lr must be a finite number > 0"),
+        ({"batch_size": 0}, "batch_size must be an integer from 1 to 65536"),
+        ({"batch_size": 10**12}, "batch_size must be an integer from 1 to 65536"),
+        ({"tau": 2}, r"tau must be a number in \[0, 1\]"),
+        ({"window": 1}, "window must be an integer >= 2"),
+        ({"rho": -1}, "rho must be a finite number >= 0"),
+        ({"alpha": -1e-3}, "alpha must be a finite number >= 0"),
+        ({"step_size_lr_scale": -1}, "step_size_lr_scale must be a finite number > 0"),
+        ({"step_size_lr_scale": 0}, "step_size_lr_scale must be a finite number > 0"),
+        ({"bn_freeze_at": -3}, r"bn_freeze_at must be a number in \[0, 1\]"),
+        ({"weight_decay": -1e-4}, "weight_decay must be a finite number >= 0"),
+        ({"resnet_dropout": 1.0}, r"resnet_dropout must be a number in \[0, 1\)"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"checkpoint_freq": -5}, "checkpoint_freq must be an integer >= 1"),
+    ],
+)
+def test_override_values_outside_their_declared_range_are_refused(override, message):
+    """The message quotes the user's --hparams and says what the key takes."""
+    quoted = "--hparams '" + json.dumps(override) + "': "
+    with pytest.raises(ValueError, match=re.escape(quoted) + message):
+        apply_overrides(default_hparams("gaqat", "PACS"), override, "gaqat", "PACS")
+
+
+def test_every_hyperparameter_declares_its_valid_values():
+    for algorithm in ALGORITHMS:
+        for dataset in DATASETS:
+            for name, declared in hparams._declare(algorithm, dataset).items():
+                assert isinstance(declared.default, bool) or declared.valid is not None, name
+                assert declared.accepts(declared.default), name
 
 
 def test_draw_values_follow_numpy_random_state():

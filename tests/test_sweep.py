@@ -164,7 +164,8 @@ def test_folder_names_are_stable_and_distinct(tmp_path):
         ({"bits": [1]}, "--bits"),
         ({"bits": []}, "--bits"),
         ({"hparams": {"windw": 2}}, "unknown key(s) windw"),
-        ({"hparams": {"window": "2"}}, "'window': expected int"),
+        ({"hparams": {"window": "2"}}, "window must be an integer >= 2"),
+        ({"hparams": {"window": 1}}, "--hparams '{\"window\": 1}': window must be an integer >= 2"),
     ],
 )
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, kwargs, message):

@@ -50,7 +50,7 @@ def finished_copy(tmp_path, finished):
         ({"steps": 0}, "--steps: expected a positive integer, got 0"),
         ({"checkpoint_freq": 0}, "--checkpoint-freq: expected a positive integer"),
         ({"image_size": -32}, "--image-size: expected a positive integer"),
-        ({"steps": None, "hparams": {"steps": 0}}, "hparams.steps: expected a positive integer"),
+        ({"steps": None, "hparams": {"steps": 0}}, "steps must be an integer >= 1"),
         ({"hparams": {"lrr": 1e-3}}, "unknown key\\(s\\) lrr"),
         ({"bits": 4}, "--bits 4: erm trains a float model"),
         (
@@ -89,7 +89,7 @@ def test_a_rejected_command_leaves_no_folder_behind(tmp_path, digits_dir):
         run(_config(tmp_path, digits_dir, "sub/new", steps=0))
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("")
-    with pytest.raises(UsageError, match="a file is in the way"):
+    with pytest.raises(UsageError, match="is a file; expected a folder"):
         run(_config(tmp_path, digits_dir, "file"))
 
 
@@ -325,3 +325,22 @@ def test_usage_errors_exit_2_and_leave_nothing(tmp_path, digits_dir, capsys):
     assert cli.main(_argv(tmp_path, digits_dir, "--steps", "0")) == 2
     assert "--steps: expected a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field", ["args", "meta", "hparams", "step"])
+def test_resume_names_a_field_a_hand_edited_checkpoint_lacks(
+    tmp_path, digits_dir, finished_copy, field
+):
+    (finished_copy / DONE).unlink()  # an unfinished run, as a kill would leave it
+    checkpoint = torch.load(finished_copy / CHECKPOINT, weights_only=True)
+    if field == "args":
+        del checkpoint["args"]["trial_seed"]
+    elif field == "meta":
+        checkpoint["meta"]["algorithm"] = 5
+    else:
+        del checkpoint[field]
+    torch.save(checkpoint, finished_copy / CHECKPOINT)
+    before = _snapshot(finished_copy)
+    with pytest.raises(ValueError, match=rf"checkpoint .*{CHECKPOINT}.*'{field}"):
+        run(_config(tmp_path, digits_dir, resume=True))
+    assert _snapshot(finished_copy) == before

@@ -10,6 +10,7 @@ started), 130 when interrupted (Ctrl-C or SIGTERM; the message says how to resum
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from gaqat import __version__
 from gaqat.errors import UsageError, as_usage_errors
+from gaqat.hparams import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range
 from gaqat.names import ALGORITHMS, BITS_RANGE, DATASETS, PRECISIONS
 
 DATASET_HELP = (
@@ -29,6 +31,10 @@ DATASET_HELP = (
 DATA_DIR_HELP = (
     "dataset root (digits: cache folder; named datasets: the folder holding e.g. "
     "PACS/); default $GAQAT_DATA or ~/.cache/gaqat"
+)
+CLASS_MAP_HELP = (
+    "JSON file {domain: {folder name: class}} for image folders whose domains name their "
+    "class folders differently (unnamed folders keep their name)"
 )
 
 
@@ -65,14 +71,21 @@ def _json_object(text: str) -> dict:
 
 
 @contextmanager
-def _plain_warnings(command: str, quiet: bool = False) -> Iterator[None]:
-    """Warnings (e.g. a torn last line of a killed run) as one plain stderr line each."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _plain_warnings(command: str, quiet: bool) -> Iterator[None]:
+    """Every warning as one line, ``gaqat train: warning: ...``, printed when it is raised,
+    instead of Python's ``FILE:LINE: UserWarning: ...`` with a line of source. ``quiet``
+    leaves out UserWarnings (notes such as a torn last line), not the warnings that ask
+    for action. Python's -W options and PYTHONWARNINGS keep their say over which show."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not (quiet and issubclass(category, UserWarning)):
+            print(f"{command}: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("default")  # once per place and message
+        warnings.showwarning = show
         yield
-    for warning in caught:
-        if not quiet or not issubclass(warning.category, UserWarning):
-            print(f"gaqat {command}: warning: {warning.message}", file=sys.stderr)
 
 
 def _subparser(
@@ -128,6 +141,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             required=action == "download",
             help=DATA_DIR_HELP,
         )
+        if action in ("info", "preview"):
+            p.add_argument("--class-map", type=Path, help=CLASS_MAP_HELP)
         if action == "info":
             p.add_argument(
                 "--quick",
@@ -149,16 +164,59 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _data(args: argparse.Namespace) -> int:
     from gaqat.data import commands  # lazy: keeps `gaqat --help` free of torch
 
-    with _plain_warnings(f"data {args.action}", args.quiet):
-        return getattr(commands, args.action)(args)
+    return getattr(commands, args.action)(args)
 
 
 # --- train and demo ---------------------------------------------------------------------
 
 
+class _Once(argparse._StoreAction):
+    """An option given twice is a usage error, not "the last one wins": ``--seeds 0
+    --seeds 1`` reads as both seeds to some users and as a correction to others, and
+    either guess silently runs another sweep than the one meant."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string} given more than once: give it once, with all its values")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _options_once(p: argparse.ArgumentParser) -> None:
+    """Every plain option declared on ``p`` after this call may be given once."""
+    p.register("action", None, _Once)
+
+
+def _folder(text: str) -> Path:
+    """An output folder. An empty string (an unset shell variable) would mean the current
+    folder, among the user's own files."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return Path(text)
+
+
+def _number(kind: type, valid: Range) -> Callable[[str], int | float]:
+    """An argparse type: a ``kind`` (int or float) within ``valid``, the registry's own
+    :class:`~gaqat.hparams.Range`, so an option's bound reads as a hyperparameter's."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value not in valid:
+            raise argparse.ArgumentTypeError(f"expected {valid.describe(kind)}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of one run that a sweep hands to every run alike."""
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
+    p.add_argument("--class-map", type=Path, help=CLASS_MAP_HELP)
     p.add_argument(
         "--steps",
         type=int,
@@ -220,6 +278,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _run_options(args: argparse.Namespace) -> dict:
     return {
         "data_dir": args.data_dir,
+        "class_map": args.class_map,
         "steps": args.steps,
         "checkpoint_freq": args.checkpoint_freq,
         "hparams": args.hparams,
@@ -246,6 +305,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "checkpoint.pt, done.",
         _train,
     )
+    _options_once(p)
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument(
         "--test-envs",
@@ -261,7 +321,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         type=int,
         help=f"weight and activation bit width of QAT methods ({BITS_RANGE[0]}..{BITS_RANGE[1]})",
     )
-    p.add_argument("--output", type=Path, required=True, help="run folder")
+    p.add_argument("--output", type=_folder, required=True, help="run folder")
     p.add_argument(
         "--seed",
         type=int,
@@ -297,14 +357,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(resume_hint=_train_resume_hint)
 
 
-def _train_resume_hint(argv: list[str]) -> str:
-    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
-    return f"continue with: gaqat {shlex.join([*kept, '--resume'])}"
+def _train_resume_hint(argv: list[str], kept: str | None = None) -> str:
+    """The command that goes on from what a stopped run left (``RunInterrupted.kept``):
+    its checkpoint, the run it was overwriting, nothing; None: stopped before the run
+    started, nothing was touched."""
+    plain = [a for a in argv if a not in ("--overwrite", "--resume")]
+    if kept == "checkpoint":
+        return f"continue with: gaqat {shlex.join([*plain, '--resume'])}"
+    if kept == "previous":
+        return f"to replace it, start again with: gaqat {shlex.join([*plain, '--overwrite'])}"
+    if kept == "nothing":
+        return f"start again with: gaqat {shlex.join(plain)}"
+    return f"nothing was changed; run the same command again: gaqat {shlex.join(argv)}"
 
 
 def _train(args: argparse.Namespace) -> int:
     from gaqat.distributed import world_from_environment
-    from gaqat.train import TrainConfig, run, run_summary
+    from gaqat.runfolder import CHECKPOINT, DONE, RESULTS, run_state
+    from gaqat.train import RunInterrupted, TrainConfig, run, run_summary
 
     config = TrainConfig(
         dataset=args.dataset,
@@ -321,8 +391,17 @@ def _train(args: argparse.Namespace) -> int:
         new_lr=args.new_lr,
         **_run_options(args),
     )
-    with _plain_warnings("train", args.quiet):
+    if args.resume and run_state(args.output) == "new":
+        raise UsageError(
+            f"--resume: {args.output} holds no run to continue (no {RESULTS}, "
+            f"{CHECKPOINT} or {DONE}); check the folder, or leave out --resume to start "
+            f"a new run there"
+        )
+    try:
         out = run(config)
+    except RunInterrupted as stop:  # the advice depends on what the run kept
+        args.resume_hint = functools.partial(_train_resume_hint, kept=stop.kept)
+        raise
     if world_from_environment().main:  # under torchrun, one summary
         print(run_summary(out))
     return 0
@@ -340,13 +419,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "ones resumed.",
         _demo,
     )
-    p.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder of the runs")
+    _options_once(p)
+    p.add_argument("--output", type=_folder, default=Path("runs/demo"), help="folder of the runs")
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument(
         "--bits",
         type=int,
         default=4,
-        choices=range(BITS_RANGE[0], BITS_RANGE[1] + 1),
         metavar="B",
         help=f"QAT bit width ({BITS_RANGE[0]}..{BITS_RANGE[1]})",
     )
@@ -357,17 +436,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from gaqat.demo import demo
 
-    with _plain_warnings("demo", args.quiet):
-        print(
-            demo(
-                args.output,
-                data_dir=args.data_dir,
-                bits=args.bits,
-                overwrite=args.overwrite,
-                progress=not args.quiet,
-                note=(lambda _: None) if args.quiet else print,
-            )
+    print(
+        demo(
+            args.output,
+            data_dir=args.data_dir,
+            bits=args.bits,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            note=(lambda _: None) if args.quiet else print,
         )
+    )
     return 0
 
 
@@ -387,6 +465,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "so methods are compared in pairs. Prints the report at the end.",
         _sweep,
     )
+    _options_once(p)
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument(
         "--algorithms",
@@ -412,7 +491,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         default=[0],
         help="0: defaults; else random-search draws",
     )
-    p.add_argument("--output", type=Path, required=True, help="sweep folder")
+    p.add_argument("--output", type=_folder, required=True, help="sweep folder")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
     p.add_argument(
         "--skip-failed",
@@ -421,19 +500,19 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--float-steps",
-        type=int,
+        type=_number(int, AT_LEAST_ONE),
         help="training steps of the float runs (erm, sagm), which QAT starts from "
         "(default: --steps)",
     )
     p.add_argument(
         "--float-checkpoint-freq",
-        type=int,
+        type=_number(int, AT_LEAST_ONE),
         help="steps between evaluations of the float runs (default: --checkpoint-freq)",
     )
     scale = p.add_argument_group("where the runs execute")
     scale.add_argument(
         "--jobs",
-        type=int,
+        type=_number(int, AT_LEAST_ONE),
         default=1,
         help="runs at once: worker processes on this machine (CPU threads split "
         "between them, one GPU each where there are GPUs), or jobs queued "
@@ -441,7 +520,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     scale.add_argument(
         "--threads",
-        type=int,
+        type=_number(int, AT_LEAST_ONE),
         help="CPU threads of each run (default: all for --jobs 1, else split between the "
         "jobs); equal threads give bit-identical records whatever --jobs is",
     )
@@ -452,12 +531,27 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         help='this machine, or SLURM through submitit (pip install "gaqat[slurm]")',
     )
     scale.add_argument("--partition", help="SLURM partition (default: the cluster's)")
-    scale.add_argument("--gpus-per-run", type=int, default=1, help="SLURM: GPUs of each run's job")
-    scale.add_argument("--cpus-per-run", type=int, default=8, help="SLURM: CPUs of each run's job")
-    scale.add_argument("--mem-gb", type=float, default=32, help="SLURM: memory of each run's job")
+    scale.add_argument(
+        "--gpus-per-run",
+        type=_number(int, NON_NEGATIVE),
+        default=1,
+        help="SLURM: GPUs of each run's job (0: a CPU job)",
+    )
+    scale.add_argument(
+        "--cpus-per-run",
+        type=_number(int, AT_LEAST_ONE),
+        default=8,
+        help="SLURM: CPUs of each run's job",
+    )
+    scale.add_argument(
+        "--mem-gb",
+        type=_number(float, POSITIVE),
+        default=32,
+        help="SLURM: memory of each run's job",
+    )
     scale.add_argument(
         "--time-min",
-        type=int,
+        type=_number(int, AT_LEAST_ONE),
         default=24 * 60,
         help="SLURM: time limit of each run's job, in minutes (a run that hits "
         "it resumes from its last checkpoint when the sweep is launched again)",
@@ -469,8 +563,6 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _launcher(args: argparse.Namespace):
     from gaqat import launchers
 
-    if args.jobs < 1:
-        raise UsageError(f"--jobs: expected at least 1, got {args.jobs}")
     if args.launcher == "slurm":
         options = launchers.SlurmOptions(
             partition=args.partition,
@@ -480,8 +572,6 @@ def _launcher(args: argparse.Namespace):
             time_min=args.time_min,
         )
         return launchers.SubmititLauncher(args.output / ".submitit", args.jobs, options)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads: expected at least 1, got {args.threads}")
     if args.jobs > 1:
         return launchers.ProcessLauncher(args.jobs, args.threads)
     return launchers.InlineLauncher(args.threads)
@@ -490,9 +580,7 @@ def _launcher(args: argparse.Namespace):
 def _sweep(args: argparse.Namespace) -> int:
     from gaqat import sweep
     from gaqat.report import report
-    from gaqat.train import check_arguments
 
-    launcher = _launcher(args)
     config = sweep.SweepConfig(
         dataset=args.dataset,
         output=args.output,
@@ -512,21 +600,15 @@ def _sweep(args: argparse.Namespace) -> int:
         },
     )
     with as_usage_errors():
-        jobs = sweep.plan(config)
-    for job in jobs:  # every job's arguments are checked before the first one runs
-        check_arguments(job.config)
+        jobs = sweep.plan(config)  # every job's arguments checked before the first one runs
     print(sweep.table(jobs), flush=True)
     if args.dry_run:
-        launcher.stop()
         return 0
     sweep.save_record(config, jobs)
     note = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
-    with _plain_warnings("sweep", args.quiet):
-        outcomes = sweep.launch(
-            jobs, launcher=_launcher(args), skip_failed=args.skip_failed, note=note
-        )
-        if any(o.status in ("kept", "ran") for o in outcomes):
-            print(report([args.output], selection="all"))
+    outcomes = sweep.launch(jobs, launcher=_launcher(args), skip_failed=args.skip_failed, note=note)
+    if any(o.status in ("kept", "ran") for o in outcomes):
+        print(report([args.output], selection="all"))
     unfinished = [o for o in outcomes if o.status in ("failed", "skipped", "busy")]
     not_started = len(jobs) - len(outcomes)
     if unfinished or not_started:
@@ -582,7 +664,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from gaqat import report
 
-    with _plain_warnings("report", args.quiet), as_usage_errors():
+    with as_usage_errors():
         text = report.report(args.dirs, args.format, args.selection, args.paired)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0
@@ -609,7 +691,11 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 def _plot(args: argparse.Namespace) -> int:
     from gaqat.plots import plot_run  # lazy: keeps `gaqat --help` free of matplotlib
 
-    with _plain_warnings("plot", args.quiet), as_usage_errors():
+    if args.out is not None:  # a folder, or one to create: not a file or below one
+        file = next((p for p in (args.out, *args.out.parents) if p.is_file()), None)
+        if file is not None:
+            raise UsageError(f"--out {args.out}: {file} is a file, expected a folder for the PNGs")
+    with as_usage_errors():
         paths = plot_run(args.run_dir, args.out, args.tau)
     print("\n".join(map(str, paths)))
     return 0
@@ -630,6 +716,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt of a quantized run")
     p.add_argument("--format", choices=("int", "onnx"), required=True, help="file format")
     p.add_argument("--out", type=Path, required=True, help="file to write")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (and its .eval.json), once the new one is complete; "
+        "a run's own files are never replaced",
+    )
     p.add_argument(
         "--fold-bn",
         action="store_true",
@@ -683,6 +775,7 @@ def _export(args: argparse.Namespace) -> int:
             integer_kernels=args.integer_kernels,
             evaluate=args.evaluate,
             data_dir=args.data_dir,
+            overwrite=args.overwrite,
         )
     print(summary)
     return 0
@@ -746,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = " ".join(["gaqat", args.command, *([args.action] if "action" in args else [])])
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _plain_warnings(name, args.quiet):
             return int(args.func(args) or 0)
     except ModuleNotFoundError as error:
         top = (error.name or "").split(".")[0]

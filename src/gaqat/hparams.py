@@ -1,11 +1,15 @@
-"""Hyperparameters: each declared once, its default beside its random-search range.
+"""Hyperparameters: each declared once, its default beside its random-search range and
+the values it may take.
 
 As DomainBed's registry: :func:`_declare` lists, per (algorithm, dataset), every
 hyperparameter as a default and a draw (a function of a ``numpy`` RandomState). Each
 draw gets its own RandomState seeded by a stable hash of (seed, trial seed, name), so
 adding or removing a hyperparameter changes no other one's draw. A hyperparameter that
 is a protocol choice or an ablation switch rather than a searched value (architecture,
-schedule, step count, freeze mode, ...) has no range: its draw is its default.
+schedule, step count, freeze mode, ...) has no range: its draw is its default. Every
+one also declares its valid values (a :class:`Range` for numbers, the names for names):
+a user's override outside them is refused before a run starts, instead of failing deep
+inside an optimizer or freezer after the output folder is claimed.
 
 Defaults: on the five image datasets, SAGM's published per-dataset learning rate,
 weight decay and alpha (from the SAGM release) with ResNet-50, frozen batch norm, dropout 0.5 and
@@ -19,6 +23,7 @@ DomainBed's layout) gets DomainBed's generic image-dataset defaults.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,22 +62,62 @@ _GENERIC_IMAGE = (5e-5, 0.0, 1e-3)
 _WINDOW = {"digits": 50, "DomainNet": 2111}
 _DEFAULT_WINDOW = 350
 
-# Values of the hyperparameters that take one of a few names.
-CHOICES: dict[str, tuple] = {
-    "arch": ARCHITECTURES,
-    "lr_schedule": LR_SCHEDULES,
-    "freeze_mode": FREEZE_MODES,
-    "disorder_metric": DISORDER_METRICS,
-    "first_last": FIRST_LAST_POLICIES,
-    "fold_batch_norm": BN_FOLDING,
-    "perturbed_pass_rng": PERTURBED_PASS_RNG,
-}
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric hyperparameter: finite, from ``low`` to ``high``, an
+    end excluded where ``low_open`` / ``high_open`` say so."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def describe(self, kind: type) -> str:
+        noun = "an integer" if kind is int else "a number"
+        if self.high == math.inf:
+            noun = noun if kind is int else "a finite number"
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        if kind is int:
+            return f"{noun} from {self.low:g} to {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # a share of something, both ends included
+AT_LEAST_ONE = Range(1)
+MAX_BATCH_SIZE = 65536  # images per domain and step: more is a typo, not a batch
 
 
 @dataclass(frozen=True)
 class Hparam:
     default: Any
     draw: Callable[[np.random.RandomState], Any]
+    valid: Range | tuple | None = None  # numbers: a Range; names: the choices; bool: None
+
+    def accepts(self, value: Any) -> bool:
+        """The JSON rule of ``gaqat.fields`` (the default's type, floats accept ints), then
+        the valid values."""
+        if not is_a(value, type(self.default)):
+            return False
+        return self.valid is None or value in self.valid
+
+    def describe(self) -> str:
+        kind = type(self.default)
+        if isinstance(self.valid, Range):
+            return self.valid.describe(kind)
+        if isinstance(self.valid, tuple):
+            return "one of " + ", ".join(map(repr, self.valid))
+        return {bool: "true or false", int: "an integer", float: "a number"}.get(
+            kind, f"a {kind.__name__}"
+        )
 
 
 def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
@@ -85,78 +130,93 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     dataset = canonical_dataset(dataset)
     hp: dict[str, Hparam] = {}
 
-    def declare(name: str, default: Any, draw: Callable | None = None) -> None:
-        """``draw`` None: not searched, every draw is the default."""
-        hp[name] = Hparam(default, draw if draw is not None else (lambda r: default))
+    def declare(
+        name: str, default: Any, draw: Callable | None = None, valid: Range | tuple | None = None
+    ) -> None:
+        """``draw`` None: not searched, every draw is the default. A number needs its valid
+        range, a name its choices: no value goes unchecked."""
+        if not isinstance(default, bool) and valid is None:
+            raise TypeError(f"hyperparameter {name!r}: declare its valid values")
+        hp[name] = Hparam(default, draw if draw is not None else (lambda r: default), valid)
 
     digits = dataset == "digits"
     quantized = recipe.quantized
     lr, weight_decay, alpha = _SAGM_PUBLISHED.get(dataset, _GENERIC_IMAGE)
+    batch_sizes = Range(1, MAX_BATCH_SIZE)
 
     # Model.
-    declare("arch", "small_cnn" if digits else "resnet50")
-    declare("resnet_dropout", 0.0 if digits else 0.5, lambda r: r.choice([0.0, 0.1, 0.5]))
+    declare("arch", "small_cnn" if digits else "resnet50", valid=ARCHITECTURES)
+    declare(
+        "resnet_dropout",
+        0.0 if digits else 0.5,
+        lambda r: r.choice([0.0, 0.1, 0.5]),
+        Range(0, 1, high_open=True),  # 1 would drop every feature
+    )
     declare("freeze_bn", not digits)  # ImageNet statistics kept for ResNets, as DomainBed
 
     # Optimisation.
     if digits and quantized:
-        declare("lr", 3e-4, lambda r: 10 ** r.uniform(-4.5, -3))
+        declare("lr", 3e-4, lambda r: 10 ** r.uniform(-4.5, -3), POSITIVE)
     elif digits:
-        declare("lr", 1e-3, lambda r: 10 ** r.uniform(-4.5, -2.5))
+        declare("lr", 1e-3, lambda r: 10 ** r.uniform(-4.5, -2.5), POSITIVE)
     else:
-        declare("lr", lr, lambda r: 10 ** r.uniform(-5, -3.5))
+        declare("lr", lr, lambda r: 10 ** r.uniform(-5, -3.5), POSITIVE)
     if digits:
-        declare("weight_decay", 0.0)
+        declare("weight_decay", 0.0, valid=NON_NEGATIVE)
     else:
-        declare("weight_decay", weight_decay, lambda r: 10 ** r.uniform(-6, -2))
+        declare("weight_decay", weight_decay, lambda r: 10 ** r.uniform(-6, -2), NON_NEGATIVE)
     if digits:
-        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 6)))
+        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 6)), batch_sizes)
     elif dataset == "DomainNet":
-        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5)))
+        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5)), batch_sizes)
     else:
-        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)))
-    declare("lr_schedule", "cosine" if digits else "constant")
+        declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)), batch_sizes)
+    declare("lr_schedule", "cosine" if digits else "constant", valid=LR_SCHEDULES)
 
     # Run length: DomainBed's steps and checkpoint frequencies; digits: 1000 steps, which
     # a feasibility run found enough for the small CNN.
     if digits:
-        declare("steps", 1000)
-        declare("checkpoint_freq", 100)
+        declare("steps", 1000, valid=AT_LEAST_ONE)
+        declare("checkpoint_freq", 100, valid=AT_LEAST_ONE)
     elif dataset == "DomainNet":
-        declare("steps", 15000)
-        declare("checkpoint_freq", 1000)
+        declare("steps", 15000, valid=AT_LEAST_ONE)
+        declare("checkpoint_freq", 1000, valid=AT_LEAST_ONE)
     else:
-        declare("steps", 5000)
-        declare("checkpoint_freq", 300)
+        declare("steps", 5000, valid=AT_LEAST_ONE)
+        declare("checkpoint_freq", 300, valid=AT_LEAST_ONE)
 
     # Flatness objective.
     if recipe.objective in ("sam", "sagm"):
-        declare("rho", 0.05, lambda r: 10 ** r.uniform(-2, -1))
+        declare("rho", 0.05, lambda r: 10 ** r.uniform(-2, -1), NON_NEGATIVE)  # 0: no ascent
         # "replay": both passes draw the same dropout masks (gaqat.optim); "fresh": SAGM's code.
-        declare("perturbed_pass_rng", "replay")
+        declare("perturbed_pass_rng", "replay", valid=PERTURBED_PASS_RNG)
     if recipe.objective == "sagm":
-        declare("alpha", 1e-3 if digits else alpha, lambda r: 10 ** r.uniform(-4, -2.5))
+        declare(
+            "alpha", 1e-3 if digits else alpha, lambda r: 10 ** r.uniform(-4, -2.5), NON_NEGATIVE
+        )
 
     # Quantization.
     if quantized:
         declare("per_channel", False)
-        declare("first_last", "float")
+        declare("first_last", "float", valid=FIRST_LAST_POLICIES)
         # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
         # step; a separate rate for them is the knob that is left.
-        declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5))
+        # Positive: at 0 the step sizes would stay at their initial values, which is not LSQ.
+        declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5), POSITIVE)
         # Batch norm folded into the quantized convolutions ("auto": for the mobile
         # backbones), its statistics frozen after this fraction of the steps.
-        declare("fold_batch_norm", "auto")
-        declare("bn_freeze_at", 0.5)
+        declare("fold_batch_norm", "auto", valid=BN_FOLDING)
+        declare("bn_freeze_at", 0.5, valid=FRACTION)
 
     # Selective freezing.
     if recipe.freezing:
         window = _WINDOW.get(dataset, _DEFAULT_WINDOW)
-        declare("tau", 0.3, lambda r: r.uniform(0.1, 0.5))
-        declare("window", window, lambda r: int(window * 2 ** r.uniform(-1, 1)))
-        declare("freeze_mode", "task")
+        declare("tau", 0.3, lambda r: r.uniform(0.1, 0.5), FRACTION)  # 0 never freezes
+        # Disorder compares consecutive steps: a window needs two.
+        declare("window", window, lambda r: int(window * 2 ** r.uniform(-1, 1)), Range(2))
+        declare("freeze_mode", "task", valid=FREEZE_MODES)
         declare("unfreeze", False)
-        declare("disorder_metric", "sign_flip")
+        declare("disorder_metric", "sign_flip", valid=DISORDER_METRICS)
     return hp
 
 
@@ -175,21 +235,19 @@ def random_hparams(algorithm: str, dataset: str, seed: int, trial_seed: int = 0)
     }
 
 
-def _checked(name: str, value: Any, current: Any) -> Any:
-    """``value`` if it can replace ``current`` (the JSON rule of ``gaqat.fields``: same type,
-    floats accept ints), else an error."""
-    if not is_a(value, type(current)):
-        raise ValueError(
-            f"hparams override {name!r}: expected {type(current).__name__}, "
-            f"got {value!r} ({type(value).__name__})"
-        )
-    if name in CHOICES and value not in CHOICES[name]:
-        raise ValueError(f"hparams override {name!r}: {value!r} is not one of {CHOICES[name]}")
-    return float(value) if isinstance(current, float) else value
+def _checked(name: str, value: Any, declared: Hparam) -> Any:
+    """``value`` if it is valid for ``name``, else an error quoting the user's override."""
+    if not declared.accepts(value):
+        given = json.dumps({name: value}, default=str)
+        raise ValueError(f"--hparams '{given}': {name} must be {declared.describe()}")
+    return float(value) if isinstance(declared.default, float) else value
 
 
-def apply_overrides(hparams: dict[str, Any], overrides: str | dict | None) -> dict[str, Any]:
-    """A copy of ``hparams`` with user overrides (a JSON object string, or a dict) applied.
+def apply_overrides(
+    hparams: dict[str, Any], overrides: str | dict | None, algorithm: str, dataset: str
+) -> dict[str, Any]:
+    """A copy of ``hparams`` (of ``algorithm`` on ``dataset``) with user overrides (a JSON
+    object string, or a dict) applied, each checked against its declared valid values.
 
     Unknown keys are an error listing the valid ones: a misspelt key must not be ignored.
     """
@@ -199,15 +257,14 @@ def apply_overrides(hparams: dict[str, Any], overrides: str | dict | None) -> di
         try:
             overrides = json.loads(overrides) if overrides.strip() else {}
         except json.JSONDecodeError as error:
-            raise ValueError(
-                f"hparams overrides: not valid JSON ({error}): {overrides!r}"
-            ) from None
+            raise ValueError(f"--hparams: not valid JSON ({error}): {overrides!r}") from None
     if not isinstance(overrides, dict):
-        raise ValueError(f"hparams overrides: expected a JSON object, got {overrides!r}")
+        raise ValueError(f"--hparams: expected a JSON object, got {overrides!r}")
     unknown = sorted(set(overrides) - set(hparams))
     if unknown:
         raise ValueError(
-            f"hparams overrides: unknown key(s) {', '.join(unknown)}; "
+            f"--hparams: unknown key(s) {', '.join(unknown)}; "
             f"valid keys for this algorithm and dataset: {', '.join(sorted(hparams))}"
         )
-    return {**hparams, **{k: _checked(k, v, hparams[k]) for k, v in overrides.items()}}
+    declared = _declare(algorithm, dataset)
+    return {**hparams, **{k: _checked(k, v, declared[k]) for k, v in overrides.items()}}

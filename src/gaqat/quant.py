@@ -126,7 +126,9 @@ def lsq_quantize(
     return _LsqQuantize.apply(x, scale, q_min, q_max, grad_scale)
 
 
-def _check_bits(bits: object, field: str) -> int:
+def check_bits(bits: object, field: str) -> int:
+    """``bits`` if it is a supported bit width, else a ValueError that names ``field``: the
+    one rule that quantizers, configs and the command line (``--bits``) share."""
     if (
         isinstance(bits, bool)
         or not isinstance(bits, int)
@@ -160,7 +162,7 @@ class LsqQuantizer(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.bits = _check_bits(bits, "LsqQuantizer.bits")
+        self.bits = check_bits(bits, "LsqQuantizer.bits")
         self.per_channel = per_channel
         self.weight_shape = None if weight_shape is None else tuple(weight_shape)
         if per_channel and self.weight_shape is None:
@@ -357,8 +359,8 @@ class QuantConfig:
     fold_batch_norm: bool = False
 
     def __post_init__(self) -> None:
-        _check_bits(self.weight_bits, "QuantConfig.weight_bits")
-        _check_bits(self.act_bits, "QuantConfig.act_bits")
+        check_bits(self.weight_bits, "QuantConfig.weight_bits")
+        check_bits(self.act_bits, "QuantConfig.act_bits")
         for name in ("per_channel", "depthwise_per_channel", "fold_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gaqat.errors import UsageError
+
 RESULTS = "results.jsonl"
 GRADIENTS = "gradients.jsonl"
 CHECKPOINT = "checkpoint.pt"
@@ -35,6 +37,7 @@ DONE = "done"
 LOCK = ".lock"
 PREVIOUS = ".previous"
 RUN_FILES = (RESULTS, GRADIENTS, CHECKPOINT, DONE)
+OWN_FILES = (*RUN_FILES, LOCK, PREVIOUS)  # what gaqat writes into a run folder
 
 
 STATES = ("done", "incomplete", "new")
@@ -56,15 +59,42 @@ def run_state(folder: Path) -> str:
     return "new"
 
 
+def check_output(folder: Path, option: str, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse, as a usage error, an output that cannot or must not become ``what``: a
+    broken symbolic link, a file or a path below one (``mkdir`` would fail with "File
+    exists" after the other checks), or a folder holding entries that are not ``ours``
+    (the user's own files: a run written among them would be mixed with them)."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise UsageError(
+            f"{option} {folder}: a broken symbolic link (to {os.readlink(folder)}); "
+            f"expected a folder: remove the link or choose another path"
+        )
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is below the file {existing}"
+        raise UsageError(f"{option} {folder} {where}; expected a folder")
+    if folder.is_dir():
+        others = sorted(entry.name for entry in folder.iterdir() if not ours(entry))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UsageError(
+                f"{option} {folder}: a folder of other files ({shown}), not {what}; "
+                f"choose a new or empty folder"
+            )
+
+
 class TornLineWarning(UserWarning):
     """The last line of a JSON-lines file is incomplete (the run was killed mid-write)."""
 
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """``(where, record)`` per non-blank line; ``where`` reads "FILE, line N" for messages."""
-    lines = [
-        (i + 1, line) for i, line in enumerate(Path(path).read_text().splitlines()) if line.strip()
-    ]
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a text file of JSON lines ({error})") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     records = []
     for n, (lineno, line) in enumerate(lines):
         where = f"{path}, line {lineno}"

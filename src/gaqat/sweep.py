@@ -25,20 +25,37 @@ import numpy as np
 
 from gaqat import hparams as hparams_registry
 from gaqat.data import dataset_domains
+from gaqat.errors import UsageError
 from gaqat.launchers import Handle, InlineLauncher, Launcher
-from gaqat.names import ALGORITHMS, BITS_RANGE, get_recipe
-from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, run_state
-from gaqat.train import TrainConfig
+from gaqat.names import ALGORITHMS, canonical_dataset, get_recipe
+from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, check_output, run_state
+from gaqat.train import TrainConfig, check_arguments
 
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
 SWEEP_RECORD = "sweep.json"
 HASH_CHARS = 8
 # TrainConfig's defaults of the options that change results
 IDENTITY_DEFAULTS = {"image_size": None, "weights": "default", "precision": "fp32"}
+# What a sweep's runs compute, beyond which runs there are, with the options that set it.
+# A sweep folder is reported as one: a relaunch with other values would pool the runs of
+# two settings, so it is refused. More algorithms, domains or seeds are welcome.
+SWEEP_IDENTITY = {
+    "dataset": "--dataset",
+    "class_map": "--class-map",
+    "steps": "--steps",
+    "checkpoint_freq": "--checkpoint-freq",
+    "float_steps": "--float-steps",
+    "float_checkpoint_freq": "--float-checkpoint-freq",
+    "hparams": "--hparams",
+    "image_size": "--image-size",
+    "weights": "--weights",
+    "precision": "--precision",
+}
 
 
 RUN_OPTIONS = (
     "data_dir",
+    "class_map",
     "steps",
     "checkpoint_freq",
     "hparams",
@@ -146,7 +163,7 @@ def _overrides_for(algorithm: str, dataset: str, hparams: dict) -> dict:
     """The overrides this algorithm has keys for (``window`` means nothing to erm)."""
     known = hparams_registry.default_hparams(algorithm, dataset)
     mine = {k: v for k, v in hparams.items() if k in known}
-    hparams_registry.apply_overrides(known, mine)  # wrong types fail at planning time
+    hparams_registry.apply_overrides(known, mine, algorithm, dataset)  # bad values fail here
     return mine
 
 
@@ -182,7 +199,9 @@ def plan(config: SweepConfig) -> list[Job]:
     """The sweep's jobs, float runs before the QAT runs that start from them.
 
     Jobs come grouped by (trial seed, held-out domain), so a sweep stopped halfway has
-    whole pairs. Repeated combinations are one job. Reads nothing but job states.
+    whole pairs. Repeated combinations are one job. Every job's arguments are checked,
+    and the output must be a sweep of the same settings (or new, or empty). Reads nothing
+    but job states and ``sweep.json``.
     """
     output, dataset, algorithms = Path(config.output), config.dataset, list(config.algorithms)
     for field_name in ("options", "float_options"):
@@ -200,11 +219,8 @@ def plan(config: SweepConfig) -> list[Job]:
     test_envs = test_env_indices(dataset, options.get("data_dir"), config.test_envs)
     bits = list(config.bits)
     quantized = [a for a in algorithms if get_recipe(a).quantized]
-    if quantized and (not bits or not all(BITS_RANGE[0] <= b <= BITS_RANGE[1] for b in bits)):
-        raise ValueError(
-            f"--bits: QAT methods ({', '.join(quantized)}) need bit widths from "
-            f"{BITS_RANGE[0]} to {BITS_RANGE[1]}, got {bits}"
-        )
+    if quantized and not bits:  # each width is checked with its jobs' arguments
+        raise ValueError(f"--bits: QAT methods ({', '.join(quantized)}) need a bit width")
     needed = [FLOAT_INIT, *algorithms] if quantized else algorithms
     _check_overrides(needed, dataset, hparams)
 
@@ -259,7 +275,76 @@ def plan(config: SweepConfig) -> list[Job]:
                 ]
             for member in sorted(group, key=lambda j: j.needs is not None):  # stable: floats first
                 planned.setdefault(member.folder.name, member)
+    _check_sweep_folder(output, set(planned))
+    for planned_job in planned.values():
+        check_arguments(planned_job.config)
+    _check_relaunch(config)
     return list(planned.values())
+
+
+def _check_sweep_folder(output: Path, job_folders: set[str]) -> None:
+    """A sweep goes into a folder of its own: new, empty, a sweep (``sweep.json``), or a
+    folder of runs (the demo's, which records none)."""
+    is_sweep = (output / SWEEP_RECORD).is_file()
+    check_output(
+        output,
+        "--output",
+        ours=lambda entry: (
+            is_sweep
+            or entry.name in job_folders
+            or entry.name == ".submitit"  # the SLURM launcher's logs
+            or (entry.is_dir() and run_state(entry) != "new")
+        ),
+        what=f"a gaqat sweep (it has no {SWEEP_RECORD} and no runs)",
+    )
+
+
+def sweep_identity(record: dict) -> dict:
+    """The :data:`SWEEP_IDENTITY` of a sweep's ``to_dict`` (what ``sweep.json`` records)."""
+    options = record.get("options", {})
+    floats = {**options, **record.get("float_options", {})}
+    defaults = {"hparams": {}, **IDENTITY_DEFAULTS}
+    shared = (
+        "class_map",
+        "steps",
+        "checkpoint_freq",
+        "hparams",
+        "image_size",
+        "weights",
+        "precision",
+    )
+    return {
+        "dataset": canonical_dataset(str(record["dataset"])),
+        **{k: options.get(k, defaults.get(k)) for k in shared},
+        "float_steps": floats.get("steps"),
+        "float_checkpoint_freq": floats.get("checkpoint_freq"),
+    }
+
+
+def _check_relaunch(config: SweepConfig) -> None:
+    """Refuse a relaunch whose :data:`SWEEP_IDENTITY` differs from the recorded one."""
+    path = Path(config.output) / SWEEP_RECORD
+    if not path.is_file():
+        return
+    try:
+        recorded = sweep_identity(json.loads(path.read_text())["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path}: not a sweep record that this gaqat reads ({type(error).__name__}: "
+            f"{error}); choose a new --output"
+        ) from None
+    given = sweep_identity(config.to_dict())
+    differences = [
+        f"{option} {json.dumps(recorded[key])} recorded, {json.dumps(given[key])} given"
+        for key, option in SWEEP_IDENTITY.items()
+        if recorded[key] != given[key]
+    ]
+    if differences:
+        raise UsageError(
+            f"--output {config.output} holds a sweep with other settings "
+            f"({'; '.join(differences)}); its report would pool runs of both. Relaunch "
+            f"with the settings recorded in {path}, or choose a new --output"
+        )
 
 
 def table(jobs: Sequence[Job]) -> str:

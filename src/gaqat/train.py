@@ -30,25 +30,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gaqat import distributed
 from gaqat import hparams as hparams_registry
 from gaqat.algorithms import Algorithm
 from gaqat.checkpoint import load_checkpoint, save_atomic
-from gaqat.data import load_dataset, make_loaders
+from gaqat.data import check_run_data, check_same_data, dataset_record, load_dataset, make_loaders
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
 from gaqat.names import BITS_RANGE, PRECISIONS, Recipe, get_recipe
-from gaqat.quant import check_step_sizes
+from gaqat.progress import progress
+from gaqat.quant import check_bits, check_step_sizes
 from gaqat.runfolder import (
     CHECKPOINT,
     DONE,
     GRADIENTS,
+    OWN_FILES,
     PREVIOUS,
     RESULTS,
     append_jsonl,
+    check_output,
     locked,
     read_jsonl,
     run_state,
@@ -64,7 +66,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run; the message says what was kept."""
+    """Ctrl-C or SIGTERM stopped the run; the message says what was kept, and ``kept``
+    names it for the advice of the command line: "checkpoint" (this run's, to resume),
+    "previous" (the run it was overwriting, back in place) or "nothing"."""
+
+    def __init__(self, message: str, kept: str):
+        super().__init__(message)
+        self.kept = kept
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the last one is kept."""
 
 
 @dataclass
@@ -75,6 +87,7 @@ class TrainConfig:
     algorithm: str = "erm"
     bits: int | None = None
     data_dir: Path | None = None
+    class_map: Path | None = None  # JSON {domain: {folder: class}} for an image folder
     steps: int | None = None  # None: the registry's default for the dataset
     checkpoint_freq: int | None = None  # None: the registry's default
     trial_seed: int = 0
@@ -108,7 +121,7 @@ def resolve_hparams(config: TrainConfig) -> dict:
         hp = hparams_registry.random_hparams(
             config.algorithm, config.dataset, config.hparams_seed, config.trial_seed
         )
-    hp = hparams_registry.apply_overrides(hp, config.hparams)
+    hp = hparams_registry.apply_overrides(hp, config.hparams, config.algorithm, config.dataset)
     if config.steps is not None:
         hp["steps"] = config.steps
     if config.checkpoint_freq is not None:
@@ -142,6 +155,21 @@ class Plan:
             "precision": config.precision,
             **{f"hparams.{k}": v for k, v in self.hparams.items()},
         }
+
+
+# The fields of a checkpoint that resuming reads, so that a hand-edited one is refused by
+# name (``gaqat.checkpoint.load_checkpoint``) instead of failing with a KeyError.
+RESUME_FIELDS = {
+    "args": dict,
+    "args.trial_seed": int,
+    "args.hparams_seed": int,
+    "hparams": dict,
+    "meta.dataset": str,
+    "meta.algorithm": str,
+    "meta.test_envs": list,
+    "step": int,
+    "training": dict,
+}
 
 
 def _stored_identity(checkpoint: dict) -> dict:
@@ -182,7 +210,7 @@ def check(config: TrainConfig) -> Plan:
     with as_usage_errors():
         hp = check_arguments(config)
         recipe = get_recipe(config.algorithm)
-        dataset = load_dataset(config.dataset, config.data_dir)
+        dataset = load_dataset(config.dataset, config.data_dir, config.class_map)
         bad = [e for e in config.test_envs if not 0 <= e < len(dataset)]
         if bad or not config.test_envs:
             listing = ", ".join(f"{i}={name}" for i, name in enumerate(dataset.domains))
@@ -193,6 +221,7 @@ def check(config: TrainConfig) -> Plan:
             raise UsageError(
                 f"--test-envs {list(config.test_envs)} leave no training domain in {dataset.name}"
             )
+        check_run_data(dataset, config.test_envs)  # domains too small, unseen held-out classes
         model_config = _model_config(config, hp, dataset.num_classes)
         world = distributed.world_from_environment()
         if hp["batch_size"] % world.size:
@@ -234,15 +263,7 @@ def _check_arguments(config: TrainConfig) -> dict:
                 f"--algorithm {config.algorithm} is a QAT method: give --bits "
                 f"({BITS_RANGE[0]}..{BITS_RANGE[1]})"
             )
-        if (
-            isinstance(config.bits, bool)
-            or not isinstance(config.bits, int)
-            or not BITS_RANGE[0] <= config.bits <= BITS_RANGE[1]
-        ):
-            raise UsageError(
-                f"--bits: expected an integer from {BITS_RANGE[0]} to "
-                f"{BITS_RANGE[1]}, got {config.bits!r}"
-            )
+        check_bits(config.bits, "--bits")
     elif config.bits is not None:
         raise UsageError(
             f"--bits {config.bits}: {config.algorithm} trains a float model; "
@@ -270,14 +291,26 @@ def _check_arguments(config: TrainConfig) -> dict:
         _positive(config.new_lr, "--new-lr", float)
     if config.resume and config.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
-    out = Path(config.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {out}: a file is in the way; expected a run folder")
+    repeated = sorted({e for e in config.test_envs if list(config.test_envs).count(e) > 1})
+    if repeated:  # the report would match the run to no table
+        raise UsageError(
+            f"--test-envs {' '.join(map(str, config.test_envs))}: "
+            f"{', '.join(map(str, repeated))} given more than once; name each held-out domain once"
+        )
+    _check_run_folder(Path(config.output))
     _device(config.device)
-    hp = resolve_hparams(config)
-    _positive(hp["steps"], "hparams.steps")
-    _positive(hp["checkpoint_freq"], "hparams.checkpoint_freq")
-    return hp
+    return resolve_hparams(config)  # the registry checks every override's value
+
+
+def _check_run_folder(out: Path) -> None:
+    """A run goes into a folder of its own: one that holds a run, or is empty, or new."""
+    is_run = out.is_dir() and run_state(out) != "new"
+    check_output(
+        out,
+        "--output",
+        ours=lambda entry: is_run or entry.name in OWN_FILES,
+        what=f"a gaqat run (it has no {RESULTS}, {CHECKPOINT} or {DONE})",
+    )
 
 
 def _device(name: str | None) -> torch.device:
@@ -322,7 +355,10 @@ def _init_state(config: TrainConfig, model_config: ModelConfig, recipe: Recipe) 
         return None
     if config.from_scratch:
         raise UsageError("--from-scratch and --init contradict each other: choose one")
-    checkpoint = load_checkpoint(config.init)
+    try:
+        checkpoint = load_checkpoint(config.init)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--init: {error}") from None
     if checkpoint["quant_config"] is not None:
         raise UsageError(
             f"--init {config.init}: QAT starts from a float checkpoint, this one "
@@ -361,7 +397,7 @@ def _claim(out: Path, config: TrainConfig, plan: Plan) -> dict | None:
         )
     if not (out / CHECKPOINT).exists():
         return None  # killed before its first checkpoint: nothing to continue
-    checkpoint = load_checkpoint(out / CHECKPOINT, map_location=plan.device)
+    checkpoint = load_checkpoint(out / CHECKPOINT, plan.device, require=RESUME_FIELDS)
     stored, wanted = _stored_identity(checkpoint), plan.identity(config)
     shown = lambda d, key: repr(d[key]) if key in d else "(absent)"  # noqa: E731
     differences = [
@@ -376,6 +412,13 @@ def _claim(out: Path, config: TrainConfig, plan: Plan) -> dict | None:
             + "). Resume with the run's own arguments "
             "(to change the learning rate, add --new-lr), or train into another "
             "folder"
+        )
+    with as_usage_errors():  # the same dataset name may be another folder: compare files
+        check_same_data(
+            checkpoint["args"],
+            plan.dataset,
+            f"--resume: {out}",
+            "resume with --dataset set to the run's folder, or train into another folder",
         )
     return checkpoint
 
@@ -519,14 +562,25 @@ def run(config: TrainConfig) -> Path:
             except BaseException as error:
                 restored = (out / PREVIOUS).is_dir() and not (out / CHECKPOINT).exists()
                 settle(out, keep_new=(out / CHECKPOINT).exists())
-                if isinstance(error, KeyboardInterrupt) and restored:
-                    raise RunInterrupted(
-                        f"{error} The run it was overwriting is back in place."
-                    ) from None
+                if isinstance(error, KeyboardInterrupt):
+                    raise _interrupted(error, out, restored) from None
                 raise
         return out
     finally:
         distributed.stop(world)
+
+
+def _interrupted(error: KeyboardInterrupt, out: Path, restored: bool) -> RunInterrupted:
+    """What a stopped run says it kept: an interrupt before the first step has no message
+    of its own, and one during an overwrite gives the overwritten run back."""
+    reason = str(error) or "interrupted before the first training step."
+    if restored:
+        return RunInterrupted(
+            f"{reason} Nothing of the new run was kept: the run it was overwriting is "
+            f"back in {out}, unchanged.",
+            "previous",
+        )
+    return RunInterrupted(reason, "checkpoint" if (out / CHECKPOINT).exists() else "nothing")
 
 
 def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None) -> None:
@@ -590,6 +644,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
     args = {
         **config.to_args(),
         "dataset": dataset.name,
+        **dataset_record(dataset, config.class_map),  # where the data is, to check it again
         "bits": bits,
         "domains": meta["domains"],
         "algorithm": config.algorithm if bits is None else f"{config.algorithm}_w{bits}",
@@ -606,13 +661,7 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
         / hp["batch_size"]
     )
 
-    bar = tqdm(
-        total=steps,
-        initial=start,
-        disable=not (config.progress and world.main),
-        desc=config.algorithm,
-        dynamic_ncols=True,
-    )
+    bar = progress(steps, config.algorithm, config.progress and world.main, initial=start)
     batches = loaders.train_batches(start, shard=world.shard)
     # The losses stay on the device until a checkpoint reads them all at once: a per-step
     # read would make the host wait for every step's kernels. So step_time is the wall
@@ -668,12 +717,10 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
                 record.update(bits=plan.bits, n_frozen=stats.get("n_frozen", 0))
             if lr_changes:
                 record["lr_changes"] = lr_changes
-            append_jsonl(out / GRADIENTS, gradient_records)
-            append_jsonl(out / RESULTS, [record])
             checkpoint = _checkpoint(algorithm, plan, meta, done_steps, args, lr_changes)
             if rng_ranks is not None:
                 checkpoint["rng_ranks"] = rng_ranks
-            save_atomic(checkpoint, out / CHECKPOINT)
+            _write_checkpoint(out, checkpoint, gradient_records, record, saved_step)
             settle(out, keep_new=True)  # an overwritten run goes once this one has a checkpoint
             distributed.barrier(world)
             saved_step = done_steps
@@ -686,22 +733,60 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
             if saved_step is not None
             else "no checkpoint had been written yet"
         )
-        raise RunInterrupted(f"interrupted at step {step + 1} of {steps}: {kept}.") from None
+        raise KeyboardInterrupt(f"interrupted at step {step + 1} of {steps}: {kept}.") from None
     finally:
         bar.close()
     if world.main:
         (out / DONE).write_text("done\n")
 
 
+def _write_checkpoint(
+    out: Path, checkpoint: dict, gradient_records: list, record: dict, saved_step: int | None
+) -> None:
+    """The lines first, then the checkpoint that covers them. A failed write (torch reports
+    a full disk as ``[enforce fail at inline_container.cc]``) becomes one paragraph that
+    says what is kept and how to go on; lines beyond the kept checkpoint are dropped on
+    resume."""
+    try:
+        append_jsonl(out / GRADIENTS, gradient_records)
+        append_jsonl(out / RESULTS, [record])
+        save_atomic(checkpoint, out / CHECKPOINT)
+    except (OSError, RuntimeError) as error:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        going_on = (
+            f"{out / CHECKPOINT} keeps step {saved_step}; free some space, then continue "
+            f"with the same command plus --resume (without --overwrite)"
+            if saved_step is not None
+            else "no checkpoint of this run had been written; free some space, then run "
+            "the same command again"
+        )
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {checkpoint['step']} into {out} "
+            f"({cause}); the disk may be full. {going_on}"
+        ) from error
+
+
 def _nan_message(loss: float, step: int, saved_step: int | None, out: Path, lr: float) -> str:
-    kept = (
-        f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT}; "
-        f"continue from it at a lower learning rate with the same command plus "
-        f"--resume --new-lr {lr / 3:.3g} (the current base rate is {lr:.3g})"
-        if saved_step is not None
-        else "no checkpoint had been written yet; start again with a lower learning rate "
-        f"(--overwrite --hparams '{{\"lr\": {lr / 3:.3g}}}')"
+    """The advice after a non-finite loss: go on at a third of the base learning rate, or,
+    where that is no usable rate (not finite and positive), at one the user chooses."""
+    lower = lr / 3
+    usable = math.isfinite(lower) and lower > 0
+    current = (
+        f"the current base rate is {lr:.3g}" if usable else f"the base rate {lr!r} is unusable"
     )
+    if saved_step is not None:
+        rate = f"--new-lr {lower:.3g}" if usable else "--new-lr with a finite, positive rate"
+        kept = (
+            f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT}; "
+            f"continue from it at a lower learning rate with the same command plus "
+            f"--resume {rate} ({current})"
+        )
+    else:
+        rate = f"'{{\"lr\": {lower:.3g}}}'" if usable else 'with a finite, positive "lr"'
+        kept = (
+            "no checkpoint had been written yet; start again with a lower learning rate "
+            f"(--overwrite --hparams {rate}; {current})"
+        )
     return f"the loss became {loss} at step {step}; stopped: {kept}"
 
 
