@@ -16,8 +16,9 @@ from pathlib import Path
 
 from timing import print_table, time_interleaved, timing_rows, write_json
 
-from gaqat.data import build_digits, load_dataset, make_loaders
+from gaqat.data import build_digits, load_dataset
 from gaqat.data.digits_cache import ARRAYS_FILE, CACHE_FOLDER
+from gaqat.data.loaders import make_loaders
 
 BUILD_GOAL_S = 30.0
 

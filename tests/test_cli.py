@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_argv
+from helpers import tiny_argv
 from PIL import Image
 
 import gaqat

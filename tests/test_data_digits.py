@@ -84,6 +84,7 @@ def test_syn_digits_keep_contrast_against_their_background(built):
     assert min(gaps) >= digits_synthesis._MIN_CONTRAST
 
 
+@pytest.mark.slow
 def test_content_hash_is_stable_and_a_corrupt_cache_is_rebuilt(built, tmp_path):
     data_dir, arrays, manifest = built
     assert digits_cache.content_hash(arrays) == manifest["content_sha256"]

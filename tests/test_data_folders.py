@@ -153,12 +153,26 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path, make_tree):
 
 
 def test_named_datasets_and_downloads_cost_no_torch_import():
+    """gaqat.data imports its torch-free modules only (every name it exports); the names
+    that need torch are imported from their modules (gaqat.data.loaders, ...)."""
     code = (
-        "import sys; from gaqat.data import SPECS, dataset_domains, download_dataset; "
+        "import sys; from gaqat.data import *; "
         "assert dataset_domains('pacs') == SPECS['pacs'].domains; "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_costs_no_torch_import():
+    code = (
+        "import sys; from gaqat import cli\n"
+        "for argv in (['--help'], ['data', '--help'], ['data', 'info', '--help']):\n"
+        "    try: cli.main(argv)\n"
+        "    except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # its stdout is the help text
 
 
 def test_unknown_name_lists_the_choices():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from gaqat.data import holdout_split, load_dataset, make_loaders
+from gaqat.data import load_dataset
 from gaqat.data.digits import ArrayDomain
-from gaqat.data.loaders import StepSampler
+from gaqat.data.loaders import StepSampler, holdout_split, make_loaders
 from gaqat.data.multidomain import MultiDomainDataset
 
 SIZES = (50, 37, 64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, tiny_argv, tiny_run
+from helpers import TINY, tiny_argv, tiny_run
 
 from gaqat.algorithms import Algorithm
 from gaqat.distributed import SyncBatchNorm2d, synchronise_batch_norm

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_run
+from helpers import tiny_run
 
 from gaqat import cli
 from gaqat.runfolder import RESULTS, read_jsonl
@@ -30,6 +30,7 @@ def _export(run, out, *options, fmt="onnx"):
     )
 
 
+@pytest.mark.slow
 def test_evaluation_covers_every_split_and_matches_the_runs_own_accuracy(
     lsq_run, digits_dir, tmp_path, capsys
 ):

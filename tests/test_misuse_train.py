@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_argv
+from helpers import TINY, tiny_argv
 
 from gaqat import cli, launchers, sweep
 from gaqat.algorithms import Algorithm
@@ -246,6 +246,7 @@ def test_ctrl_c_before_the_first_checkpoint_of_a_new_run_advises_no_resume(
     assert "start again with: gaqat train" in err and "--resume" not in err
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_folder_and_the_resume_command(
     tmp_path, digits_dir, monkeypatch, capsys
 ):

@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from conftest import tiny_argv
+from helpers import tiny_argv
 from tqdm import tqdm
 
 from gaqat import cli

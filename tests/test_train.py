@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_argv, tiny_run
+from helpers import tiny_argv, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_argv, tiny_run
+from helpers import tiny_argv, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm

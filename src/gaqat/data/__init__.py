@@ -38,40 +38,64 @@ Other entry points: ``build_digits`` / ``ensure_digits`` (the DigitsDG cache),
 ``download_dataset`` (the five real datasets), ``preview_grid`` (a PNG of samples),
 ``holdout_split`` (DomainBed's seeded 80/20 split of one domain).
 
-Each name is imported from its module on first use, so that what needs no torch stays
-free of it: ``gaqat.data.specs``, ``gaqat.data.download``, the DigitsDG cache, and
-``dataset_domains`` of a named dataset.
+Where the names live: this package imports only its torch-free modules, so ``import
+gaqat.data`` (the names above from ``registry``, ``specs``, ``download`` and
+``digits_cache``) costs no torch import. The names that need torch are imported from
+their module::
+
+    from gaqat.data.loaders import make_loaders, holdout_split, check_run_data
+    from gaqat.data.loaders import DomainLoaders, Split, TrainBatches
+    from gaqat.data.multidomain import MultiDomainDataset, DomainDataset
+    from gaqat.data.preview import preview_grid
+
+Example: the domains of a named dataset (no image read, no torch), then a custom image
+folder in DomainBed's layout, split and batched as ``gaqat train`` does::
+
+    >>> from gaqat.data import dataset_domains, load_dataset
+    >>> dataset_domains("pacs")
+    ('art_painting', 'cartoon', 'photo', 'sketch')
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp()) / "toy"
+    >>> for domain in ("photo", "sketch"):
+    ...     for label in ("cat", "dog"):
+    ...         folder = root / domain / label
+    ...         folder.mkdir(parents=True)
+    ...         for k in range(5):
+    ...             Image.new("RGB", (8, 8), (50 * k, 0, 0)).save(folder / f"{k}.png")
+    >>> ds = load_dataset(f"folder:{root}")
+    >>> ds.domains, ds.classes, len(ds[0])
+    (['photo', 'sketch'], ['cat', 'dog'], 10)
+    >>> from gaqat.data.loaders import make_loaders
+    >>> loaders = make_loaders(ds, test_envs=[1], batch_size=4, image_size=16)
+    >>> [(tuple(x.shape), len(y)) for x, y in next(loaders.train)]  # per training domain
+    [((4, 3, 16, 16), 4)]
+    >>> sorted(loaders.eval)
+    ['env0_in', 'env0_out', 'env1_in', 'env1_out']
 """
 
-from importlib import import_module
+from gaqat.data.digits_cache import build_digits, default_data_dir, ensure_digits
+from gaqat.data.download import download_dataset
+from gaqat.data.registry import (
+    check_same_data,
+    dataset_domains,
+    dataset_record,
+    load_dataset,
+    load_recorded,
+)
+from gaqat.data.specs import SPECS, FolderSpec
 
-#: Each public name and the module that defines it.
-_MODULES = {
-    "SPECS": "specs",
-    "DomainDataset": "multidomain",
-    "DomainLoaders": "loaders",
-    "FolderSpec": "specs",
-    "MultiDomainDataset": "multidomain",
-    "Split": "loaders",
-    "TrainBatches": "loaders",
-    "build_digits": "digits_cache",
-    "check_run_data": "loaders",
-    "check_same_data": "registry",
-    "dataset_record": "registry",
-    "dataset_domains": "registry",
-    "default_data_dir": "digits_cache",
-    "download_dataset": "download",
-    "ensure_digits": "digits_cache",
-    "holdout_split": "loaders",
-    "load_dataset": "registry",
-    "load_recorded": "registry",
-    "make_loaders": "loaders",
-    "preview_grid": "preview",
-}
-__all__ = list(_MODULES)
-
-
-def __getattr__(name: str):
-    if name not in _MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_MODULES[name]}"), name)
+__all__ = [
+    "SPECS",
+    "FolderSpec",
+    "build_digits",
+    "check_same_data",
+    "dataset_domains",
+    "dataset_record",
+    "default_data_dir",
+    "download_dataset",
+    "ensure_digits",
+    "load_dataset",
+    "load_recorded",
+]

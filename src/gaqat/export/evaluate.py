@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from gaqat.data import load_recorded, make_loaders
+from gaqat.data import load_recorded
+from gaqat.data.loaders import make_loaders
 from gaqat.export.verify import onnx_logits
 from gaqat.fields import check_fields
 

@@ -47,10 +47,37 @@ def report(
     selection: str = "training",
     paired: str | None = None,
 ) -> str:
-    """The tables of every run below ``dirs``, as markdown, CSV or LaTeX text.
+    r"""The tables of every run below ``dirs``, as markdown, CSV or LaTeX text.
 
     With ``paired`` (a baseline algorithm) the paired-difference tables replace the
     accuracy tables; CSV has no notes, so its unpaired runs are reported as warnings.
+
+    Example: two finished runs, one per held-out domain, each with one checkpoint record
+    (``gaqat train`` writes more fields; these are the ones a report reads)::
+
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from gaqat.report import report
+        >>> sweep = Path(tempfile.mkdtemp())
+        >>> for env, acc in ((0, 0.6), (1, 0.8)):
+        ...     args = {"dataset": "toy", "domains": ["photo", "sketch"], "algorithm": "erm",
+        ...             "test_envs": [env], "trial_seed": 0, "hparams_seed": 0}
+        ...     record = {"step": 100, "args": args, "env0_in_acc": acc, "env0_out_acc": acc,
+        ...               "env1_in_acc": acc, "env1_out_acc": acc}
+        ...     run = sweep / f"erm_{env}"
+        ...     run.mkdir()
+        ...     _ = (run / "results.jsonl").write_text(json.dumps(record) + "\n")
+        ...     (run / "done").touch()  # the run finished
+        >>> print(report([sweep]).strip().split("\n\n")[-1])  # the table, after its notes
+        | Algorithm | Bits | photo | sketch | Avg | Trials |
+        |---|---|---|---|---|---|
+        | erm | 32 | 60.0 | 80.0 | 70.0 | 1 |
+        >>> print(report([sweep], fmt="csv"))
+        selection,dataset,algorithm,bits,domain,mean,stderr,n,incomplete
+        training,toy,erm,32,photo,60.0000,,1,0
+        training,toy,erm,32,sketch,80.0000,,1,0
+        training,toy,erm,32,Avg,70.0000,,1,0
+        <BLANKLINE>
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
