@@ -37,11 +37,12 @@ from timing import print_table, time_interleaved, write_json
 from gaqat import export
 from gaqat.bn_folding import deployable
 from gaqat.checkpoint import load_model
-from gaqat.data import load_dataset, make_loaders
+from gaqat.data import load_dataset
+from gaqat.data.loaders import make_loaders
 from gaqat.export.layers import quantized_modules
 from gaqat.models import ModelConfig, build_model
 from gaqat.optim import frozen_running_stats
-from gaqat.quant import QuantConfig, quantize_model
+from gaqat.prepare import QuantConfig, quantize_model
 
 VARIANTS = {"qdq": {}, "integer": {"integer_kernels": True}}
 VARIANTS["int4"] = {"integer_kernels": True, "int4_weights": True}

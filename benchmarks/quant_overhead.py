@@ -32,7 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from gaqat.models import ModelConfig, build_model
-from gaqat.quant import QuantConfig, check_optimizer, quantize_model
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig, check_optimizer
 
 CASES = {  # name: (float model factory, image size, batch size)
     "small_cnn": (lambda: build_model(ModelConfig()), 32, 96),

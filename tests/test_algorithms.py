@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import record_components
+from helpers import record_components
 
 from gaqat.algorithms import Algorithm, lr_lambda
 from gaqat.hparams import default_hparams

@@ -11,7 +11,7 @@ from gaqat.algorithms import Algorithm, quant_config_for
 from gaqat.bn_folding import (
     QuantConvBn2d,
     deployable,
-    fold_batch_norm,
+    fold_into_quantized_convs,
     freeze_statistics,
     update_running_statistics,
 )
@@ -20,7 +20,8 @@ from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig, build_model
 from gaqat.names import ARCHITECTURES, FOLDED_BY_DEFAULT
 from gaqat.optim import SAGM, frozen_running_stats
-from gaqat.quant import QuantConfig, QuantConv2d, quantize_model
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig, QuantConv2d
 
 
 def folded_small_cnn(seed: int = 0) -> nn.Module:
@@ -90,7 +91,7 @@ def test_every_parameter_trains_through_the_folded_pair():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_fold_batch_norm_skips_a_batch_norm_fed_by_two_paths_or_without_affine():
+def test_fold_into_quantized_convs_skips_a_batch_norm_fed_by_two_paths_or_without_affine():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -100,7 +101,7 @@ def test_fold_batch_norm_skips_a_batch_norm_fed_by_two_paths_or_without_affine()
         def forward(self, x):
             return self.bn_sum(self.a(x) + self.b(x)) + self.bn_plain(self.b(x))
 
-    assert fold_batch_norm(Branchy()) == {}
+    assert fold_into_quantized_convs(Branchy()) == {}
 
 
 def test_auto_folds_the_mobile_backbones_only():

@@ -7,7 +7,7 @@ import torch
 
 from gaqat.checkpoint import load_checkpoint, load_model, save_atomic
 from gaqat.models import ModelConfig, build_model
-from gaqat.quant import QuantConfig, quantize_model
+from gaqat.prepare import QuantConfig, quantize_model
 
 
 def _checkpoint(model, quant):

@@ -24,10 +24,12 @@ from torch.nn import functional as F
 
 from gaqat import cli, export
 from gaqat.checkpoint import save_atomic
-from gaqat.data import load_dataset, make_loaders
+from gaqat.data import load_dataset
+from gaqat.data.loaders import make_loaders
 from gaqat.models import ModelConfig, build_model
 from gaqat.names import ARCHITECTURES
-from gaqat.quant import QuantConfig, quantize_model
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig
 
 BITS = (4, 3)
 TRIAL_SEED, TEST_ENVS = 0, [1]  # the run's DomainBed arguments: its splits and its meta
@@ -282,8 +284,9 @@ def test_batchnorm_folds_only_into_a_float_conv():
     with torch.no_grad():
         before = model(images)
         with pytest.raises(ValueError, match="cannot fold .*featurizer.4"):
-            export.fold_batchnorm(model, {"featurizer.4": "featurizer.3"})  # a quantized conv
-        assert export.fold_batchnorm(model) == {"featurizer.1": "featurizer.0"}
+            quantized_conv = {"featurizer.4": "featurizer.3"}
+            export.fold_into_float_convs(model, quantized_conv)
+        assert export.fold_into_float_convs(model) == {"featurizer.1": "featurizer.0"}
         change = float((model(images) - before).abs().max())
     assert change < 0.05 * float(before.abs().max())
 
@@ -459,6 +462,7 @@ def test_every_backbone_has_a_default_export_size():
     assert set(export.INPUT_SIZES) == set(ARCHITECTURES)
 
 
+@pytest.mark.slow
 def test_integer_kernels_onnx_runs_qlinearconv_and_agrees_on_every_domain(
     onnx, onnxruntime, run, tmp_path, capsys
 ):

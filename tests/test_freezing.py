@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TinyConvBN,
     TinyMLP,
     capture_grads,
@@ -19,8 +19,7 @@ from conftest import (
 )
 from torch import nn
 
-from gaqat.freezing import Freezer
-from gaqat.optim import GAQAT
+from gaqat.freezing import GAQAT, Freezer
 
 
 def run_windows(freezer, task_values, window):
@@ -210,7 +209,8 @@ def test_only_the_given_step_sizes_are_frozen():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_channel):
     from gaqat.models import ModelConfig, build_model
-    from gaqat.quant import QuantConfig, quantize_model, step_sizes
+    from gaqat.prepare import quantize_model
+    from gaqat.quant import QuantConfig, step_sizes
 
     torch.manual_seed(0)
     model = quantize_model(

@@ -18,7 +18,7 @@ import torch
 from gaqat import cli
 from gaqat.checkpoint import load_checkpoint, load_model
 from gaqat.models import ModelConfig, build_model
-from gaqat.quant import QuantConfig, quantize_model
+from gaqat.prepare import QuantConfig, quantize_model
 from gaqat.report import report
 from gaqat.report.runs import SkippedRunWarning, load_runs
 

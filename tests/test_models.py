@@ -8,7 +8,8 @@ import torchvision
 from torch import nn
 
 from gaqat.models import ModelConfig, Network, build_model
-from gaqat.quant import QuantConfig, quantize_model, quantizers
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig, quantizers
 
 
 def test_small_cnn_classifies_32x32_images():

@@ -1,6 +1,6 @@
 """SAM, SAGM and GAQAT's step against a hand-computed two-pass step, in float64 on tiny models.
 
-The models (conftest's TinyMLP, TinyConvBN) carry extra scalar and per-channel parameters
+The models (helpers.TinyMLP, TinyConvBN) carry extra scalar and per-channel parameters
 that play the role of LSQ step sizes, so the optimizers are tested without gaqat.quant.
 """
 
@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     TinyConvBN,
     TinyDropout,
     TinyMLP,
@@ -25,8 +25,8 @@ from conftest import (
 )
 from torch import nn
 
-from gaqat.freezing import Freezer
-from gaqat.optim import GAQAT, SAGM, SAM
+from gaqat.freezing import GAQAT, Freezer
+from gaqat.optim import SAGM, SAM
 
 torch.set_num_threads(1)
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from gaqat.prepare import quantize_model
 from gaqat.quant import (
     MIN_STEP,
     LsqQuantizer,
@@ -22,7 +23,6 @@ from gaqat.quant import (
     check_optimizer,
     check_step_sizes,
     lsq_quantize,
-    quantize_model,
     quantizers,
     step_sizes,
 )

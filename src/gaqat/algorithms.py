@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaqat.bn_folding import freeze_statistics, update_running_statistics
+from gaqat.bn_folding import FoldedStatistics
 from gaqat.distributed import data_parallel, synchronise_batch_norm
-from gaqat.freezing import Freezer
+from gaqat.freezing import GAQAT, Freezer
 from gaqat.models import ModelConfig, Network, build_model
 from gaqat.names import FOLDED_BY_DEFAULT, LR_SCHEDULES, PRECISIONS, get_recipe
-from gaqat.optim import GAQAT, SAGM, SAM, frozen_running_stats
-from gaqat.quant import QuantConfig, check_optimizer, quantize_model, quantizers, step_sizes
+from gaqat.optim import SAGM, SAM, frozen_running_stats
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig, check_optimizer, quantizers, step_sizes
 
 
 def quant_config_for(hparams: dict, bits: int, arch: str) -> QuantConfig:
@@ -54,8 +55,33 @@ class Algorithm:
     ops that the compiler fuses (``gaqat.quant.lsq_quantize``). A network quantized with
     batch norm folded (``hparams["fold_batch_norm"]``) trains its folded layers on live
     statistics for the first ``bn_freeze_at`` of the steps, on the running ones after
-    (``gaqat.bn_folding``); while they are live, their running statistics move after each
-    step, not inside its passes.
+    (``gaqat.bn_folding.FoldedStatistics``); while they are live, their running statistics
+    move after each step, not inside its passes.
+
+    What carries from one ``update`` to the next, besides the network, ``optimizer`` (with
+    ``freezer``) and ``scheduler``, is set in ``__init__`` and nowhere else but:
+
+    - ``training_module``: the module the training passes call; ``network`` itself, its
+      data-parallel wrapper after ``distribute``, and, with ``compile``, either one
+      compiled by the first ``update`` (``compile_pending`` until then). Checkpoints and
+      ``predict`` use ``network``.
+    - ``folded_statistics``: when the folded layers switch to their running statistics;
+      None without folded layers.
+
+    Example::
+
+        >>> import torch
+        >>> from gaqat.algorithms import Algorithm
+        >>> from gaqat.hparams import default_hparams
+        >>> from gaqat.models import ModelConfig
+        >>> hparams = default_hparams("lsq_sagm", "digits")
+        >>> algorithm = Algorithm("lsq_sagm", ModelConfig(), hparams, total_steps=2, bits=4)
+        >>> batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+        >>> stats = algorithm.update(batch)  # one two-pass step, then the schedule's
+        >>> sorted(stats), algorithm.scheduler.last_epoch
+        (['loss'], 1)
+        >>> algorithm.predict(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
 
     def __init__(
@@ -110,14 +136,12 @@ class Algorithm:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             base, lr_lambda(hparams["lr_schedule"], total_steps)
         )
-        self._forward: nn.Module = self.network  # the training passes' module
-        self._compile_pending = compile
-        self._bn_freeze_step = (
-            round(hparams["bn_freeze_at"] * total_steps)
-            if self.quant_config is not None and self.quant_config.fold_batch_norm
-            else None
-        )
-        self._statistics_frozen: bool | None = None  # as the folded layers were last set
+        self.training_module: nn.Module = self.network
+        self.compile_pending = compile
+        self.folded_statistics: FoldedStatistics | None = None
+        if self.quant_config is not None and self.quant_config.fold_batch_norm:
+            freeze_step = round(hparams["bn_freeze_at"] * total_steps)
+            self.folded_statistics = FoldedStatistics(self.network, freeze_step)
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -174,38 +198,38 @@ class Algorithm:
         rank after ``to`` and after loading a checkpoint; ``network`` stays the plain model
         (checkpoints, evaluation), only the training passes go through the wrapper."""
         synchronise_batch_norm(self.network)
-        self._forward = data_parallel(self.network, device)
+        self.training_module = data_parallel(self.network, device)
         return self
 
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16")
 
     def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-        if self._bn_freeze_step is not None:  # set on the first step (or resume) and once more
-            frozen = self.scheduler.last_epoch >= self._bn_freeze_step
-            if frozen != self._statistics_frozen:
-                freeze_statistics(self.network, frozen)
-                self._statistics_frozen = frozen
-        if self._compile_pending:
+        """One training step on the minibatches (one per training domain), concatenated."""
+        if self.folded_statistics is not None:
+            self.folded_statistics.before_step(self.scheduler.last_epoch)
+        if self.compile_pending:
             self.prime(minibatches)
-            self._forward = torch.compile(self._forward)
-            self._compile_pending = False
+            self.training_module = torch.compile(self.training_module)
+            self.compile_pending = False
         x = torch.cat([x for x, _ in minibatches]).contiguous(memory_format=self.memory_format)
         y = torch.cat([y for _, y in minibatches])
         self.network.train()
 
         def closure() -> torch.Tensor:
             with self._autocast(x.device):
-                logits = self._forward(x)
+                logits = self.training_module(x)
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
             return loss
 
-        if self.recipe.objective == "erm":  # the two-pass steps zero before each of their passes
+        # A plain optimizer steps on whatever .grad holds; SAM, SAGM and GAQAT zero it
+        # before each of their passes themselves (gaqat.optim).
+        if self.recipe.objective == "erm":
             self.optimizer.zero_grad(set_to_none=True)
         loss = self.optimizer.step(closure)
-        if self._statistics_frozen is False:  # folded layers staged their batch statistics
-            update_running_statistics(self.network)
+        if self.folded_statistics is not None:
+            self.folded_statistics.after_step()
         self.scheduler.step()
         stats = {"loss": loss.detach()}  # on the device: reading it would wait for the step
         if self.freezer is not None:

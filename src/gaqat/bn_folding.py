@@ -1,32 +1,44 @@
-"""Quantization-aware training with batch norm folded into the quantized convolution
-(Jacob et al., CVPR 2018, section 3.2; torch.ao's ConvBn QAT modules).
+"""Batch-norm folding, all of it: which BN follows which conv, and the five places a BN
+is folded into the convolution before it.
 
-An integer runtime executes a convolution whose weights already hold the batch norm's
-factor f = γ/σ and whose bias holds its shift: no batch norm stands between a quantized
-convolution and the next quantizer. Trained without folding, the weight quantizer learns
-a grid for W and the export moves f into per-channel step sizes. Trained with folding,
-the quantizer sees W·f, the very weights the deployed kernel multiplies, and the trained
-network is the deployed one.
+A deployed integer kernel multiplies weights that already hold the batch norm's factor
+f = γ/σ and adds a bias that holds its shift β − μ·f. Where that factor goes depends on
+the kind of conv and on the moment:
+
+1. Training, quantized convs (Jacob et al., CVPR 2018, section 3.2; torch.ao's ConvBn QAT
+   modules): :func:`fold_into_quantized_convs` swaps each quantized conv + BN pair for a
+   :class:`QuantConvBn2d`, whose weight quantizer sees W·f, the very weights the deployed
+   kernel multiplies. ``gaqat.prepare.quantize_model`` calls it when
+   ``QuantConfig.fold_batch_norm`` is set.
+2. Training schedule: :class:`FoldedStatistics` trains the folded pairs on live batch
+   statistics for the first ``bn_freeze_at`` of the steps and on the running ones after
+   (``gaqat.algorithms.Algorithm.update`` drives it); while live, the running statistics
+   move after each step (:func:`update_running_statistics`), not inside its passes.
+3. Export of a network trained folded: :func:`deployable` turns every
+   :class:`QuantConvBn2d` back into a plain ``QuantConv2d`` holding W·f and the folded
+   bias, with the same quantizers, which is what the exporters write.
+4. Export, float convs (``gaqat export --fold-bn``, ``gaqat.export.load_int``):
+   :func:`fold_into_float_convs` folds a BN into the float conv before it. A BN after a
+   quantized conv stays: folding it into the float weights would change their integer
+   codes, a different model from the one trained.
+5. Export, ONNX integer kernels (``gaqat.export.qdq.onnx_ready``): :func:`fold_keeping_codes`
+   folds a BN after a quantized conv without touching its codes: the shift goes into the
+   bias, the factor into the weight's (then per-channel) step sizes.
+
+:func:`conv_batchnorm_pairs` finds each BN that a convolution alone feeds (traced with
+torch.fx, so the pairing is the real data flow) for all of them. Folding moves a conv's
+outputs by an ulp or so, which flips the rare activation code that sits on a rounding tie.
 
 :class:`QuantConvBn2d` computes, with f = γ / sqrt(running_var + ε) and x̂ the quantized
 input:
 
 - in training while the statistics are live: BN(conv(x̂, Q(W·f)) / f + b) with the batch's
   statistics, which normalise as in float training; dividing by f undoes the factor the
-  quantizer saw. The running statistics move after the step, not during it
-  (:func:`update_running_statistics`), so that f is one constant through every pass and
-  backward of a step;
+  quantizer saw. The running statistics move after the step, not during it, so that f is
+  one constant through every pass and backward of a step;
 - in eval mode, and in training once its statistics are frozen: conv(x̂, Q(W·f)) + β +
-  (b − μ)·f, the deployed layer's arithmetic. ``Algorithm`` freezes them after the
-  ``bn_freeze_at`` fraction of the steps, so the rest of training sees no difference
-  between batch and running statistics.
-
-``conv_batchnorm_pairs`` finds each BN that a convolution alone feeds (traced with
-torch.fx, so the pairing is the real data flow); ``quantize_model`` with
-``QuantConfig.fold_batch_norm`` calls ``fold_batch_norm``; a channel whose γ is 0 outputs
-β, as its unfolded pair would; ``deployable`` turns every
-folded pair back into a plain ``QuantConv2d`` with the folded weights and bias (the
-same quantizers), which is what the exporters write.
+  (b − μ)·f, the deployed layer's arithmetic. A channel whose γ is 0 outputs β, as its
+  unfolded pair would.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from collections import Counter
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from gaqat.distributed import batch_statistics, normalise
 from gaqat.quant import QuantConv2d, QuantLinear
@@ -164,9 +177,10 @@ def conv_batchnorm_pairs(model: nn.Module, conv_type: type = nn.Conv2d) -> dict[
     return pairs
 
 
-def fold_batch_norm(model: nn.Module) -> dict[str, str]:
+def fold_into_quantized_convs(model: nn.Module) -> dict[str, str]:
     """Swap each quantized conv + affine BN pair for a :class:`QuantConvBn2d` (at the conv's
-    name; the BN becomes Identity), in place; returns the {BN name: conv name} folded."""
+    name; the BN becomes Identity), in place, to train folded; returns the {BN name: conv
+    name} folded."""
     pairs = {
         bn: conv
         for bn, conv in conv_batchnorm_pairs(model, QuantConv2d).items()
@@ -181,7 +195,7 @@ def fold_batch_norm(model: nn.Module) -> dict[str, str]:
 
 def update_running_statistics(model: nn.Module) -> None:
     """Apply the batch statistics that each folded pair of ``model`` staged in the last
-    step's first pass: call it once after every optimizer step (``Algorithm.update``
+    step's first pass: call it once after every optimizer step (:class:`FoldedStatistics`
     does), as nn.BatchNorm2d would have updated them during that pass."""
     for module in model.modules():
         if isinstance(module, QuantConvBn2d):
@@ -193,6 +207,32 @@ def freeze_statistics(model: nn.Module, frozen: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, QuantConvBn2d):
             module.statistics_frozen = frozen
+
+
+class FoldedStatistics:
+    """When a folded network's pairs train on live batch statistics and when on the running
+    ones: live before step ``freeze_step`` (counted from 0), frozen from it on.
+
+    Call :meth:`before_step` with the step's index before each optimizer step (it sets the
+    layers on the first call, also after a resume, and once more when they freeze) and
+    :meth:`after_step` after it (it applies the statistics the step staged while live).
+    ``frozen``: as the layers were last set, None before the first step.
+    """
+
+    def __init__(self, model: nn.Module, freeze_step: int):
+        self.model = model
+        self.freeze_step = freeze_step
+        self.frozen: bool | None = None
+
+    def before_step(self, step: int) -> None:
+        frozen = step >= self.freeze_step
+        if frozen != self.frozen:
+            freeze_statistics(self.model, frozen)
+            self.frozen = frozen
+
+    def after_step(self) -> None:
+        if self.frozen is False:  # the folded layers staged their batch statistics
+            update_running_statistics(self.model)
 
 
 @torch.no_grad()
@@ -208,3 +248,52 @@ def deployable(model: nn.Module) -> nn.Module:
         conv.weight = nn.Parameter(weight, requires_grad=False)
         model.set_submodule(name, conv)
     return model
+
+
+@torch.no_grad()
+def fold_into_float_convs(model: nn.Module, pairs: dict[str, str] | None = None) -> dict[str, str]:
+    """Fold each BN that follows a float conv into it, in place, with the running statistics
+    (inference only); returns the folded {BN name: conv name}.
+
+    ``pairs`` folds those alone; each must be one that ``conv_batchnorm_pairs`` finds.
+    ``load_int`` folds a freshly built model this way to give a folded file's tensors
+    their places (a conv bias, Identity for the BN).
+    """
+    foldable = conv_batchnorm_pairs(model)
+    pairs = foldable if pairs is None else pairs
+    wrong = {bn: conv for bn, conv in pairs.items() if foldable.get(bn) != conv}
+    if wrong:
+        raise ValueError(
+            f"cannot fold {wrong}: a BatchNorm2d folds only into the float "
+            f"Conv2d that alone feeds it (foldable here: {foldable})"
+        )
+    for bn_name, conv_name in pairs.items():
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        # fuse_conv_bn_weights freezes a bias the conv lacked; it should train like the weight.
+        conv.weight, conv.bias = weight, bias.requires_grad_(weight.requires_grad)
+        model.set_submodule(bn_name, nn.Identity())
+    return dict(pairs)
+
+
+@torch.no_grad()
+def fold_keeping_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold each BN that alone follows a quantized conv without changing the conv's weights
+    or integer codes: its shift β − μ·γ/σ (plus the scaled old bias) becomes the conv's
+    bias and the BN Identity, in place. Returns {conv name: factor γ/σ}, which the caller
+    multiplies into that weight's step sizes (``gaqat.export.qdq``'s integer kernels)."""
+    factors = {}
+    for bn_name, conv_name in conv_batchnorm_pairs(model, QuantConv2d).items():
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * factor
+        if bn.affine:
+            factor, shift = factor * bn.weight, shift * bn.weight + bn.bias
+        if conv.bias is not None:
+            shift = shift + conv.bias * factor
+        conv.bias = nn.Parameter(shift, requires_grad=False)
+        model.set_submodule(bn_name, nn.Identity())
+        factors[conv_name] = factor
+    return factors

@@ -24,7 +24,8 @@ import torch
 
 from gaqat.fields import check_fields
 from gaqat.models import ModelConfig, Network, build_model
-from gaqat.quant import QuantConfig, quantize_model
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig
 from gaqat.runfolder import CHECKPOINT, replace_atomic
 
 REQUIRED_KEYS = ("model", "model_config", "quant_config", "meta")

@@ -4,8 +4,8 @@ A step size whose task gradient keeps its direction over a window (D_task < τ) 
 frozen. Decisions are taken at window ends, after ``warmup_windows`` windows (the first
 window's step sizes drift steadily away from their initialisation, which reads as order,
 not as convergence), and apply from the step that closes the window on. Only the step
-sizes handed in are ever touched. :class:`gaqat.optim.GAQAT` feeds a freezer the
-components of every step.
+sizes handed in are ever touched. :class:`GAQAT`, the method's optimizer, is SAGM
+(``gaqat.optim``) feeding a freezer the components of every step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from gaqat.disorder import METRICS, DisorderTracker
 from gaqat.names import FREEZE_MODES
+from gaqat.optim import SAGM, Closure
 
 
 class Freezer:
@@ -142,3 +143,77 @@ class Freezer:
         self.frozen = set(state["frozen"])
         self.windows_done = state["windows_done"]
         self._records = list(state["records"])
+
+
+class GAQAT(SAGM):
+    """SAGM whose step sizes' task and smoothness components drive a :class:`Freezer`.
+
+    The freezer holds the step sizes, the decisions and the records
+    (``freezer.pop_records()``); the base optimizer must hold every step size. A freezer
+    with ``tau=0`` never freezes, which turns this into LSQ+SAGM that still logs windows.
+    As SAM's and SAGM's, its step zeroes the gradients itself (``gaqat.optim``).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gaqat.freezing import GAQAT, Freezer
+        >>> from gaqat.prepare import QuantConfig, quantize_model
+        >>> from gaqat.quant import step_sizes
+        >>> _ = torch.manual_seed(0)
+        >>> model = quantize_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        ...                        QuantConfig(4, 4, first_last="same"))
+        >>> x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+        >>> def closure():
+        ...     loss = nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> freezer = Freezer(step_sizes(model), tau=1.0, window=2)  # τ = 1: freezes at once
+        >>> opt = GAQAT(torch.optim.Adam(model.parameters(), lr=1e-3), model, freezer)
+        >>> for _ in range(4):  # window 1 is the warm-up, window 2 decides
+        ...     loss = opt.step(closure)
+        >>> sorted({record["kind"] for record in freezer.pop_records()})
+        ['freeze', 'window']
+        >>> len(freezer.frozen) > 0  # these step sizes now train on ½·g_smooth alone
+        True
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        freezer: Freezer,
+        rho: float = 0.05,
+        alpha: float = 1e-3,
+        *,
+        perturbed_pass_rng: str = "replay",
+    ):
+        super().__init__(base_optimizer, model, rho, alpha, perturbed_pass_rng=perturbed_pass_rng)
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        for name, param in freezer.step_sizes.items():
+            if id(param) not in held:
+                raise ValueError(
+                    f"GAQAT: step size {name!r} is not in the base optimizer's "
+                    "param_groups (build the optimizer after quantize_model so "
+                    "that it holds every step size)"
+                )
+        self.freezer = freezer
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:
+        """SAGM's step, with the step sizes' components handed to the freezer before the
+        base optimizer steps."""
+        passes = self.two_passes(closure)
+        g_task, g_smooth = passes.components(self.freezer.step_sizes)
+        self._final_gradient(passes)  # ½·(g + g_p)
+        self.freezer.observe(g_task, g_smooth)  # disorder windows and freeze decisions
+        self.freezer.edit_grads(g_smooth)  # a frozen step size: ½·g_smooth, or no update
+        self.base_optimizer.step()
+        return passes.loss
+
+    def state_dict(self) -> dict:
+        return {"base": super().state_dict(), "freezer": self.freezer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict["base"])
+        self.freezer.load_state_dict(state_dict["freezer"])

@@ -1,17 +1,21 @@
-"""The two-pass optimizers: SAM, SAGM and GAQAT, each wrapping an ordinary torch optimizer.
+"""The two-pass optimizers SAM and SAGM, each wrapping an ordinary torch optimizer.
+GAQAT, SAGM with selective freezing, builds on them in ``gaqat.freezing``, beside its
+freezing policy; this module knows nothing of freezing.
 
 One ``step(closure)`` reads top to bottom:
 
 1. :meth:`SAM.two_passes`: the closure (forward + backward on the step's minibatch) runs
    at θ, giving g; θ moves by e = (ρ / (‖g‖₂ + 1e-12) − α)·g; the closure runs again at
    θ + e, giving g_p; θ is restored bit for bit (docs/method.md §3).
-2. GAQAT only: the quantizers' step sizes' components g_task = g and g_smooth = g_p − g
-   (§4), device tensors that cost no extra pass and no host synchronisation, are handed
-   to its :class:`~gaqat.freezing.Freezer`, which tracks their disorder (§5), decides
-   which step sizes are frozen and edits their gradients (§6).
+2. A subclass may read the step's components here (:meth:`TwoPasses.components`):
+   GAQAT hands the step sizes' g_task = g and g_smooth = g_p − g (§4) to its
+   :class:`~gaqat.freezing.Freezer`, which tracks their disorder (§5), decides which
+   step sizes are frozen and edits their gradients (§6).
 3. The base optimizer steps with the final gradient: SAM's g_p, SAGM's ½·(g + g_p).
 
-The step zeroes the gradients before each pass itself. The wrappers share the base
+Gradients: the step zeroes them (to None) before each of its two passes itself, so its
+caller need not call ``zero_grad`` first, while a plain optimizer's caller must
+(``gaqat.algorithms.Algorithm.update`` zeroes for ERM alone). The wrappers share the base
 optimizer's ``param_groups`` and ``state``, so learning-rate schedulers and checkpoints
 see one optimizer.
 
@@ -62,7 +66,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from gaqat.freezing import Freezer
 from gaqat.names import PERTURBED_PASS_RNG
 
 _NORM_EPS = 1e-12
@@ -129,6 +132,22 @@ class SAM(torch.optim.Optimizer):
     ``model``: the module being trained, whose batch-norm running statistics the perturbed
     pass leaves alone. ``perturbed_pass_rng``: "replay" the first pass's dropout masks in
     the perturbed pass, or draw "fresh" ones (module docstring).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gaqat.optim import SAM
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+        >>> def closure():  # runs twice a step; the step zeroes the gradients itself
+        ...     loss = nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.05)
+        >>> loss = opt.step(closure)  # the loss at θ, before the update
+        >>> int(model[1].num_batches_tracked)  # the perturbed pass moved no statistics
+        1
     """
 
     def __init__(
@@ -178,7 +197,8 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor:
         """One step: the two passes, then the base optimizer with the final gradient.
-        ``closure`` runs forward and backward on the step's minibatch and returns the loss."""
+        ``closure`` runs forward and backward on the step's minibatch and returns the loss;
+        the step zeroes the gradients before each pass, so the caller need not."""
         passes = self.two_passes(closure)
         self._final_gradient(passes)
         self.base_optimizer.step()
@@ -197,7 +217,7 @@ class SAM(torch.optim.Optimizer):
                 "backward on the step's minibatch and returns the loss"
             )
         everything = [p for group in self.param_groups for p in group["params"]]
-        rng = _rng_state() if self.perturbed_pass_rng == "replay" else None
+        rng = _replayable_rng_state() if self.perturbed_pass_rng == "replay" else None
 
         # Pass 1, at θ.
         self.zero_grad(set_to_none=True)
@@ -217,7 +237,7 @@ class SAM(torch.optim.Optimizer):
         e = torch._foreach_mul(g, self.rho / (norm + _NORM_EPS) - self.alpha)
         self.zero_grad(set_to_none=True)
         if rng is not None:
-            _set_rng_state(rng)
+            _replay_rng_state(rng)
         try:  # θ comes back even when the perturbed pass raises
             torch._foreach_add_(params, e)
             with torch.enable_grad(), frozen_running_stats(self.model):
@@ -259,6 +279,23 @@ class SAGM(SAM):
     """Sharpness-aware gradient matching (Wang et al., CVPR 2023): steps with ½·(g + g_p).
 
     The perturbation subtracts α·g from SAM's ascent step (docs/method.md §3).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gaqat.optim import SAGM
+        >>> model = nn.Linear(4, 2)
+        >>> x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+        >>> def closure():
+        ...     loss = nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt = SAGM(torch.optim.Adam(model.parameters(), lr=1e-3), model, rho=0.05, alpha=1e-3)
+        >>> for _ in range(3):
+        ...     loss = opt.step(closure)
+        >>> opt.state_dict().keys() == opt.base_optimizer.state_dict().keys()
+        True
     """
 
     def __init__(
@@ -279,66 +316,18 @@ class SAGM(SAM):
         torch._foreach_mul_(passes.g_p, 0.5)
 
 
-class GAQAT(SAGM):
-    """SAGM whose step sizes' task and smoothness components drive a :class:`Freezer`.
-
-    The freezer holds the step sizes, the decisions and the records
-    (``freezer.pop_records()``); the base optimizer must hold every step size. A freezer
-    with ``tau=0`` never freezes, which turns this into LSQ+SAGM that still logs windows.
-    """
-
-    def __init__(
-        self,
-        base_optimizer: torch.optim.Optimizer,
-        model: nn.Module,
-        freezer: Freezer,
-        rho: float = 0.05,
-        alpha: float = 1e-3,
-        *,
-        perturbed_pass_rng: str = "replay",
-    ):
-        super().__init__(base_optimizer, model, rho, alpha, perturbed_pass_rng=perturbed_pass_rng)
-        held = {id(p) for group in self.param_groups for p in group["params"]}
-        for name, param in freezer.step_sizes.items():
-            if id(param) not in held:
-                raise ValueError(
-                    f"GAQAT: step size {name!r} is not in the base optimizer's "
-                    "param_groups (build the optimizer after quantize_model so "
-                    "that it holds every step size)"
-                )
-        self.freezer = freezer
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:
-        """SAGM's step, with the step sizes' components handed to the freezer before the
-        base optimizer steps."""
-        passes = self.two_passes(closure)
-        g_task, g_smooth = passes.components(self.freezer.step_sizes)
-        self._final_gradient(passes)  # ½·(g + g_p)
-        self.freezer.observe(g_task, g_smooth)  # disorder windows and freeze decisions
-        self.freezer.edit_grads(g_smooth)  # a frozen step size: ½·g_smooth, or no update
-        self.base_optimizer.step()
-        return passes.loss
-
-    def state_dict(self) -> dict:
-        return {"base": super().state_dict(), "freezer": self.freezer.state_dict()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict["base"])
-        self.freezer.load_state_dict(state_dict["freezer"])
+_ReplayableRngState = tuple[torch.Tensor, list[torch.Tensor] | None]
 
 
-_RngState = tuple[torch.Tensor, list[torch.Tensor] | None]
-
-
-def _rng_state() -> _RngState:
-    """Torch's global generators: the CPU one, and CUDA's only when CUDA is initialised
-    (asking for them would initialise it, and a CPU run must not need a GPU)."""
+def _replayable_rng_state() -> _ReplayableRngState:
+    """What the perturbed pass replays of the first one's random draws: torch's global
+    generators, the CPU one, and CUDA's only when CUDA is initialised (asking for them
+    would initialise it, and a CPU run must not need a GPU)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: _RngState) -> None:
+def _replay_rng_state(state: _ReplayableRngState) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:

@@ -346,8 +346,8 @@ class QuantConfig:
     ``first_last``: the first Conv2d and the last Linear (in module order) stay "float",
     get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
     module names (a layer, or a container whose layers all stay float).
-    ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in
-    (``gaqat.bn_folding``).
+    ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in;
+    read by ``gaqat.prepare.quantize_model``, not by this module's :func:`quantize_layers`.
     """
 
     weight_bits: int = 4
@@ -387,8 +387,10 @@ def _layer_bits(name: str, is_first_or_last: bool, config: QuantConfig) -> tuple
     return config.weight_bits, config.act_bits
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every nn.Conv2d / nn.Linear (exact types) by its quantized twin, in place.
+def quantize_layers(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace every nn.Conv2d / nn.Linear (exact types) by its quantized twin, in place,
+    and nothing else: ``gaqat.prepare.quantize_model``, the entry point, also folds batch
+    norm as ``config`` says.
 
     Build the optimizer afterwards: the step sizes are new parameters.
     """
@@ -416,10 +418,6 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         for child_name, child in parent.named_children():
             if child in replaced:
                 setattr(parent, child_name, replaced[child])
-    if config.fold_batch_norm:
-        from gaqat.bn_folding import fold_batch_norm  # it builds on this module's layers
-
-        fold_batch_norm(model)
     return model
 
 

@@ -6,13 +6,15 @@ loads a QAT checkpoint, optionally folds batch norm into float convolutions, wri
 of two formats and checks what it wrote. One module per part:
 
 - ``layers``: the quantized layers, their integer weight codes, the deployed size;
-- ``batchnorm``: folding BN into the float convolution before it, never a quantized one;
 - ``intfile``: the ``int`` format (safetensors), ``export_int`` and ``load_int``;
 - ``qdq``: the ``onnx`` format, a QuantizeLinear/DequantizeLinear graph;
 - ``verify``: the probe batch and ONNX Runtime's logits;
 - ``evaluate``: the exported file's accuracy on every split of its run, beside PyTorch's;
 - ``output``: where an export may write, and writing all its files or none;
 - ``extra``: the optional packages (``pip install "gaqat[export]"``), imported when needed.
+
+Batch-norm folding, at export as in training, lives in ``gaqat.bn_folding``
+(``deployable``, ``fold_into_float_convs``, ``fold_keeping_codes``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from gaqat.bn_folding import conv_batchnorm_pairs, deployable
+from gaqat.bn_folding import conv_batchnorm_pairs, deployable, fold_into_float_convs
 from gaqat.checkpoint import load_model
 from gaqat.errors import UsageError
-from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.evaluate import (
+    RunSplits,
     SplitAccuracy,
     evaluate_export,
     evaluation_json,
@@ -56,7 +59,7 @@ __all__ = [
     "weight_codes",
     "model_sizes",
     "conv_batchnorm_pairs",
-    "fold_batchnorm",
+    "fold_into_float_convs",
     "INT_FORMAT",
     "INT_FORMAT_VERSION",
     "export_int",
@@ -163,7 +166,38 @@ def export_checkpoint(
     ``data_dir``, else where the run found it), written beside it as ``<name>.eval.json``.
 
     An existing output is replaced only with ``overwrite``, a run's files never
-    (``gaqat.export.output``); the outputs are written once everything else has succeeded."""
+    (``gaqat.export.output``); the outputs are written once everything else has succeeded.
+
+    Example: an untrained 4-bit small CNN (one batch sets its step sizes), saved with the
+    fields ``gaqat train`` writes, exported as an int file and reloaded with the same
+    logits::
+
+        >>> import tempfile
+        >>> from dataclasses import asdict
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from gaqat.checkpoint import save_atomic
+        >>> from gaqat.export import export_checkpoint, load_int
+        >>> from gaqat.models import ModelConfig, build_model
+        >>> from gaqat.prepare import QuantConfig, quantize_model
+        >>> quant = QuantConfig(weight_bits=4, act_bits=4)
+        >>> model = quantize_model(build_model(ModelConfig()), quant)  # 32x32 inputs
+        >>> x = torch.randn(2, 3, 32, 32)
+        >>> _ = model(x)  # the first batch initializes the step sizes (LSQ)
+        >>> meta = {"dataset": "digits", "classes": list("0123456789"), "bits": 4,
+        ...         "domains": ["mnist", "mnist_m", "syn", "optdigits"], "algorithm": "lsq",
+        ...         "test_envs": [1]}
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> save_atomic({"model": model.state_dict(), "model_config": ModelConfig().to_dict(),
+        ...              "quant_config": asdict(quant), "meta": meta}, folder / "checkpoint.pt")
+        >>> summary = export_checkpoint(folder / "checkpoint.pt", "int", folder / "model.int")
+        >>> print(summary)  # doctest: +ELLIPSIS
+        wrote .../model.int (int, ... bytes on disk)
+        deployed size: 134080 bytes with bit-packed codes vs 972712 bytes in float32 (7.25x smaller)
+        >>> deployed = load_int(folder / "model.int")
+        >>> torch.equal(deployed(x), model.eval()(x))
+        True
+    """
     onnx_only = {
         "--int4-weights": int4_weights,
         "--integer-kernels": integer_kernels,
@@ -186,42 +220,47 @@ def export_checkpoint(
     quantized_layers(model)
     splits = run_splits(checkpoint, str(checkpoint_path), data_dir) if evaluate else None
     input_size = input_size or INPUT_SIZES[checkpoint["model_config"]["arch"]]
-    probe = probe_inputs(input_size)
     summary = {}
     if fold_bn:
+        probe = probe_inputs(input_size)
         before = model(probe)
-        summary["folded_bn"] = fold_batchnorm(model)
+        summary["folded_bn"] = fold_into_float_convs(model)
         summary["fold_max_abs_change"] = float((model(probe) - before).abs().max())
     if fmt == "int":
         files = {out: int_bytes(model, checkpoint, summary.get("folded_bn"))}
     else:
-        data, summary["opset"] = onnx_bytes(
-            model,
-            input_size,
-            {
-                **checkpoint["meta"],
-                "model_config": checkpoint["model_config"],
-                "quant_config": checkpoint["quant_config"],
-            },
-            int4_weights=int4_weights,
-            integer_kernels=integer_kernels,
-        )
-        files = {out: data}
-        session = onnx_session(data)  # one session for the probe and the evaluation
-        diff = onnx_logits(session, probe) - model(probe)
-        summary["onnx_max_abs_diff"] = float(diff.abs().max())
+        onnx_options = {"int4_weights": int4_weights, "integer_kernels": integer_kernels}
+        files = _onnx_files(model, checkpoint, out, input_size, splits, onnx_options, summary)
         if evaluate:
-            rows = evaluate_export(session, model, splits)
-            summary["evaluation"] = rows
-            about = {
-                "file": str(out),
-                "checkpoint": str(checkpoint_path),
-                **{k: checkpoint["meta"].get(k) for k in ("dataset", "algorithm", "bits")},
-                "test_envs": checkpoint["meta"]["test_envs"],
-                "trial_seed": checkpoint["args"]["trial_seed"],
-                "integer_kernels": integer_kernels,
-                "int4_weights": int4_weights,
-            }
-            files[evaluation_path(out)] = evaluation_json(rows, about)
+            about = {"file": str(out), "checkpoint": str(checkpoint_path)}
+            about |= {k: checkpoint["meta"].get(k) for k in ("dataset", "algorithm", "bits")}
+            about |= {"test_envs": checkpoint["meta"]["test_envs"]}
+            about |= {"trial_seed": checkpoint["args"]["trial_seed"], **onnx_options}
+            files[evaluation_path(out)] = evaluation_json(summary["evaluation"], about)
     write_outputs(files)
     return ExportSummary(out, fmt, len(files[out]), **model_sizes(model), **summary)
+
+
+def _onnx_files(
+    model: nn.Module,
+    checkpoint: dict,
+    out: Path,
+    input_size: int,
+    splits: RunSplits | None,
+    options: dict,
+    summary: dict,
+) -> dict[Path, bytes]:
+    """The ONNX file's bytes, checked under onnxruntime on the probe batch and, with
+    ``splits``, evaluated on the run's data (both into ``summary``)."""
+    header = {
+        **checkpoint["meta"],
+        "model_config": checkpoint["model_config"],
+        "quant_config": checkpoint["quant_config"],
+    }
+    data, summary["opset"] = onnx_bytes(model, input_size, header, **options)
+    session = onnx_session(data)  # one session for the probe and the evaluation
+    probe = probe_inputs(input_size)
+    summary["onnx_max_abs_diff"] = float((onnx_logits(session, probe) - model(probe)).abs().max())
+    if splits is not None:
+        summary["evaluation"] = evaluate_export(session, model, splits)
+    return {out: data}

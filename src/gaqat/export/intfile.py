@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gaqat.bn_folding import deployable
+from gaqat.bn_folding import deployable, fold_into_float_convs
 from gaqat.checkpoint import build_network
-from gaqat.export.batchnorm import fold_batchnorm
 from gaqat.export.extra import require
 from gaqat.export.layers import (
     layer_info,
@@ -110,7 +109,7 @@ def load_int(path: str | Path) -> Network:
     header = int_metadata(path)
     try:
         model = deployable(build_network(header["model_config"], header["quant_config"]))
-        fold_batchnorm(model, header["folded_bn"])
+        fold_into_float_convs(model, header["folded_bn"])
     except (ValueError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{path}: header model_config/quant_config/folded_bn do not "

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from gaqat.bn_folding import conv_batchnorm_pairs, data_flow, deployable
+from gaqat.bn_folding import data_flow, deployable, fold_keeping_codes
 from gaqat.efficientnet_lite import SamePad
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
@@ -153,15 +153,15 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
 
     ``integer_kernels``: the graph onnxruntime's x86 kernels fuse into QLinearConv, whose
     pattern is DequantizeLinear -> Conv -> (Relu) -> QuantizeLinear on uint8 activations.
-    Each batch norm that alone follows a quantized convolution is folded into it, its
-    factor into the weight's (then per-channel) step sizes and its shift into the bias (the
-    codes stay); each ReLU6 that only feeds quantized layers becomes a ReLU, its clip at 6
-    moved into their integer ranges; signed activations are stored as uint8 with zero
-    point 128. The logits move by float rounding only (as any BN folding)."""
+    Each batch norm that alone follows a quantized convolution is folded into it
+    (``gaqat.bn_folding.fold_keeping_codes``), its factor into the weight's (then
+    per-channel) step sizes and its shift into the bias (the codes stay); each ReLU6 that
+    only feeds quantized layers becomes a ReLU, its clip at 6 moved into their integer
+    ranges; signed activations are stored as uint8 with zero point 128. The logits move
+    by float rounding only (as any BN folding)."""
     ready = deployable(deepcopy(model).cpu().eval())
     layers = quantized_layers(ready)
-    folded = conv_batchnorm_pairs(ready, QuantConv2d) if integer_kernels else {}
-    factors = {conv: _fold_shift(ready, bn, conv) for bn, conv in folded.items()}
+    factors = fold_keeping_codes(ready) if integer_kernels else {}
     ceilings = _relu6_into_quantizers(ready) if integer_kernels else {}
     for name in layers:
         layer = ready.get_submodule(name)
@@ -202,22 +202,6 @@ def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
             model.set_submodule(node.target, nn.ReLU())
             ceilings.update(dict.fromkeys(layers, 6.0))
     return ceilings
-
-
-@torch.no_grad()
-def _fold_shift(model: nn.Module, bn_name: str, conv_name: str) -> torch.Tensor:
-    """Replace the BN by Identity and put its shift β − μ·γ/σ (plus the scaled old bias)
-    into the conv's bias; return its factor γ/σ, for the weight's step sizes."""
-    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-    factor = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * factor
-    if bn.affine:
-        factor, shift = factor * bn.weight, shift * bn.weight + bn.bias
-    if conv.bias is not None:
-        shift = shift + conv.bias * factor
-    conv.bias = nn.Parameter(shift, requires_grad=False)
-    model.set_submodule(bn_name, nn.Identity())
-    return factor
 
 
 def _int4_weights(proto) -> int:

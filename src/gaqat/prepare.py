@@ -1,0 +1,45 @@
+"""Preparing a float model for quantization-aware training: the one call a user makes.
+
+``quantize_model`` puts the two steps in order, as torchao's ``qat/api.py`` sits on top of
+its layers: first ``gaqat.quant`` swaps the layers for quantized ones, then, when
+``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch norm into
+the quantized convolution before it. The layers know nothing of folding; folding builds
+on the layers; this module builds on both.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gaqat.bn_folding import fold_into_quantized_convs
+from gaqat.quant import QuantConfig, quantize_layers
+
+__all__ = ["QuantConfig", "quantize_model"]
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Quantize ``model`` in place as ``config`` says, batch norm folded included; returns it.
+
+    Build the optimizer afterwards: the step sizes are new parameters
+    (``gaqat.quant.check_optimizer`` says when it was not).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gaqat.prepare import QuantConfig, quantize_model
+        >>> model = nn.Sequential(
+        ...     nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...     nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...     nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+        >>> model = quantize_model(model, QuantConfig(4, 4, fold_batch_norm=True))
+        >>> [type(m).__name__ for m in model]  # first conv and last linear stay float
+        ['Conv2d', 'BatchNorm2d', 'ReLU', 'QuantConvBn2d', 'Identity', 'ReLU', 'Flatten', 'Linear']
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)  # holds the step sizes
+        >>> model(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+    quantize_layers(model, config)
+    if config.fold_batch_norm:
+        fold_into_quantized_convs(model)
+    return model
