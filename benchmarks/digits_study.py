@@ -4,8 +4,9 @@
     python benchmarks/digits_study.py page OUT [--quick]
 
 ``run`` trains every run into OUT (idempotent: a stopped study resumes when launched
-again). ``page`` writes ``docs/results/digits.md`` and its figures from OUT, and the JSON
-summary ``benchmarks/results/digits_study.json`` (with ``--quick``: both into OUT/page).
+again). ``page`` writes ``docs/results/digits.md`` (``benchmarks/templates/digits.md``
+filled in) and its figures from OUT, and the JSON summary
+``benchmarks/results/digits_study.json`` (with ``--quick``: both into OUT/page).
 
 - ``OUT/main``: float ``erm`` on every held-out domain and trial seeds 0-2, and from each
   of those the QAT methods ``lsq``, ``lsq_sagm`` and ``gaqat`` at 4 and 3 bits, with the
@@ -23,31 +24,33 @@ numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
-import subprocess
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from study_page import (
+    ROOT,
+    all_domains,
+    commit,
+    comparison_table,
+    diff_text,
+    paired,
+    pooled,
+    render,
+    verdict,
+)
 
 from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher
 from gaqat.plots import plot_run
 from gaqat.report import report
-from gaqat.report.aggregate import pair_runs
-from gaqat.report.runs import load_runs
-from gaqat.report.table import Difference
 from gaqat.runfolder import DONE, GRADIENTS, RESULTS, read_jsonl
-from gaqat.selection import SELECTION_METHODS
 from gaqat.sweep import SweepConfig, launch, plan
 
-ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("mnist", "mnist_m", "syn", "optdigits")
 
 
@@ -202,28 +205,6 @@ def run_study(
 
 
 # --- reading the study ---------------------------------------------------------------------
-
-
-def paired(dirs, baseline: str, selection: str = "training") -> list[dict]:
-    """``gaqat report --paired BASELINE --format csv`` as dicts (numbers in percent)."""
-    with warnings.catch_warnings():  # "erm not compared": float erm has no QAT baseline
-        warnings.simplefilter("ignore")
-        text = report([str(d) for d in dirs], "csv", selection, baseline)
-    return list(csv.DictReader(io.StringIO(text)))
-
-
-def pooled(folders, algorithm: str, baseline: str, selection: str = "training") -> dict:
-    """``algorithm`` − ``baseline`` over every pair of every bit width (the table's rows
-    pool one bit width each), in the report's own pairing and statistics."""
-    method = SELECTION_METHODS[selection]
-    differences = []
-    for comparison in pair_runs(load_runs(folders), baseline):
-        if comparison.algorithm == algorithm and comparison.baseline_bits is not None:
-            for draw, base in comparison.pairs:
-                differences.append(
-                    method.run_acc(draw.records)[1] - method.run_acc(base.records)[1]
-                )
-    return {k: str(v) for k, v in Difference(tuple(differences), False).stats().items()}
 
 
 def _number(row: dict, key: str) -> float | None:
@@ -411,17 +392,6 @@ def figure_ablations(rows: list[tuple[str, dict]], path: Path) -> None:
 # --- the page ------------------------------------------------------------------------------
 
 
-def _all(rows: list[dict], algorithm: str, bits: str) -> dict:
-    return next(
-        (
-            r
-            for r in rows
-            if r["algorithm"] == algorithm and r["bits"] == bits and r["domain"] == "All"
-        ),
-        {},
-    )
-
-
 # What the extras answer: SAGM's effect without quantization, and whether SAGM's gain in
 # QAT is more than plain SAM's.
 EXTRA_COMPARISONS = (("sagm", "erm"), ("lsq_sam", "lsq"), ("lsq_sam", "lsq_sagm"))
@@ -447,77 +417,99 @@ def extras_text(out: Path, scale: Scale, extras: dict[str, dict]) -> list[str]:
         return [
             "Float `sagm` and `lsq_sam` (LSQ with SAM), planned on one trial seed "
             f"(`{out.name}/extra`), did not run in this study; `run` again trains them.",
-            "",
         ]
     return [
         f"Float `sagm` ran on trial seed {scale.seeds[0]} only, so its row has one trial; "
         f"`lsq_sam` (LSQ with SAM) on every seed (`{out.name}/extra`). Paired, both bit "
         "widths pooled for `lsq_sam`, training-domain validation:",
         "",
-        *_comparison_table(extras),
-        "",
+        *comparison_table(extras),
     ]
 
 
 def extras_conclusion(extras: dict[str, dict]) -> list[str]:
     return [
-        f"- `{name}` (the extras): {_diff_text(row)} ({_verdict(row, name)})."
+        f"- `{name}` (the extras): {diff_text(row)} ({verdict(row, name)})."
         for name, row in extras.items()
     ]
 
 
-def _comparison_table(rows: dict[str, dict]) -> list[str]:
-    """A markdown table of named paired differences ("a − b" → the difference's stats)."""
-    return [
-        "| comparison | difference (points) | |",
-        "|---|---|---|",
-        *(f"| {name} | {_diff_text(row)} | {_verdict(row, name)} |" for name, row in rows.items()),
-    ]
+@dataclass(frozen=True)
+class Summary:
+    """What the study found, read from its folder: the page and the JSON say only this."""
+
+    commit: str
+    tau: float
+    times: dict[str, float]  # median step time (s) per method and bit width
+    curves: dict  # per held-out domain: the float runs' validation curves
+    stats: dict[int, dict]  # freezing_stats of the main grid's gaqat runs per bit width
+    panels: dict[str, list[dict]]  # per comparison: its paired rows, for the figure
+    per_bits: dict[int, dict]  # gaqat − lsq_sagm pooled over domains, per bit width
+    headline: dict[str, dict]  # "a − b": every pair of every bit width
+    oracle3: dict  # gaqat − lsq_sagm at 3 bits, oracle selection
+    ablations: list[tuple[str, dict]]  # (variant, gaqat − lsq_sagm at 3 bits)
+    frozen: dict[str, str]  # per variant: how many step sizes froze, in words
+    not_run: list[str]  # variants not (yet) finished
+    extras: dict[str, dict]  # EXTRA_COMPARISONS, {} until every extra run is done
+
+    def to_json(self, scale: Scale) -> dict:
+        """The summary ``benchmarks/results/digits_study.json`` records."""
+        return {
+            "commit": self.commit,
+            "scale": scale.__dict__,
+            "step_times_s": self.times,
+            "paired_gaqat_vs_lsq_sagm": {str(b): self.per_bits[b] for b in scale.bits},
+            "paired_all_bit_widths": self.headline,
+            "freezing": {
+                str(b): {k: v for k, v in s.items() if k != "d_task"} for b, s in self.stats.items()
+            },
+            "ablations": {n: r for n, r in self.ablations},
+            "ablations_not_run": self.not_run,
+            "extras": self.extras,
+        }
 
 
-def _diff_text(row: dict) -> str:
-    if not row or not row.get("n") or row["n"] == "0":
-        return "no pairs"
-    stderr = f" ± {float(row['stderr']):.2f}" if row.get("stderr") else ""
-    singular = {"wins": "win", "ties": "tie", "losses": "loss"}
-    counts = ", ".join(f"{row[k]} {k if int(row[k]) != 1 else singular[k]}" for k in singular)
-    return f"{float(row['mean_diff']):+.2f}{stderr} points over {row['n']} pairs ({counts})"
+HEADLINE = (
+    ("gaqat", "lsq_sagm"),
+    ("lsq_sagm", "lsq"),
+    ("lsq", "erm"),
+    ("lsq_sagm", "erm"),
+    ("gaqat", "erm"),
+)
 
 
-def _verdict(row: dict, comparison: str = "gaqat − lsq_sagm") -> str:
-    """Which side a paired difference favours: beyond two standard errors, or neither."""
-    if not row or not row.get("stderr"):
-        return "undecided"
-    mean, stderr = float(row["mean_diff"]), float(row["stderr"])
-    if abs(mean) < 2 * stderr:
-        return "no difference beyond noise"
-    first, second = comparison.split(" − ")
-    return f"{first if mean > 0 else second} better"
-
-
-def _commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    )
-    return done.stdout.strip() or "unknown"
-
-
-def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path) -> None:
-    """The results page ``doc`` (figures in the folder beside it named after it) and the
-    JSON summary ``json_path``, from the study folder ``out``."""
+def summarize(out: Path, scale: Scale) -> Summary:
+    """Read the study folder ``out`` into a :class:`Summary`."""
     main = out / "main"
-    figures = doc.parent / doc.stem
-    figures.mkdir(parents=True, exist_ok=True)
     tau = 0.3 if not scale.hparams.get("tau") else scale.hparams["tau"]
-
     vs_lsq_sagm = paired([main], "lsq_sagm")
-    vs_lsq = paired([main], "lsq")
-    vs_erm = paired([main], "erm")
-    oracle_vs_lsq_sagm = paired([main], "lsq_sagm", "oracle")
     stats = {b: freezing_stats(runs_of(main, "gaqat", b), tau) for b in scale.bits}
-    times = step_times(main, scale.bits)
-    curves = erm_curves(main)
-    ablations = [("default (τ 0.3)", _all(vs_lsq_sagm, "gaqat", "3"))]
+    ablations, frozen, not_run = _ablations(out, scale, vs_lsq_sagm, stats, tau)
+    return Summary(
+        commit=commit(),
+        tau=tau,
+        times=step_times(main, scale.bits),
+        curves=erm_curves(main),
+        stats=stats,
+        panels={
+            "gaqat − lsq_sagm": [r for r in vs_lsq_sagm if r["algorithm"] == "gaqat"],
+            "lsq_sagm − lsq": [r for r in paired([main], "lsq") if r["algorithm"] == "lsq_sagm"],
+            "gaqat − erm (float)": [r for r in paired([main], "erm") if r["algorithm"] == "gaqat"],
+        },
+        per_bits={b: all_domains(vs_lsq_sagm, "gaqat", str(b)) for b in scale.bits},
+        headline={f"{a} − {b}": pooled([main], a, b) for a, b in HEADLINE},
+        oracle3=all_domains(paired([main], "lsq_sagm", "oracle"), "gaqat", "3"),
+        ablations=ablations,
+        frozen=frozen,
+        not_run=not_run,
+        extras=extra_comparisons(out) if _extras_done(out) else {},
+    )
+
+
+def _ablations(out: Path, scale: Scale, vs_lsq_sagm: list[dict], stats: dict, tau: float):
+    """The default and each finished variant: gaqat − lsq_sagm at 3 bits and what froze;
+    and the variants not finished."""
+    ablations = [("default (τ 0.3)", all_domains(vs_lsq_sagm, "gaqat", "3"))]
     frozen = {"default (τ 0.3)": _frozen_text(stats.get(3))}
     wanted = len(scale.seeds) * len(scale.ablation_envs)
     not_run = []
@@ -527,147 +519,109 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         if done is None:
             not_run.append(variant)
             continue
-        ablations.append((variant, _all(paired([folder], "lsq_sagm"), "gaqat", "3")))
+        ablations.append((variant, all_domains(paired([folder], "lsq_sagm"), "gaqat", "3")))
         variant_tau = VARIANTS[variant].get("tau", tau)
         frozen[variant] = _frozen_text(freezing_stats(done, variant_tau))
-    extra = [main] + ([out / "extra"] if (out / "extra").is_dir() else [])
-    extras = extra_comparisons(out) if _extras_done(out) else {}
+    return ablations, frozen, not_run
 
-    figure_erm_curve(curves, figures / "erm_curve.png")
-    panels = {
-        "gaqat − lsq_sagm": [r for r in vs_lsq_sagm if r["algorithm"] == "gaqat"],
-        "lsq_sagm − lsq": [r for r in vs_lsq if r["algorithm"] == "lsq_sagm"],
-        "gaqat − erm (float)": [r for r in vs_erm if r["algorithm"] == "gaqat"],
-    }
-    figure_paired(panels, figures / "paired.png")
-    figure_d_task(stats, tau, figures / "d_task.png")
+
+def write_figures(main: Path, scale: Scale, summary: Summary, figures: Path) -> None:
+    """The page's figures into ``figures``, with one gaqat run's own (``gaqat plot``)."""
+    figures.mkdir(parents=True, exist_ok=True)
+    figure_erm_curve(summary.curves, figures / "erm_curve.png")
+    figure_paired(summary.panels, figures / "paired.png")
+    figure_d_task(summary.stats, summary.tau, figures / "d_task.png")
     figure_freeze_timeline(main, scale.bits, figures / "freeze_timeline.png")
-    figure_ablations(ablations, figures / "ablations.png")
+    figure_ablations(summary.ablations, figures / "ablations.png")
     example = next(iter(runs_of(main, "gaqat", min(scale.bits))), None)
     if example is not None:
         for png in plot_run(example, figures):
             png.rename(figures / f"example_{png.name}")
 
-    per_bits = {b: _all(vs_lsq_sagm, "gaqat", str(b)) for b in scale.bits}
-    headline = {
-        f"{a} − {b}": pooled([main], a, b)
-        for a, b in (
-            ("gaqat", "lsq_sagm"),
-            ("lsq_sagm", "lsq"),
-            ("lsq", "erm"),
-            ("lsq_sagm", "erm"),
-            ("gaqat", "erm"),
-        )
-    }
-    summary = {
-        "commit": _commit(),
-        "scale": scale.__dict__,
-        "step_times_s": times,
-        "paired_gaqat_vs_lsq_sagm": {str(b): per_bits[b] for b in scale.bits},
-        "paired_all_bit_widths": headline,
-        "freezing": {
-            str(b): {k: v for k, v in s.items() if k != "d_task"} for b, s in stats.items()
-        },
-        "ablations": {n: r for n, r in ablations},
-        "ablations_not_run": not_run,
-        "extras": extras,
-    }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(summary, indent=1) + "\n")
 
-    rel = lambda p: os.path.relpath(p, doc.parent)  # noqa: E731
-    command = (
-        "python benchmarks/digits_study.py run runs/study"
-        + (" --quick" if quick else "")
-        + " --jobs 2 --threads 1\npython benchmarks/digits_study.py page runs/study"
-        + (" --quick" if quick else "")
+def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path) -> None:
+    """The results page ``doc`` (figures in the folder beside it named after it) and the
+    JSON summary ``json_path``, from the study folder ``out``."""
+    summary = summarize(out, scale)
+    write_figures(out / "main", scale, summary, doc.parent / doc.stem)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary.to_json(scale), indent=1) + "\n")
+    doc.write_text(page_text(out, scale, quick, summary, doc.stem))
+
+
+def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: str) -> str:
+    """The page: ``templates/digits.md`` filled from ``summary`` and the report's tables
+    (``figures``: the figures' folder, relative to the page)."""
+    main, s = out / "main", summary
+    extra = [main] + ([out / "extra"] if (out / "extra").is_dir() else [])
+    domains = lambda envs: ", ".join(DOMAINS[e] for e in envs)  # noqa: E731
+    return render(
+        "digits.md",
+        title_note=" (quick pipeline check)" if quick else "",
+        commit=s.commit,
+        quick_flag=" --quick" if quick else "",
+        pipeline_warning=(
+            "**A pipeline check on tiny runs: the numbers below mean nothing.**\n\n"
+            if quick
+            else ""
+        ),
+        float_steps=scale.float_steps,
+        float_checkpoint_freq=scale.float_checkpoint_freq,
+        test_domains=domains(scale.test_envs),
+        seeds=", ".join(map(str, scale.seeds)),
+        plateau=plateau_text(s.curves),
+        bits=" and ".join(map(str, scale.bits)),
+        steps=scale.steps,
+        checkpoint_freq=scale.checkpoint_freq,
+        window=scale.hparams.get("window", 50),
+        tau=s.tau,
+        ablation_domains=domains(scale.ablation_envs),
+        figures=figures,
+        step_time_table=[
+            "| method | ms per step |",
+            "|---|---|",
+            *(f"| {k} | {1000 * v:.0f} |" for k, v in s.times.items()),
+        ],
+        step_time_ratios=_ratios(s.times, scale.bits),
+        held_out=report([str(d) for d in extra], "markdown", "training"),
+        extras=extras_text(out, scale, s.extras),
+        oracle=report([str(main)], "markdown", "oracle"),
+        headline_table=comparison_table(s.headline),
+        vs_lsq_sagm=report([str(main)], "markdown", "training", "lsq_sagm"),
+        vs_lsq=report([str(main)], "markdown", "training", "lsq"),
+        vs_erm=report([str(main)], "markdown", "training", "erm"),
+        freezing_table=_freezing_table(s.stats),
+        frozen_by_layer=[
+            f"- {b} bits: "
+            + (", ".join(f"{k} {v}" for k, v in st["frozen_by_layer"].items()) or "none")
+            for b, st in s.stats.items()
+        ],
+        ablations=_ablation_table(s),
+        conclusion=[
+            *_conclusion(
+                s.headline, s.per_bits, s.stats, s.ablations, s.oracle3, s.tau, scale.steps
+            ),
+            *extras_conclusion(s.extras),
+        ],
     )
+
+
+def _ratios(times: dict[str, float], bits: tuple[int, ...]) -> list[str]:
+    """Per bit width, how much each method's step costs against the next cheaper one."""
 
     def ratio(a: str, b: str) -> str:
         return f"{times[a] / times[b]:.2f}×" if a in times and b in times else "–"
 
-    lines = [
-        f"# DigitsDG: GAQAT against LSQ+SAGM{' (quick pipeline check)' if quick else ''}",
-        "",
-        "Generated by `benchmarks/digits_study.py` from the study folder "
-        f"(commit {summary['commit']}).",
-        "It reproduces with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        *(
-            ["**A pipeline check on tiny runs: the numbers below mean nothing.**", ""]
-            if quick
-            else []
-        ),
-        "## Setup",
-        "",
-        f"- Float `erm`, {scale.float_steps} steps (checkpoint every "
-        f"{scale.float_checkpoint_freq}), for held-out domains "
-        f"{', '.join(DOMAINS[e] for e in scale.test_envs)} and trial seeds "
-        f"{', '.join(map(str, scale.seeds))}: {plateau_text(curves)} (figure below).",
-        "- From each float run: `lsq`, `lsq_sagm` and `gaqat` at "
-        f"{' and '.join(map(str, scale.bits))} bits, {scale.steps} steps (checkpoint every "
-        f"{scale.checkpoint_freq}), the same init, "
-        "seed and batches. Defaults otherwise (`docs/method.md`; GAQAT window "
-        f"{scale.hparams.get('window', 50)}, τ = {tau}, freeze mode task).",
-        "- Ablations: `gaqat` at 3 bits, held-out "
-        f"{', '.join(DOMAINS[e] for e in scale.ablation_envs)}, the same seeds, one change "
-        "each; `lsq_sagm` changes with it where the change is one of its hyperparameters.",
-        "- Model selection: training-domain validation; no hyperparameter was chosen by "
-        "held-out accuracy. The oracle table is separate.",
-        "",
-        f"![float erm curve]({rel(figures / 'erm_curve.png')})",
-        "",
-        "## Step times",
-        "",
-        "Median over runs of each run's mean step, each run on one thread:",
-        "",
-        "| method | ms per step |",
-        "|---|---|",
-        *(f"| {k} | {1000 * v:.0f} |" for k, v in times.items()),
-        "",
-        *(
-            f"- {b} bits: gaqat / lsq_sagm = {ratio(f'gaqat_w{b}', f'lsq_sagm_w{b}')}, "
-            f"lsq_sagm / lsq = {ratio(f'lsq_sagm_w{b}', f'lsq_w{b}')}, "
-            f"lsq / erm = {ratio(f'lsq_w{b}', 'erm')}"
-            for b in scale.bits
-        ),
-        "",
-        "## Held-out accuracy",
-        "",
-        report([str(d) for d in extra], "markdown", "training"),
-        "",
-        *extras_text(out, scale, extras),
-        "### The oracle (test-domain validation: an upper bound, not a result)",
-        "",
-        report([str(main)], "markdown", "oracle"),
-        "",
-        "## Paired differences",
-        "",
-        f"Every pair of both bit widths ({' and '.join(map(str, scale.bits))}), "
-        "training-domain validation; mean ± standard error (ddof 1), pairs, wins/ties/losses:",
-        "",
-        *_comparison_table(headline),
-        "",
-        "Per held-out domain and bit width, gaqat − lsq_sagm:",
-        "",
-        report([str(main)], "markdown", "training", "lsq_sagm"),
-        "",
-        "lsq_sagm − lsq (what SAGM adds to QAT):",
-        "",
-        report([str(main)], "markdown", "training", "lsq"),
-        "",
-        "Each QAT method − float erm (the cost of quantization):",
-        "",
-        report([str(main)], "markdown", "training", "erm"),
-        "",
-        f"![paired differences]({rel(figures / 'paired.png')})",
-        "",
-        "## What freezing did",
-        "",
+    return [
+        f"- {b} bits: gaqat / lsq_sagm = {ratio(f'gaqat_w{b}', f'lsq_sagm_w{b}')}, "
+        f"lsq_sagm / lsq = {ratio(f'lsq_sagm_w{b}', f'lsq_w{b}')}, "
+        f"lsq / erm = {ratio(f'lsq_w{b}', 'erm')}"
+        for b in bits
+    ]
+
+
+def _freezing_table(stats: dict[int, dict]) -> list[str]:
+    return [
         "| bits | step sizes frozen | D_task mean | windows with D_task < τ "
         "| g_task, g_smooth of opposite signs | freeze steps |",
         "|---|---|---|---|---|---|",
@@ -677,58 +631,26 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             f"{', '.join(map(str, sorted(set(s['freeze_steps'])))) or '–'} |"
             for b, s in stats.items()
         ),
-        "",
-        "Step sizes frozen, by layer (count over runs):",
-        "",
-        *(
-            f"- {b} bits: "
-            + (", ".join(f"{k} {v}" for k, v in s["frozen_by_layer"].items()) or "none")
-            for b, s in stats.items()
-        ),
-        "",
-        f"![D_task distributions]({rel(figures / 'd_task.png')})",
-        f"![freeze timelines]({rel(figures / 'freeze_timeline.png')})",
-        "",
-        "One run's own figures (`gaqat plot`): cumulative task and smoothness gradients per "
-        "window, disorder, freeze timeline.",
-        "",
-        *(
-            f"![{n}]({rel(figures / f'example_{n}.png')})"
-            for n in ("cumulative", "disorder", "freezing")
-        ),
-        "",
-        "## Ablations (3 bits)",
-        "",
-        *(
-            [
-                "Not run in this study (the session's time ran out first; `run` again "
-                f"trains them): {', '.join(f'`{v}`' for v in not_run)}.",
-                "",
-            ]
-            if not_run
-            else []
-        ),
+    ]
+
+
+def _ablation_table(summary: Summary) -> list[str]:
+    """The ablations' table, after a line naming the variants not run, if any."""
+    not_run = (
+        [
+            "Not run in this study (the session's time ran out first; `run` again "
+            f"trains them): {', '.join(f'`{v}`' for v in summary.not_run)}.",
+            "",
+        ]
+        if summary.not_run
+        else []
+    )
+    return [
+        *not_run,
         "| variant | gaqat − lsq_sagm | step sizes frozen |",
         "|---|---|---|",
-        *(f"| {n} | {_diff_text(r)} | {frozen[n]} |" for n, r in ablations),
-        "",
-        f"![ablations]({rel(figures / 'ablations.png')})",
-        "",
-        "## Conclusion",
-        "",
-        *_conclusion(
-            headline,
-            per_bits,
-            stats,
-            ablations,
-            _all(oracle_vs_lsq_sagm, "gaqat", "3"),
-            tau,
-            scale.steps,
-        ),
-        *extras_conclusion(extras),
-        "",
+        *(f"| {n} | {diff_text(r)} | {summary.frozen[n]} |" for n, r in summary.ablations),
     ]
-    doc.write_text("\n".join(lines))
 
 
 def _finished(folder: Path, wanted: int) -> list[Path] | None:
@@ -750,21 +672,21 @@ def _frozen_text(stats: dict | None) -> str:
 
 def _conclusion(headline, per_bits, stats, ablations, oracle3, tau, qat_steps) -> list[str]:
     main = headline["gaqat − lsq_sagm"]
-    verdicts = {b: _verdict(r) for b, r in per_bits.items()}
+    verdicts = {b: verdict(r) for b, r in per_bits.items()}
     lines = [
-        f"- gaqat − lsq_sagm over both bit widths: {_diff_text(main)}: {_verdict(main)}.",
+        f"- gaqat − lsq_sagm over both bit widths: {diff_text(main)}: {verdict(main)}.",
         *(
-            f"- gaqat − lsq_sagm at {b} bits: {_diff_text(r)}: {verdicts[b]}."
+            f"- gaqat − lsq_sagm at {b} bits: {diff_text(r)}: {verdicts[b]}."
             for b, r in per_bits.items()
         ),
         f"- For scale: SAGM's own effect on QAT, lsq_sagm − lsq, is "
-        f"{_diff_text(headline['lsq_sagm − lsq'])} "
-        f"({_verdict(headline['lsq_sagm − lsq'], 'lsq_sagm − lsq')}); "
+        f"{diff_text(headline['lsq_sagm − lsq'])} "
+        f"({verdict(headline['lsq_sagm − lsq'], 'lsq_sagm − lsq')}); "
         f"quantization with plain LSQ against the float init, lsq − erm, "
-        f"{_diff_text(headline['lsq − erm'])} (the QAT runs also train {qat_steps} more steps "
+        f"{diff_text(headline['lsq − erm'])} (the QAT runs also train {qat_steps} more steps "
         f"at a lower learning rate, so this is no pure cost of quantization).",
     ]
-    beats = "gaqat better" in (_verdict(main), *verdicts.values())
+    beats = "gaqat better" in (verdict(main), *verdicts.values())
     lines.append(
         "- "
         + (
@@ -792,14 +714,14 @@ def _conclusion(headline, per_bits, stats, ablations, oracle3, tau, qat_steps) -
         ranked = sorted(variants, key=lambda a: float(a[1]["mean_diff"]))
         for label, (name, row) in (("most", ranked[-1]), ("least", ranked[0])):
             lines.append(
-                f"- The ablation {label} favourable to GAQAT is `{name}`: {_diff_text(row)} "
-                f"({_verdict(row)})."
+                f"- The ablation {label} favourable to GAQAT is `{name}`: {diff_text(row)} "
+                f"({verdict(row)})."
             )
-        decided = [n for n, r in variants if _verdict(r) != "no difference beyond noise"]
+        decided = [n for n, r in variants if verdict(r) != "no difference beyond noise"]
         lines.append(
             "- Beyond two standard errors: "
             + (
-                ", ".join(f"`{n}` ({_verdict(r)})" for n, r in variants if n in decided)
+                ", ".join(f"`{n}` ({verdict(r)})" for n, r in variants if n in decided)
                 if decided
                 else "none"
             )
@@ -807,7 +729,7 @@ def _conclusion(headline, per_bits, stats, ablations, oracle3, tau, qat_steps) -
             "outcomes are what chance alone gives at this many comparisons."
         )
     if oracle3:
-        lines.append(f"- Under the oracle, at 3 bits: {_diff_text(oracle3)}.")
+        lines.append(f"- Under the oracle, at 3 bits: {diff_text(oracle3)}.")
     return lines
 
 

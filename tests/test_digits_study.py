@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY
+from helpers import TINY
 
 pytest.importorskip("matplotlib")
 
@@ -15,6 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_study.py"
 
 
 def load_study():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: it imports study_page
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("digits_study", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["digits_study"] = module  # its dataclasses look their module up there

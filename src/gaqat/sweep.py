@@ -203,28 +203,64 @@ def plan(config: SweepConfig) -> list[Job]:
     and the output must be a sweep of the same settings (or new, or empty). Reads nothing
     but job states and ``sweep.json``.
     """
-    output, dataset, algorithms = Path(config.output), config.dataset, list(config.algorithms)
-    for field_name in ("options", "float_options"):
-        unknown = sorted(set(getattr(config, field_name)) - set(RUN_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"SweepConfig.{field_name}: {unknown} are not shared run options "
-                f"({', '.join(RUN_OPTIONS)})"
-            )
-    options = dict(config.options)
-    hparams = dict(options.pop("hparams", None) or {})
-    float_options = {**options, **config.float_options}
+    grid = _Grid.of(config)
+    algorithms, bits = list(config.algorithms), list(config.bits)
     if not algorithms:
         raise ValueError("--algorithms: give at least one of " + ", ".join(ALGORITHMS))
-    test_envs = test_env_indices(dataset, options.get("data_dir"), config.test_envs)
-    bits = list(config.bits)
+    test_envs = test_env_indices(grid.dataset, grid.options.get("data_dir"), config.test_envs)
     quantized = [a for a in algorithms if get_recipe(a).quantized]
     if quantized and not bits:  # each width is checked with its jobs' arguments
         raise ValueError(f"--bits: QAT methods ({', '.join(quantized)}) need a bit width")
     needed = [FLOAT_INIT, *algorithms] if quantized else algorithms
-    _check_overrides(needed, dataset, hparams)
+    _check_overrides(needed, grid.dataset, grid.hparams)
+    planned: dict[str, Job] = {}
+    for seed in config.seeds:
+        for env in test_envs:
+            init = grid.job(FLOAT_INIT, None, env, seed, 0) if quantized else None
+            group = [init] if init else []
+            for algorithm in algorithms:
+                widths = bits if algorithm in quantized else [None]
+                start = init if algorithm in quantized else None
+                group += [
+                    grid.job(algorithm, width, env, seed, hp_seed, start)
+                    for hp_seed in config.hparams_seeds
+                    for width in widths
+                ]
+            for member in sorted(group, key=lambda j: j.needs is not None):  # stable: floats first
+                planned.setdefault(member.folder.name, member)
+    _check_sweep_folder(grid.output, set(planned))
+    for planned_job in planned.values():
+        check_arguments(planned_job.config)
+    _check_relaunch(config)
+    return list(planned.values())
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """What every job of a sweep shares, so that one job is its grid point alone."""
+
+    dataset: str
+    output: Path
+    options: dict  # the QAT runs' shared options, without hparams
+    float_options: dict  # the float runs' (options with SweepConfig.float_options)
+    hparams: dict  # the overrides, each job taking the keys its method has
+
+    @classmethod
+    def of(cls, config: SweepConfig) -> _Grid:
+        for field_name in ("options", "float_options"):
+            unknown = sorted(set(getattr(config, field_name)) - set(RUN_OPTIONS))
+            if unknown:
+                raise ValueError(
+                    f"SweepConfig.{field_name}: {unknown} are not shared run options "
+                    f"({', '.join(RUN_OPTIONS)})"
+                )
+        options = dict(config.options)
+        hparams = dict(options.pop("hparams", None) or {})
+        float_options = {**options, **config.float_options}
+        return cls(config.dataset, Path(config.output), options, float_options, hparams)
 
     def job(
+        self,
         algorithm: str,
         width: int | None,
         env: int,
@@ -232,21 +268,22 @@ def plan(config: SweepConfig) -> list[Job]:
         hp_seed: int,
         init: Job | None = None,
     ) -> Job:
-        mine = float_options if width is None else options
+        """One grid point's job: its folder named by the hash of its identifying key."""
+        mine = self.float_options if width is None else self.options
         key = {
-            "dataset": dataset,
+            "dataset": self.dataset,
             "algorithm": algorithm,
             "bits": width,
             "test_envs": [env],
             "trial_seed": seed,
             "hparams_seed": hp_seed,
             **_identity(mine),
-            "hparams": _overrides_for(algorithm, dataset, hparams),
+            "hparams": _overrides_for(algorithm, self.dataset, self.hparams),
             "init": init.folder.name if init else None,
         }
-        folder = output / f"{_prefix(key)}_{job_hash(key)}"
+        folder = self.output / f"{_prefix(key)}_{job_hash(key)}"
         run_config = TrainConfig(
-            dataset=dataset,
+            dataset=self.dataset,
             output=folder,
             test_envs=(env,),
             algorithm=algorithm,
@@ -259,27 +296,6 @@ def plan(config: SweepConfig) -> list[Job]:
             **mine,
         )
         return Job(run_config, key, run_state(folder), init.folder if init else None)
-
-    planned: dict[str, Job] = {}
-    for seed in config.seeds:
-        for env in test_envs:
-            init = job(FLOAT_INIT, None, env, seed, 0) if quantized else None
-            group = [init] if init else []
-            for algorithm in algorithms:
-                widths = bits if algorithm in quantized else [None]
-                start = init if algorithm in quantized else None
-                group += [
-                    job(algorithm, width, env, seed, hp_seed, start)
-                    for hp_seed in config.hparams_seeds
-                    for width in widths
-                ]
-            for member in sorted(group, key=lambda j: j.needs is not None):  # stable: floats first
-                planned.setdefault(member.folder.name, member)
-    _check_sweep_folder(output, set(planned))
-    for planned_job in planned.values():
-        check_arguments(planned_job.config)
-    _check_relaunch(config)
-    return list(planned.values())
 
 
 def _check_sweep_folder(output: Path, job_folders: set[str]) -> None:
@@ -398,84 +414,108 @@ def launch(
     goes on without the jobs that start from it. Ctrl-C stops the runs: their last
     checkpoints are where a relaunch resumes.
     """
-    launcher = launcher or InlineLauncher()
-    outcomes: list[Outcome] = []
-    unusable: dict[Path, str] = {}  # float runs that failed, are busy or were skipped: why
-    finished: set[Path] = set()
-    waiting = list(jobs)
-    running: dict[Handle, tuple[Job, float]] = {}
-    durations: list[float] = []
+    return _Launch(list(jobs), launcher or InlineLauncher(), skip_failed, overwrite, note).run()
 
-    def report(job: Job, status: str, detail: str = "") -> None:
-        outcomes.append(Outcome(job, status, detail))
-        line = f"[{len(outcomes)}/{len(jobs)}] {status:<7} {job.folder}" + (
-            f": {detail}" if detail else ""
-        )
-        if launcher.slots > 1:
-            left = len(jobs) - len(outcomes)
-            eta = (
-                f", about {np.mean(durations) * math.ceil(left / launcher.slots) / 60:.0f} min left"
-                if durations and left
-                else ""
+
+@dataclass
+class _Launch:
+    """One ``launch``'s bookkeeping: which jobs wait, run, finished or cannot be used."""
+
+    jobs: list[Job]
+    launcher: Launcher
+    skip_failed: bool
+    overwrite: bool
+    note: Callable[[str], None]
+    outcomes: list[Outcome] = field(default_factory=list)
+    # float runs that failed, are busy or were skipped, and why
+    unusable: dict[Path, str] = field(default_factory=dict)
+    finished: set[Path] = field(default_factory=set)
+    running: dict[Handle, tuple[Job, float]] = field(default_factory=dict)
+    durations: list[float] = field(default_factory=list)
+
+    def run(self) -> list[Outcome]:
+        """Start jobs as slots free up; after a failure, wait for the running ones only."""
+        waiting = list(self.jobs)
+        going = True
+        try:
+            while going and (waiting or self.running):
+                self.start_ready(waiting)
+                if not self.running:
+                    break
+                going = all([self.collect(h) for h in _finished(list(self.running))])
+            while self.running:  # after a failure: let the runs already going end
+                for handle in _finished(list(self.running)):
+                    self.collect(handle)
+        except KeyboardInterrupt:
+            self.launcher.stop(interrupt=True)
+            self.note(
+                "interrupted: the runs resume from their last checkpoints when the sweep is "
+                "launched again"
             )
-            line += f" ({len(running)} running, {left - len(running)} waiting{eta})"
-        note(line)
+            raise
+        self.launcher.stop()
+        return self.outcomes
 
-    def settle(handle: Handle) -> bool:
-        """Report a finished run; False when the sweep must stop."""
-        job, tic = running.pop(handle)
+    def start_ready(self, waiting: list[Job]) -> None:
+        """Keep, skip or start each waiting job whose float init is done, while slots are free;
+        remove from ``waiting`` the jobs dealt with."""
+        for job in list(waiting):
+            if len(self.running) >= self.launcher.slots:
+                break
+            if job.needs in self.unusable:
+                self.unusable[job.folder] = (
+                    f"needs {job.needs.name}, which {self.unusable[job.needs]}"
+                )
+                self.report(job, "skipped", self.unusable[job.folder])
+            elif job.needs is not None and job.needs not in self.finished:
+                continue  # its float init is still running or waiting
+            elif run_state(job.folder) == "done" and not self.overwrite:
+                self.finished.add(job.folder)
+                self.report(job, "kept", "finished earlier")
+            else:
+                config = (
+                    replace(job.config, resume=False, overwrite=True)
+                    if self.overwrite
+                    else job.config
+                )
+                self.running[self.launcher.start(config)] = (job, time.perf_counter())
+            waiting.remove(job)
+
+    def collect(self, handle: Handle) -> bool:
+        """Report the finished run of ``handle``; False when the sweep must stop."""
+        job, tic = self.running.pop(handle)
         try:
             handle.result()
         except FolderBusyError as error:
-            unusable[job.folder] = "another process is running"
-            report(job, "busy", str(error))
+            self.unusable[job.folder] = "another process is running"
+            self.report(job, "busy", str(error))
         except Exception as error:  # any failure of one run is reported, not only ours
-            unusable[job.folder] = "failed"
-            report(job, "failed", f"{type(error).__name__}: {error}")
-            return skip_failed
+            self.unusable[job.folder] = "failed"
+            self.report(job, "failed", f"{type(error).__name__}: {error}")
+            return self.skip_failed
         else:
-            finished.add(job.folder)
-            durations.append(time.perf_counter() - tic)
-            report(job, "ran", f"{durations[-1]:.1f} s")
+            self.finished.add(job.folder)
+            self.durations.append(time.perf_counter() - tic)
+            self.report(job, "ran", f"{self.durations[-1]:.1f} s")
         return True
 
-    going = True
-    try:
-        while going and (waiting or running):
-            for job in list(waiting):
-                if len(running) >= launcher.slots:
-                    break
-                if job.needs in unusable:
-                    unusable[job.folder] = f"needs {job.needs.name}, which {unusable[job.needs]}"
-                    report(job, "skipped", unusable[job.folder])
-                elif job.needs is not None and job.needs not in finished:
-                    continue  # its float init is still running or waiting
-                elif run_state(job.folder) == "done" and not overwrite:
-                    finished.add(job.folder)
-                    report(job, "kept", "finished earlier")
-                else:
-                    config = (
-                        replace(job.config, resume=False, overwrite=True)
-                        if overwrite
-                        else job.config
-                    )
-                    running[launcher.start(config)] = (job, time.perf_counter())
-                waiting.remove(job)
-            if not running:
-                break
-            going = all([settle(handle) for handle in _finished(list(running))])
-        while running:  # after a failure: let the runs already going end
-            for handle in _finished(list(running)):
-                settle(handle)
-    except KeyboardInterrupt:
-        launcher.stop(interrupt=True)
-        note(
-            "interrupted: the runs resume from their last checkpoints when the sweep is "
-            "launched again"
+    def report(self, job: Job, status: str, detail: str = "") -> None:
+        """Record the job's outcome and note one line: progress, and with several slots
+        how many run and wait and about how long is left."""
+        self.outcomes.append(Outcome(job, status, detail))
+        total, slots = len(self.jobs), self.launcher.slots
+        line = f"[{len(self.outcomes)}/{total}] {status:<7} {job.folder}" + (
+            f": {detail}" if detail else ""
         )
-        raise
-    launcher.stop()
-    return outcomes
+        if slots > 1:
+            left, running = total - len(self.outcomes), len(self.running)
+            eta = (
+                f", about {np.mean(self.durations) * math.ceil(left / slots) / 60:.0f} min left"
+                if self.durations and left
+                else ""
+            )
+            line += f" ({running} running, {left - running} waiting{eta})"
+        self.note(line)
 
 
 def _finished(handles: list[Handle]) -> list[Handle]:
