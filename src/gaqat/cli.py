@@ -509,7 +509,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         type=_number(int, AT_LEAST_ONE),
         help="steps between evaluations of the float runs (default: --checkpoint-freq)",
     )
-    scale = p.add_argument_group("where the runs execute")
+    _add_sweep_scale_options(p.add_argument_group("where the runs execute"))
+    _add_run_options(p)
+    p.set_defaults(resume_hint=lambda argv: "launch the same sweep again to resume")
+
+
+def _add_sweep_scale_options(scale: argparse._ArgumentGroup) -> None:
+    """``gaqat sweep``'s options for where its runs execute: here or on SLURM."""
     scale.add_argument(
         "--jobs",
         type=_number(int, AT_LEAST_ONE),
@@ -556,8 +562,6 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         help="SLURM: time limit of each run's job, in minutes (a run that hits "
         "it resumes from its last checkpoint when the sweep is launched again)",
     )
-    _add_run_options(p)
-    p.set_defaults(resume_hint=lambda argv: "launch the same sweep again to resume")
 
 
 def _launcher(args: argparse.Namespace):
