@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from gaqat.disorder import METRICS, DisorderTracker
+from gaqat.disorder import DisorderTracker
 from gaqat.names import FREEZE_MODES
 from gaqat.optim import SAGM, Closure
 
@@ -49,14 +49,12 @@ class Freezer:
             raise ValueError(
                 f"Freezer.warmup_windows: expected an integer >= 0, got {warmup_windows!r}"
             )
-        if metric not in METRICS:
-            raise ValueError(f"Freezer.metric: {metric!r} is not one of {list(METRICS)}")
         self.step_sizes = dict(step_sizes)
         self.tau = float(tau)
         self.mode = mode
         self.unfreeze = bool(unfreeze)
         self.warmup_windows = warmup_windows
-        self.tracker = DisorderTracker(self.step_sizes, window, metric)
+        self.tracker = DisorderTracker(self.step_sizes, window, metric)  # checks both
         self.frozen: set[str] = set()
         self.windows_done = 0
         self._records: list[dict] = []

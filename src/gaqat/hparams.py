@@ -39,6 +39,7 @@ from gaqat.names import (
     FREEZE_MODES,
     LR_SCHEDULES,
     PERTURBED_PASS_RNG,
+    Recipe,
     canonical_dataset,
     get_recipe,
 )
@@ -120,8 +121,12 @@ class Hparam:
         )
 
 
+Declare = Callable[..., None]
+
+
 def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
-    """The registry: every hyperparameter of (algorithm, dataset), default beside range.
+    """The registry: every hyperparameter of (algorithm, dataset), default beside range,
+    in the order records list them.
 
     Which keys a method has follows its recipe (``gaqat.algorithms``): the flatness
     objective's ``rho`` (and SAGM's ``alpha``), the quantizers', the freezer's.
@@ -139,9 +144,15 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
             raise TypeError(f"hyperparameter {name!r}: declare its valid values")
         hp[name] = Hparam(default, draw if draw is not None else (lambda r: default), valid)
 
+    _model_and_optimisation(declare, dataset, recipe.quantized)
+    _run_length(declare, dataset)
+    _method(declare, dataset, recipe)
+    return hp
+
+
+def _model_and_optimisation(declare: Declare, dataset: str, quantized: bool) -> None:
     digits = dataset == "digits"
-    quantized = recipe.quantized
-    lr, weight_decay, alpha = _SAGM_PUBLISHED.get(dataset, _GENERIC_IMAGE)
+    lr, weight_decay, _ = _SAGM_PUBLISHED.get(dataset, _GENERIC_IMAGE)
     batch_sizes = Range(1, MAX_BATCH_SIZE)
 
     # Model.
@@ -173,9 +184,11 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         declare("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)), batch_sizes)
     declare("lr_schedule", "cosine" if digits else "constant", valid=LR_SCHEDULES)
 
-    # Run length: DomainBed's steps and checkpoint frequencies; digits: 1000 steps, which
-    # a feasibility run found enough for the small CNN.
-    if digits:
+
+def _run_length(declare: Declare, dataset: str) -> None:
+    """DomainBed's steps and checkpoint frequencies; digits: 1000 steps, which a
+    feasibility run found enough for the small CNN."""
+    if dataset == "digits":
         declare("steps", 1000, valid=AT_LEAST_ONE)
         declare("checkpoint_freq", 100, valid=AT_LEAST_ONE)
     elif dataset == "DomainNet":
@@ -185,18 +198,19 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         declare("steps", 5000, valid=AT_LEAST_ONE)
         declare("checkpoint_freq", 300, valid=AT_LEAST_ONE)
 
-    # Flatness objective.
+
+def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
+    """The keys of the recipe's parts: flatness objective, quantizers, freezer."""
+    digits = dataset == "digits"
     if recipe.objective in ("sam", "sagm"):
         declare("rho", 0.05, lambda r: 10 ** r.uniform(-2, -1), NON_NEGATIVE)  # 0: no ascent
         # "replay": both passes draw the same dropout masks (gaqat.optim); "fresh": SAGM's code.
         declare("perturbed_pass_rng", "replay", valid=PERTURBED_PASS_RNG)
     if recipe.objective == "sagm":
-        declare(
-            "alpha", 1e-3 if digits else alpha, lambda r: 10 ** r.uniform(-4, -2.5), NON_NEGATIVE
-        )
+        alpha = 1e-3 if digits else _SAGM_PUBLISHED.get(dataset, _GENERIC_IMAGE)[2]
+        declare("alpha", alpha, lambda r: 10 ** r.uniform(-4, -2.5), NON_NEGATIVE)
 
-    # Quantization.
-    if quantized:
+    if recipe.quantized:
         declare("per_channel", False)
         declare("first_last", "float", valid=FIRST_LAST_POLICIES)
         # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
@@ -208,7 +222,6 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         declare("fold_batch_norm", "auto", valid=BN_FOLDING)
         declare("bn_freeze_at", 0.5, valid=FRACTION)
 
-    # Selective freezing.
     if recipe.freezing:
         window = _WINDOW.get(dataset, _DEFAULT_WINDOW)
         declare("tau", 0.3, lambda r: r.uniform(0.1, 0.5), FRACTION)  # 0 never freezes
@@ -217,7 +230,6 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
         declare("freeze_mode", "task", valid=FREEZE_MODES)
         declare("unfreeze", False)
         declare("disorder_metric", "sign_flip", valid=DISORDER_METRICS)
-    return hp
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:

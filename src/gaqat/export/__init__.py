@@ -208,16 +208,7 @@ def export_checkpoint(
     outputs = {out: "--out", **({evaluation_path(out): "--evaluate"} if evaluate else {})}
     for path, option in outputs.items():
         check_output(path, option, checkpoint_path, overwrite)
-    model, checkpoint = load_model(checkpoint_path)
-    deployable(model)  # a network trained with batch norm folded: as plain quantized layers
-    if checkpoint["quant_config"] is None:
-        raise ValueError(
-            f"checkpoint {checkpoint_path} is a float model (quant_config is "
-            f"None, algorithm {checkpoint['meta'].get('algorithm')!r}): export "
-            f"writes QAT checkpoints (e.g. gaqat train --algorithm gaqat --bits 4)"
-        )
-    model.eval()
-    quantized_layers(model)
+    model, checkpoint = _load_qat(checkpoint_path)
     splits = run_splits(checkpoint, str(checkpoint_path), data_dir) if evaluate else None
     input_size = input_size or INPUT_SIZES[checkpoint["model_config"]["arch"]]
     summary = {}
@@ -239,6 +230,22 @@ def export_checkpoint(
             files[evaluation_path(out)] = evaluation_json(summary["evaluation"], about)
     write_outputs(files)
     return ExportSummary(out, fmt, len(files[out]), **model_sizes(model), **summary)
+
+
+def _load_qat(checkpoint_path: Path) -> tuple[nn.Module, dict]:
+    """The checkpoint's model in eval mode, as plain quantized layers (a network trained
+    with batch norm folded is made deployable); a float checkpoint is refused."""
+    model, checkpoint = load_model(checkpoint_path)
+    deployable(model)
+    if checkpoint["quant_config"] is None:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} is a float model (quant_config is "
+            f"None, algorithm {checkpoint['meta'].get('algorithm')!r}): export "
+            f"writes QAT checkpoints (e.g. gaqat train --algorithm gaqat --bits 4)"
+        )
+    model.eval()
+    quantized_layers(model)  # refuses a model whose quantizers never saw a batch
+    return model, checkpoint
 
 
 def _onnx_files(
