@@ -30,22 +30,25 @@ def tiny_run(output, digits_dir, algorithm="erm", **kwargs):
     )
 
 
-def tiny_argv(output, digits_dir, *extra):
-    """``gaqat train`` arguments for the same tiny run as :func:`tiny_run`'s defaults."""
+def train_argv(dataset, output, hparams, *extra):
+    """``gaqat train`` arguments: ``dataset`` with domain 1 held out, into ``output``."""
     return [
         "train",
         "--dataset",
-        "digits",
-        "--data-dir",
-        str(digits_dir),
+        str(dataset),
         "--test-envs",
         "1",
         "--output",
         str(output),
         "--hparams",
-        json.dumps(TINY),
+        json.dumps(hparams),
         *extra,
     ]
+
+
+def tiny_argv(output, digits_dir, *extra):
+    """``gaqat train`` arguments for the same tiny run as :func:`tiny_run`'s defaults."""
+    return train_argv("digits", output, TINY, "--data-dir", str(digits_dir), *extra)
 
 
 # Tiny float64 models and helpers for the optimizer tests (test_optim, test_freezing): their

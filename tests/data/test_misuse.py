@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -23,27 +24,8 @@ TINY = {"arch": "small_cnn", "batch_size": 2}
 
 def train_argv(root: Path, output: Path, *extra: str, steps: int = 1) -> list[str]:
     """``gaqat train`` of a step or two of a small CNN at 32 pixels on a folder dataset."""
-    return [
-        "train",
-        "--dataset",
-        str(root),
-        "--test-envs",
-        "1",
-        "--output",
-        str(output),
-        "--hparams",
-        json.dumps(TINY),
-        "--steps",
-        str(steps),
-        "--checkpoint-freq",
-        "1",
-        "--image-size",
-        "32",
-        "--device",
-        "cpu",
-        "--quiet",
-        *extra,
-    ]
+    options = ["--steps", str(steps), "--checkpoint-freq", "1", "--image-size", "32"]
+    return helpers.train_argv(root, output, TINY, *options, "--device", "cpu", "--quiet", *extra)
 
 
 def bomb_png(path: Path, side: int = 20000) -> Path:
