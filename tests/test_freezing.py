@@ -235,3 +235,27 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
     assert frozen
     opt.step(closure)
     assert all(torch.equal(sizes[name], value) for name, value in frozen.items())
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_freezing_can_forget_the_step_sizes_adam_momentum(reset):
+    """With ``reset_momentum`` a step size that freezes starts its first moment afresh at
+    that step: Adam's exp_avg is then (1 − β1)·½·g_smooth, not β1·m + (1 − β1)·½·g_smooth.
+    Its second moment, and every other parameter's state, are left alone."""
+    model, x, y = make(TinyMLP)
+    base = torch.optim.Adam(model.parameters(), lr=1e-3)
+    freezer = Freezer(model.step_sizes(), tau=1.0, window=2)
+    opt = GAQAT(base, model, freezer, rho=0.5, alpha=0.01, reset_momentum=reset)
+    seen = capture_grads(base)
+    closure = closure_for(model, x, y)
+    for _ in range(3):  # the warm-up window, then the first step of the deciding one
+        opt.step(closure)
+    before = {name: base.state[p]["exp_avg"].clone() for name, p in freezer.step_sizes.items()}
+    opt.step(closure)  # closes the window: every step size freezes at this step
+    assert freezer.frozen == set(freezer.step_sizes)
+    beta1 = base.param_groups[0]["betas"][0]
+    for name, param in freezer.step_sizes.items():
+        grad = seen[param]  # the frozen gradient, ½·g_smooth
+        old = torch.zeros_like(before[name]) if reset else before[name] * beta1
+        expected = old + (1 - beta1) * grad
+        torch.testing.assert_close(base.state[param]["exp_avg"], expected, rtol=1e-6, atol=1e-12)

@@ -58,7 +58,14 @@ def test_algorithm_specific_keys_only_where_used():
     common = set(default_hparams("erm", "PACS"))
     extra = {a: set(default_hparams(a, "PACS")) - common for a in ALGORITHMS}
     quant = {"per_channel", "first_last", "step_size_lr_scale", "fold_batch_norm", "bn_freeze_at"}
-    freezing = {"tau", "window", "freeze_mode", "unfreeze", "disorder_metric"}
+    freezing = {
+        "tau",
+        "window",
+        "freeze_mode",
+        "unfreeze",
+        "disorder_metric",
+        "freeze_resets_momentum",
+    }
     sam = {"rho", "perturbed_pass_rng"}
     sagm = sam | {"alpha"}
     assert extra == {

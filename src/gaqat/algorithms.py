@@ -166,7 +166,13 @@ class Algorithm:
         rho, rng = hparams["rho"], hparams["perturbed_pass_rng"]
         if self.freezer is not None:
             return GAQAT(
-                base, self.network, self.freezer, rho, hparams["alpha"], perturbed_pass_rng=rng
+                base,
+                self.network,
+                self.freezer,
+                rho,
+                hparams["alpha"],
+                perturbed_pass_rng=rng,
+                reset_momentum=hparams["freeze_resets_momentum"],
             )
         if self.recipe.objective == "sagm":
             return SAGM(base, self.network, rho, hparams["alpha"], perturbed_pass_rng=rng)

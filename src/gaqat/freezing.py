@@ -150,6 +150,8 @@ class GAQAT(SAGM):
     (``freezer.pop_records()``); the base optimizer must hold every step size. A freezer
     with ``tau=0`` never freezes, which turns this into LSQ+SAGM that still logs windows.
     As SAM's and SAGM's, its step zeroes the gradients itself (``gaqat.optim``).
+    ``reset_momentum``: zero a step size's first-moment buffer when it freezes (off by
+    default, as the paper does not; docs/method.md §6).
 
     Example::
 
@@ -185,8 +187,10 @@ class GAQAT(SAGM):
         alpha: float = 1e-3,
         *,
         perturbed_pass_rng: str = "replay",
+        reset_momentum: bool = False,
     ):
         super().__init__(base_optimizer, model, rho, alpha, perturbed_pass_rng=perturbed_pass_rng)
+        self.reset_momentum = bool(reset_momentum)
         held = {id(p) for group in self.param_groups for p in group["params"]}
         for name, param in freezer.step_sizes.items():
             if id(param) not in held:
@@ -204,10 +208,23 @@ class GAQAT(SAGM):
         passes = self.two_passes(closure)
         g_task, g_smooth = passes.components(self.freezer.step_sizes)
         self._final_gradient(passes)  # ½·(g + g_p)
+        frozen_before = set(self.freezer.frozen)
         self.freezer.observe(g_task, g_smooth)  # disorder windows and freeze decisions
+        if self.reset_momentum:
+            self._forget_momentum(self.freezer.frozen - frozen_before)
         self.freezer.edit_grads(g_smooth)  # a frozen step size: ½·g_smooth, or no update
         self.base_optimizer.step()
         return passes.loss
+
+    def _forget_momentum(self, names: set[str]) -> None:
+        """Zero the first-moment buffers (Adam's ``exp_avg``, SGD's ``momentum_buffer``) of
+        step sizes that freeze now: otherwise the momentum of their earlier task gradients
+        keeps moving them after freezing dropped the task gradient."""
+        for name in names:
+            state = self.state.get(self.freezer.step_sizes[name], {})
+            for key in ("exp_avg", "momentum_buffer"):
+                if isinstance(state.get(key), torch.Tensor):
+                    state[key].zero_()
 
     def state_dict(self) -> dict:
         return {"base": super().state_dict(), "freezer": self.freezer.state_dict()}

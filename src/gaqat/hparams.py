@@ -230,6 +230,8 @@ def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
         declare("freeze_mode", "task", valid=FREEZE_MODES)
         declare("unfreeze", False)
         declare("disorder_metric", "sign_flip", valid=DISORDER_METRICS)
+        # Zero a step size's Adam momentum when it freezes (not in the paper).
+        declare("freeze_resets_momentum", False)
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
