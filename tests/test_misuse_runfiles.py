@@ -202,6 +202,7 @@ def test_outputs_are_written_all_or_none(tmp_path, monkeypatch):
             lambda c: c["model"].update(extra=torch.zeros(1)),
             "field 'model' has 1 unknown tensors (extra)",
         ),
+        (lambda c: c["quant_config"].update(skip=5), "quant_config.skip: expected a list"),
     ],
 )
 def test_hand_edited_checkpoints_name_the_file_and_field(
@@ -359,3 +360,15 @@ def test_plot_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"--out {out}" in err and "is a file" in err
     assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_checkpoint_with_a_non_finite_step_size_is_not_exported(
+    checkpoint_dict, tmp_path, capsys
+):
+    bad = {k: dict(v) for k, v in checkpoint_dict.items()}
+    name = next(k for k in bad["model"] if k.endswith("weight_quantizer.scale"))
+    bad["model"][name] = torch.full_like(bad["model"][name], float("nan"))
+    torch.save(bad, tmp_path / "checkpoint.pt")
+    assert _export(tmp_path / "checkpoint.pt", tmp_path / "m.safetensors") == 2
+    assert "are not finite numbers: nothing to export" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()

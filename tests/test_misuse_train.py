@@ -206,6 +206,44 @@ def test_a_repeated_test_domain_says_which(tmp_path, digits_dir, capsys):
     assert "--test-envs 1 2 1: 1 given more than once" in capsys.readouterr().err
 
 
+def _float_checkpoint(path: Path, test_envs: list[int]) -> Path:
+    """An untrained small CNN saved as a float run holding ``test_envs`` out would save it."""
+    from gaqat.checkpoint import save_atomic
+    from gaqat.models import ModelConfig, build_model
+
+    meta = {"dataset": "digits", "algorithm": "erm", "bits": None, "test_envs": test_envs}
+    state = {"model": build_model(ModelConfig()).state_dict(), "meta": meta}
+    save_atomic({**state, "model_config": ModelConfig().to_dict(), "quant_config": None}, path)
+    return path
+
+
+def test_careless_arguments_round_three_exit_2_naming_what_was_typed(tmp_path, digits_dir, capsys):
+    """A third probe: inputs that trained, or failed late, without a word."""
+    run, a_file = tmp_path / "run", tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    leaky = _float_checkpoint(tmp_path / "init.pt", [2])  # it saw domain 1, the held-out one
+    qat = ["--algorithm", "lsq", "--bits", "4"]
+    cases = [
+        (["--init", str(leaky), *qat], "--init " + str(leaky) + ": trained on other data"),
+        (["--weights", "imagenet"], "--weights imagenet: small_cnn has no pretrained weights"),
+        (["--data-dir", str(a_file)], "is a file; expected a folder"),
+        (["--class-map", str(tmp_path)], "is a folder; expected a file"),
+    ]
+    for extra, message in cases:
+        assert _exit_status(_train(run, digits_dir, *extra)) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    steps = _with_hparams([*tiny_argv(run, digits_dir), "--steps", "3"], {"steps": 5})
+    assert _exit_status(steps) == 2
+    assert "--steps 3 and --hparams steps 5 disagree" in capsys.readouterr().err
+    doubled = [*tiny_argv(run, digits_dir), "--hparams", '{"lr": 1e-3, "lr": 1e-2}']
+    assert _exit_status(doubled) == 2 and "lr given twice" in capsys.readouterr().err
+    empty = (["data", "build", "digits", "--root", ""], ["report", ""], ["plot", "x", "--out", ""])
+    for argv in empty:
+        assert _exit_status(argv) == 2, argv
+        assert "expected a folder, got an empty path" in capsys.readouterr().err
+    assert not run.exists()
+
+
 @pytest.fixture
 def finished(tmp_path, digits_dir):
     folder = tmp_path / "run"

@@ -23,7 +23,7 @@ from gaqat.data.loaders import check_run_data
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
-from gaqat.names import BITS_RANGE, PRECISIONS, Recipe, get_recipe
+from gaqat.names import BITS_RANGE, PRECISIONS, Recipe, canonical_dataset, get_recipe
 from gaqat.quant import check_bits
 from gaqat.runfolder import CHECKPOINT, DONE, OWN_FILES, RESULTS, check_output, run_state
 
@@ -76,10 +76,16 @@ def resolve_hparams(config: TrainConfig) -> dict:
             config.algorithm, config.dataset, config.hparams_seed, config.trial_seed
         )
     hp = hparams_registry.apply_overrides(hp, config.hparams, config.algorithm, config.dataset)
-    if config.steps is not None:
-        hp["steps"] = config.steps
-    if config.checkpoint_freq is not None:
-        hp["checkpoint_freq"] = config.checkpoint_freq
+    for key, value in (("steps", config.steps), ("checkpoint_freq", config.checkpoint_freq)):
+        if value is None:
+            continue
+        if key in config.hparams and config.hparams[key] != value:
+            option = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{option} {value} and --hparams {key} {config.hparams[key]!r} disagree: "
+                f"give one of them"
+            )
+        hp[key] = value
     return hp
 
 
@@ -258,6 +264,16 @@ def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfi
         raise UsageError(
             f"--weights {weights}: no such file (expected imagenet, none, or a state_dict file)"
         )
+    if weights is not None and hp["arch"] == "small_cnn":
+        raise UsageError(
+            f"--weights {weights}: small_cnn has no pretrained weights; train it from "
+            f"scratch (--weights none) or start QAT from a float run (--init)"
+        )
+    if num_classes < 2:
+        raise UsageError(
+            f"--dataset {config.dataset}: {num_classes} class folder; classification "
+            f"needs at least 2"
+        )
     return ModelConfig(
         arch=hp["arch"],
         num_classes=num_classes,
@@ -295,4 +311,27 @@ def _init_state(config: TrainConfig, model_config: ModelConfig, recipe: Recipe) 
                 f"--init {config.init}: model_config.{key} is {stored[key]!r}, "
                 f"this run needs {getattr(model_config, key)!r}"
             )
+    _check_init_data(config, checkpoint["meta"])
     return checkpoint["model"]
+
+
+def _check_init_data(config: TrainConfig, meta: dict) -> None:
+    """The float init must have trained on this run's dataset with the same domains held
+    out: one that saw a held-out domain would leak it into a domain-generalization
+    result. (A checkpoint without these fields, from elsewhere, is not checked.)"""
+    name = lambda d: canonical_dataset(Path(str(d)).name)  # noqa: E731 (a folder: its name)
+    pairs = {
+        "dataset": (meta.get("dataset"), config.dataset, name),
+        "test_envs": (meta.get("test_envs"), config.test_envs, sorted),
+    }
+    differences = [
+        f"{key} {norm(stored)!r} in the init, {norm(wanted)!r} in this run"
+        for key, (stored, wanted, norm) in pairs.items()
+        if stored is not None and norm(stored) != norm(wanted)
+    ]
+    if differences:
+        raise UsageError(
+            f"--init {config.init}: trained on other data or with other held-out domains "
+            f"({'; '.join(differences)}); start from the float run of this dataset and "
+            f"these --test-envs"
+        )

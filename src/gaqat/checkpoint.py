@@ -120,9 +120,7 @@ def build_network(model_config: dict, quant_config: dict | None) -> Network:
     checkpoint's, or the header of an integer export (``gaqat.export.load_int``)."""
     model = build_model(_config(ModelConfig, {**model_config, "weights": None}, "model_config"))
     if quant_config is not None:
-        quant = dict(quant_config)
-        quant["skip"] = tuple(quant.get("skip", ()))
-        quantize_model(model, _config(QuantConfig, quant, "quant_config"))
+        quantize_model(model, _config(QuantConfig, dict(quant_config), "quant_config"))
     return model
 
 

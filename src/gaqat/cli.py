@@ -59,8 +59,16 @@ class _Formatter(argparse.HelpFormatter):
 
 def _json_object(text: str) -> dict:
     """--hparams: a JSON object, with a message that says so when it is not one."""
+
+    def once(pairs: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice in {text!r}")
+        return dict(pairs)
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=once)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
     if not isinstance(value, dict):
@@ -136,13 +144,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--root",
             "--data-dir",
-            type=Path,
+            type=_folder,
             dest="root",
             required=action == "download",
             help=DATA_DIR_HELP,
         )
         if action in ("info", "preview"):
-            p.add_argument("--class-map", type=Path, help=CLASS_MAP_HELP)
+            p.add_argument("--class-map", type=_file, help=CLASS_MAP_HELP)
         if action == "info":
             p.add_argument(
                 "--quick",
@@ -188,11 +196,28 @@ def _options_once(p: argparse.ArgumentParser) -> None:
     p.register("action", None, _Once)
 
 
-def _folder(text: str) -> Path:
-    """An output folder. An empty string (an unset shell variable) would mean the current
-    folder, among the user's own files."""
+def _path(text: str) -> Path:
+    """A folder to read or write. An empty string (an unset shell variable) would mean the
+    current folder, among the user's own files."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return Path(text)
+
+
+def _folder(text: str) -> Path:
+    """A folder, new or existing, not empty (:func:`_path`); a file is no folder."""
+    path = _path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; expected a folder")
+    return path
+
+
+def _file(text: str) -> Path:
+    """An input file: not empty, not a folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file, got an empty path")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file")
     return Path(text)
 
 
@@ -215,8 +240,8 @@ def _number(kind: type, valid: Range) -> Callable[[str], int | float]:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of one run that a sweep hands to every run alike."""
-    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
-    p.add_argument("--class-map", type=Path, help=CLASS_MAP_HELP)
+    p.add_argument("--data-dir", type=_folder, help=DATA_DIR_HELP)
+    p.add_argument("--class-map", type=_file, help=CLASS_MAP_HELP)
     p.add_argument(
         "--steps",
         type=int,
@@ -321,7 +346,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         type=int,
         help=f"weight and activation bit width of QAT methods ({BITS_RANGE[0]}..{BITS_RANGE[1]})",
     )
-    p.add_argument("--output", type=_folder, required=True, help="run folder")
+    p.add_argument("--output", type=_path, required=True, help="run folder")
     p.add_argument(
         "--seed",
         type=int,
@@ -420,8 +445,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         _demo,
     )
     _options_once(p)
-    p.add_argument("--output", type=_folder, default=Path("runs/demo"), help="folder of the runs")
-    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
+    p.add_argument("--output", type=_path, default=Path("runs/demo"), help="folder of the runs")
+    p.add_argument("--data-dir", type=_folder, help=DATA_DIR_HELP)
     p.add_argument(
         "--bits",
         type=int,
@@ -491,7 +516,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         default=[0],
         help="0: defaults; else random-search draws",
     )
-    p.add_argument("--output", type=_folder, required=True, help="sweep folder")
+    p.add_argument("--output", type=_path, required=True, help="sweep folder")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
     p.add_argument(
         "--skip-failed",
@@ -647,7 +672,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "instead.",
         _report,
     )
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively")
+    p.add_argument(
+        "dirs", nargs="+", type=_path, metavar="DIR", help="folders searched recursively"
+    )
     p.add_argument("--format", choices=report.FORMATS, default="markdown", help="output format")
     p.add_argument(
         "--selection",
@@ -686,7 +713,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
         _plot,
     )
     p.add_argument("run_dir", type=Path, help="folder of a `gaqat train --algorithm gaqat` run")
-    p.add_argument("--out", type=Path, help="folder for the PNGs (default: the run folder)")
+    p.add_argument("--out", type=_path, help="folder for the PNGs (default: the run folder)")
     p.add_argument(
         "--tau", type=float, help="freezing threshold to draw, in [0, 1] (default: the run's)"
     )
@@ -759,7 +786,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--data-dir",
-        type=Path,
+        type=_folder,
         help="with --evaluate: the data directory (default: the run's, else $GAQAT_DATA "
         "or ~/.cache/gaqat)",
     )

@@ -371,7 +371,8 @@ class QuantConfig:
                 f"QuantConfig.first_last: expected one of {FIRST_LAST_POLICIES}, "
                 f"got {self.first_last!r}"
             )
-        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+        names = self.skip if isinstance(self.skip, (list, tuple)) else [None]
+        if not all(isinstance(name, str) for name in names):
             raise ValueError(
                 f"QuantConfig.skip: expected a list of module names, got {self.skip!r}"
             )

@@ -37,6 +37,14 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
             f"quantizers of {fresh} were never initialised: run a forward pass "
             f"(train) before exporting"
         )
+    broken = [
+        f"{name}.{kind}"
+        for name, m in layers.items()
+        for kind in ("weight_quantizer", "input_quantizer")
+        if not torch.isfinite(getattr(m, kind).scale).all()
+    ]
+    if broken:
+        raise ValueError(f"step sizes of {broken} are not finite numbers: nothing to export")
     return layers
 
 
