@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 
-from tqdm import tqdm
-
 from gaqat.data.specs import SPECS, FolderSpec
+from gaqat.errors import UsageError
+from gaqat.progress import progress as progress_display
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -99,7 +99,7 @@ def download_dataset(
     """
     spec = SPECS.get(name.lower())
     if spec is None:
-        raise ValueError(
+        raise UsageError(
             f"unknown dataset {name!r}; downloadable: {', '.join(s.name for s in SPECS.values())}"
         )
     root = Path(root)
@@ -167,15 +167,7 @@ def fetch(url: str, dest: Path, sha256: str | None = None, progress: bool = True
             total = _total_size(response, offset)
             with (
                 open(part, "ab" if offset else "wb") as out,
-                tqdm(
-                    total=total,
-                    initial=offset,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=dest.name,
-                    disable=not progress,
-                ) as bar,
+                progress_display(total, dest.name, progress, initial=offset, unit="B") as bar,
             ):
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
