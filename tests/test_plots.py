@@ -236,6 +236,16 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
     (tmp_path / "erm").mkdir()
     assert cli.main(["plot", str(tmp_path / "erm")]) == 2
-    assert "is " + str(tmp_path / "erm") + " a gaqat run?" in capsys.readouterr().err
+    assert (
+        "is " + str(tmp_path / "erm") + " a gaqat run that has trained" in capsys.readouterr().err
+    )
     assert cli.main(["plot", str(tmp_path / "nowhere")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+    (tmp_path / "erm" / "results.jsonl").write_text("")
+    assert cli.main(["plot", str(tmp_path / "erm" / "results.jsonl")]) == 2
+    assert "is a file; give the run folder: " + str(tmp_path / "erm") in capsys.readouterr().err
+    (tmp_path / "erm" / "gradients.jsonl").mkdir()
+    assert cli.main(["plot", str(tmp_path / "erm")]) == 2
+    assert (
+        "gradients.jsonl is a folder; expected the gradients.jsonl file" in capsys.readouterr().err
+    )

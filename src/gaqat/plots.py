@@ -62,10 +62,13 @@ def _check_record(record: object, where: str) -> dict:
 def load_gradients(path: str | Path) -> list[dict]:
     """The records of a ``gradients.jsonl``, checked; a torn last line is skipped with a warning."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected the {GRADIENTS} file of a gaqat run")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no such file; {GRADIENTS} is written only by "
-            f"`gaqat train --algorithm gaqat`: is {path.parent} a gaqat run?"
+            f"`gaqat train --algorithm gaqat`, at the end of its first window: is "
+            f"{path.parent} a gaqat run that has trained for at least one window?"
         )
     records = []
     for where, record in read_jsonl(path):
@@ -434,6 +437,8 @@ def plot_run(
     run_dir = Path(run_dir)
     if tau is not None and not (math.isfinite(tau) and 0.0 <= tau <= 1.0):
         raise UsageError(f"--tau: expected a freezing threshold in [0, 1], got {tau}")
+    if run_dir.is_file():
+        raise FileNotFoundError(f"{run_dir} is a file; give the run folder: {run_dir.parent}")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     records = load_gradients(run_dir / GRADIENTS)
