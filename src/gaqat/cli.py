@@ -158,9 +158,16 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                 help="count files by their headers only, without decoding every image",
             )
         if action == "preview":
-            p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-            p.add_argument("--per-domain", type=int, default=10, help="samples per domain")
-            p.add_argument("--seed", type=int, default=0, help="which samples")
+            p.add_argument("--out", type=_png, required=True, help="PNG file to write")
+            p.add_argument(
+                "--per-domain",
+                type=_number(int, AT_LEAST_ONE),
+                default=10,
+                help="samples per domain",
+            )
+            p.add_argument(
+                "--seed", type=_number(int, NON_NEGATIVE), default=0, help="which samples"
+            )
         if action == "download":
             p.add_argument(
                 "--keep-archives",
@@ -219,6 +226,14 @@ def _file(text: str) -> Path:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file")
     return Path(text)
+
+
+def _png(text: str) -> Path:
+    """An image file to write: a name ending in .png, not a folder."""
+    path = _file(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text}: expected a file name ending in .png")
+    return path
 
 
 def _number(kind: type, valid: Range) -> Callable[[str], int | float]:

@@ -201,3 +201,21 @@ def test_cli_info_and_preview(tmp_path, capsys, make_tree):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 4  # tiles were pasted
     assert cli.main(["data", "info", "PACS", "--root", str(tmp_path)]) == 2
     assert "art_painting, cartoon, photo, sketch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--seed", "-1", "expected an integer >= 0"),
+        ("--per-domain", "0", "expected an integer >= 1"),
+        ("--out", "grid.txt", "expected a file name ending in .png"),
+        ("--out", "", "expected a file, got an empty path"),
+    ],
+)
+def test_preview_options_are_usage_errors(tmp_path, capsys, make_tree, option, value, message):
+    root = make_tree(tmp_path / "toy", {"d0": ["cat", "dog"], "d1": ["cat", "dog"]}, per_class=3)
+    argv = ["data", "preview", str(root), "--out", str(tmp_path / "grid.png"), option, value]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "grid.png").exists()

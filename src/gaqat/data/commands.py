@@ -72,8 +72,6 @@ def info(args: argparse.Namespace) -> int:
 
 
 def preview(args: argparse.Namespace) -> int:
-    if args.per_domain < 1:
-        raise UsageError(f"--per-domain: expected a positive integer, got {args.per_domain}")
     path = preview_grid(_load(args), args.out, args.per_domain, args.seed)
     print(f"wrote {path}")
     return 0
