@@ -784,7 +784,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--int4-weights",
         action="store_true",
         help="onnx: store 4-bit and 3-bit weight codes as packed INT4 (opset 21) instead of "
-        "int8: the same integers in half the bytes",
+        "int8: the same integers in half the bytes; onnxruntime dequantizes them to float "
+        "on every run (slower than float, and no integer kernel fuses)",
     )
     p.add_argument(
         "--integer-kernels",
