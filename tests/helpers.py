@@ -176,3 +176,16 @@ def record_components(freezer):
 
     freezer.observe = spy
     return handed
+
+
+def save_failing_at_the_second_checkpoint(error):
+    """``torch.save`` as a full disk leaves it: the second call raises ``error(path)``."""
+    save, calls = torch.save, []
+
+    def save_or_fail(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise error(path)
+        return save(obj, path, *args, **kwargs)
+
+    return save_or_fail

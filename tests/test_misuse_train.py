@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, tiny_argv
+from helpers import TINY, save_failing_at_the_second_checkpoint, tiny_argv
 
 from gaqat import cli, launchers, sweep
 from gaqat.algorithms import Algorithm
@@ -288,15 +288,9 @@ def test_ctrl_c_before_the_first_checkpoint_of_a_new_run_advises_no_resume(
 def test_a_full_disk_names_the_folder_and_the_resume_command(
     tmp_path, digits_dir, monkeypatch, capsys
 ):
-    save, calls = torch.save, []
-
-    def disk_full_at_the_second_checkpoint(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-        return save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    torch_full_disk = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
+    failing = save_failing_at_the_second_checkpoint(lambda path: RuntimeError(torch_full_disk))
+    monkeypatch.setattr(torch, "save", failing)
     run = tmp_path / "run"
     assert cli.main(_train(run, digits_dir, "--quiet", freq=1)) == 1
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from helpers import tiny_argv, tiny_run
+from helpers import save_failing_at_the_second_checkpoint, tiny_argv, tiny_run
 
 from gaqat import cli
 from gaqat.algorithms import Algorithm
@@ -290,22 +290,16 @@ def test_ctrl_c_and_sigterm_print_how_to_resume(tmp_path, digits_dir, monkeypatc
 def test_failures_at_run_time_exit_1_in_one_line_and_keep_the_checkpoint(
     tmp_path, digits_dir, monkeypatch, capsys
 ):
-    save, calls = torch.save, []
+    def disk_full(path):
+        return OSError(28, "No space left on device", str(path))
 
-    def disk_full_at_the_second_checkpoint(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device", str(path))
-        return save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    monkeypatch.setattr(torch, "save", save_failing_at_the_second_checkpoint(disk_full))
     assert cli.main(_argv(tmp_path, digits_dir, "--steps", "2", "--checkpoint-freq", "1")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
     monkeypatch.undo()
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == 1
-    calls.clear()
-    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    monkeypatch.setattr(torch, "save", save_failing_at_the_second_checkpoint(disk_full))
     with pytest.raises(OSError):  # --debug: the traceback instead of one line
         cli.main(
             _argv(

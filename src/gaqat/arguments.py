@@ -25,7 +25,7 @@ from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
 from gaqat.names import BITS_RANGE, PRECISIONS, Recipe, canonical_dataset, get_recipe
 from gaqat.quant import check_bits
-from gaqat.runfolder import CHECKPOINT, DONE, OWN_FILES, RESULTS, check_output, run_state
+from gaqat.runfolder import CHECKPOINT, DONE, OWN_FILES, RESULTS, check_output_folder, run_state
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _check_arguments(config: TrainConfig) -> dict:
 def _check_run_folder(out: Path) -> None:
     """A run goes into a folder of its own: one that holds a run, or is empty, or new."""
     is_run = out.is_dir() and run_state(out) != "new"
-    check_output(
+    check_output_folder(
         out,
         "--output",
         ours=lambda entry: is_run or entry.name in OWN_FILES,

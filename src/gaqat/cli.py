@@ -203,12 +203,17 @@ def _options_once(p: argparse.ArgumentParser) -> None:
     p.register("action", None, _Once)
 
 
-def _path(text: str) -> Path:
-    """A folder to read or write. An empty string (an unset shell variable) would mean the
-    current folder, among the user's own files."""
+def _nonempty(text: str, what: str) -> Path:
+    """An empty string (an unset shell variable) would mean the current folder, among the
+    user's own files."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+        raise argparse.ArgumentTypeError(f"expected {what}, got an empty path")
     return Path(text)
+
+
+def _path(text: str) -> Path:
+    """A folder to read or write, not empty."""
+    return _nonempty(text, "a folder")
 
 
 def _folder(text: str) -> Path:
@@ -220,12 +225,11 @@ def _folder(text: str) -> Path:
 
 
 def _file(text: str) -> Path:
-    """An input file: not empty, not a folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a file, got an empty path")
-    if Path(text).is_dir():
+    """A file, not empty, not a folder."""
+    path = _nonempty(text, "a file")
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file")
-    return Path(text)
+    return path
 
 
 def _png(text: str) -> Path:
@@ -736,9 +740,10 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 def _plot(args: argparse.Namespace) -> int:
     from gaqat.plots import plot_run  # lazy: keeps `gaqat --help` free of matplotlib
+    from gaqat.runfolder import file_in_the_way
 
     if args.out is not None:  # a folder, or one to create: not a file or below one
-        file = next((p for p in (args.out, *args.out.parents) if p.is_file()), None)
+        file = file_in_the_way(args.out)
         if file is not None:
             raise UsageError(f"--out {args.out}: {file} is a file, expected a folder for the PNGs")
     with as_usage_errors():

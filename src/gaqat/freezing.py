@@ -61,11 +61,12 @@ class Freezer:
 
     def observe(
         self, g_task: Mapping[str, torch.Tensor], g_smooth: Mapping[str, torch.Tensor]
-    ) -> None:
-        """Record one step's components; at a window's end, log it and decide."""
+    ) -> set[str]:
+        """Record one step's components; at a window's end, log it and decide. Returns the
+        step sizes that froze at this step (none on most steps)."""
         summaries = self.tracker.record(g_task, g_smooth)
         if summaries is None:
-            return
+            return set()
         self.windows_done += 1
         step = self.windows_done * self.tracker.window  # windows are back to back from step 1
         self._records += [
@@ -79,10 +80,12 @@ class Freezer:
             for s in summaries
         ]
         if self.windows_done <= self.warmup_windows:
-            return
+            return set()
+        frozen_now = set()
         for s in summaries:
             if s.name not in self.frozen and s.d_task < self.tau:
                 self.frozen.add(s.name)
+                frozen_now.add(s.name)
                 kind = "freeze"
             elif s.name in self.frozen and self.unfreeze and s.d_task >= self.tau:
                 self.frozen.discard(s.name)
@@ -98,6 +101,7 @@ class Freezer:
                     "d_smooth": s.d_smooth,
                 }
             )
+        return frozen_now
 
     def edit_grads(self, g_smooth: Mapping[str, torch.Tensor]) -> None:
         """Apply the freeze to the frozen step sizes' ``.grad`` before the optimizer steps."""
@@ -208,10 +212,9 @@ class GAQAT(SAGM):
         passes = self.two_passes(closure)
         g_task, g_smooth = passes.components(self.freezer.step_sizes)
         self._final_gradient(passes)  # ½·(g + g_p)
-        frozen_before = set(self.freezer.frozen)
-        self.freezer.observe(g_task, g_smooth)  # disorder windows and freeze decisions
+        frozen_now = self.freezer.observe(g_task, g_smooth)  # windows and freeze decisions
         if self.reset_momentum:
-            self._forget_momentum(self.freezer.frozen - frozen_before)
+            self._forget_momentum(frozen_now)
         self.freezer.edit_grads(g_smooth)  # a frozen step size: ½·g_smooth, or no update
         self.base_optimizer.step()
         return passes.loss

@@ -76,13 +76,6 @@ class PlainProgress:
         print(f"{self.desc}: {', '.join(parts)}", file=self.stream, flush=True)
 
 
-class _Silent(PlainProgress):
-    """No output at all (``--quiet``, or a rank other than the first)."""
-
-    def _line(self, extra: str = "") -> None:
-        self._reported = self.n
-
-
 def progress(
     total: int | None,
     desc: str,
@@ -94,8 +87,8 @@ def progress(
     """A progress display for ``total`` units: a tqdm bar when ``stream`` (standard error
     by default) is a terminal, plain lines otherwise, nothing when not ``enabled``."""
     stream = stream if stream is not None else sys.stderr
-    if not enabled:
-        return _Silent(total, initial, desc, unit, stream)
+    if not enabled:  # --quiet, or a rank other than the first
+        return tqdm(total=total, initial=initial, disable=True)
     if not stream.isatty():
         return PlainProgress(total, initial, desc, unit, stream)
     if unit == "B":

@@ -371,8 +371,8 @@ class QuantConfig:
                 f"QuantConfig.first_last: expected one of {FIRST_LAST_POLICIES}, "
                 f"got {self.first_last!r}"
             )
-        names = self.skip if isinstance(self.skip, (list, tuple)) else [None]
-        if not all(isinstance(name, str) for name in names):
+        names = self.skip
+        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
             raise ValueError(
                 f"QuantConfig.skip: expected a list of module names, got {self.skip!r}"
             )

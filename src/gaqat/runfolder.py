@@ -59,7 +59,15 @@ def run_state(folder: Path) -> str:
     return "new"
 
 
-def check_output(folder: Path, option: str, ours: Callable[[Path], bool], what: str) -> None:
+def file_in_the_way(path: Path) -> Path | None:
+    """The file at ``path`` or at the nearest existing parent, which would make creating
+    ``path`` as a folder, or a file in it, fail with "File exists"; None when there is none."""
+    path = Path(path).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def check_output_folder(folder: Path, option: str, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse, as a usage error, an output that cannot or must not become ``what``: a
     broken symbolic link, a file or a path below one (``mkdir`` would fail with "File
     exists" after the other checks), or a folder holding entries that are not ``ours``
@@ -70,9 +78,9 @@ def check_output(folder: Path, option: str, ours: Callable[[Path], bool], what: 
             f"{option} {folder}: a broken symbolic link (to {os.readlink(folder)}); "
             f"expected a folder: remove the link or choose another path"
         )
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is a file" if existing == folder else f"is below the file {existing}"
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        where = "is a file" if blocker == folder.absolute() else f"is below the file {blocker}"
         raise UsageError(f"{option} {folder} {where}; expected a folder")
     if folder.is_dir():
         others = sorted(entry.name for entry in folder.iterdir() if not ours(entry))
@@ -122,12 +130,17 @@ def append_jsonl(path: Path, records: Iterable[dict]) -> None:
             os.fsync(f.fileno())
 
 
+def temporary_path(path: Path) -> Path:
+    """A hidden name beside ``path`` for writing it before a rename; the process's own, so
+    two processes writing one file (a shared cache) do not collide."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``: a crash
-    leaves either the old file or the new one, never a mix. The temporary name is the
-    process's own, so two processes writing one file (a shared cache) do not collide."""
+    leaves either the old file or the new one, never a mix (:func:`temporary_path`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)

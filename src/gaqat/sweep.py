@@ -28,7 +28,7 @@ from gaqat.data import dataset_domains
 from gaqat.errors import UsageError
 from gaqat.launchers import Handle, InlineLauncher, Launcher
 from gaqat.names import ALGORITHMS, canonical_dataset, get_recipe
-from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, check_output, run_state
+from gaqat.runfolder import CHECKPOINT, STATES, FolderBusyError, check_output_folder, run_state
 from gaqat.train import TrainConfig, check_arguments
 
 FLOAT_INIT = "erm"  # the float method every QAT job starts from
@@ -302,7 +302,7 @@ def _check_sweep_folder(output: Path, job_folders: set[str]) -> None:
     """A sweep goes into a folder of its own: new, empty, a sweep (``sweep.json``), or a
     folder of runs (the demo's, which records none)."""
     is_sweep = (output / SWEEP_RECORD).is_file()
-    check_output(
+    check_output_folder(
         output,
         "--output",
         ours=lambda entry: (

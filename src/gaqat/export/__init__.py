@@ -46,7 +46,7 @@ from gaqat.export.intfile import (
     load_int,
 )
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
-from gaqat.export.output import check_output, write_outputs
+from gaqat.export.output import check_output_file, write_outputs
 from gaqat.export.qdq import export_onnx, onnx_bytes, onnx_opset, onnx_ready
 from gaqat.export.verify import PROBE_BATCH, onnx_logits, onnx_session, probe_inputs
 
@@ -207,27 +207,19 @@ def export_checkpoint(
     checkpoint_path, out = Path(checkpoint_path), Path(out)
     outputs = {out: "--out", **({evaluation_path(out): "--evaluate"} if evaluate else {})}
     for path, option in outputs.items():
-        check_output(path, option, checkpoint_path, overwrite)
+        check_output_file(path, option, checkpoint_path, overwrite)
     model, checkpoint = _load_qat(checkpoint_path)
     splits = run_splits(checkpoint, str(checkpoint_path), data_dir) if evaluate else None
     input_size = input_size or INPUT_SIZES[checkpoint["model_config"]["arch"]]
-    summary = {}
-    if fold_bn:
-        probe = probe_inputs(input_size)
-        before = model(probe)
-        summary["folded_bn"] = fold_into_float_convs(model)
-        summary["fold_max_abs_change"] = float((model(probe) - before).abs().max())
+    summary = _fold_into_float_convs(model, input_size) if fold_bn else {}
     if fmt == "int":
         files = {out: int_bytes(model, checkpoint, summary.get("folded_bn"))}
     else:
         onnx_options = {"int4_weights": int4_weights, "integer_kernels": integer_kernels}
         files = _onnx_files(model, checkpoint, out, input_size, splits, onnx_options, summary)
         if evaluate:
-            about = {"file": str(out), "checkpoint": str(checkpoint_path)}
-            about |= {k: checkpoint["meta"].get(k) for k in ("dataset", "algorithm", "bits")}
-            about |= {"test_envs": checkpoint["meta"]["test_envs"]}
-            about |= {"trial_seed": checkpoint["args"]["trial_seed"], **onnx_options}
-            files[evaluation_path(out)] = evaluation_json(summary["evaluation"], about)
+            rows, run = summary["evaluation"], (checkpoint_path, checkpoint)
+            files[evaluation_path(out)] = _evaluation_file(rows, out, run, onnx_options)
     write_outputs(files)
     return ExportSummary(out, fmt, len(files[out]), **model_sizes(model), **summary)
 
@@ -246,6 +238,33 @@ def _load_qat(checkpoint_path: Path) -> tuple[nn.Module, dict]:
     model.eval()
     quantized_layers(model)  # refuses a model whose quantizers never saw a batch
     return model, checkpoint
+
+
+def _fold_into_float_convs(model: nn.Module, input_size: int) -> dict:
+    """``--fold-bn``: what was folded, and how far it moved the probe batch's logits."""
+    probe = probe_inputs(input_size)
+    before = model(probe)
+    folded = fold_into_float_convs(model)
+    return {"folded_bn": folded, "fold_max_abs_change": float((model(probe) - before).abs().max())}
+
+
+def _evaluation_file(
+    rows: list[SplitAccuracy], out: Path, run: tuple[Path, dict], options: dict
+) -> bytes:
+    """The ``.eval.json`` beside ``out``: the file, its run (checkpoint path and dict) and
+    the export's options, then every split's row."""
+    checkpoint_path, checkpoint = run
+    meta = checkpoint["meta"]
+    about = {
+        "file": str(out),
+        "checkpoint": str(checkpoint_path),
+        **{k: meta.get(k) for k in ("dataset", "algorithm", "bits")},
+        "test_envs": meta["test_envs"],
+        "trial_seed": checkpoint["args"]["trial_seed"],
+        "integer_kernels": options["integer_kernels"],
+        "int4_weights": options["int4_weights"],
+    }
+    return evaluation_json(rows, about)
 
 
 def _onnx_files(

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from gaqat.errors import UsageError
-from gaqat.runfolder import LOCK, RUN_FILES, run_state
+from gaqat.runfolder import LOCK, RUN_FILES, file_in_the_way, run_state, temporary_path
 
 
 def _protected(path: Path, checkpoint: Path) -> str | None:
@@ -26,15 +26,15 @@ def _protected(path: Path, checkpoint: Path) -> str | None:
     return None
 
 
-def check_output(path: Path, option: str, checkpoint: Path, overwrite: bool) -> None:
+def check_output_file(path: Path, option: str, checkpoint: Path, overwrite: bool) -> None:
     """UsageError unless the export may write ``path`` (given as, or derived from, ``option``)."""
     if path.is_dir():
         raise UsageError(
             f"{option} {path} is a folder; give the file to write in it, e.g. {path / 'model.onnx'}"
         )
-    folder = next(p for p in path.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
     protected = _protected(path, checkpoint)
     if protected:
         raise UsageError(
@@ -59,7 +59,7 @@ def write_outputs(files: dict[Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary[path] = temporary_path(path)
             _write(temporary[path], data)
         for path, tmp in temporary.items():
             os.replace(tmp, path)
