@@ -20,6 +20,18 @@ def test_small_cnn_classifies_32x32_images():
     assert [c.out_channels for c in convs] == [32, 64, 128, 128]
 
 
+def test_the_compact_mobilenet_is_depthwise_and_keeps_2x2_maps_at_32x32():
+    net = build_model(ModelConfig(arch="mobilenet_v2_compact"))
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [c for c in convs if c.groups > 1 and c.groups == c.in_channels]
+    assert len(depthwise) == 17 and convs[0].out_channels == 16  # width 0.5
+    last_maps = net.featurizer.features[:-1](torch.zeros(1, 3, 32, 32))
+    assert last_maps.shape[-2:] == (2, 2)
+    with pytest.raises(ValueError, match="mobilenet_v2_compact has no pretrained weights"):
+        build_model(ModelConfig(arch="mobilenet_v2_compact", weights="imagenet"))
+
+
 def test_resnet_loads_a_local_weights_file_and_keeps_its_own_classifier(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"

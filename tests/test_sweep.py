@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -466,3 +467,29 @@ def test_workers_share_the_cpu_threads_and_take_one_gpu_each(monkeypatch):
         ("cpu", threads, False),
     ]
     launcher.stop()
+
+
+def test_the_fair_float_baseline_continues_each_init_for_the_qat_steps_and_lr(tmp_path, fake_run):
+    config = _config(
+        tmp_path / "sweep", ["lsq"], [0, 1], bits=[4, 2], seeds=[0, 1], steps=3, hparams=TINY
+    )
+    config = replace(config, float_options={"steps": 7})
+    jobs = sweep.fair_float_baseline(config, tmp_path / "fair")
+    inits, runs = jobs[:4], jobs[4:]
+    assert [job.folder for job in inits] == [
+        j.folder for j in sweep.plan(config) if j.needs is None
+    ]
+    assert len(runs) == 4 and all(job.folder.parent == tmp_path / "fair" for job in runs)
+    for init, job in zip(inits, runs):
+        assert job.key["algorithm"] == "erm" and job.needs == init.folder
+        assert job.config.init == init.folder / CHECKPOINT and job.config.steps == 3
+        assert job.config.hparams == {"lr": 3e-4, **TINY}  # lsq's learning rate, not erm's 1e-3
+        assert (job.config.test_envs, job.config.trial_seed) == (
+            init.config.test_envs,
+            init.config.trial_seed,
+        )
+    assert len({job.folder.name for job in runs}) == 4  # named by their init
+    outcomes = sweep.launch(jobs, note=lambda line: None)
+    assert [o.status for o in outcomes] == ["ran"] * 8
+    with pytest.raises(ValueError, match="no QAT method"):
+        sweep.fair_float_baseline(replace(config, algorithms=["erm"]), tmp_path / "x")

@@ -23,7 +23,14 @@ from gaqat.data.loaders import check_run_data
 from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
-from gaqat.names import BITS_RANGE, PRECISIONS, Recipe, canonical_dataset, get_recipe
+from gaqat.names import (
+    BITS_RANGE,
+    PRECISIONS,
+    SCRATCH_ARCHITECTURES,
+    Recipe,
+    canonical_dataset,
+    get_recipe,
+)
 from gaqat.quant import check_bits
 from gaqat.runfolder import CHECKPOINT, DONE, OWN_FILES, RESULTS, check_output_folder, run_state
 
@@ -259,14 +266,15 @@ def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfi
     weights = config.weights
     if weights == "default":
         # QAT starts from --init; float ResNets from ImageNet weights (DomainBed).
-        weights = "imagenet" if hp["arch"] != "small_cnn" and config.init is None else None
+        scratch = hp["arch"] in SCRATCH_ARCHITECTURES
+        weights = "imagenet" if not scratch and config.init is None else None
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise UsageError(
             f"--weights {weights}: no such file (expected imagenet, none, or a state_dict file)"
         )
-    if weights is not None and hp["arch"] == "small_cnn":
+    if weights is not None and hp["arch"] in SCRATCH_ARCHITECTURES:
         raise UsageError(
-            f"--weights {weights}: small_cnn has no pretrained weights; train it from "
+            f"--weights {weights}: {hp['arch']} has no pretrained weights; train it from "
             f"scratch (--weights none) or start QAT from a float run (--init)"
         )
     if num_classes < 2:

@@ -64,6 +64,7 @@ def canonical_dataset(name: str) -> str:
 BITS_RANGE = (2, 8)
 ARCHITECTURES = (
     "small_cnn",
+    "mobilenet_v2_compact",
     "resnet18",
     "resnet50",
     "mobilenet_v2",
@@ -77,5 +78,12 @@ PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward passes, fp32 weig
 FREEZE_MODES = ("task", "all")
 BN_FOLDING = ("auto", "on", "off")  # auto: on for FOLDED_BY_DEFAULT
 # The mobile backbones, which deploy to integer runtimes: QAT folds their batch norm.
-FOLDED_BY_DEFAULT = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_lite0")
+FOLDED_BY_DEFAULT = (
+    "mobilenet_v2_compact",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_lite0",
+)
+# The networks built for 32x32 images and trained from scratch: no pretrained weights.
+SCRATCH_ARCHITECTURES = ("small_cnn", "mobilenet_v2_compact")
 DISORDER_METRICS = ("sign_flip", "cancellation")

@@ -235,6 +235,37 @@ def plan(config: SweepConfig) -> list[Job]:
     return list(planned.values())
 
 
+def fair_float_baseline(config: SweepConfig, output: Path) -> list[Job]:
+    """What quantization costs, measured fairly: for every float init of ``config``'s QAT
+    runs, an ``erm`` run in ``output`` that continues it for the QAT runs' steps, at the
+    QAT learning rate and schedule. Against the float init alone, QAT's extra training
+    would pass for quantization's effect.
+
+    Returns the inits (planned as in ``config``) followed by these runs, ready for
+    :func:`launch`; each run's folder is named by its arguments, the init's included,
+    as any sweep job's. ``--hparams`` overrides apply to both; an ``lr`` override is the
+    QAT runs' learning rate here too.
+    """
+    inits = [
+        job for job in plan(config) if job.needs is None and job.key["algorithm"] == FLOAT_INIT
+    ]
+    quantized = [a for a in config.algorithms if get_recipe(a).quantized]
+    if not quantized:
+        raise ValueError("fair_float_baseline: the sweep has no QAT method to match")
+    grid = _Grid.of(replace(config, output=Path(output), float_options={}))
+    qat_lr = hparams_registry.default_hparams(quantized[0], grid.dataset)["lr"]
+    grid = replace(grid, hparams={"lr": qat_lr, **grid.hparams})
+    runs = [
+        grid.job(FLOAT_INIT, None, job.key["test_envs"][0], job.key["trial_seed"], 0, job)
+        for job in inits
+        if job.key["hparams_seed"] == 0
+    ]
+    _check_sweep_folder(grid.output, {job.folder.name for job in runs})
+    for job in runs:
+        check_arguments(job.config)
+    return inits + runs
+
+
 @dataclass(frozen=True)
 class _Grid:
     """What every job of a sweep shares, so that one job is its grid point alone."""

@@ -82,6 +82,7 @@ FORMATS = ("int", "onnx")
 #: small CNN is built for 32x32 DigitsDG, ResNets for 224x224 photos).
 INPUT_SIZES = {
     "small_cnn": 32,
+    "mobilenet_v2_compact": 32,
     "resnet18": 224,
     "resnet50": 224,
     "mobilenet_v2": 224,
