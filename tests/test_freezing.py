@@ -19,7 +19,7 @@ from helpers import (
 )
 from torch import nn
 
-from gaqat.freezing import GAQAT, Freezer
+from gaqat.freezing import GAQAT, Freezer, layer_of
 
 
 def run_windows(freezer, task_values, window):
@@ -97,11 +97,125 @@ def test_a_disorder_equal_to_tau_does_not_freeze():
         ({"mode": "some"}, "mode"),
         ({"warmup_windows": -1}, "warmup"),
         ({"metric": "kl"}, "metric"),
+        ({"scope": "model"}, r"scope: 'model' is not one of \('step_size', 'layer'\)"),
     ],
 )
 def test_bad_freezer_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         scalar_freezer(**kwargs)
+
+
+# One layer, "f.3", whose weight step size is ordered (+0.1 throughout: D_task = 0) and whose
+# input step size flips twice in three transitions (D_task = 2/3): the layer's mean is 1/3.
+# (D of their summed gradient, 1.1, -0.9, 1.1, 1.1, would be 2/3.) A second layer, "f.6",
+# alternates in both (D_task = 1) and never freezes.
+LAYERED = {
+    "f.3.weight_quantizer": [0.1, 0.1, 0.1, 0.1],
+    "f.3.input_quantizer": [1.0, -1.0, 1.0, 1.0],
+    "f.6.weight_quantizer": [1.0, -1.0, 1.0, -1.0],
+    "f.6.input_quantizer": [-1.0, 1.0, -1.0, 1.0],
+}
+LAYER_D = {"f.3.weight_quantizer": 0.0, "f.3.input_quantizer": 2 / 3}  # their own D_task
+
+
+def feed(freezer, series, smooth=0.0):
+    """One step per position of the per-step-size task-gradient ``series``."""
+    for values in zip(*series.values()):
+        task = {name: torch.tensor(v) for name, v in zip(series, values)}
+        freezer.observe(task, {name: torch.tensor(smooth) for name in series})
+
+
+def layered_freezer(**kwargs):
+    sizes = {name: nn.Parameter(torch.tensor(1.0)) for name in LAYERED}
+    return Freezer(sizes, window=4, warmup_windows=0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "scope, tau, frozen",
+    [
+        ("step_size", 0.5, {"f.3.weight_quantizer"}),  # 0 < 0.5 <= 2/3
+        ("layer", 0.5, {"f.3.weight_quantizer", "f.3.input_quantizer"}),  # 1/3 < 0.5
+        ("step_size", 0.3, {"f.3.weight_quantizer"}),
+        ("layer", 0.3, set()),  # 1/3 >= 0.3: the ordered step size waits for its layer
+    ],
+)
+def test_layer_scope_decides_on_the_mean_of_the_layers_disorder(scope, tau, frozen):
+    freezer = layered_freezer(tau=tau, scope=scope)
+    feed(freezer, LAYERED)
+    assert freezer.frozen == frozen
+    decisions = [r for r in freezer.pop_records() if r["kind"] != "window"]
+    assert {(r["kind"], r["step"], r["name"]) for r in decisions} == {
+        ("freeze", 4, name) for name in frozen
+    }
+    if scope == "layer":
+        assert {r["name"]: r["d_task"] for r in decisions} == pytest.approx(
+            {name: LAYER_D[name] for name in frozen}
+        )
+        assert all(r["layer"] == "f.3" and r["layer_d_task"] == 1 / 3 for r in decisions)
+        assert all(r["layer_d_smooth"] == 0.0 for r in decisions)
+
+
+def test_layer_scope_unfreezes_the_layer_together():
+    """Window 2: the input step size alternates (D = 1), the mean is 0.5 >= τ, and the
+    weight step size, still ordered (D = 0), is released with it."""
+    freezer = layered_freezer(tau=0.5, scope="layer", unfreeze=True)
+    feed(freezer, LAYERED)
+    feed(freezer, {**LAYERED, "f.3.input_quantizer": [1.0, -1.0, 1.0, -1.0]})
+    decisions = [r for r in freezer.pop_records() if r["kind"] != "window"]
+    assert [(r["kind"], r["step"], r["name"], r["layer_d_task"]) for r in decisions] == [
+        ("freeze", 4, "f.3.weight_quantizer", 1 / 3),
+        ("freeze", 4, "f.3.input_quantizer", 1 / 3),
+        ("unfreeze", 8, "f.3.weight_quantizer", 0.5),
+        ("unfreeze", 8, "f.3.input_quantizer", 0.5),
+    ]
+    assert freezer.frozen == set()
+
+
+@pytest.mark.parametrize("mode", ["task", "all"])
+def test_a_frozen_layer_gets_the_frozen_update_in_either_mode(mode):
+    freezer = layered_freezer(tau=0.5, scope="layer", mode=mode)
+    feed(freezer, LAYERED, smooth=2.0)
+    for param in freezer.step_sizes.values():
+        param.grad = torch.tensor(7.0)
+    freezer.edit_grads({name: torch.tensor(2.0) for name in LAYERED})
+    grads = {name: p.grad for name, p in freezer.step_sizes.items()}
+    frozen = None if mode == "all" else torch.tensor(1.0)  # ½·g_smooth
+    assert grads == {
+        "f.3.weight_quantizer": frozen,
+        "f.3.input_quantizer": frozen,
+        "f.6.weight_quantizer": torch.tensor(7.0),
+        "f.6.input_quantizer": torch.tensor(7.0),
+    }
+
+
+def test_step_size_scope_decides_each_step_size_on_its_own_disorder():
+    """The default scope against the rule written out: a step size freezes when its own
+    D_task < τ, is released (with ``unfreeze``) when it is >= τ again; records as before."""
+    generator = torch.Generator().manual_seed(0)
+    series = {name: torch.randn(30, generator=generator).tolist() for name in LAYERED}
+    freezer = Freezer(
+        {name: nn.Parameter(torch.tensor(1.0)) for name in LAYERED},
+        tau=0.45,
+        window=5,
+        unfreeze=True,
+    )
+    feed(freezer, series)
+    records = freezer.pop_records()
+    expected, frozen = [], set()
+    for r in records:
+        if r["kind"] != "window" or r["window"] == 1:
+            continue
+        if r["name"] not in frozen and r["d_task"] < 0.45:
+            frozen.add(r["name"])
+            expected.append(("freeze", r["step"], r["name"]))
+        elif r["name"] in frozen and r["d_task"] >= 0.45:
+            frozen.discard(r["name"])
+            expected.append(("unfreeze", r["step"], r["name"]))
+    decisions = [r for r in records if r["kind"] != "window"]
+    assert [(r["kind"], r["step"], r["name"]) for r in decisions] == expected
+    assert {"freeze", "unfreeze"} <= {kind for kind, _, _ in expected}  # both rules exercised
+    assert all(set(r) == {"kind", "step", "name", "d_task", "d_smooth"} for r in decisions)
+    assert freezer.frozen == frozen
 
 
 def gaqat_for(model, mode="task", lr=1e-3, window=2):
@@ -206,8 +320,10 @@ def test_only_the_given_step_sizes_are_frozen():
     assert opt.freezer.frozen == {"a_scale"}
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_channel):
+@pytest.mark.parametrize(
+    "per_channel, scope", [(False, "step_size"), (True, "step_size"), (True, "layer")]
+)
+def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_channel, scope):
     from gaqat.models import ModelConfig, build_model
     from gaqat.prepare import quantize_model
     from gaqat.quant import QuantConfig, step_sizes
@@ -219,7 +335,7 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
     )
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     sizes = step_sizes(model)
-    freezer = Freezer(sizes, tau=1.0, window=2, mode="all")
+    freezer = Freezer(sizes, tau=1.0, window=2, mode="all", scope=scope)
     handed = record_components(freezer)
     opt = GAQAT(torch.optim.Adam(model.parameters(), lr=1e-3), model, freezer)
     closure = closure_for(model, x, y)
@@ -233,6 +349,9 @@ def test_gaqat_on_a_quantized_small_cnn_logs_and_freezes_every_step_size(per_cha
     }
     frozen = {name: sizes[name].detach().clone() for name in opt.freezer.frozen}
     assert frozen
+    decisions = [r for r in records if r["kind"] == "freeze"]
+    layers = {r["name"]: r.get("layer") for r in decisions}
+    assert layers == {name: layer_of(name) if scope == "layer" else None for name in frozen}
     opt.step(closure)
     assert all(torch.equal(sizes[name], value) for name, value in frozen.items())
 
@@ -259,3 +378,17 @@ def test_freezing_can_forget_the_step_sizes_adam_momentum(reset):
         old = torch.zeros_like(before[name]) if reset else before[name] * beta1
         expected = old + (1 - beta1) * grad
         torch.testing.assert_close(base.state[param]["exp_avg"], expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("scope", ["step_size", "layer"])
+def test_the_freeze_scope_hyperparameter_reaches_the_freezer(scope):
+    from gaqat.algorithms import Algorithm
+    from gaqat.hparams import default_hparams
+    from gaqat.models import ModelConfig
+
+    hparams = {**default_hparams("gaqat", "digits"), "freeze_scope": scope}
+    freezer = Algorithm("gaqat", ModelConfig(), hparams, total_steps=10, bits=4).freezer
+    names = list(freezer.step_sizes)
+    units = [layer_of(name) for name in names] if scope == "layer" else names
+    assert list(freezer.units) == list(dict.fromkeys(units)) and len(freezer.units) > 1
+    assert default_hparams("gaqat", "digits")["freeze_scope"] == "step_size"

@@ -131,6 +131,7 @@ class Algorithm:
                 mode=hparams["freeze_mode"],
                 unfreeze=hparams["unfreeze"],
                 metric=hparams["disorder_metric"],
+                scope=hparams["freeze_scope"],
             )
         self.optimizer = self._objective(base, hparams)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -11,13 +11,20 @@ sizes handed in are ever touched. :class:`GAQAT`, the method's optimizer, is SAG
 from __future__ import annotations
 
 from collections.abc import Mapping
+from statistics import fmean
 
 import torch
 from torch import nn
 
-from gaqat.disorder import DisorderTracker
-from gaqat.names import FREEZE_MODES
+from gaqat.disorder import DisorderTracker, WindowSummary
+from gaqat.names import FREEZE_MODES, FREEZE_SCOPES
 from gaqat.optim import SAGM, Closure
+
+
+def layer_of(name: str) -> str:
+    """The module that holds a step size's quantizer, i.e. its conv or linear layer:
+    ``featurizer.3.weight_quantizer`` -> ``featurizer.3`` ("" for a name without a dot)."""
+    return name.rpartition(".")[0]
 
 
 class Freezer:
@@ -27,6 +34,8 @@ class Freezer:
     mode "all": its gradient is set to None, so the optimizer skips it and its value stays
     bit-for-bit (a zero gradient would still move it through Adam's momentum).
     With ``unfreeze`` a frozen step size is released when its D_task is ≥ τ again.
+    scope "layer": a layer's step sizes (grouped by :func:`layer_of`) freeze and unfreeze
+    together, on the mean of their D_task (docs/method.md §6, "Layer-wise freezing").
     """
 
     def __init__(
@@ -38,6 +47,7 @@ class Freezer:
         unfreeze: bool = False,
         warmup_windows: int = 1,
         metric: str = "sign_flip",
+        scope: str = "step_size",
     ):
         if not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
             raise ValueError(
@@ -45,6 +55,8 @@ class Freezer:
             )
         if mode not in FREEZE_MODES:
             raise ValueError(f"Freezer.mode: {mode!r} is not one of {FREEZE_MODES}")
+        if scope not in FREEZE_SCOPES:
+            raise ValueError(f"Freezer.scope: {scope!r} is not one of {FREEZE_SCOPES}")
         if not isinstance(warmup_windows, int) or warmup_windows < 0:
             raise ValueError(
                 f"Freezer.warmup_windows: expected an integer >= 0, got {warmup_windows!r}"
@@ -54,6 +66,10 @@ class Freezer:
         self.mode = mode
         self.unfreeze = bool(unfreeze)
         self.warmup_windows = warmup_windows
+        self.scope = scope
+        self.units: dict[str, list[str]] = {}  # what freezes together, in step-size order
+        for name in self.step_sizes:
+            self.units.setdefault(layer_of(name) if scope == "layer" else name, []).append(name)
         self.tracker = DisorderTracker(self.step_sizes, window, metric)  # checks both
         self.frozen: set[str] = set()
         self.windows_done = 0
@@ -81,27 +97,54 @@ class Freezer:
         ]
         if self.windows_done <= self.warmup_windows:
             return set()
-        frozen_now = set()
-        for s in summaries:
-            if s.name not in self.frozen and s.d_task < self.tau:
-                self.frozen.add(s.name)
-                frozen_now.add(s.name)
-                kind = "freeze"
-            elif s.name in self.frozen and self.unfreeze and s.d_task >= self.tau:
-                self.frozen.discard(s.name)
-                kind = "unfreeze"
-            else:
-                continue
-            self._records.append(
-                {
-                    "kind": kind,
-                    "step": step,
-                    "name": s.name,
-                    "d_task": s.d_task,
-                    "d_smooth": s.d_smooth,
-                }
-            )
+        return self._decide({s.name: s for s in summaries}, step)
+
+    def _decide(self, summaries: Mapping[str, WindowSummary], step: int) -> set[str]:
+        """Freeze (or release) each unit on its D_task, the mean over its step sizes (the
+        step size's own D_task when a unit is one step size). Returns those frozen now."""
+        frozen_now: set[str] = set()
+        for unit, members in self.units.items():
+            rows = [summaries[name] for name in members]
+            d_task = fmean(r.d_task for r in rows)
+            frozen = [r for r in rows if r.name in self.frozen]
+            thawed = [r for r in rows if r.name not in self.frozen]
+            if thawed and d_task < self.tau:
+                self.frozen.update(r.name for r in thawed)
+                frozen_now.update(r.name for r in thawed)
+                self._log("freeze", step, thawed, unit, rows)
+            elif frozen and self.unfreeze and d_task >= self.tau:
+                self.frozen.difference_update(r.name for r in frozen)
+                self._log("unfreeze", step, frozen, unit, rows)
         return frozen_now
+
+    def _log(
+        self,
+        kind: str,
+        step: int,
+        changed: list[WindowSummary],
+        unit: str,
+        rows: list[WindowSummary],
+    ) -> None:
+        """One record per step size changed; with scope "layer", also the layer and the
+        means that decided, so a reader needs no grouping rule of its own."""
+        layer = {}
+        if self.scope == "layer":
+            layer = {
+                "layer": unit,
+                "layer_d_task": fmean(r.d_task for r in rows),
+                "layer_d_smooth": fmean(r.d_smooth for r in rows),
+            }
+        self._records += [
+            {
+                "kind": kind,
+                "step": step,
+                "name": r.name,
+                "d_task": r.d_task,
+                "d_smooth": r.d_smooth,
+                **layer,
+            }
+            for r in changed
+        ]
 
     def edit_grads(self, g_smooth: Mapping[str, torch.Tensor]) -> None:
         """Apply the freeze to the frozen step sizes' ``.grad`` before the optimizer steps."""
@@ -121,8 +164,10 @@ class Freezer:
 
         ``{"kind": "window", "step", "window", "name", "g_task", "g_smooth", "d_task",
         "d_smooth", "frozen"}`` per step size and window ("frozen": during that window), then
-        ``{"kind": "freeze" | "unfreeze", "step", "name", "d_task", "d_smooth"}`` per decision;
-        ``step`` counts observed steps from 1 (docs/method.md §7).
+        ``{"kind": "freeze" | "unfreeze", "step", "name", "d_task", "d_smooth"}`` per step size
+        and decision, with scope "layer" also ``"layer"``, ``"layer_d_task"`` and
+        ``"layer_d_smooth"`` (the layer's means, which decided); ``step`` counts observed
+        steps from 1 (docs/method.md §7).
         """
         records, self._records = self._records, []
         return records

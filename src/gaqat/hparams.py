@@ -37,6 +37,7 @@ from gaqat.names import (
     DISORDER_METRICS,
     FIRST_LAST_POLICIES,
     FREEZE_MODES,
+    FREEZE_SCOPES,
     LR_SCHEDULES,
     PERTURBED_PASS_RNG,
     Recipe,
@@ -228,6 +229,8 @@ def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
         # Disorder compares consecutive steps: a window needs two.
         declare("window", window, lambda r: int(window * 2 ** r.uniform(-1, 1)), Range(2))
         declare("freeze_mode", "task", valid=FREEZE_MODES)
+        # "layer": a layer's step sizes freeze together (a reading of FQAT; method.md §6).
+        declare("freeze_scope", "step_size", valid=FREEZE_SCOPES)
         declare("unfreeze", False)
         declare("disorder_metric", "sign_flip", valid=DISORDER_METRICS)
         # Zero a step size's Adam momentum when it freezes (not in the paper).

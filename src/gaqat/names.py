@@ -76,6 +76,8 @@ FIRST_LAST_POLICIES = ("float", "int8", "same")
 PERTURBED_PASS_RNG = ("replay", "fresh")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward passes, fp32 weights
 FREEZE_MODES = ("task", "all")
+# What freezes together: each step size alone, or a layer's (its weight and input ones).
+FREEZE_SCOPES = ("step_size", "layer")
 BN_FOLDING = ("auto", "on", "off")  # auto: on for FOLDED_BY_DEFAULT
 # The mobile backbones, which deploy to integer runtimes: QAT folds their batch norm.
 FOLDED_BY_DEFAULT = (
