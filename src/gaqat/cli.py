@@ -833,6 +833,96 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- corrupt ----------------------------------------------------------------------------
+
+
+def _add_corrupt(sub: argparse._SubParsersAction) -> None:
+    """``gaqat corrupt``."""
+    p = _subparser(
+        sub,
+        "corrupt",
+        "accuracy of runs on ImageNet-C-style corrupted copies of their evaluation images",
+        "Evaluate each run's last checkpoint on its held-out domains and training-domain "
+        "validation splits, clean and under ImageNet-C's corruptions at severities 1-5 "
+        "(each image under its own seed), write corruptions.jsonl into the run folder "
+        "(re-used by a later call) and print a table; with --baseline, the mean "
+        "corruption error (mCE) and relative mCE against that run. Runs that share their "
+        "images share the corruption work.",
+        _corrupt,
+    )
+    _options_once(p)
+    p.add_argument("runs", nargs="+", type=_path, metavar="RUN", help="run folders")
+    p.add_argument(
+        "--baseline", type=_path, metavar="RUN", help="run the mCE is relative to (evaluated too)"
+    )
+    p.add_argument(
+        "--corruptions",
+        nargs="+",
+        default=["benchmark"],
+        metavar="SPEC",
+        help="benchmark (ImageNet-C's 15), extra (its 4 held-out ones), all, a group "
+        "(noise, blur, weather, digital) or corruption names",
+    )
+    p.add_argument(
+        "--severities",
+        nargs="+",
+        type=_number(int, Range(1, 5)),
+        default=[1, 2, 3, 4, 5],
+        metavar="S",
+        help="severities from 1 to 5",
+    )
+    p.add_argument(
+        "--per-domain",
+        type=_number(int, NON_NEGATIVE),
+        default=1000,
+        help="images of each held-out domain and validation split, spread over it (0: all)",
+    )
+    p.add_argument("--data-dir", type=_folder, help=DATA_DIR_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--figure", type=_png, help="PNG of accuracy against severity per corruption")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="evaluate again a run whose corruptions.jsonl has other settings",
+    )
+    p.add_argument(
+        "--per-corruption",
+        action="store_true",
+        help="also print each run's accuracy per corruption and severity",
+    )
+    p.set_defaults(
+        resume_hint=lambda argv: (
+            "each run's file is written whole or not at all: the same "
+            "command again re-uses the runs already written"
+        )
+    )
+
+
+def _corrupt(args: argparse.Namespace) -> int:
+    from gaqat import corruptions  # lazy: keeps `gaqat --help` free of torch
+    from gaqat.runfolder import file_in_the_way
+
+    names = corruptions.corruption_names(args.corruptions)
+    blocker = None if args.figure is None else file_in_the_way(args.figure.parent)
+    if blocker is not None:
+        raise UsageError(f"--figure {args.figure}: {blocker} is a file, expected a folder")
+    results = corruptions.evaluate_corruptions(
+        args.runs,
+        names,
+        args.severities,
+        args.per_domain,
+        data_dir=args.data_dir,
+        device=args.device,
+        overwrite=args.overwrite,
+        baseline=args.baseline,
+        progress=not args.quiet,
+    )
+    print(corruptions.corruption_table(results, args.baseline, args.per_corruption))
+    if args.figure is not None:
+        print(corruptions.plot_corruptions(results, args.figure))
+    return 0
+
+
 # --- the command ------------------------------------------------------------------------
 
 
@@ -845,7 +935,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gaqat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_data, _add_train, _add_demo, _add_sweep, _add_report, _add_plot, _add_export):
+    for add in (
+        _add_data,
+        _add_train,
+        _add_demo,
+        _add_sweep,
+        _add_report,
+        _add_plot,
+        _add_export,
+        _add_corrupt,
+    ):
         add(sub)
     return parser
 

@@ -6,6 +6,8 @@
 - ``gradients.jsonl``: GAQAT's window summaries and freeze decisions;
 - ``checkpoint.pt``: the latest checkpoint (``gaqat.checkpoint``);
 - ``done``: written last; a folder with it holds a finished run;
+- ``corruptions.jsonl``: its accuracy on corrupted images, written by ``gaqat corrupt``
+  (``gaqat.corruptions``) after training, replaced atomically;
 - ``.lock``: held by the process writing the folder (:func:`locked`);
 - ``.previous/``: a run being overwritten, kept until the new one has its first
   checkpoint (:func:`set_aside`).
@@ -34,9 +36,10 @@ RESULTS = "results.jsonl"
 GRADIENTS = "gradients.jsonl"
 CHECKPOINT = "checkpoint.pt"
 DONE = "done"
+CORRUPTIONS = "corruptions.jsonl"
 LOCK = ".lock"
 PREVIOUS = ".previous"
-RUN_FILES = (RESULTS, GRADIENTS, CHECKPOINT, DONE)
+RUN_FILES = (RESULTS, GRADIENTS, CHECKPOINT, DONE, CORRUPTIONS)  # set aside by an overwrite
 OWN_FILES = (*RUN_FILES, LOCK, PREVIOUS)  # what gaqat writes into a run folder
 
 

@@ -22,6 +22,8 @@ from gaqat.report.aggregate import (
     PAIRED_CSV,
     accuracy_notes,
     accuracy_tables,
+    corruption_note,
+    corruption_tables,
     pair_runs,
     paired_notes,
     paired_tables,
@@ -49,6 +51,7 @@ def report(
 ) -> str:
     r"""The tables of every run below ``dirs``, as markdown, CSV or LaTeX text.
 
+    Runs evaluated by ``gaqat corrupt`` add a table of their corrupted held-out accuracy.
     With ``paired`` (a baseline algorithm) the paired-difference tables replace the
     accuracy tables; CSV has no notes, so its unpaired runs are reported as warnings.
 
@@ -84,8 +87,9 @@ def report(
     names = _selections(selection)
     runs = load_runs(dirs)
     if paired is None:
-        tables = [table for name in names for table in accuracy_tables(runs, name)]
-        header, notes = ACCURACY_CSV, accuracy_notes(runs, names)
+        corrupted = corruption_tables(runs)
+        tables = [table for name in names for table in accuracy_tables(runs, name)] + corrupted
+        header, notes = ACCURACY_CSV, accuracy_notes(runs, names) + corruption_note(corrupted)
     else:
         comparisons = pair_runs(runs, paired)
         tables = [table for name in names for table in paired_tables(comparisons, name)]

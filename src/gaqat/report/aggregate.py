@@ -27,12 +27,14 @@ sample std (ddof=1, the paired t-test's) and the wins/ties/losses of the algorit
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from gaqat.corruptions import load_corruptions
 from gaqat.names import ALGORITHMS
 from gaqat.report.runs import FLOAT_BITS, Run, same_draw
 from gaqat.report.table import Cell, Difference, Label, Mean, Table
@@ -115,6 +117,17 @@ def _row(
         }
         for group in columns
     ]
+    return _mean_row(algorithm, bits, trials, per_column, columns)
+
+
+def _mean_row(
+    algorithm: str,
+    bits: int,
+    trials: int,
+    per_column: list[dict[int, float]],
+    columns: list[dict[int, list[Run]]],
+) -> list[Cell]:
+    """A row's cells from its accuracies per column and trial seed, then their Avg."""
     cells = [
         Mean(tuple(accs.values()), not all(run.complete for run in _runs(group)))
         for accs, group in zip(per_column, columns)
@@ -171,6 +184,68 @@ def accuracy_notes(runs: list[Run], selections: list[str]) -> list[str]:
             "there are none here."
         )
     return notes
+
+
+def corruption_tables(runs: list[Run]) -> list[Table]:
+    """Mean corrupted held-out accuracy (``gaqat corrupt``'s ``corruptions.jsonl``), grouped
+    as :func:`accuracy_tables` groups runs: a row per (algorithm, bits), a column per test
+    domain held out alone, mean ± standard error over trial seeds (several hparams draws of
+    one seed averaged: their files score the last checkpoint, which no selection picks).
+    Runs without the file are left out; a file that cannot be read, with a warning."""
+    results = {}
+    for run in runs:
+        try:
+            result = load_corruptions(run.path.parent)
+        except ValueError as error:
+            warnings.warn(f"{error}; left out of the corrupted accuracy", stacklevel=2)
+            continue
+        if result is not None:
+            results[run.path] = result
+    tables = []
+    groups = _groups([run for run in runs if run.path in results])
+    for dataset in sorted({run.dataset for run in runs if run.path in results}):
+        mine = [run for run in runs if run.dataset == dataset]
+        columns = sorted({run.test_envs[0] for run in mine if len(run.test_envs) == 1})
+        keys = {(run.algorithm, run.bits) for run in mine if run.path in results}
+        rows = []
+        for key in sorted(keys, key=_row_order):
+            cells = [groups.get((dataset, *key, env), {}) for env in columns]
+            per_column = [
+                {
+                    trial: float(np.mean(accs))
+                    for trial, members in sorted(group.items())
+                    if (
+                        accs := [
+                            results[run.path].domain_mean_accuracy(env)
+                            for run in members
+                            if run.test_envs == (env,)
+                        ]
+                    )
+                }
+                for env, group in zip(columns, cells)
+            ]
+            trials = len(set().union(*per_column))
+            rows.append(_mean_row(*key, trials, per_column, cells))
+        tables.append(
+            Table(
+                f"{dataset}: corrupted held-out accuracy",
+                {"selection": "corrupted", "dataset": dataset},
+                ["Algorithm", "Bits", *(mine[0].domains[env] for env in columns), "Avg", "Trials"],
+                rows,
+            )
+        )
+    return tables
+
+
+def corruption_note(tables: list[Table]) -> list[str]:
+    """What the corrupted-accuracy tables show, when there are some."""
+    if not tables:
+        return []
+    return [
+        "Corrupted held-out accuracy (%): each run's last checkpoint (not the one selected), "
+        "mean over the corruptions × severities of its corruptions.jsonl (`gaqat corrupt`; "
+        "compare runs evaluated on the same ones), mean ± standard error over trial seeds."
+    ]
 
 
 # --- paired differences ------------------------------------------------------------------
