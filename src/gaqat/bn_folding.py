@@ -24,6 +24,10 @@ the kind of conv and on the moment:
 5. Export, ONNX integer kernels (``gaqat.export.qdq.onnx_ready``): :func:`fold_keeping_codes`
    folds a BN after a quantized conv without touching its codes: the shift goes into the
    bias, the factor into the weight's (then per-channel) step sizes.
+6. Evaluation of an unfolded pair (:func:`round_folded_shifts`, which
+   ``gaqat.prepare.quantize_model`` calls): the shift that 5 makes an int32 bias is
+   rounded as the runtime rounds it, so that the trained network in eval mode computes
+   what its integer-kernel export does (:class:`ShiftRounding`).
 
 :func:`conv_batchnorm_pairs` finds each BN that a convolution alone feeds (traced with
 torch.fx, so the pairing is the real data flow) for all of them. Folding moves a conv's
@@ -37,7 +41,8 @@ input:
   quantizer saw. The running statistics move after the step, not during it, so that f is
   one constant through every pass and backward of a step;
 - in eval mode, and in training once its statistics are frozen: conv(x̂, Q(W·f)) + β +
-  (b − μ)·f, the deployed layer's arithmetic. A channel whose γ is 0 outputs β, as its
+  (b − μ)·f, the deployed layer's arithmetic (in eval mode with that bias on its int32
+  grid, ``gaqat.quant.BiasQuantizer``). A channel whose γ is 0 outputs β, as its
   unfolded pair would.
 """
 
@@ -50,7 +55,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from gaqat.distributed import batch_statistics, normalise
-from gaqat.quant import QuantConv2d, QuantLinear
+from gaqat.quant import BiasQuantizer, QuantConv2d, QuantLinear, integer_bias
 
 
 class QuantConvBn2d(nn.Module):
@@ -107,7 +112,7 @@ class QuantConvBn2d(nn.Module):
             if conv.bias is not None:
                 y = y + conv.bias.view(1, -1, 1, 1)
             return self._normalise(y)
-        return conv._conv_forward(x, weight, self.folded_bias())
+        return conv._conv_forward(x, weight, conv.quantized_bias(self.folded_bias()))
 
     def _normalise(self, y: torch.Tensor) -> torch.Tensor:
         """Batch norm of ``y`` with its batch statistics, staged for the running ones."""
@@ -187,8 +192,9 @@ def fold_into_quantized_convs(model: nn.Module) -> dict[str, str]:
         if model.get_submodule(bn).affine
     }
     for bn_name, conv_name in pairs.items():
-        bn = model.get_submodule(bn_name)
-        model.set_submodule(conv_name, QuantConvBn2d(model.get_submodule(conv_name), bn))
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        conv.bias_quantizer = BiasQuantizer()  # its bias is the folded one now
+        model.set_submodule(conv_name, QuantConvBn2d(conv, bn))
         model.set_submodule(bn_name, nn.Identity())
     return pairs
 
@@ -278,6 +284,21 @@ def fold_into_float_convs(model: nn.Module, pairs: dict[str, str] | None = None)
     return dict(pairs)
 
 
+def folded_shift(
+    bias: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor γ/σ, shift β − μ·γ/σ + b·γ/σ) of ``bn`` after a conv with ``bias`` (or
+    none), on the running statistics: the one computation of what :func:`fold_keeping_codes`
+    writes and :class:`ShiftRounding` rounds, so that both give the same bits."""
+    factor = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * factor
+    if bn.affine:
+        factor, shift = factor * bn.weight, shift * bn.weight + bn.bias
+    if bias is not None:
+        shift = shift + bias * factor
+    return factor, shift
+
+
 @torch.no_grad()
 def fold_keeping_codes(model: nn.Module) -> dict[str, torch.Tensor]:
     """Fold each BN that alone follows a quantized conv without changing the conv's weights
@@ -287,13 +308,45 @@ def fold_keeping_codes(model: nn.Module) -> dict[str, torch.Tensor]:
     factors = {}
     for bn_name, conv_name in conv_batchnorm_pairs(model, QuantConv2d).items():
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        shift = -bn.running_mean * factor
-        if bn.affine:
-            factor, shift = factor * bn.weight, shift * bn.weight + bn.bias
-        if conv.bias is not None:
-            shift = shift + conv.bias * factor
+        factor, shift = folded_shift(conv.bias, bn)
         conv.bias = nn.Parameter(shift, requires_grad=False)
+        conv.bias_quantizer = BiasQuantizer()  # the folded shift is its bias now
         model.set_submodule(bn_name, nn.Identity())
         factors[conv_name] = factor
     return factors
+
+
+class ShiftRounding(BiasQuantizer):
+    """The bias quantizer of a quantized conv that an unfolded BN follows: in eval mode
+    the conv adds b + d, d = (R − shift)/f, so that the BN after it outputs conv·f + R,
+    where R is the BN's shift rounded to the int32 grid s_x·s_w·|f| that the
+    integer-kernel export gives the folded conv (:func:`fold_keeping_codes`); in
+    training, b (the float bias, or none). A channel whose f is 0 outputs β as before.
+    Holds its BN outside the module tree (no state of its own)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.batch_norm = (bn,)  # a tuple: not a submodule, not in the state dict
+
+    def forward(self, bias, input_quantizer, weight_quantizer):
+        if self.training:
+            return bias
+        factor, shift = folded_shift(bias, self.batch_norm[0])
+        weight_step = weight_quantizer.step_size().flatten() * factor.abs()
+        rounded = integer_bias(shift, input_quantizer.step_size(), weight_step)
+        correction = torch.where(factor == 0, 0.0, (rounded - shift) / factor)
+        return correction if bias is None else bias + correction
+
+
+def round_folded_shifts(model: nn.Module) -> dict[str, str]:
+    """Give each quantized conv that a BN alone follows a :class:`ShiftRounding`, in place;
+    returns the {BN name: conv name} pairs. A model that torch.fx cannot trace keeps
+    float shifts: its integer-kernel export, which traces it too, fails anyway."""
+    try:
+        pairs = conv_batchnorm_pairs(model, QuantConv2d)
+    except Exception:  # whatever stops the tracer: no pair is known
+        return {}
+    for bn_name, conv_name in pairs.items():
+        conv = model.get_submodule(conv_name)
+        conv.bias_quantizer = ShiftRounding(model.get_submodule(bn_name))
+    return pairs

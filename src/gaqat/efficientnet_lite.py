@@ -49,10 +49,15 @@ class SamePad(nn.Module):
         total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
         return total // 2, total - total // 2
 
+    def amounts(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom), as F.pad takes them, for an input of that size (the
+        ONNX export fixes them at its input size: ``gaqat.export.qdq``)."""
+        top, bottom = self._amounts(height)
+        left, right = self._amounts(width)
+        return left, right, top, bottom
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = self._amounts(x.shape[-2])
-        left, right = self._amounts(x.shape[-1])
-        return F.pad(x, (left, right, top, bottom))
+        return F.pad(x, self.amounts(x.shape[-2], x.shape[-1]))
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1):

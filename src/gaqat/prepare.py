@@ -3,15 +3,16 @@
 ``quantize_model`` puts the two steps in order, as torchao's ``qat/api.py`` sits on top of
 its layers: first ``gaqat.quant`` swaps the layers for quantized ones, then, when
 ``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch norm into
-the quantized convolution before it. The layers know nothing of folding; folding builds
-on the layers; this module builds on both.
+the quantized convolution before it, and each batch norm left after one evaluates with
+the shift its integer-kernel export rounds. The layers know nothing of folding; folding
+builds on the layers; this module builds on both.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from gaqat.bn_folding import fold_into_quantized_convs
+from gaqat.bn_folding import fold_into_quantized_convs, round_folded_shifts
 from gaqat.quant import QuantConfig, quantize_layers
 
 __all__ = ["QuantConfig", "quantize_model"]
@@ -42,4 +43,5 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     quantize_layers(model, config)
     if config.fold_batch_norm:
         fold_into_quantized_convs(model)
+    round_folded_shifts(model)  # eval mode: the unfolded pairs' shifts as deployed
     return model

@@ -15,6 +15,10 @@ while the gradient still reaches the raw parameter (straight-through), so a step
 that an optimizer pushed below the floor keeps receiving the gradient that brings it
 back. ``check_step_sizes`` reports (with a warning) any raw step size at or below the
 floor; call it where one host sync costs nothing, e.g. at each evaluation.
+
+A quantized layer's bias trains in float; in eval mode it is the int32 bias that an
+integer runtime adds (:func:`bias_codes`, docs/method.md §2), so that evaluating the model
+is evaluating its deployment.
 """
 
 from __future__ import annotations
@@ -124,6 +128,48 @@ def lsq_quantize(
     if torch.compiler.is_compiling():
         return _lsq_traceable(x, scale, q_min, q_max, grad_scale)
     return _LsqQuantize.apply(x, scale, q_min, q_max, grad_scale)
+
+
+def bias_codes(
+    bias: torch.Tensor, input_step: torch.Tensor, weight_step: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, step): a bias as an integer kernel stores it, in int32 codes
+    round(b / (s_x·s_w)) (half to even, as numpy and ONNX's Round) of the step s_x·s_w
+    (one per output channel when the weight's step size is), in the bias's dtype: the
+    arithmetic of onnxruntime's own bias quantization, which the ONNX export writes and
+    the quantized layers evaluate with. The codes are floats; |codes| above 2^31 - 1 do
+    not fit an int32 (``gaqat.export`` refuses them).
+
+    >>> codes, step = bias_codes(torch.tensor([0.25, 0.75, -0.3]), torch.tensor([0.5]),
+    ...                          torch.tensor([[1.0], [1.0], [0.2]]))  # per channel
+    >>> codes.tolist()  # 0.5 and 1.5 round to even; -0.3 / 0.1 = -2.9999999 -> -3
+    [0.0, 2.0, -3.0]
+    """
+    step = input_step.detach().reshape(()) * weight_step.detach().flatten()
+    return torch.round(bias.detach() / step), step
+
+
+def integer_bias(
+    bias: torch.Tensor, input_step: torch.Tensor, weight_step: torch.Tensor
+) -> torch.Tensor:
+    """``bias`` on the int32 grid of :func:`bias_codes`, codes · s_x·s_w, with a
+    straight-through gradient (an exact zero is added, so the values stay bit for bit)."""
+    codes, step = bias_codes(bias, input_step, weight_step)
+    rounded = codes * step
+    if torch.is_grad_enabled() and bias.requires_grad:
+        return rounded + (bias - bias.detach())
+    return rounded
+
+
+class BiasQuantizer(nn.Module):
+    """The bias of a quantized layer: in training the float bias (gradients unchanged), in
+    eval mode :func:`integer_bias` with the layer's input and weight step sizes. Holds no
+    state; the ONNX export stands an int32 DequantizeLinear in for it."""
+
+    def forward(self, bias: torch.Tensor | None, input_quantizer, weight_quantizer):
+        if self.training or bias is None:
+            return bias
+        return integer_bias(bias, input_quantizer.step_size(), weight_quantizer.step_size())
 
 
 def check_bits(bits: object, field: str) -> int:
@@ -256,7 +302,8 @@ class LsqQuantizer(nn.Module):
 
 
 class _QuantizedLayer:
-    """What QuantConv2d and QuantLinear share: two quantizers and the swap from a float layer.
+    """What QuantConv2d and QuantLinear share: two quantizers, the bias's (eval mode: on
+    the int32 grid s_x·s_w, :class:`BiasQuantizer`) and the swap from a float layer.
 
     Constructed like the float layer, plus ``weight_bits``, ``act_bits`` and ``per_channel``.
     """
@@ -276,6 +323,11 @@ class _QuantizedLayer:
             dtype=dtype,
         )
         self.input_quantizer = LsqQuantizer(act_bits, signed=None, dtype=dtype)
+        self.bias_quantizer = BiasQuantizer()
+
+    def quantized_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``bias`` as the forward pass adds it (call after the quantizers have run)."""
+        return self.bias_quantizer(bias, self.input_quantizer, self.weight_quantizer)
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight_bits: int, act_bits: int, per_channel: bool):
@@ -318,9 +370,8 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(
-            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
-        )
+        x, weight = self.input_quantizer(x), self.weight_quantizer(self.weight)
+        return self._conv_forward(x, weight, self.quantized_bias(self.bias))
 
 
 class QuantLinear(_QuantizedLayer, nn.Linear):
@@ -331,7 +382,8 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
         return (linear.in_features, linear.out_features), {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        x, weight = self.input_quantizer(x), self.weight_quantizer(self.weight)
+        return F.linear(x, weight, self.quantized_bias(self.bias))
 
 
 _QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

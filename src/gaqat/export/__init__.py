@@ -8,6 +8,8 @@ of two formats and checks what it wrote. One module per part:
 - ``layers``: the quantized layers, their integer weight codes, the deployed size;
 - ``intfile``: the ``int`` format (safetensors), ``export_int`` and ``load_int``;
 - ``qdq``: the ``onnx`` format, a QuantizeLinear/DequantizeLinear graph;
+- ``rewrite``: rewrites of the ONNX graph (zero padding into convolutions, INT4 weights
+  widened to INT8 at load);
 - ``verify``: the probe batch and ONNX Runtime's logits;
 - ``evaluate``: the exported file's accuracy on every split of its run, beside PyTorch's;
 - ``output``: where an export may write, and writing all its files or none;
@@ -47,7 +49,7 @@ from gaqat.export.intfile import (
 )
 from gaqat.export.layers import model_sizes, quantized_layers, weight_codes
 from gaqat.export.output import check_output_file, write_outputs
-from gaqat.export.qdq import export_onnx, onnx_bytes, onnx_opset, onnx_ready
+from gaqat.export.qdq import export_onnx, fixes_input_size, onnx_bytes, onnx_opset, onnx_ready
 from gaqat.export.verify import PROBE_BATCH, onnx_logits, onnx_session, probe_inputs
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "onnx_bytes",
     "PROBE_BATCH",
     "probe_inputs",
+    "onnx_session",
     "onnx_logits",
     "SplitAccuracy",
     "evaluate_export",
@@ -211,7 +214,15 @@ def export_checkpoint(
         check_output_file(path, option, checkpoint_path, overwrite)
     model, checkpoint = _load_qat(checkpoint_path)
     splits = run_splits(checkpoint, str(checkpoint_path), data_dir) if evaluate else None
-    input_size = input_size or INPUT_SIZES[checkpoint["model_config"]["arch"]]
+    default_size = splits.image_size if splits else INPUT_SIZES[checkpoint["model_config"]["arch"]]
+    input_size = input_size or default_size
+    if splits and input_size != splits.image_size and fixes_input_size(model, integer_kernels):
+        raise UsageError(
+            f"--input-size {input_size}: with --integer-kernels this network's file takes "
+            f"only images of the side it is exported at (its stride-2 'same' padding "
+            f"becomes fixed convolution padding), but the run's images are "
+            f"{splits.image_size} a side; --evaluate needs --input-size {splits.image_size}"
+        )
     summary = _fold_into_float_convs(model, input_size) if fold_bn else {}
     if fmt == "int":
         files = {out: int_bytes(model, checkpoint, summary.get("folded_bn"))}

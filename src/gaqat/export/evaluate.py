@@ -1,12 +1,13 @@
 """The accuracy of an exported ONNX file on its run's own data: what a device will deliver.
 
 A QAT checkpoint is the fake-quantized model; the ONNX file is what a runtime executes.
-They agree up to rounding, but onnxruntime's integer kernels round the bias and the
-requantisation their own way, which moves near-tie codes, so the deployed accuracy is
-measured rather than assumed. Every split the run itself evaluated (DomainBed's
-``env{i}_in`` and ``env{i}_out``, drawn with the run's trial seed and holdout fraction)
-goes through both, and each row holds PyTorch's accuracy, the file's, and their top-1
-agreement; the held-out domains are the rows that tell how the file generalises.
+The model evaluates with the runtime's int32 biases (``gaqat.quant.bias_codes``), so the
+two agree up to float rounding, which moves an activation code only where it sits on a
+.5 tie; the deployed accuracy is measured rather than assumed. Every split the run
+itself evaluated (DomainBed's ``env{i}_in`` and ``env{i}_out``, drawn with the run's
+trial seed and holdout fraction) goes through both, and each row holds PyTorch's
+accuracy, the file's, and their top-1 agreement; the held-out domains are the rows that
+tell how the file generalises.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ class SplitAccuracy:
 
 @dataclass(frozen=True)
 class RunSplits:
-    """The splits a run evaluated: DomainBed's ``env{i}_in`` / ``env{i}_out`` loaders."""
+    """The splits a run evaluated: DomainBed's ``env{i}_in`` / ``env{i}_out`` loaders, of
+    images ``image_size`` pixels a side."""
 
     domains: tuple[str, ...]
     test_envs: tuple[int, ...]
     loaders: dict[str, DataLoader]
+    image_size: int
 
     def role(self, split: str) -> str:
         env, part = _env_part(split)
@@ -96,7 +99,8 @@ def run_splits(checkpoint: dict, source: str, data_dir: str | Path | None) -> Ru
         augment=False,
         image_size=args.get("image_size"),
     )
-    return RunSplits(tuple(dataset.domains), tuple(meta["test_envs"]), loaders.eval)
+    image_size = args.get("image_size") or dataset.image_size
+    return RunSplits(tuple(dataset.domains), tuple(meta["test_envs"]), loaders.eval, image_size)
 
 
 @torch.no_grad()

@@ -13,6 +13,11 @@ weight whose codes fit in 4 bits (4-bit and 3-bit layers) is stored as a packed 
 initializer instead, at opset 21 (the first with 4-bit DequantizeLinear): the same
 integers, half the bytes.
 
+Biases are what the quantized layers add in eval mode (``gaqat.quant.BiasQuantizer``):
+with integer kernels, int32 codes of the step s_x·s_w followed by DequantizeLinear,
+which onnxruntime's integer convolutions add as they are (codes that an int32 cannot
+hold are refused); in the plain QDQ graph, those values in float.
+
 Rounding: the fake quantizer computes ``x * (1/s)``, QuantizeLinear ``x / s``, and ONNX
 Runtime's convolutions (the stem fused with its BN) sum in another order; any of these
 moves a value by an ulp, which changes an activation code only where the value sits on a
@@ -40,7 +45,17 @@ from gaqat.efficientnet_lite import SamePad
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
 from gaqat.export.output import write_outputs
-from gaqat.quant import QuantConv2d, QuantLinear, lsq_quantize
+from gaqat.export.rewrite import pads_into_convs
+from gaqat.quant import (
+    MIN_STEP,
+    BiasQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    bias_codes,
+    lsq_quantize,
+)
+
+INT32_MAX = 2**31 - 1
 
 
 def onnx_opset(model: nn.Module, integer_kernels: bool = False) -> int:
@@ -57,7 +72,8 @@ def _opset(ready: nn.Module) -> int:
 
 
 class _Dequantize(torch.autograd.Function):
-    """codes * step in PyTorch; DequantizeLinear in ONNX."""
+    """codes * step in PyTorch; DequantizeLinear in ONNX (int8 weight codes, int32 bias
+    codes)."""
 
     @staticmethod
     def forward(ctx, codes, step, per_channel):
@@ -66,7 +82,8 @@ class _Dequantize(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, codes, step, per_channel):
-        zero = g.op("Constant", value_t=torch.zeros(step.type().sizes(), dtype=torch.int8))
+        dtype = torch.int32 if codes.type().scalarType() == "Int" else torch.int8
+        zero = g.op("Constant", value_t=torch.zeros(step.type().sizes(), dtype=dtype))
         if per_channel:
             return g.op("DequantizeLinear", codes, step, zero, axis_i=0)
         return g.op("DequantizeLinear", codes, step, zero)
@@ -116,8 +133,54 @@ class _ExportedWeight(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("step", step.flatten() if self.per_channel else step.view(()))
 
+    def step_size(self) -> torch.Tensor:
+        return self.step
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _Dequantize.apply(self.codes, self.step, self.per_channel)
+
+
+class _ExportedBias(nn.Module):
+    """Stands in for a bias quantizer with the bias the layer adds in eval mode: int32
+    ``values`` (codes) of ``step`` followed by DequantizeLinear, as an integer kernel adds
+    it, or, without ``step``, float values."""
+
+    def __init__(self, values: torch.Tensor, step: torch.Tensor | None = None):
+        super().__init__()
+        self.per_channel = step is not None and step.numel() > 1
+        self.register_buffer("values", values)
+        self.register_buffer("step", step if step is None or self.per_channel else step.view(()))
+
+    def forward(self, bias, input_quantizer, weight_quantizer) -> torch.Tensor:
+        if self.step is None:
+            return self.values
+        return _Dequantize.apply(self.values, self.step, self.per_channel)
+
+
+class _ZeroPad(torch.autograd.Function):
+    """F.pad with zeros in PyTorch; in ONNX one Pad whose amounts are a Constant (F.pad's
+    own export computes them with a chain of nodes), which ``pads_into_convs`` reads."""
+
+    @staticmethod
+    def forward(ctx, x, amounts):
+        return torch.nn.functional.pad(x, amounts)
+
+    @staticmethod
+    def symbolic(g, x, amounts):
+        left, right, top, bottom = amounts
+        pads = torch.tensor([0, 0, top, left, 0, 0, bottom, right], dtype=torch.int64)
+        return g.op("Pad", x, g.op("Constant", value_t=pads), mode_s="constant")
+
+
+class _FixedPad(nn.Module):
+    """Stands in for a SamePad with the amounts it pads at the export's input size."""
+
+    def __init__(self, amounts: tuple[int, int, int, int]):
+        super().__init__()
+        self.amounts = amounts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ZeroPad.apply(x, self.amounts)
 
 
 class _ExportedInput(nn.Module):
@@ -143,6 +206,9 @@ class _ExportedInput(nn.Module):
         self.offset = 128 if unsigned_storage and self.q_min < 0 else 0
         self.register_buffer("step", step.view(()))
 
+    def step_size(self) -> torch.Tensor:
+        return self.step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FakeQuantize.apply(x, self.step, self.q_min, self.q_max, self.offset)
 
@@ -167,7 +233,40 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
         layer = ready.get_submodule(name)
         layer.weight_quantizer = _ExportedWeight(layer, factors.get(name))
         layer.input_quantizer = _ExportedInput(layer, integer_kernels, ceilings.get(name))
+        if layer.bias is not None or type(layer.bias_quantizer) is not BiasQuantizer:
+            layer.bias_quantizer = _exported_bias(name, layer, integer_kernels)
     return ready
+
+
+def _exported_bias(name: str, layer: QuantConv2d | QuantLinear, integer: bool) -> _ExportedBias:
+    """The bias ``layer`` adds in eval mode (with its exported step sizes): int32 codes with
+    ``integer`` kernels, unless the BN after it was left unfolded, else float values."""
+    values = layer.quantized_bias(layer.bias)
+    if not integer or type(layer.bias_quantizer) is not BiasQuantizer:
+        return _ExportedBias(values)
+    input_step, weight_step = layer.input_quantizer.step, layer.weight_quantizer.step
+    codes, step = bias_codes(layer.bias, input_step, weight_step)
+    _check_int32(name, codes, input_step, weight_step)
+    return _ExportedBias(codes.to(torch.int32), step)
+
+
+def _check_int32(name: str, codes: torch.Tensor, input_step, weight_step) -> None:
+    """ValueError naming ``name`` when a bias code does not fit an int32."""
+    channel = int(codes.abs().nan_to_num(float("inf")).argmax())
+    largest = float(codes.flatten()[channel].abs())
+    if largest <= INT32_MAX:
+        return
+    weight_step = weight_step.flatten()[channel if weight_step.numel() > 1 else 0]
+    raise ValueError(
+        f"layer {name}: its int32 bias needs a code of {largest:.4g} (channel {channel}), "
+        f"beyond the int32 range (|code| <= 2^31 - 1 = {INT32_MAX}): the codes are "
+        f"b / (s_x·s_w) with input step size s_x = {float(input_step):.3g} and weight step "
+        f"size s_w = {float(weight_step):.3g} (a folded batch norm's |γ/σ| included), "
+        f"so the step sizes have collapsed towards their floor ({MIN_STEP:g}) or a batch "
+        f"norm's γ is 0; retrain with larger step sizes (fewer steps, a lower learning "
+        f"rate), keep this layer in float (QuantConfig.skip), or export without "
+        f"--integer-kernels (float biases)"
+    )
 
 
 def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
@@ -204,6 +303,34 @@ def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
     return ceilings
 
 
+def fixes_input_size(model: nn.Module, integer_kernels: bool) -> bool:
+    """Whether the ONNX file of ``model`` takes one image side only, the export's: with
+    ``integer_kernels``, EfficientNet's "same" padding (``SamePad``), which depends on the
+    input's size, is written as fixed convolution padding."""
+    return integer_kernels and any(isinstance(m, SamePad) for m in model.modules())
+
+
+def _fix_same_padding(ready: nn.Module, input_size: int) -> bool:
+    """Replace, in place, each SamePad of ``ready`` by the zero padding it gives an
+    ``input_size`` image (found by running one), whose Pad ``pads_into_convs`` merges
+    into the convolution. Returns whether there was one."""
+    pads = {name: m for name, m in ready.named_modules() if isinstance(m, SamePad)}
+    sizes = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: sizes.update({name: args[0].shape}))
+        for name, m in pads.items()
+    ]
+    try:
+        if pads:
+            ready(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, module in pads.items():
+        ready.set_submodule(name, _FixedPad(module.amounts(*sizes[name][-2:])))
+    return bool(pads)
+
+
 def _int4_weights(proto) -> int:
     """Store as INT4 every DequantizeLinear initializer (the weight codes) whose values fit
     in [-8, 7], with its zero point; returns how many. The graph then needs opset 21."""
@@ -216,7 +343,7 @@ def _int4_weights(proto) -> int:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
         codes = numpy_helper.to_array(initializers[node.input[0]])
-        if codes.dtype.kind != "i" or codes.min() < -8 or codes.max() > 7:
+        if codes.dtype != "int8" or codes.min() < -8 or codes.max() > 7:  # weights, not biases
             continue
         for tensor in (initializers[node.input[0]], constants[node.input[2]]):
             values = numpy_helper.to_array(tensor).astype(int4)
@@ -250,10 +377,14 @@ def onnx_bytes(
     image side dynamic) with ``properties`` as JSON metadata, and the opset used.
     ``int4_weights``: 4-bit and 3-bit weight codes as INT4 initializers (opset 21).
     ``integer_kernels``: batch norm folded into the quantized convolutions before it
-    (``onnx_ready``), so that onnxruntime runs them as integer convolutions."""
+    (``onnx_ready``), so that onnxruntime runs them as integer convolutions, and zero
+    padding merged into the convolutions (``rewrite.pads_into_convs``); EfficientNet's
+    "same" padding is fixed at ``input_size``, which then is the file's only image side."""
     onnx = require("onnx")
     ready = onnx_ready(model, integer_kernels)
     opset = _opset(ready)
+    fixed = integer_kernels and _fix_same_padding(ready, input_size)
+    spatial = {} if fixed else {2: "height", 3: "width"}
     traced = io.BytesIO()
     dummy = torch.zeros(1, 3, input_size, input_size)
     with warnings.catch_warnings():
@@ -268,9 +399,11 @@ def onnx_bytes(
             opset_version=opset,
             input_names=["images"],
             output_names=["logits"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+            dynamic_axes={"images": {0: "batch", **spatial}, "logits": {0: "batch"}},
         )
     proto = onnx.load_from_string(traced.getvalue())
+    if integer_kernels:
+        pads_into_convs(proto)
     if int4_weights and _int4_weights(proto):
         opset = 21
         for entry in proto.opset_import:
