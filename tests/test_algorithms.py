@@ -2,6 +2,7 @@
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from helpers import record_components
 from gaqat.algorithms import Algorithm, lr_lambda
 from gaqat.hparams import default_hparams
 from gaqat.models import ModelConfig
-from gaqat.names import ALGORITHMS, get_recipe
+from gaqat.names import ALGORITHMS, Recipe, get_recipe
 from gaqat.quant import lsq_quantize, quantizers, step_sizes
 
 
@@ -20,15 +21,34 @@ def test_unknown_algorithm_lists_the_choices():
         get_recipe("sam_qat")
 
 
-def test_recipes_compose_the_three_choices():
+def test_recipes_compose_the_four_choices():
     assert {n for n, r in ALGORITHMS.items() if r.quantized} == {
         "lsq",
         "lsq_sam",
         "lsq_sagm",
         "gaqat",
+        "lsq_swa",
+        "lsq_swad",
+        "lsq_sam_swad",
+        "lsq_sagm_swad",
+        "gaqat_swad",
     }
-    assert [n for n, r in ALGORITHMS.items() if r.freezing] == ["gaqat"]
+    assert [n for n, r in ALGORITHMS.items() if r.freezing] == ["gaqat", "gaqat_swad"]
     assert get_recipe("lsq_sam").objective == "sam" and get_recipe("sagm").objective == "sagm"
+    assert {n: r.averaging for n, r in ALGORITHMS.items() if r.averaging != "none"} == {
+        "swa": "swa",
+        "swad": "swad",
+        "lsq_swa": "swa",
+        "lsq_swad": "swad",
+        "lsq_sam_swad": "swad",
+        "lsq_sagm_swad": "swad",
+        "gaqat_swad": "swad",
+    }
+    for name, recipe in ALGORITHMS.items():  # an averaged method is its base plus the average
+        base = {"swa": "erm", "swad": "erm"}.get(name, name.removesuffix("_swad"))
+        assert replace(recipe, averaging="none") == get_recipe(base.removesuffix("_swa")), name
+    with pytest.raises(ValueError, match="Recipe.averaging: 'ema' is not one of none, swa, swad"):
+        Recipe(quantized=False, objective="erm", averaging="ema")
 
 
 def test_cosine_schedule_decays_to_zero_and_constant_stays():
@@ -57,6 +77,39 @@ def test_update_reports_the_loss_and_predict_gives_logits(name):
     assert algorithm.scheduler.last_epoch == 3
     if recipe.freezing:
         assert {r["kind"] for r in algorithm.pop_gradient_records()} >= {"window"}
+
+
+def test_an_averaging_algorithm_averages_its_steps_and_recomputes_batch_norm():
+    """SWA over the last half of 4 steps: fed by update, kept in optimizer_state, put into
+    the network (step sizes too) with batch norm recomputed on the batches given."""
+    torch.manual_seed(0)
+    hp = {**default_hparams("lsq_swa", "digits"), "swa_start": 0.5}
+    algorithm = Algorithm("lsq_swa", ModelConfig(), hp, total_steps=4, bits=4)
+    batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    seen = []
+    for _ in range(4):
+        algorithm.update(batch)
+        seen.append(
+            {n: p.detach().double().clone() for n, p in algorithm.network.named_parameters()}
+        )
+    algorithm.average.after_evaluation(4, loss=None)
+    state = copy.deepcopy(algorithm.optimizer_state())
+    assert state["average"]["total"]["count"] == 2
+    window = algorithm.use_average([batch, batch, batch])
+    assert (window.first, window.last) == (3, 4)
+    params = dict(algorithm.network.named_parameters())
+    assert any(".scale" in name for name in params)  # step sizes are averaged too
+    for name, p in params.items():
+        mean = (seen[2][name] + seen[3][name]) / 2
+        assert torch.equal(p.detach(), mean.float()), name
+    tracked = [
+        m.num_batches_tracked
+        for m in algorithm.network.modules()
+        if hasattr(m, "num_batches_tracked")
+    ]
+    assert tracked and all(int(n) == 3 for n in tracked)
+    algorithm.load_optimizer_state(state)  # the average comes back with the optimizer
+    assert algorithm.average.result().count == 2
 
 
 def test_step_sizes_train_at_their_own_learning_rate():

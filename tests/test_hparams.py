@@ -69,6 +69,8 @@ def test_algorithm_specific_keys_only_where_used():
     }
     sam = {"rho", "perturbed_pass_rng"}
     sagm = sam | {"alpha"}
+    swa = {"swa_start", "bn_recompute_steps"}
+    swad = {"n_converge", "n_tolerance", "tolerance_ratio", "bn_recompute_steps"}
     assert extra == {
         "erm": set(),
         "sagm": sagm,
@@ -76,6 +78,13 @@ def test_algorithm_specific_keys_only_where_used():
         "lsq_sam": sam | quant,
         "lsq_sagm": sagm | quant,
         "gaqat": sagm | quant | freezing,
+        "swa": swa,
+        "swad": swad,
+        "lsq_swa": quant | swa,
+        "lsq_swad": quant | swad,
+        "lsq_sam_swad": sam | quant | swad,
+        "lsq_sagm_swad": sagm | quant | swad,
+        "gaqat_swad": sagm | quant | freezing | swad,
     }
     gaqat = default_hparams("gaqat", "PACS")
     assert gaqat["perturbed_pass_rng"] == "replay"
@@ -86,6 +95,20 @@ def test_algorithm_specific_keys_only_where_used():
         "sign_flip",
     )
     assert (gaqat["per_channel"], gaqat["first_last"]) == (False, "float")
+
+
+def test_averaging_defaults_are_swads_release_and_swas_last_quarter():
+    swad = default_hparams("lsq_swad", "PACS")
+    assert (swad["n_converge"], swad["n_tolerance"], swad["tolerance_ratio"]) == (3, 6, 0.3)
+    assert swad["bn_recompute_steps"] == 500
+    assert default_hparams("swa", "digits")["swa_start"] == 0.75
+    draws = [random_hparams("swad", "PACS", seed) for seed in range(5)]
+    assert all(d["n_tolerance"] == 6 for d in draws)  # SWAD's rule is fixed, not searched
+    assert all(0.5 <= random_hparams("swa", "PACS", s)["swa_start"] <= 0.9 for s in range(20))
+    with pytest.raises(ValueError, match=r"swa_start must be a number in \[0, 1\]"):
+        apply_overrides(default_hparams("swa", "PACS"), {"swa_start": 1.5}, "swa", "PACS")
+    with pytest.raises(ValueError, match="n_converge must be an integer >= 1"):
+        apply_overrides(swad, {"n_converge": 0}, "lsq_swad", "PACS")
 
 
 def test_unknown_algorithm_lists_choices():

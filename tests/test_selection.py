@@ -109,3 +109,22 @@ def test_names_are_domainbeds():
         "leave-one-domain-out cross-validation",
         "test-domain validation set (oracle)",
     ]
+
+
+def averaged(record_):
+    """``record_`` as the flagged record of an averaging run's averaged network."""
+    return {**record_, "averaged": True, "averaging": "swad"}
+
+
+def test_every_method_reports_an_averaging_runs_averaged_record():
+    """The averaged record (a poor one here: train-val 0.5) stands for its run, in place
+    of the checkpoint training-domain validation would pick (0.85) and the last one."""
+    run = [*RUN, averaged(record(300, outs=(0.5, 0.5, 0.35), ins=(0.9, 0.9, 0.33)))]
+    assert TrainingDomainValidation().run_acc(run) == (0.5, 0.33)
+    assert OracleSelection().run_acc(run) == (0.35, 0.33)
+    draw = loo_draw(test_in=(0.4, 0.5), val_ins=((0.75, 0.75, 0.75), (0.5, 0.5, 0.5)))
+    last = [averaged(r) for r in draw if r["step"] == 200]  # each run's average at its end
+    assert LeaveOneDomainOut().run_acc(draw) == (0.75, 0.4)
+    assert LeaveOneDomainOut().run_acc(draw + last) == (0.5, 0.5)
+    worse = [record(100, outs=(0.6, 0.6, 0.9), ins=(0.9, 0.9, 0.99), hparams_seed=1)]
+    assert TrainingDomainValidation().sweep_acc(run + worse) == (pytest.approx(0.6), 0.99)

@@ -8,11 +8,13 @@ A new method is a new row in ``gaqat.names.ALGORITHMS``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaqat.averaging import RunningSum, WeightAverage, recompute_batch_norm, weight_average
 from gaqat.bn_folding import FoldedStatistics
 from gaqat.distributed import data_parallel, synchronise_batch_norm
 from gaqat.freezing import GAQAT, Freezer
@@ -67,6 +69,9 @@ class Algorithm:
       ``predict`` use ``network``.
     - ``folded_statistics``: when the folded layers switch to their running statistics;
       None without folded layers.
+    - ``average``: the weights averaged over steps (``gaqat.averaging``: SWA, SWAD), fed
+      after every step; None for a recipe without averaging. ``use_average`` puts the
+      average into ``network`` at the end of the run.
 
     Example::
 
@@ -143,6 +148,9 @@ class Algorithm:
         if self.quant_config is not None and self.quant_config.fold_batch_norm:
             freeze_step = round(hparams["bn_freeze_at"] * total_steps)
             self.folded_statistics = FoldedStatistics(self.network, freeze_step)
+        self.average: WeightAverage | None = weight_average(
+            self.network, self.recipe.averaging, hparams, total_steps
+        )
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -238,6 +246,8 @@ class Algorithm:
         if self.folded_statistics is not None:
             self.folded_statistics.after_step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.after_step(self.scheduler.last_epoch)
         stats = {"loss": loss.detach()}  # on the device: reading it would wait for the step
         if self.freezer is not None:
             stats["n_frozen"] = len(self.freezer.frozen)
@@ -253,11 +263,35 @@ class Algorithm:
         """GAQAT's window summaries and freeze decisions since the last call."""
         return self.freezer.pop_records() if self.freezer is not None else []
 
+    def use_average(self, batches: Iterable[list[tuple[torch.Tensor, torch.Tensor]]]) -> RunningSum:
+        """Replace the network's weights by their average and recompute its batch-norm
+        statistics on ``batches`` (each one minibatch per training domain, as ``update``
+        takes them), under the training passes' precision and memory layout; returns the
+        averaged window (its first and last step, how many)."""
+        if self.average is None:
+            raise ValueError(f"algorithm {self.name!r} averages no weights (Recipe.averaging)")
+        window = self.average.apply()
+        device = next(self.network.parameters()).device
+        inputs = (
+            torch.cat([x for x, _ in minibatches])
+            .to(device, non_blocking=True)
+            .contiguous(memory_format=self.memory_format)
+            for minibatches in batches
+        )
+        with self._autocast(device):
+            recompute_batch_norm(self.network, inputs)
+        return window
+
     def optimizer_state(self) -> dict:
         """Everything but the network's weights (which checkpoints store once, as "model"):
-        optimizer moments, freezer and tracker, learning-rate schedule."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        optimizer moments, freezer and tracker, learning-rate schedule, weight average."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])

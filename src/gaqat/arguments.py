@@ -24,6 +24,7 @@ from gaqat.data.multidomain import MultiDomainDataset
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.models import ModelConfig
 from gaqat.names import (
+    ALGORITHMS,
     BITS_RANGE,
     PRECISIONS,
     SCRATCH_ARCHITECTURES,
@@ -192,6 +193,9 @@ def check_arguments(config: TrainConfig) -> dict:
         return _check_arguments(config)
 
 
+_QAT_METHODS = [name for name, recipe in ALGORITHMS.items() if recipe.quantized]
+
+
 def _check_arguments(config: TrainConfig) -> dict:
     recipe = get_recipe(config.algorithm)
     if recipe.quantized:
@@ -204,7 +208,7 @@ def _check_arguments(config: TrainConfig) -> dict:
     elif config.bits is not None:
         raise UsageError(
             f"--bits {config.bits}: {config.algorithm} trains a float model; "
-            f"--bits is for the QAT methods (lsq, lsq_sam, lsq_sagm, gaqat)"
+            f"--bits is for the QAT methods ({', '.join(_QAT_METHODS)})"
         )
     for option, value in (
         ("--steps", config.steps),

@@ -130,7 +130,8 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     in the order records list them.
 
     Which keys a method has follows its recipe (``gaqat.algorithms``): the flatness
-    objective's ``rho`` (and SAGM's ``alpha``), the quantizers', the freezer's.
+    objective's ``rho`` (and SAGM's ``alpha``), the quantizers', the freezer's,
+    the weight average's.
     """
     recipe = get_recipe(algorithm)  # an unknown name is an error listing the choices
     dataset = canonical_dataset(dataset)
@@ -148,6 +149,7 @@ def _declare(algorithm: str, dataset: str) -> dict[str, Hparam]:
     _model_and_optimisation(declare, dataset, recipe.quantized)
     _run_length(declare, dataset)
     _method(declare, dataset, recipe)
+    _averaging(declare, recipe)
     return hp
 
 
@@ -235,6 +237,21 @@ def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
         declare("disorder_metric", "sign_flip", valid=DISORDER_METRICS)
         # Zero a step size's Adam momentum when it freezes (not in the paper).
         declare("freeze_resets_momentum", False)
+
+
+def _averaging(declare: Declare, recipe: Recipe) -> None:
+    """The weight average's keys (``gaqat.averaging``): SWA's start, SWAD's window rule with
+    the defaults of its release (khanrc/swad's config.yaml; SWAD fixes them, so they are
+    not searched), and the training batches its batch-norm statistics are recomputed on
+    (SWAD's release: 500; 0 keeps the last step's statistics)."""
+    if recipe.averaging == "swa":
+        declare("swa_start", 0.75, lambda r: r.uniform(0.5, 0.9), FRACTION)  # of the steps
+    if recipe.averaging == "swad":
+        declare("n_converge", 3, valid=AT_LEAST_ONE)
+        declare("n_tolerance", 6, valid=AT_LEAST_ONE)
+        declare("tolerance_ratio", 0.3, valid=NON_NEGATIVE)
+    if recipe.averaging != "none":
+        declare("bn_recompute_steps", 500, valid=NON_NEGATIVE)
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:

@@ -11,18 +11,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Which weights a run reports: the last step's, or an average over steps (gaqat.averaging).
+AVERAGING = ("none", "swa", "swad")
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method as three independent choices: float or quantized model, the objective
-    ("erm", "sam" or "sagm"), and whether step sizes are frozen by their disorder."""
+    """A method as four independent choices: float or quantized model, the objective
+    ("erm", "sam" or "sagm"), whether step sizes are frozen by their disorder, and which
+    weights the run reports (``AVERAGING``: the last step's, SWA's or SWAD's average)."""
 
     quantized: bool
     objective: str
     freezing: bool = False
+    averaging: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.averaging not in AVERAGING:
+            raise ValueError(
+                f"Recipe.averaging: {self.averaging!r} is not one of {', '.join(AVERAGING)}"
+            )
 
 
-# The methods, in the order of the paper's table: float, QAT baselines, GAQAT.
+# The methods: the paper's table (float, QAT baselines, GAQAT), then weight averaging on top.
 ALGORITHMS: dict[str, Recipe] = {
     "erm": Recipe(quantized=False, objective="erm"),
     "sagm": Recipe(quantized=False, objective="sagm"),
@@ -30,6 +41,13 @@ ALGORITHMS: dict[str, Recipe] = {
     "lsq_sam": Recipe(quantized=True, objective="sam"),
     "lsq_sagm": Recipe(quantized=True, objective="sagm"),
     "gaqat": Recipe(quantized=True, objective="sagm", freezing=True),
+    "swa": Recipe(quantized=False, objective="erm", averaging="swa"),
+    "swad": Recipe(quantized=False, objective="erm", averaging="swad"),  # DomainBed's SWAD
+    "lsq_swa": Recipe(quantized=True, objective="erm", averaging="swa"),
+    "lsq_swad": Recipe(quantized=True, objective="erm", averaging="swad"),
+    "lsq_sam_swad": Recipe(quantized=True, objective="sam", averaging="swad"),
+    "lsq_sagm_swad": Recipe(quantized=True, objective="sagm", averaging="swad"),
+    "gaqat_swad": Recipe(quantized=True, objective="sagm", freezing=True, averaging="swad"),
 }
 
 

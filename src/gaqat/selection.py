@@ -20,6 +20,11 @@ group that shares ``args.hparams_seed``.
   ``out`` accuracy chooses among draws, its ``in`` accuracy is reported. It looks at the
   test domain, so it is an upper bound, never a result to claim.
 
+A run that averages its weights (SWA, SWAD: ``gaqat.averaging``) reports its averaged
+network: its records include one flagged ``"averaged": true`` at the last step, and every
+method scores that record alone, in place of the run's checkpoints (DomainBed's own tools,
+which know no flag, take it as one more record of the last step).
+
 A group reports the draw with the highest validation accuracy. Ties, as DomainBed breaks
 them: within a draw the earliest checkpoint (the oracle: the last record of the last
 step); among draws the higher hparams seed (DomainBed sorts draws by hparams seed, then
@@ -45,6 +50,12 @@ def count_domains(record: dict) -> int:
 def _alone(records: list[dict]) -> list[dict]:
     """The records of runs holding out a single domain: the only ones scored."""
     return [r for r in records if len(r["args"]["test_envs"]) == 1]
+
+
+def _reported(records: list[dict]) -> list[dict]:
+    """The records that stand for their runs: the averaged ones where there are any."""
+    averaged = [r for r in records if r.get("averaged")]
+    return averaged or records
 
 
 def _grouped(records: list[dict], key: Callable[[dict], int]) -> list[list[dict]]:
@@ -84,7 +95,7 @@ class TrainingDomainValidation(SelectionMethod):
     name = "training-domain validation set"
 
     def run_acc(self, records: list[dict]) -> Accs | None:
-        return _best([self._step_acc(r) for r in _alone(records)])
+        return _best([self._step_acc(r) for r in _alone(_reported(records))])
 
     @staticmethod
     def _step_acc(record: dict) -> Accs:
@@ -99,7 +110,8 @@ class LeaveOneDomainOut(SelectionMethod):
     name = "leave-one-domain-out cross-validation"
 
     def run_acc(self, records: list[dict]) -> Accs | None:
-        return _best([self._step_acc(step) for step in _grouped(records, lambda r: r["step"])])
+        steps = _grouped(_reported(records), lambda r: r["step"])
+        return _best([self._step_acc(step) for step in steps])
 
     @staticmethod
     def _step_acc(records: list[dict]) -> Accs | None:
@@ -123,7 +135,7 @@ class OracleSelection(SelectionMethod):
     name = "test-domain validation set (oracle)"
 
     def run_acc(self, records: list[dict]) -> Accs | None:
-        alone = _alone(records)
+        alone = _alone(_reported(records))
         if not alone:
             return None
         last = sorted(alone, key=lambda r: r["step"])[-1]

@@ -3,10 +3,13 @@
 The output folder holds what DomainBed's tools and ours read:
 
 - ``results.jsonl``: one record per checkpoint (DomainBed's keys, plus ``bits`` and
-  ``n_frozen`` for QAT runs);
+  ``n_frozen`` for QAT runs, ``val_loss`` for averaging runs), and for a run that
+  averages its weights (``gaqat.averaging``) one more at the last step, the averaged
+  network's, flagged ``"averaged": true``: the run's result;
 - ``gradients.jsonl``: GAQAT's window summaries and freeze decisions (the figures' data);
-- ``checkpoint.pt``: model, optimizer (freezer and tracker included), scheduler, RNG
-  states and step, replaced atomically at every checkpoint;
+- ``checkpoint.pt``: model, optimizer (freezer, tracker and weight average included),
+  scheduler, RNG states and step, replaced atomically at every checkpoint; at the end of
+  an averaging run its model is the averaged one;
 - ``done``: written last; a folder with it is a finished run.
 
 A run goes in three stages. :func:`check` (:mod:`gaqat.arguments`) validates every
@@ -22,16 +25,19 @@ that was never killed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gaqat import distributed
 from gaqat.algorithms import Algorithm
@@ -239,10 +245,10 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
             if done % freq and done != steps:
                 continue
             window = _close_window(loop, done)  # every rank: the collectives
+            records = _records(loop, done, window, stats)  # rank 0's lines; [] on the others
             if world.main:  # the others wait at the barrier while rank 0 writes
-                record = _record(loop, done, window, stats)
-                _save(loop, done, window, record)
-                targets = [record[f"env{e}_in_acc"] for e in config.test_envs]
+                _save(loop, done, window, records)
+                targets = [records[-1][f"env{e}_in_acc"] for e in config.test_envs]
                 bar.set_postfix(loss=f"{window.loss:.3f}", target=f"{np.mean(targets):.3f}")
             distributed.barrier(world)
             loop.losses, loop.tic = [], time.perf_counter()
@@ -409,16 +415,55 @@ def _close_window(loop: _Loop, done: int) -> _Window:
     return _Window(loss, step_time, gradient_records, rng_ranks)
 
 
-def _record(loop: _Loop, done: int, window: _Window, stats: dict) -> dict:
-    """The results.jsonl line of the checkpoint at step ``done``."""
+def _records(loop: _Loop, done: int, window: _Window, stats: dict) -> list[dict]:
+    """The results.jsonl lines of the checkpoint at step ``done``, on rank 0: the network's;
+    at the last step of a run that averages its weights, the averaged network's after it.
+
+    Every rank keeps the weight average, fed rank 0's validation loss."""
+    plan, average = loop.plan, loop.algorithm.average
+    records = []
+    if plan.world.main:
+        timing = {"step_time": window.step_time, "mem_gb": _peak_memory_gb(plan.device)}
+        records.append(_record(loop, done, stats, loss=window.loss, **timing))
+    if average is not None:
+        val_loss = records[0]["val_loss"] if records else None
+        average.after_evaluation(done, distributed.broadcast(val_loss, plan.world))
+        if done == plan.hparams["steps"]:
+            records += _averaged_records(loop, done, stats)
+    return records
+
+
+def _averaged_records(loop: _Loop, done: int, stats: dict) -> list[dict]:
+    """Every rank: the network takes its averaged weights, its batch norm recomputed on
+    (its shard of) the training batches after step ``done``; rank 0: the averaged
+    network's record, flagged."""
     plan = loop.plan
-    record = evaluate(loop.algorithm, loop.loaders.eval, plan.device)
+    batches = loop.loaders.train_batches(done, shard=plan.world.shard)
+    window = loop.algorithm.use_average(
+        itertools.islice(batches, plan.hparams["bn_recompute_steps"])
+    )
+    if not plan.world.main:
+        return []
+    flags = {
+        "averaged": True,
+        "averaging": plan.recipe.averaging,
+        "average_start_step": window.first,
+        "average_end_step": window.last,
+        "averaged_steps": window.count,
+    }
+    return [_record(loop, done, stats, **flags)]
+
+
+def _record(loop: _Loop, done: int, stats: dict, **fields) -> dict:
+    """A results.jsonl line for the network as it is at step ``done``: its accuracies (and
+    validation loss, in an averaging run), the step, ``fields``, the run's settings."""
+    plan = loop.plan
+    validation = loop.loaders.train_envs if plan.recipe.averaging != "none" else ()
+    record = evaluate(loop.algorithm, loop.loaders.eval, plan.device, validation)
     record.update(
         step=done,
         epoch=done / loop.steps_per_epoch,
-        loss=window.loss,
-        step_time=window.step_time,
-        mem_gb=_peak_memory_gb(plan.device),
+        **fields,
         hparams=plan.hparams,
         args=loop.args,
     )
@@ -429,13 +474,13 @@ def _record(loop: _Loop, done: int, window: _Window, stats: dict) -> dict:
     return record
 
 
-def _save(loop: _Loop, done: int, window: _Window, record: dict) -> None:
+def _save(loop: _Loop, done: int, window: _Window, records: list[dict]) -> None:
     """Rank 0 writes the window's lines and the checkpoint of step ``done``; a run being
     overwritten goes once this one has a checkpoint."""
     checkpoint = _checkpoint(loop, done)
     if window.rng_ranks is not None:
         checkpoint["rng_ranks"] = window.rng_ranks
-    _write_checkpoint(loop.out, checkpoint, window.gradient_records, record, loop.saved_step)
+    _write_checkpoint(loop.out, checkpoint, window.gradient_records, records, loop.saved_step)
     settle(loop.out, keep_new=True)
     loop.saved_step = done
 
@@ -469,7 +514,7 @@ def _checkpoint(loop: _Loop, step: int) -> dict:
 
 
 def _write_checkpoint(
-    out: Path, checkpoint: dict, gradient_records: list, record: dict, saved_step: int | None
+    out: Path, checkpoint: dict, gradient_records: list, records: list, saved_step: int | None
 ) -> None:
     """The lines first, then the checkpoint that covers them. A failed write (torch reports
     a full disk as ``[enforce fail at inline_container.cc]``) becomes one paragraph that
@@ -477,7 +522,7 @@ def _write_checkpoint(
     resume."""
     try:
         append_jsonl(out / GRADIENTS, gradient_records)
-        append_jsonl(out / RESULTS, [record])
+        append_jsonl(out / RESULTS, records)
         save_atomic(checkpoint, out / CHECKPOINT)
     except (OSError, RuntimeError) as error:
         cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -582,19 +627,32 @@ def _peak_memory_gb(device: torch.device) -> float | None:
 
 
 @torch.no_grad()
-def accuracy(algorithm: Algorithm, loader, device: torch.device) -> float:
+def _scores(algorithm: Algorithm, loader, device: torch.device) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over ``loader``."""
     correct = total = 0
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct += (algorithm.predict(x).argmax(1) == y).sum()
+        logits = algorithm.predict(x)
+        correct += (logits.argmax(1) == y).sum()
+        loss += F.cross_entropy(logits, y, reduction="sum")
         total += len(y)
-    return float(correct) / total
+    return float(correct) / total, float(loss) / total
 
 
-def evaluate(algorithm: Algorithm, loaders: dict, device: torch.device) -> dict[str, float]:
-    """``{"env0_in_acc": ..., "env0_out_acc": ...}`` over every split (DomainBed's keys)."""
+def evaluate(
+    algorithm: Algorithm, loaders: dict, device: torch.device, validation_envs: Sequence[int] = ()
+) -> dict[str, float]:
+    """``{"env0_in_acc": ..., "env0_out_acc": ...}`` over every split (DomainBed's keys);
+    with ``validation_envs`` (the training domains) also ``val_loss``, the mean over them
+    of the mean cross-entropy on their ``out`` split: the loss SWAD's window follows (its
+    release's ``tr_outloss``)."""
     check_step_sizes(algorithm.network)  # warns if an optimizer drove one to the floor
-    return {f"{name}_acc": accuracy(algorithm, loader, device) for name, loader in loaders.items()}
+    scores = {name: _scores(algorithm, loader, device) for name, loader in loaders.items()}
+    record = {f"{name}_acc": acc for name, (acc, _) in scores.items()}
+    if validation_envs:
+        record["val_loss"] = float(np.mean([scores[f"env{i}_out"][1] for i in validation_envs]))
+    return record
 
 
 def _change_lr(algorithm: Algorithm, new_lr: float) -> float:
@@ -613,9 +671,12 @@ def _change_lr(algorithm: Algorithm, new_lr: float) -> float:
 
 def run_summary(folder: Path) -> str:
     """What ``gaqat train`` prints at the end: held-out accuracy at the checkpoint that
-    training-domain validation selects and at the last one, and where the files are."""
+    training-domain validation selects and at the last one (before them, an averaging
+    run's result: its averaged weights'), and where the files are."""
     folder = Path(folder)
     records = [record for _, record in read_jsonl(folder / RESULTS)]
+    averaged = [r for r in records if r.get("averaged")]
+    records = [r for r in records if not r.get("averaged")]
     last = records[-1]
     domains, test_envs = last["args"]["domains"], last["args"]["test_envs"]
     train_envs = [i for i in range(len(domains)) if i not in test_envs]
@@ -624,9 +685,17 @@ def run_summary(folder: Path) -> str:
         f"finished {folder}: {RESULTS}, {CHECKPOINT}"
         + (f", {GRADIENTS}" if (folder / GRADIENTS).exists() else "")
     ]
+    average = averaged[-1] if averaged else None
     for e in test_envs:
+        result = (
+            f"{100 * average[f'env{e}_in_acc']:.1f}% with the {average['averaging'].upper()} "
+            f"average of steps {average['average_start_step']}-{average['average_end_step']} "
+            f"(the run's result); "
+            if average
+            else ""
+        )
         lines.append(
-            f"  held-out {domains[e]}: {100 * best[f'env{e}_in_acc']:.1f}% at step "
+            f"  held-out {domains[e]}: {result}{100 * best[f'env{e}_in_acc']:.1f}% at step "
             f"{best['step']} (training-domain validation), "
             f"{100 * last[f'env{e}_in_acc']:.1f}% at the last step {last['step']}"
         )
