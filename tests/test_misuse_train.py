@@ -302,3 +302,22 @@ def test_a_full_disk_names_the_folder_and_the_resume_command(
     assert not (run / DONE).exists()
     assert cli.main(_train(run, digits_dir, "--quiet", "--resume", freq=1)) == 0
     assert [json.loads(line)["step"] for line in (run / RESULTS).read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_run_written_before_a_hyperparameter_existed_resumes_at_its_default(
+    tmp_path, digits_dir, monkeypatch
+):
+    failing = save_failing_at_the_second_checkpoint(lambda path: RuntimeError("disk full"))
+    monkeypatch.setattr(torch, "save", failing)
+    run = tmp_path / "run"
+    argv = _train(run, digits_dir, "--quiet", "--algorithm", "gaqat", "--bits", "4", freq=1)
+    argv += ["--from-scratch"]
+    assert cli.main(argv) == 1
+    monkeypatch.undo()
+    checkpoint = torch.load(run / CHECKPOINT, weights_only=False)
+    del checkpoint["hparams"]["freeze_scope"]  # as gaqat wrote it before the option
+    torch.save(checkpoint, run / CHECKPOINT)
+    other = _with_hparams(argv, {"freeze_scope": "layer"})
+    assert cli.main([*other, "--resume"]) == 2  # not the run's (default) value
+    assert cli.main([*argv, "--resume"]) == 0

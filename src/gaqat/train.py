@@ -46,6 +46,7 @@ from gaqat.checkpoint import load_checkpoint, save_atomic
 from gaqat.data import check_same_data, dataset_record
 from gaqat.data.loaders import DomainLoaders, make_loaders
 from gaqat.errors import UsageError, as_usage_errors
+from gaqat.hparams import default_hparams
 from gaqat.progress import progress
 from gaqat.quant import check_step_sizes
 from gaqat.runfolder import (
@@ -115,6 +116,8 @@ RESUME_FIELDS = {
 
 def _stored_identity(checkpoint: dict) -> dict:
     meta, args = checkpoint["meta"], checkpoint["args"]
+    # A hyperparameter added after the run was written: the run had its default behaviour.
+    hparams = {**default_hparams(meta["algorithm"], meta["dataset"]), **checkpoint["hparams"]}
     return {
         "dataset": meta["dataset"],
         "algorithm": meta["algorithm"],
@@ -124,7 +127,7 @@ def _stored_identity(checkpoint: dict) -> dict:
         "hparams_seed": args["hparams_seed"],
         "image_size": args.get("image_size"),
         "precision": args.get("precision", "fp32"),  # runs from before the option: fp32
-        **{f"hparams.{k}": v for k, v in checkpoint["hparams"].items()},
+        **{f"hparams.{k}": v for k, v in hparams.items()},
     }
 
 
