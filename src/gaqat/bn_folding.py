@@ -55,7 +55,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from gaqat.distributed import batch_statistics, normalise
-from gaqat.quant import BiasQuantizer, QuantConv2d, QuantLinear, integer_bias
+from gaqat.quant import BiasQuantizer, LsqQuantizer, QuantConv2d, QuantLinear, integer_bias
 
 
 class QuantConvBn2d(nn.Module):
@@ -143,13 +143,13 @@ class QuantConvBn2d(nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    """Treats quantized layers, and modules with neither children nor parameters (such as
-    EfficientNet's shape-dependent padding), as opaque calls: only the data flow between
-    modules matters."""
+    """Treats quantized layers, quantizers (the residual stream's, ``gaqat.residual``), and
+    modules with neither children nor parameters (such as EfficientNet's shape-dependent
+    padding), as opaque calls: only the data flow between modules matters."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         stateless = next(m.children(), None) is None and next(m.parameters(), None) is None
-        quantized = isinstance(m, (QuantConv2d, QuantLinear, QuantConvBn2d))
+        quantized = isinstance(m, (QuantConv2d, QuantLinear, QuantConvBn2d, LsqQuantizer))
         return quantized or stateless or super().is_leaf_module(m, qualname)
 
 

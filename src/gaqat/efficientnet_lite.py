@@ -90,12 +90,15 @@ class MBConv(nn.Module):
         self._bn2 = nn.BatchNorm2d(out_ch, **_BN)
         self.skip = stride == 1 and in_ch == out_ch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The block without its skip: expansion, depthwise conv, projection."""
         if hasattr(self, "_expand_conv"):
-            y = self._act0(self._bn0(self._expand_conv(y)))
-        y = self._act1(self._bn1(self._depthwise(y)))
-        y = self._bn2(self._project_conv(y))
+            x = self._act0(self._bn0(self._expand_conv(x)))
+        x = self._act1(self._bn1(self._depthwise(x)))
+        return self._bn2(self._project_conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.branch(x)
         return x + y if self.skip else y
 
 

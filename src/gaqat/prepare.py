@@ -1,7 +1,9 @@
 """Preparing a float model for quantization-aware training: the one call a user makes.
 
-``quantize_model`` puts the two steps in order, as torchao's ``qat/api.py`` sits on top of
+``quantize_model`` puts the steps in order, as torchao's ``qat/api.py`` sits on top of
 its layers: first ``gaqat.quant`` swaps the layers for quantized ones, then, when
+``QuantConfig.residual_bits`` says so, ``gaqat.residual`` puts quantizers on the
+residual stream of the mobile nets' residual blocks, then, when
 ``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch norm into
 the quantized convolution before it, and each batch norm left after one evaluates with
 the shift its integer-kernel export rounds. The layers know nothing of folding; folding
@@ -14,6 +16,7 @@ from torch import nn
 
 from gaqat.bn_folding import fold_into_quantized_convs, round_folded_shifts
 from gaqat.quant import QuantConfig, quantize_layers
+from gaqat.residual import quantize_residuals
 
 __all__ = ["QuantConfig", "quantize_model"]
 
@@ -41,6 +44,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         torch.Size([2, 10])
     """
     quantize_layers(model, config)
+    if config.residual_bits is not None:
+        quantize_residuals(model, config.residual_bits)
     if config.fold_batch_norm:
         fold_into_quantized_convs(model)
     round_folded_shifts(model)  # eval mode: the unfolded pairs' shifts as deployed

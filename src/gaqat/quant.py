@@ -399,7 +399,10 @@ class QuantConfig:
     get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
     module names (a layer, or a container whose layers all stay float).
     ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in;
-    read by ``gaqat.prepare.quantize_model``, not by this module's :func:`quantize_layers`.
+    ``residual_bits``: LSQ quantizers of that width on the residual stream of the mobile
+    nets' residual blocks (``gaqat.residual``; None, the default of old checkpoints, or 0:
+    none). Both read by ``gaqat.prepare.quantize_model``, not by this module's
+    :func:`quantize_layers`.
     """
 
     weight_bits: int = 4
@@ -409,10 +412,15 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     depthwise_per_channel: bool = True  # last ones: positional construction stays as it was
     fold_batch_norm: bool = False
+    residual_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "QuantConfig.weight_bits")
         check_bits(self.act_bits, "QuantConfig.act_bits")
+        if self.residual_bits == 0 and not isinstance(self.residual_bits, bool):
+            object.__setattr__(self, "residual_bits", None)  # 0: off, stored as None
+        if self.residual_bits is not None:
+            check_bits(self.residual_bits, "QuantConfig.residual_bits")
         for name in ("per_channel", "depthwise_per_channel", "fold_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(

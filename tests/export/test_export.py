@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from copy import deepcopy
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gaqat import cli, export
-from gaqat.bn_folding import update_running_statistics
+from gaqat.bn_folding import deployable, update_running_statistics
 from gaqat.checkpoint import save_atomic
 from gaqat.data import load_dataset
 from gaqat.data.loaders import make_loaders
@@ -581,3 +582,54 @@ def test_relu6_and_signed_inputs_become_integer_ranges_with_the_same_logits(
     onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
     assert ops.count("QLinearConv") == 2
+
+
+def _optimised_ops(onnx, onnxruntime, path, tmp_path) -> list[str]:
+    """The node types of ``path``'s graph after onnxruntime's CPU optimisations."""
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+
+
+def test_residual_quantizers_make_mobilenet_v2_one_integer_region(
+    tmp_path, onnx, onnxruntime, safetensors_torch
+):
+    """QuantConfig.residual_bits: 8-bit quantizers on the residual stream (the projections'
+    outputs, the first skip of each run of residual blocks, the adds' outputs). With
+    --integer-kernels onnxruntime then runs 50 of the 51 quantized convs as QLinearConv
+    (35 without; the last 1x1 conv feeds the float pooling) and all 10 residual adds as
+    QLinearAdd (float Add without), and agrees with PyTorch; the QDQ file and the int
+    file carry the new quantizers too."""
+    torch.manual_seed(0)
+    quant = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8)
+    model = quantize_model(build_model(ModelConfig(arch="mobilenet_v2_compact")), quant)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # one batch: its own statistics
+    images = torch.randn(8, 3, 32, 32)
+    model(images)  # initialises the quantizers
+    update_running_statistics(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+    path = tmp_path / "integer.onnx"
+    export.export_onnx(model, path, 32, integer_kernels=True)
+    ops = _optimised_ops(onnx, onnxruntime, path, tmp_path)
+    assert len(export.quantized_layers(model)) == 51
+    assert ops.count("QLinearConv") == 50 and ops.count("QLinearAdd") == 10
+    assert ops.count("Conv") == 1 and "Add" not in ops  # the last 1x1 conv; the stem: FusedConv
+    integer = export.onnx_logits(path, images)
+    assert torch.equal(integer.argmax(1), expected.argmax(1))
+    assert float((integer - expected).abs().max()) < 1e-4
+    # The plain QDQ file: one QuantizeLinear more per residual quantizer (25), signed: int8.
+    plain = tmp_path / "plain.onnx"
+    export.export_onnx(model, plain, 32)
+    nodes = onnx.load(str(plain)).graph.node
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == 51 + 25
+    assert float((export.onnx_logits(plain, images) - expected).abs().max()) < 1e-4
+    header = {"model_config": ModelConfig(arch="mobilenet_v2_compact").to_dict()}
+    header |= {"quant_config": asdict(quant), "meta": {"bits": 4}}
+    export.export_int(deployable(deepcopy(model)), tmp_path / "model.safetensors", header)
+    with torch.no_grad():
+        assert torch.equal(export.load_int(tmp_path / "model.safetensors")(images), expected)

@@ -2,7 +2,8 @@
 
 Per quantized layer the weight codes ``round(clamp(w/s))`` as int8 tensors (b-bit
 values), the weight step size(s) and the input step size as used in the forward pass
-(floored at ``MIN_STEP``); every other tensor as stored (batch norm, the float
+(floored at ``MIN_STEP``), and so the step sizes of the residual stream's quantizers
+(``gaqat.residual``, always signed); every other tensor as stored (batch norm, the float
 first/last layers, biases); in the JSON header the configs, the checkpoint's meta (bits,
 classes, domains, ...), per-layer bit widths and signedness, the folded batch norms and
 the sizes. ``load_int`` rebuilds the fake-quantized model from that file alone, with
@@ -29,7 +30,7 @@ from gaqat.export.layers import (
 )
 from gaqat.export.output import write_outputs
 from gaqat.models import Network
-from gaqat.quant import MIN_STEP
+from gaqat.quant import MIN_STEP, quantizers
 
 INT_FORMAT = "gaqat-int"
 INT_FORMAT_VERSION = 1
@@ -53,7 +54,7 @@ def int_bytes(model: nn.Module, checkpoint: dict, folded: dict[str, str] | None 
         owner, _, leaf = key.rpartition(".")
         if owner in layers and leaf == "weight":
             tensors[owner + _CODES] = weight_codes(layers[owner])
-        elif leaf == "scale" and owner.rpartition(".")[0] in layers:
+        elif leaf == "scale" and owner.endswith("_quantizer"):  # layers' and residual stream's
             tensors[key] = tensor.clamp_min(MIN_STEP)
         elif leaf not in ("is_initialized", "signedness"):  # in the header's "layers"
             tensors[key] = tensor
@@ -155,6 +156,10 @@ def load_int(path: str | Path) -> Network:
             state[f"{name}.{role}_quantizer.signedness"] = torch.tensor(
                 int(signed), dtype=torch.int8
             )
+    for name, q in quantizers(model).items():
+        if name.rpartition(".")[0] not in layers:  # the residual stream's: always signed
+            state[f"{name}.is_initialized"] = torch.tensor(True)
+            state[f"{name}.signedness"] = torch.tensor(int(q.signed), dtype=torch.int8)
     state.update(tensors)
     try:
         model.load_state_dict(state)

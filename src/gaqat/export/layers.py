@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from gaqat.quant import QuantConv2d, QuantLinear
+from gaqat.quant import QuantConv2d, QuantLinear, quantizers
 
 QUANTIZED_TYPES = (QuantConv2d, QuantLinear)
 
@@ -27,11 +27,12 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
             "the model has no quantized layer: export writes QAT models "
             "(train with a quantized algorithm, e.g. --algorithm lsq --bits 4)"
         )
+    others = {name: q for name, q in quantizers(model).items() if _outside(name, layers)}
     fresh = [
         name
         for name, m in layers.items()
         if not (m.weight_quantizer.initialized and m.input_quantizer.initialized)
-    ]
+    ] + [name for name, q in others.items() if not q.initialized]
     if fresh:
         raise ValueError(
             f"quantizers of {fresh} were never initialised: run a forward pass "
@@ -42,10 +43,16 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
         for name, m in layers.items()
         for kind in ("weight_quantizer", "input_quantizer")
         if not torch.isfinite(getattr(m, kind).scale).all()
-    ]
+    ] + [name for name, q in others.items() if not torch.isfinite(q.scale).all()]
     if broken:
         raise ValueError(f"step sizes of {broken} are not finite numbers: nothing to export")
     return layers
+
+
+def _outside(name: str, layers: dict) -> bool:
+    """Whether the quantizer ``name`` belongs to no quantized layer of ``layers`` (it is one
+    of the residual stream's, ``gaqat.residual``)."""
+    return name.rpartition(".")[0] not in layers
 
 
 def weight_codes(layer: QuantConv2d | QuantLinear) -> torch.Tensor:

@@ -49,11 +49,13 @@ from gaqat.export.rewrite import pads_into_convs
 from gaqat.quant import (
     MIN_STEP,
     BiasQuantizer,
+    LsqQuantizer,
     QuantConv2d,
     QuantLinear,
     bias_codes,
     lsq_quantize,
 )
+from gaqat.residual import ROLES, QuantResidual
 
 INT32_MAX = 2**31 - 1
 
@@ -184,7 +186,8 @@ class _FixedPad(nn.Module):
 
 
 class _ExportedInput(nn.Module):
-    """Stands in for an input quantizer, with a fixed step size and signedness.
+    """Stands in for an activation quantizer (a layer's input quantizer, or one on the
+    residual stream, ``gaqat.residual``), with a fixed step size and signedness.
 
     ``unsigned_storage``: a signed range stored as uint8 with zero point 128.
     ``ceiling``: the input comes from a ReLU6 (now a ReLU): its upper clip moves into the
@@ -193,12 +196,11 @@ class _ExportedInput(nn.Module):
 
     def __init__(
         self,
-        layer: QuantConv2d | QuantLinear,
+        q: LsqQuantizer,
         unsigned_storage: bool = False,
         ceiling: float | None = None,
     ):
         super().__init__()
-        q = layer.input_quantizer
         step = q.step_size()
         self.q_min, self.q_max = q.q_min, q.q_max
         if ceiling is not None:
@@ -223,8 +225,9 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     (``gaqat.bn_folding.fold_keeping_codes``), its factor into the weight's (then
     per-channel) step sizes and its shift into the bias (the codes stay); each ReLU6 that
     only feeds quantized layers becomes a ReLU, its clip at 6 moved into their integer
-    ranges; signed activations are stored as uint8 with zero point 128. The logits move
-    by float rounding only (as any BN folding)."""
+    ranges; signed activations (the residual stream's included, ``gaqat.residual``) are
+    stored as uint8 with zero point 128, so that the residual adds fuse into QLinearAdd.
+    The logits move by float rounding only (as any BN folding)."""
     ready = deployable(deepcopy(model).cpu().eval())
     layers = quantized_layers(ready)
     factors = fold_keeping_codes(ready) if integer_kernels else {}
@@ -232,9 +235,16 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     for name in layers:
         layer = ready.get_submodule(name)
         layer.weight_quantizer = _ExportedWeight(layer, factors.get(name))
-        layer.input_quantizer = _ExportedInput(layer, integer_kernels, ceilings.get(name))
+        layer.input_quantizer = _ExportedInput(
+            layer.input_quantizer, integer_kernels, ceilings.get(name)
+        )
         if layer.bias is not None or type(layer.bias_quantizer) is not BiasQuantizer:
             layer.bias_quantizer = _exported_bias(name, layer, integer_kernels)
+    for block in ready.modules():
+        if isinstance(block, QuantResidual):
+            for role in ROLES:
+                if getattr(block, role) is not None:
+                    setattr(block, role, _ExportedInput(getattr(block, role), integer_kernels))
     return ready
 
 

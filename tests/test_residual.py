@@ -1,0 +1,124 @@
+"""Quantizers on the residual stream (gaqat.residual): which blocks, signedness and
+initialisation, the config field, checkpoints. The ONNX fusion they buy is tested in
+tests/export/test_export.py."""
+
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch import nn
+
+from gaqat import efficientnet_lite
+from gaqat.bn_folding import QuantConvBn2d
+from gaqat.checkpoint import build_network
+from gaqat.models import ModelConfig, build_model
+from gaqat.prepare import quantize_model
+from gaqat.quant import QuantConfig, quantizers, step_sizes
+from gaqat.residual import QuantResidual, quantize_residuals
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FOLD = {"fold_batch_norm": True}
+
+
+def _folded(model):
+    return [n for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)]
+
+
+def _residuals(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantResidual)}
+
+
+@pytest.mark.parametrize(
+    ("arch", "blocks", "skips"),
+    [("mobilenet_v2_compact", 10, 5), ("mobilenet_v3_large", 10, 6)],
+)
+def test_every_residual_block_gets_signed_quantizers_that_train(arch, blocks, skips):
+    """Each run of residual blocks quantizes its first skip; the blocks after take the
+    previous block's output quantizer as theirs. The new step sizes are step sizes like
+    the layers' (the optimizer's step-size group and GAQAT's freezer read step_sizes)."""
+    torch.manual_seed(0)
+    config = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8)
+    model = quantize_model(build_model(ModelConfig(arch=arch)), config)
+    residuals = _residuals(model)
+    assert len(residuals) == blocks
+    assert sum(m.skip_quantizer is not None for m in residuals.values()) == skips
+    names = [n for n in step_sizes(model) if n.rpartition(".")[0] in residuals]
+    assert len(names) == 2 * blocks + skips
+    # Batch norm still folds into the same convs, the projections included.
+    plain = quantize_model(build_model(ModelConfig(arch=arch)), QuantConfig(4, 4, **FOLD))
+    assert len(_folded(model)) == len(_folded(plain)) > 40
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    for name in names:
+        q = quantizers(model)[name]
+        assert q.signed and (q.q_min, q.q_max) == (-128, 127) and q.initialized
+        assert step_sizes(model)[name].grad is not None
+
+
+def test_the_block_computes_quantized_sum_of_quantized_branch_and_skip():
+    torch.manual_seed(0)
+    block = efficientnet_lite.MBConv(3, 1, 6, 8, 8)
+    assert block.skip
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        branch = block.branch(x)
+        assert torch.equal(block(x), x + branch)
+    wrapped = QuantResidual(block, 8)
+    out = wrapped(x)
+    skip, projection, total = (
+        wrapped.skip_quantizer,
+        wrapped.projection_quantizer,
+        wrapped.output_quantizer,
+    )
+    # LSQ's activation initialisation, 2·mean|v|/sqrt(q_max), on the first batch.
+    assert torch.allclose(skip.scale, 2 * x.abs().mean() / math.sqrt(127))
+    with torch.no_grad():
+        s = skip(x)
+        expected = total(s + projection(block.branch(s)))
+        assert torch.equal(out, expected)
+        assert torch.allclose(projection.scale, 2 * block.branch(s).abs().mean() / math.sqrt(127))
+        codes = total.codes(out)
+    assert codes.min() >= -128 and codes.max() <= 127 and bool((codes < 0).any())
+
+
+def test_blocks_without_an_identity_skip_stay_as_they_are():
+    model = nn.Sequential(efficientnet_lite.MBConv(3, 2, 6, 8, 8), nn.ReLU())
+    assert quantize_residuals(model, 8) == []
+    with pytest.raises(ValueError, match="not a residual block"):
+        QuantResidual(model[0], 8)
+
+
+def test_residual_bits_is_off_by_default_and_checked():
+    assert QuantConfig().residual_bits is None
+    assert QuantConfig(residual_bits=0).residual_bits is None  # 0: off
+    for bad in (1, 9, True, 8.0):
+        with pytest.raises(ValueError, match="QuantConfig.residual_bits"):
+            QuantConfig(residual_bits=bad)
+    # An old checkpoint's quant_config, written before the field: today's network.
+    old = {k: v for k, v in asdict(QuantConfig(4, 4, fold_batch_norm=True)).items()}
+    del old["residual_bits"]
+    model = build_network({"arch": "mobilenet_v2_compact"}, old)
+    assert not _residuals(model)
+
+
+def test_a_network_with_residual_quantizers_rebuilds_from_its_configs():
+    torch.manual_seed(0)
+    quant = asdict(QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8))
+    model = build_network({"arch": "mobilenet_v2_compact"}, quant)
+    x = torch.randn(4, 3, 32, 32)
+    model(x)
+    model.eval()
+    rebuilt = build_network({"arch": "mobilenet_v2_compact"}, quant)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert all(q.initialized for q in quantizers(rebuilt).values())
