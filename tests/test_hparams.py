@@ -57,7 +57,14 @@ def test_digits_defaults():
 def test_algorithm_specific_keys_only_where_used():
     common = set(default_hparams("erm", "PACS"))
     extra = {a: set(default_hparams(a, "PACS")) - common for a in ALGORITHMS}
-    quant = {"per_channel", "first_last", "step_size_lr_scale", "fold_batch_norm", "bn_freeze_at"}
+    quant = {
+        "per_channel",
+        "first_last",
+        "step_size_lr_scale",
+        "fold_batch_norm",
+        "bn_freeze_at",
+        "residual_bits",
+    }
     freezing = {
         "tau",
         "window",
@@ -203,6 +210,7 @@ def test_unknown_override_key_lists_valid_ones():
         ('{"unfreeze": 1}', "unfreeze must be true or false"),
         ('{"freeze_mode": "some"}', "freeze_mode must be one of 'task', 'all'"),
         ('{"freeze_scope": "model"}', "freeze_scope must be one of 'step_size', 'layer'"),
+        ('{"residual_bits": 1}', "residual_bits must be one of 0, 2, 3, 4, 5, 6, 7, 8"),
         ('{"disorder_metric": 3}', "disorder_metric must be one of 'sign_flip', "),
         ('{"perturbed_pass_rng": "same"}', "perturbed_pass_rng must be one of 'replay', "),
         ('{"lr": 1e-3', "not valid JSON"),

@@ -122,3 +122,13 @@ def test_a_network_with_residual_quantizers_rebuilds_from_its_configs():
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
     assert all(q.initialized for q in quantizers(rebuilt).values())
+
+
+def test_the_residual_bits_hyperparameter_reaches_the_quant_config():
+    from gaqat.algorithms import quant_config_for
+    from gaqat.hparams import default_hparams
+
+    hp = default_hparams("lsq", "digits")
+    assert hp["residual_bits"] == 0 and quant_config_for(hp, 4, "small_cnn").residual_bits is None
+    config = quant_config_for({**hp, "residual_bits": 8}, 4, "mobilenet_v2_compact")
+    assert config.residual_bits == 8

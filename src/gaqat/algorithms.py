@@ -33,6 +33,7 @@ def quant_config_for(hparams: dict, bits: int, arch: str) -> QuantConfig:
         per_channel=hparams["per_channel"],
         first_last=hparams["first_last"],
         fold_batch_norm=fold == "on" or (fold == "auto" and arch in FOLDED_BY_DEFAULT),
+        residual_bits=hparams["residual_bits"] or None,
     )
 
 

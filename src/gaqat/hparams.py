@@ -33,6 +33,7 @@ import numpy as np
 from gaqat.fields import is_a
 from gaqat.names import (
     ARCHITECTURES,
+    BITS_RANGE,
     BN_FOLDING,
     DISORDER_METRICS,
     FIRST_LAST_POLICIES,
@@ -224,6 +225,9 @@ def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
         # backbones), its statistics frozen after this fraction of the steps.
         declare("fold_batch_norm", "auto", valid=BN_FOLDING)
         declare("bn_freeze_at", 0.5, valid=FRACTION)
+        # 8-bit quantizers on the mobile nets' residual stream, so that integer runtimes
+        # fuse every projection and add (gaqat.residual); 0: none, as before.
+        declare("residual_bits", 0, valid=(0, *range(BITS_RANGE[0], BITS_RANGE[1] + 1)))
 
     if recipe.freezing:
         window = _WINDOW.get(dataset, _DEFAULT_WINDOW)
