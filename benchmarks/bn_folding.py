@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from digits_study import DOMAINS, FULL, _link_shared, _sweep
+from digits_study import DOMAINS, FULL, _sweep, link_shared
 from timing import print_table, write_json
 
 from gaqat.launchers import InlineLauncher, ProcessLauncher
@@ -43,7 +43,7 @@ def _arms(study: Path, bits: tuple[int, ...], seeds: tuple[int, ...]):
 def run(study: Path, bits, seeds, jobs: int, threads: int | None) -> None:
     folded, _ = _arms(study, bits, seeds)
     planned = plan(folded)
-    _link_shared(planned, study / "main")  # the float inits
+    link_shared(planned, study / "main")  # the float inits
     launcher = ProcessLauncher(jobs, threads) if jobs > 1 else InlineLauncher(threads)
     outcomes = launch(planned, launcher=launcher, note=lambda line: print(line, flush=True))
     if any(o.status not in ("kept", "ran") for o in outcomes) or len(outcomes) < len(planned):

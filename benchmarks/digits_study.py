@@ -151,7 +151,7 @@ def _known(hparams: dict, algorithms) -> dict:
     return {k: v for k, v in hparams.items() if k in known}
 
 
-def _link_shared(jobs, main: Path) -> None:
+def link_shared(jobs, main: Path) -> None:
     """Link the runs a sweep shares with the main grid (same arguments, so the same folder
     name) instead of training them again."""
     for job in jobs:
@@ -192,7 +192,7 @@ def run_study(
     for config in sweeps:
         planned = plan(config)
         if config.output != main:
-            _link_shared(planned, main)
+            link_shared(planned, main)
         print(f"== {config.output}: {len(planned)} runs", flush=True)
         launcher = ProcessLauncher(jobs, threads) if jobs > 1 else InlineLauncher(threads)
         outcomes = launch(planned, launcher=launcher, note=lambda line: print(line, flush=True))
@@ -214,11 +214,16 @@ def _number(row: dict, key: str) -> float | None:
 def runs_of(folder: Path, algorithm: str, bits: int | None = None) -> list[Path]:
     """Run folders (links followed) of one method and bit width below ``folder``."""
     prefix = f"{algorithm}_w{bits}_" if bits else f"{algorithm}_env"
+    if not folder.is_dir():
+        return []
     return sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and p.is_dir())
 
 
 def records(folder: Path, name: str = RESULTS) -> list[dict]:
-    return [record for _, record in read_jsonl(folder / name)]
+    """A run's records of one file; none before the file exists (a gaqat run writes
+    ``gradients.jsonl`` at its first window's end)."""
+    path = folder / name
+    return [record for _, record in read_jsonl(path)] if path.exists() else []
 
 
 def freezing_stats(folders: list[Path], tau: float) -> dict:
