@@ -1,0 +1,601 @@
+"""Where low bits hurt: what quantization costs per network, bit width and shift, then
+the paired comparison of the QAT methods where that cost is large.
+
+    python benchmarks/lowbit_study.py run OUT [--quick] [--jobs 2 --threads 1] [--parts ...]
+    python benchmarks/lowbit_study.py page OUT [--quick]
+
+``run`` trains every run into OUT (idempotent: a stopped study resumes when launched
+again), in the order of :data:`PARTS`:
+
+- ``cost``: per network of :data:`FULL`, float ``erm`` and ``lsq`` at every bit width
+  (``OUT/<arch>``), and the fair float baseline (``OUT/<arch>_fair``): ``erm`` continued
+  from the same float checkpoint for the QAT runs' steps at their learning rate, so the
+  difference is quantization's, not that of QAT's extra training;
+- ``corruptions``: the ``lsq`` runs and their fair baselines evaluated on ImageNet-C
+  corruptions of their own evaluation images (``gaqat corrupt``'s ``corruptions.jsonl``);
+- ``compare``: in the regimes chosen from the cost map (:attr:`Scale.compare`), ``lsq``,
+  ``lsq_sam``, ``lsq_sagm`` and ``gaqat`` from the same float inits, paired as the
+  DigitsDG study pairs them;
+- ``ablations``: gaqat with each change of :data:`VARIANTS`, on two held-out domains
+  (``OUT/<arch>_ablations/<variant>``), paired with the default gaqat.
+
+``page`` writes ``docs/results/lowbit.md`` (``benchmarks/templates/lowbit.md`` filled in)
+with its figures and ``benchmarks/results/lowbit_study.json`` (``--quick``: into
+OUT/page). ``--quick`` runs the pipeline in minutes on tiny runs; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from digits_study import DOMAINS, freezing_stats, link_shared, runs_of
+from matplotlib.figure import Figure
+from study_page import ROOT, commit, comparison_table, diff_text, pooled, render
+
+from gaqat.hparams import default_hparams
+from gaqat.launchers import InlineLauncher, ProcessLauncher
+from gaqat.report.runs import load_runs
+from gaqat.report.table import Difference
+from gaqat.selection import SELECTION_METHODS
+from gaqat.sweep import SweepConfig, fair_float_baseline, launch, plan
+
+# A regime qualifies where lsq loses at least this many points against the fair float
+# baseline, and the loss is beyond two standard errors.
+QUALIFYING_LOSS = 2.0
+COMPARE_METHODS = ("lsq", "lsq_sam", "lsq_sagm", "gaqat")
+# The ablations the DigitsDG study found most informative, and the momentum question.
+VARIANTS = {
+    "tau0.1": {"tau": 0.1},
+    "window25": {"window": 25},
+    "freeze_all": {"freeze_mode": "all"},
+    "reset_momentum": {"freeze_resets_momentum": True},
+}
+SHIFTS = {  # the cost map's columns: which accuracy of a run each reads
+    "held_out": "held-out domain",
+    "corrupted_held_out": "held-out domain, corrupted",
+    "corrupted_validation": "training domains, corrupted",
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One network of the cost map: its seeds and bit widths, every held-out domain."""
+
+    arch: str
+    seeds: tuple[int, ...]
+    bits: tuple[int, ...]
+    test_envs: tuple[int, ...] = (0, 1, 2, 3)
+    image_size: int | None = None  # None: DigitsDG's 32
+    gpu: bool = False  # trained only when named (--networks): too slow for a CPU
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Where the methods are compared: a network at some bit widths, with its seeds."""
+
+    arch: str
+    bits: tuple[int, ...]
+    seeds: tuple[int, ...]
+    test_envs: tuple[int, ...] = (0, 1, 2, 3)
+    ablation_envs: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How long the study's runs are and which grids it trains."""
+
+    steps: int
+    checkpoint_freq: int
+    float_steps: int
+    float_checkpoint_freq: int
+    grids: tuple[Grid, ...]
+    compare: tuple[Regime, ...]
+    corruptions: str | tuple[str, ...] = "benchmark"  # a set of gaqat.corruptions, or names
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    per_domain: int = 200
+    hparams: dict = field(default_factory=dict)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+
+
+FULL = Scale(
+    steps=300,
+    checkpoint_freq=100,
+    float_steps=1000,
+    float_checkpoint_freq=100,
+    grids=(  # one seed where quantization costs little, three where it costs most
+        Grid("small_cnn", seeds=(0,), bits=(4, 3)),
+        Grid("small_cnn", seeds=(0, 1, 2), bits=(2,)),
+        Grid("mobilenet_v2_compact", seeds=(0,), bits=(4, 2)),
+        Grid("mobilenet_v2_compact", seeds=(0,), bits=(3,)),
+        # ImageNet-pretrained, fine-tuned at 64x64 (its last maps 2x2): a float step of 96
+        # images took 5.4 s on this machine's busy CPU, so it waits for a GPU (--device cuda).
+        Grid("efficientnet_lite0", seeds=(0,), bits=(4, 3, 2), image_size=64, gpu=True),
+    ),
+    compare=(Regime("small_cnn", bits=(2,), seeds=(0, 1, 2)),),
+)
+QUICK = Scale(
+    steps=20,
+    checkpoint_freq=10,
+    float_steps=30,
+    float_checkpoint_freq=10,
+    grids=(Grid("small_cnn", seeds=(0, 1), bits=(2,), test_envs=(1,)),),
+    compare=(Regime("small_cnn", bits=(2,), seeds=(0, 1), test_envs=(1,), ablation_envs=(1,)),),
+    corruptions=("gaussian_noise", "contrast"),
+    severities=(1, 5),
+    per_domain=50,
+    hparams={"window": 5},
+    variants=("tau0.1", "reset_momentum"),
+)
+PARTS = ("cost", "corruptions", "compare", "ablations")
+
+
+def _corruptions() -> ModuleType:
+    """``gaqat.corruptions``, imported where used: it needs the ``corruptions`` extra,
+    which training the study does not."""
+    return importlib.import_module("gaqat.corruptions")
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def _sweep(out: Path, scale: Scale, arch: str, algorithms, bits, seeds, test_envs, run, **extra):
+    """A sweep of ``arch`` (small_cnn, DigitsDG's default network, passes no ``arch``, so
+    its runs are those of a plain ``gaqat sweep``); ``run``: the shared run options
+    (``data_dir``, ``device``, ``image_size``)."""
+    wanted = {**scale.hparams, **({} if arch == "small_cnn" else {"arch": arch}), **extra}
+    known = set().union(*(default_hparams(a, "digits") for a in ("erm", *algorithms)))
+    return SweepConfig(
+        "digits",
+        out,
+        algorithms,
+        test_envs=test_envs,
+        bits=bits,
+        seeds=seeds,
+        options={
+            "steps": scale.steps,
+            "checkpoint_freq": scale.checkpoint_freq,
+            "hparams": {k: v for k, v in wanted.items() if k in known},
+            "progress": False,
+            **{k: v for k, v in run.items() if v is not None},
+        },
+        float_options={"steps": scale.float_steps, "checkpoint_freq": scale.float_checkpoint_freq},
+    )
+
+
+def cost_sweep(out: Path, scale: Scale, grid: Grid, run: dict) -> SweepConfig:
+    args = (grid.arch, ("lsq",), grid.bits, grid.seeds, grid.test_envs)
+    return _sweep(out / grid.arch, scale, *args, {**run, "image_size": grid.image_size})
+
+
+def _launch(jobs, workers: int, threads: int | None) -> None:
+    launcher = ProcessLauncher(workers, threads) if workers > 1 else InlineLauncher(threads)
+    outcomes = launch(jobs, launcher=launcher, note=lambda line: print(line, flush=True))
+    failed = [o for o in outcomes if o.status not in ("kept", "ran")]
+    if failed or len(outcomes) < len(jobs):
+        raise SystemExit(f"{len(failed)} runs failed or were skipped; launch the study again")
+
+
+def run_study(
+    out: Path,
+    scale: Scale,
+    workers: int,
+    threads: int | None,
+    data_dir=None,
+    parts=PARTS,
+    device: str | None = None,
+) -> None:
+    run = {"data_dir": data_dir, "device": device}
+    for grid in scale.grids if "cost" in parts else ():
+        config = cost_sweep(out, scale, grid, run)
+        print(f"== {config.output}", flush=True)
+        _launch(plan(config), workers, threads)
+        print(f"== {out / f'{grid.arch}_fair'}", flush=True)
+        _launch(fair_float_baseline(config, out / f"{grid.arch}_fair"), workers, threads)
+    for grid in scale.grids if "corruptions" in parts else ():
+        folders = cost_pairs_folders(out, grid)
+        print(f"== corruptions of {len(folders)} {grid.arch} runs", flush=True)
+        _corruptions().evaluate_corruptions(
+            folders,
+            corruptions=scale.corruptions,
+            severities=scale.severities,
+            per_domain=scale.per_domain,
+            data_dir=data_dir,
+            device=device or "cpu",
+        )
+    for regime in scale.compare if "compare" in parts else ():
+        args = (regime.arch, COMPARE_METHODS, regime.bits, regime.seeds, regime.test_envs)
+        config = _sweep(out / regime.arch, scale, *args, run)
+        print(f"== {config.output}: the comparison", flush=True)
+        _launch(plan(config), workers, threads)
+    for regime in scale.compare if "ablations" in parts else ():
+        for name in scale.variants:
+            folder = out / f"{regime.arch}_ablations" / name
+            args = (regime.arch, ("gaqat",), regime.bits, regime.seeds, regime.ablation_envs)
+            jobs = plan(_sweep(folder, scale, *args, run, **VARIANTS[name]))
+            link_shared(jobs, out / regime.arch)
+            print(f"== {folder}", flush=True)
+            _launch(jobs, workers, threads)
+
+
+# --- reading the study ---------------------------------------------------------------------
+
+
+def _by_draw(folders) -> dict[tuple[int, int], object]:
+    """Runs keyed by (held-out domain, trial seed); none for no folders."""
+    folders = list(folders)
+    runs = load_runs(folders) if folders else []
+    return {(run.test_envs[0], run.trial_seed): run for run in runs}
+
+
+def cost_pairs_folders(out: Path, grid: Grid) -> list[Path]:
+    """The finished lsq runs of a grid and their fair float baselines."""
+    lsq = [f for b in grid.bits for f in runs_of(out / grid.arch, "lsq", b)]
+    fair = runs_of(out / f"{grid.arch}_fair", "erm")
+    return [f for f in lsq + fair if (f / "done").exists()]
+
+
+def _accuracies(run) -> dict[str, float | None]:
+    """A run's accuracy (fraction) under each of :data:`SHIFTS`: held-out by
+    training-domain validation; the corrupted ones of its final model, once evaluated."""
+    chosen = SELECTION_METHODS["training"].run_acc(run.records)
+    result = _corruptions().load_corruptions(run.path.parent)
+    return {
+        "held_out": chosen[1] if chosen else None,
+        "corrupted_held_out": result.mean_accuracy("held out") if result else None,
+        "corrupted_validation": result.mean_accuracy("validation") if result else None,
+    }
+
+
+def cost_map(out: Path, grid: Grid) -> list[dict]:
+    """Per bit width and shift: lsq's and the fair float baseline's mean accuracy (%) and
+    the cost, fair float − lsq in points (positive: quantization loses), over the
+    (held-out domain, seed) pairs both have."""
+    fair = {
+        k: _accuracies(r) for k, r in _by_draw(runs_of(out / f"{grid.arch}_fair", "erm")).items()
+    }
+    rows = []
+    for bits in grid.bits:
+        lsq_runs = _by_draw(runs_of(out / grid.arch, "lsq", bits))
+        lsq = {k: _accuracies(r) for k, r in lsq_runs.items()}
+        for shift in SHIFTS:
+            keys = [k for k in lsq if k in fair and None not in (lsq[k][shift], fair[k][shift])]
+            if not keys:
+                continue
+            cost = Difference(tuple(fair[k][shift] - lsq[k][shift] for k in keys), False)
+            rows.append(
+                {
+                    "arch": grid.arch,
+                    "bits": bits,
+                    "shift": shift,
+                    "pairs": len(keys),
+                    "float_acc": 100 * float(np.mean([fair[k][shift] for k in keys])),
+                    "lsq_acc": 100 * float(np.mean([lsq[k][shift] for k in keys])),
+                    "cost": cost.mean,
+                    "stderr": None if cost.stderr is None else float(cost.stderr),
+                    "qualifies": qualifies(cost.mean, cost.stderr),
+                }
+            )
+    return rows
+
+
+def qualifies(cost: float, stderr: float | None) -> bool:
+    """At least :data:`QUALIFYING_LOSS` points lost, beyond two standard errors."""
+    return bool(stderr is not None and cost >= QUALIFYING_LOSS and cost > 2 * stderr)
+
+
+def extra_training_gain(out: Path, arch: str) -> Difference | None:
+    """Held-out accuracy of the fair float baseline − its float init: what the QAT runs'
+    extra steps give a float model, which a comparison with the init would credit to QAT."""
+    fair = _by_draw(runs_of(out / f"{arch}_fair", "erm"))
+    inits = _by_draw(runs_of(out / arch, "erm"))
+    method = SELECTION_METHODS["training"]
+    gains = tuple(
+        method.run_acc(fair[k].records)[1] - method.run_acc(inits[k].records)[1]
+        for k in fair
+        if k in inits
+    )
+    return Difference(gains, False) if gains else None
+
+
+def _cost(row: dict) -> str:
+    stderr = f" ± {row['stderr']:.2f}" if row["stderr"] is not None else ""
+    return f"{row['cost']:+.2f}{stderr}"
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| network | bits | shift | pairs | float (continued) | lsq | cost (points) | qualifies |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arch']} | {r['bits']} | {SHIFTS[r['shift']]} | {r['pairs']} | "
+            f"{r['float_acc']:.1f} | {r['lsq_acc']:.1f} | {_cost(r)} | "
+            f"{'yes' if r['qualifies'] else 'no'} |"
+        )
+    return lines
+
+
+def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
+    """The headline paired differences of a regime, every pair of its bit widths pooled."""
+    folders = [out / regime.arch]
+    names = [(m, "lsq") for m in COMPARE_METHODS[1:]] + [
+        ("gaqat", "lsq_sagm"),
+        ("lsq_sam", "lsq_sagm"),
+    ]
+    present = {run.algorithm for run in load_runs(folders)}
+    return {f"{a} − {b}": pooled(folders, a, b) for a, b in names if {a, b} <= present}
+
+
+def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Difference, int]]:
+    """Per variant: gaqat with it − default gaqat (same init, seed and batches), and how many
+    step sizes froze in its runs."""
+    main = _by_draw(f for b in regime.bits for f in runs_of(out / regime.arch, "gaqat", b))
+    method = SELECTION_METHODS["training"]
+    rows = []
+    for name in scale.variants:
+        folder = out / f"{regime.arch}_ablations" / name
+        if not folder.is_dir():
+            continue
+        mine = [f for b in regime.bits for f in runs_of(folder, "gaqat", b)]
+        variant = _by_draw(mine)
+        diffs = tuple(
+            method.run_acc(variant[k].records)[1] - method.run_acc(main[k].records)[1]
+            for k in variant
+            if k in main
+        )
+        frozen = freezing_stats(mine, default_hparams("gaqat", "digits")["tau"])["frozen"]
+        rows.append((name, Difference(diffs, False), frozen))
+    return rows
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def figure_cost(rows: list[dict], path: Path) -> None:
+    """Quantization's cost per network and bit width, one bar per shift."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot()
+    groups = list(dict.fromkeys((r["arch"], r["bits"]) for r in rows))
+    for j, shift in enumerate(SHIFTS):
+        mine = {(r["arch"], r["bits"]): r for r in rows if r["shift"] == shift}
+        xs = np.arange(len(groups)) + (j - 1) * 0.27
+        ax.bar(
+            xs,
+            [mine[g]["cost"] if g in mine else 0 for g in groups],
+            0.27,
+            yerr=[(mine[g]["stderr"] or 0) if g in mine else 0 for g in groups],
+            capsize=3,
+            label=SHIFTS[shift],
+        )
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(QUALIFYING_LOSS, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(range(len(groups)), [f"{a}\n{b} bits" for a, b in groups], fontsize=7)
+    ax.set_ylabel("fair float − lsq (points)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def severity_curve(result, role: str) -> list[float]:
+    """Clean accuracy, then the mean over corruptions at each severity 1, 2, ..."""
+    return [result.clean_accuracy(role)] + [
+        float(np.mean([result.accuracy(role, c, s) for c in result.corruptions]))
+        for s in result.severities
+    ]
+
+
+def figure_severity(out: Path, arch: str, bits: tuple[int, ...], path: Path) -> None:
+    """Mean accuracy over the corruptions at each severity: the fair float baseline and
+    lsq at each bit width, held-out domains and training domains."""
+    fig = Figure(figsize=(8, 3.4))
+    series = {"float (continued)": runs_of(out / f"{arch}_fair", "erm")}
+    series |= {f"lsq {b} bits": runs_of(out / arch, "lsq", b) for b in bits}
+    for k, role in enumerate(("held out", "validation")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for label, folders in series.items():
+            results = [r for r in map(_corruptions().load_corruptions, folders) if r is not None]
+            if results:
+                curve = np.mean([severity_curve(r, role) for r in results], 0)
+                ax.plot(range(len(curve)), 100 * curve, marker="o", label=label)
+        ax.set_xlabel("severity (0: clean)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{arch}: {role} domains", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
+def _diff(d: Difference | None) -> str:
+    if d is None or not d.values:
+        return "no pairs"
+    wins, ties, losses = d.counts
+    stderr = f" ± {d.stderr:.2f}" if d.stderr is not None else ""
+    return f"{d.mean:+.2f}{stderr} points over {len(d.values)} pairs ({wins}/{ties}/{losses})"
+
+
+def setup_lines(scale: Scale) -> list[str]:
+    grids = "; ".join(
+        f"`{g.arch}`: held-out {', '.join(DOMAINS[e] for e in g.test_envs)}, trial seeds "
+        f"{', '.join(map(str, g.seeds))}, {', '.join(map(str, g.bits))} bits"
+        for g in scale.grids
+    )
+    names = _corruptions().corruption_names(scale.corruptions)
+    return [
+        f"- Float `erm`, {scale.float_steps} steps, then `lsq` from it for {scale.steps} steps "
+        f"at the QAT learning rate (the same init, seed and batches). {grids}.",
+        f"- The fair float baseline: `erm` continued from the same float checkpoint for the "
+        f"same {scale.steps} steps at the same learning rate and schedule (`OUT/<arch>_fair`).",
+        f"- Corruptions: {', '.join(names)} at severities "
+        f"{', '.join(map(str, scale.severities))}, on the first {scale.per_domain} evaluation "
+        "images of each domain (`gaqat corrupt`); the final model of each run.",
+        "- Held-out accuracy by training-domain validation; costs are paired differences "
+        "over (held-out domain, trial seed), mean ± standard error (ddof 1).",
+    ]
+
+
+def widths(scale: Scale) -> dict[str, tuple[int, ...]]:
+    """Each network of the cost map and its bit widths, widest first."""
+    found: dict[str, set[int]] = {}
+    for grid in scale.grids:
+        found.setdefault(grid.arch, set()).update(grid.bits)
+    return {arch: tuple(sorted(bits, reverse=True)) for arch, bits in found.items()}
+
+
+def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path) -> None:
+    figures = doc.parent / "lowbit"
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = [r for g in scale.grids for r in cost_map(out, g)]
+    figure_cost(rows, figures / "cost.png")
+    networks = {arch: bits for arch, bits in widths(scale).items() if (out / arch).is_dir()}
+    gains = {arch: extra_training_gain(out, arch) for arch in networks}
+    for arch, bits in networks.items():
+        figure_severity(out, arch, bits, figures / f"severity_{arch}.png")
+    heads = {r.arch: comparisons(out, r) for r in scale.compare}
+    tau = default_hparams("gaqat", "digits")["tau"]
+    freezing = {
+        r.arch: freezing_stats([f for b in r.bits for f in runs_of(out / r.arch, "gaqat", b)], tau)
+        for r in scale.compare
+    }
+    ablation_rows = {r.arch: ablations(out, r, scale) for r in scale.compare}
+    text = render(
+        "lowbit.md",
+        commit=commit(),
+        setup=setup_lines(scale),
+        cost=cost_table(rows),
+        gains=[f"- `{a}`: {_diff(d)}" for a, d in gains.items()],
+        severity=[f"![{arch} severity](lowbit/severity_{arch}.png)" for arch in networks],
+        regimes=regime_lines(scale, rows),
+        compare=[
+            line
+            for arch, head in heads.items()
+            for line in (f"### `{arch}`", "", *comparison_table(head), "")
+        ],
+        freezing=[freezing_line(arch, s, tau) for arch, s in freezing.items()],
+        ablations=[
+            line
+            for arch, abl in ablation_rows.items()
+            for line in (
+                f"`{arch}`, variant − default gaqat:",
+                "",
+                "| variant | difference | step sizes frozen |",
+                "|---|---|---|",
+                *(f"| {n} | {_diff(d)} | {f} |" for n, d, f in abl),
+                "",
+            )
+        ],
+        conclusion=conclusion(rows, heads),
+    )
+    doc.write_text(text, encoding="utf-8")
+    summary = {
+        "commit": commit(),
+        "quick": quick,
+        "cost": rows,
+        "extra_training_gain": {a: d.stats() if d else None for a, d in gains.items()},
+        "comparisons": heads,
+        "freezing": {a: {k: v for k, v in s.items() if k != "d_task"} for a, s in freezing.items()},
+        "ablations": {
+            a: {n: {**d.stats(), "frozen": f} for n, d, f in abl}
+            for a, abl in ablation_rows.items()
+        },
+    }
+    json_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {doc} and {json_path}")
+
+
+def freezing_line(arch: str, stats: dict, tau: float) -> str:
+    """What freezing did in a regime's gaqat runs, in one line."""
+    if not stats["runs"]:
+        return f"- `{arch}`: no gaqat run yet."
+    number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return (
+        f"- `{arch}`: {stats['frozen']} freezes of {stats['step_sizes']} step sizes over "
+        f"{stats['runs']} gaqat runs (steps {stats['freeze_steps'][:10]}); mean D_task after "
+        f"the first window {number(stats['d_task_mean'])}, share of windows below τ = {tau}: "
+        f"{number(stats['below_tau'])}; share of windows where g_task and g_smooth conflict: "
+        f"{number(stats['conflict_share'])}."
+    )
+
+
+def regime_lines(scale: Scale, rows: list[dict]) -> list[str]:
+    found = [r for r in rows if r["qualifies"]]
+    lines = [
+        f"Qualifying (≥ {QUALIFYING_LOSS:g} points lost, beyond two standard errors): "
+        + (
+            ", ".join(f"`{r['arch']}` at {r['bits']} bits ({SHIFTS[r['shift']]})" for r in found)
+            or "none"
+        )
+        + "."
+    ]
+    lines += [
+        f"Compared: `{r.arch}` at {', '.join(map(str, r.bits))} bits, held-out "
+        f"{', '.join(DOMAINS[e] for e in r.test_envs)}, trial seeds {', '.join(map(str, r.seeds))}."
+        for r in scale.compare
+    ]
+    return lines
+
+
+def conclusion(rows: list[dict], heads: dict[str, dict]) -> list[str]:
+    lines = [
+        f"- `{r['arch']}` at {r['bits']} bits, {SHIFTS[r['shift']]}: quantization costs "
+        f"{_cost(r)} points ({'qualifies' if r['qualifies'] else 'does not qualify'})."
+        for r in rows
+    ]
+    for arch, head in heads.items():
+        lines += [f"- `{arch}`, {name}: {diff_text(row)}." for name, row in head.items()]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("run", "page"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=None, help="threads per run")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--networks", nargs="+", help="train these networks' grids only")
+    parser.add_argument("--data-dir", type=Path, default=None, help="DigitsDG's cache folder")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, ...")
+    args = parser.parse_args()
+    scale = QUICK if args.quick else FULL
+    if args.action == "run":
+        named = lambda arch: arch in args.networks if args.networks else True  # noqa: E731
+        scale = replace(
+            scale,
+            grids=tuple(g for g in scale.grids if named(g.arch) and (args.networks or not g.gpu)),
+            compare=tuple(r for r in scale.compare if named(r.arch)),
+        )
+    if args.action == "run":
+        run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts, args.device)
+    elif args.quick:
+        write_page(
+            args.out,
+            scale,
+            True,
+            args.out / "page" / "lowbit.md",
+            args.out / "page" / "lowbit.json",
+        )
+    else:
+        write_page(
+            args.out,
+            scale,
+            False,
+            ROOT / "docs" / "results" / "lowbit.md",
+            ROOT / "benchmarks" / "results" / "lowbit_study.json",
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The low-bit study script (benchmarks/lowbit_study.py) end to end on tiny runs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TINY
+
+pytest.importorskip("matplotlib")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lowbit_study.py"
+
+
+def load_study():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: it imports its siblings
+        sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("lowbit_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lowbit_study"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_regime_qualifies_on_two_points_lost_beyond_two_standard_errors():
+    study = load_study()
+    assert study.qualifies(2.5, 0.5) and study.qualifies(2.0, 0.9)
+    assert not study.qualifies(2.5, 1.3)  # within two standard errors
+    assert not study.qualifies(1.9, 0.1)  # too small to matter
+    assert not study.qualifies(-3.0, 0.1)  # quantization helps
+    assert not study.qualifies(5.0, None)  # one pair: no standard error
+
+
+@pytest.mark.slow
+def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, digits_dir):
+    pytest.importorskip("imagecorruptions")
+    study = load_study()
+    grid = study.Grid("small_cnn", seeds=(0, 1), bits=(2,), test_envs=(1,))
+    scale = study.Scale(
+        steps=2,
+        checkpoint_freq=2,
+        float_steps=2,
+        float_checkpoint_freq=2,
+        grids=(grid,),
+        compare=(study.Regime("small_cnn", (2,), (0, 1), test_envs=(1,), ablation_envs=(1,)),),
+        corruptions=("gaussian_noise",),
+        severities=(1,),
+        per_domain=8,
+        hparams=TINY,
+        variants=("reset_momentum",),
+    )
+    out = tmp_path / "study"
+    study.run_study(out, scale, 1, 1, digits_dir)
+
+    lsq = study.runs_of(out / "small_cnn", "lsq", 2)
+    fair = study.runs_of(out / "small_cnn_fair", "erm")
+    assert len(lsq) == 2 and len(fair) == 2
+    for folder in fair:  # erm continued from the float init, at the QAT learning rate
+        args = json.loads((folder / "results.jsonl").read_text().splitlines()[0])["args"]
+        assert args["init"].startswith(str(out / "small_cnn" / "erm_env1_"))
+        assert args["hparams"]["lr"] == 3e-4 and args["steps"] == 2
+    for folder in lsq + fair:
+        assert (folder / "corruptions.jsonl").is_file()
+    for algorithm in ("lsq_sam", "lsq_sagm", "gaqat"):
+        assert len(study.runs_of(out / "small_cnn", algorithm, 2)) == 2
+    ablation = out / "small_cnn_ablations" / "reset_momentum"
+    assert sorted(p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink()) == [
+        "erm",
+        "erm",
+    ]
+
+    doc, json_path = tmp_path / "page" / "lowbit.md", tmp_path / "page" / "summary.json"
+    study.write_page(out, scale, True, doc, json_path)
+    text = doc.read_text()
+    for heading in ("## What quantization costs", "## Where the methods are compared"):
+        assert heading in text
+    assert "| small_cnn | 2 | held-out domain | 2 |" in text
+    assert "| small_cnn | 2 | training domains, corrupted | 2 |" in text
+    assert "| gaqat − lsq_sagm |" in text and "| reset_momentum |" in text
+    for figure in ("cost", "severity_small_cnn"):
+        assert (doc.parent / "lowbit" / f"{figure}.png").stat().st_size > 0
+    summary = json.loads(json_path.read_text())
+    assert {r["shift"] for r in summary["cost"]} == set(study.SHIFTS)
+    assert summary["comparisons"]["small_cnn"]["gaqat − lsq_sagm"]["n"] == "2"
