@@ -36,7 +36,7 @@ from types import ModuleType
 import numpy as np
 from digits_study import DOMAINS, freezing_stats, link_shared, runs_of
 from matplotlib.figure import Figure
-from study_page import ROOT, commit, comparison_table, diff_text, pooled, render
+from study_page import ROOT, commit, comparison_table, diff_text, render, verdict
 
 from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher
@@ -49,6 +49,7 @@ from gaqat.sweep import SweepConfig, fair_float_baseline, launch, plan
 # baseline, and the loss is beyond two standard errors.
 QUALIFYING_LOSS = 2.0
 COMPARE_METHODS = ("lsq", "lsq_sam", "lsq_sagm", "gaqat")
+MIN_PAIRS = 24  # per comparison, as the DigitsDG study had
 # The ablations the DigitsDG study found most informative, and the momentum question.
 VARIANTS = {
     "tau0.1": {"tau": 0.1},
@@ -227,10 +228,10 @@ def run_study(
 
 
 def _by_draw(folders) -> dict[tuple[int, int], object]:
-    """Runs keyed by (held-out domain, trial seed); none for no folders."""
+    """Finished runs keyed by (held-out domain, trial seed); none for no folders."""
     folders = list(folders)
     runs = load_runs(folders) if folders else []
-    return {(run.test_envs[0], run.trial_seed): run for run in runs}
+    return {(run.test_envs[0], run.trial_seed): run for run in runs if run.complete}
 
 
 def cost_pairs_folders(out: Path, grid: Grid) -> list[Path]:
@@ -292,15 +293,10 @@ def qualifies(cost: float, stderr: float | None) -> bool:
 def extra_training_gain(out: Path, arch: str) -> Difference | None:
     """Held-out accuracy of the fair float baseline − its float init: what the QAT runs'
     extra steps give a float model, which a comparison with the init would credit to QAT."""
-    fair = _by_draw(runs_of(out / f"{arch}_fair", "erm"))
-    inits = _by_draw(runs_of(out / arch, "erm"))
-    method = SELECTION_METHODS["training"]
-    gains = tuple(
-        method.run_acc(fair[k].records)[1] - method.run_acc(inits[k].records)[1]
-        for k in fair
-        if k in inits
+    gain = paired_difference(
+        _selected(runs_of(out / f"{arch}_fair", "erm")), _selected(runs_of(out / arch, "erm"))
     )
-    return Difference(gains, False) if gains else None
+    return gain if gain.values else None
 
 
 def _cost(row: dict) -> str:
@@ -322,36 +318,49 @@ def cost_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _selected(folders) -> dict[tuple[int, int, int], float]:
+    """Held-out accuracy (training-domain validation) of the finished runs among
+    ``folders``, by (bits, held-out domain, trial seed)."""
+    method, folders = SELECTION_METHODS["training"], list(folders)
+    runs = load_runs(folders) if folders else []
+    return {
+        (run.bits, run.test_envs[0], run.trial_seed): method.run_acc(run.records)[1]
+        for run in runs
+        if run.complete
+    }
+
+
+def paired_difference(a: dict, b: dict) -> Difference:
+    """a − b over the keys both have: the same bits, held-out domain and seed."""
+    return Difference(tuple(a[k] - b[k] for k in a if k in b), False)
+
+
 def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
-    """The headline paired differences of a regime, every pair of its bit widths pooled."""
-    folders = [out / regime.arch]
+    """The headline paired differences of a regime over its finished pairs, every bit
+    width pooled, as ``Difference.stats`` (the report's CSV columns)."""
+    accs = {
+        m: _selected(f for b in regime.bits for f in runs_of(out / regime.arch, m, b))
+        for m in COMPARE_METHODS
+    }
     names = [(m, "lsq") for m in COMPARE_METHODS[1:]] + [
         ("gaqat", "lsq_sagm"),
         ("lsq_sam", "lsq_sagm"),
     ]
-    present = {run.algorithm for run in load_runs(folders)}
-    return {f"{a} − {b}": pooled(folders, a, b) for a, b in names if {a, b} <= present}
+    return {f"{a} − {b}": paired_difference(accs[a], accs[b]).stats() for a, b in names}
 
 
 def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Difference, int]]:
     """Per variant: gaqat with it − default gaqat (same init, seed and batches), and how many
     step sizes froze in its runs."""
-    main = _by_draw(f for b in regime.bits for f in runs_of(out / regime.arch, "gaqat", b))
-    method = SELECTION_METHODS["training"]
+    main = _selected(f for b in regime.bits for f in runs_of(out / regime.arch, "gaqat", b))
+    tau = default_hparams("gaqat", "digits")["tau"]
     rows = []
     for name in scale.variants:
         folder = out / f"{regime.arch}_ablations" / name
-        if not folder.is_dir():
-            continue
         mine = [f for b in regime.bits for f in runs_of(folder, "gaqat", b)]
-        variant = _by_draw(mine)
-        diffs = tuple(
-            method.run_acc(variant[k].records)[1] - method.run_acc(main[k].records)[1]
-            for k in variant
-            if k in main
-        )
-        frozen = freezing_stats(mine, default_hparams("gaqat", "digits")["tau"])["frozen"]
-        rows.append((name, Difference(diffs, False), frozen))
+        if mine:
+            frozen = freezing_stats(mine, tau)["frozen"]
+            rows.append((name, paired_difference(_selected(mine), main), frozen))
     return rows
 
 
@@ -427,14 +436,15 @@ def _diff(d: Difference | None) -> str:
 
 def setup_lines(scale: Scale) -> list[str]:
     grids = "; ".join(
-        f"`{g.arch}`: held-out {', '.join(DOMAINS[e] for e in g.test_envs)}, trial seeds "
-        f"{', '.join(map(str, g.seeds))}, {', '.join(map(str, g.bits))} bits"
+        f"`{g.arch}`{f' at {g.image_size}×{g.image_size}' if g.image_size else ''}: "
+        f"{', '.join(map(str, g.bits))} bits on trial seeds {', '.join(map(str, g.seeds))}"
         for g in scale.grids
     )
     names = _corruptions().corruption_names(scale.corruptions)
     return [
         f"- Float `erm`, {scale.float_steps} steps, then `lsq` from it for {scale.steps} steps "
-        f"at the QAT learning rate (the same init, seed and batches). {grids}.",
+        f"at the QAT learning rate (the same init, seed and batches), every DigitsDG domain "
+        f"held out in turn. {grids}.",
         f"- The fair float baseline: `erm` continued from the same float checkpoint for the "
         f"same {scale.steps} steps at the same learning rate and schedule (`OUT/<arch>_fair`).",
         f"- Corruptions: {', '.join(names)} at severities "
@@ -495,7 +505,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
                 "",
             )
         ],
-        conclusion=conclusion(rows, heads),
+        conclusion=conclusion(scale, rows, heads),
     )
     doc.write_text(text, encoding="utf-8")
     summary = {
@@ -546,14 +556,29 @@ def regime_lines(scale: Scale, rows: list[dict]) -> list[str]:
     return lines
 
 
-def conclusion(rows: list[dict], heads: dict[str, dict]) -> list[str]:
-    lines = [
-        f"- `{r['arch']}` at {r['bits']} bits, {SHIFTS[r['shift']]}: quantization costs "
-        f"{_cost(r)} points ({'qualifies' if r['qualifies'] else 'does not qualify'})."
-        for r in rows
-    ]
-    for arch, head in heads.items():
-        lines += [f"- `{arch}`, {name}: {diff_text(row)}." for name, row in head.items()]
+def conclusion(scale: Scale, rows: list[dict], heads: dict[str, dict]) -> list[str]:
+    """What the numbers say, network by network, then each comparison with its verdict."""
+    lines = []
+    for grid in {g.arch: g for g in scale.grids}.values():
+        for shift, words in SHIFTS.items():
+            mine = [r for r in rows if r["arch"] == grid.arch and r["shift"] == shift]
+            costs = ", ".join(f"{_cost(r)} at {r['bits']} bits ({r['pairs']} pairs)" for r in mine)
+            if mine:
+                lines.append(f"- `{grid.arch}`, {words}: quantization costs {costs} points.")
+        if not any(r["arch"] == grid.arch for r in rows):
+            wait = " (its grid waits for a GPU)" if grid.gpu else ""
+            lines.append(f"- `{grid.arch}`: not measured yet{wait}.")
+    for regime in scale.compare:
+        head = heads[regime.arch]
+        pairs = max((int(row["n"]) for row in head.values()), default=0)
+        enough = "" if pairs >= MIN_PAIRS else ": too few to decide, the differences so far"
+        lines.append(
+            f"- The comparison at `{regime.arch}`, {', '.join(map(str, regime.bits))} bits, has "
+            f"{pairs} finished pairs of the {MIN_PAIRS} it needs{enough}:"
+        )
+        lines += [
+            f"  - {name}: {diff_text(row)} ({verdict(row, name)})." for name, row in head.items()
+        ]
     return lines
 
 

@@ -82,4 +82,4 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, 
         assert (doc.parent / "lowbit" / f"{figure}.png").stat().st_size > 0
     summary = json.loads(json_path.read_text())
     assert {r["shift"] for r in summary["cost"]} == set(study.SHIFTS)
-    assert summary["comparisons"]["small_cnn"]["gaqat − lsq_sagm"]["n"] == "2"
+    assert summary["comparisons"]["small_cnn"]["gaqat − lsq_sagm"]["n"] == 2
