@@ -4,6 +4,7 @@ in helpers.py (test files never import each other, nor conftest.py)."""
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from gaqat.data import build_digits
@@ -15,6 +16,16 @@ def digits_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("digits_data")
     build_digits(data_dir)
     return data_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on busy cores torch's threads only wait
+    for each other: a module's tests on one (``pytestmark = usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- Image folders in DomainBed's layout (the folder, loader and download tests) ---------

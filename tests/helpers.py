@@ -2,7 +2,10 @@
 sys.path through pyproject's ``pythonpath``). The shared fixtures live in conftest.py."""
 
 import copy
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,16 @@ def save_failing_at_the_second_checkpoint(error):
         return save(obj, path, *args, **kwargs)
 
     return save_or_fail
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, imported as when it runs as a script (it
+    imports its sibling scripts, and its dataclasses look their module up by name)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -31,13 +31,7 @@ SEVERITIES = (1, 5)
 PER_DOMAIN = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches of a few images: torch's threads would only wait for each other on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(shape=(32, 32, 3), seed=0) -> np.ndarray:

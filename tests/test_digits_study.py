@@ -1,27 +1,16 @@
 """The DigitsDG study script (benchmarks/digits_study.py) end to end on tiny runs."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import TINY
+from helpers import TINY, load_benchmark
 
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_study.py"
-
 
 def load_study():
-    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: it imports study_page
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("digits_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["digits_study"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("digits_study")
 
 
 def tiny_scale(study, **overrides):

@@ -1,26 +1,15 @@
 """The low-bit study script (benchmarks/lowbit_study.py) end to end on tiny runs."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import TINY
+from helpers import TINY, load_benchmark
 
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lowbit_study.py"
-
 
 def load_study():
-    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: it imports its siblings
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("lowbit_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lowbit_study"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lowbit_study")
 
 
 def test_a_regime_qualifies_on_two_points_lost_beyond_two_standard_errors():

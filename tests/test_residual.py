@@ -17,13 +17,7 @@ from gaqat.prepare import quantize_model
 from gaqat.quant import QuantConfig, quantizers, step_sizes
 from gaqat.residual import QuantResidual, quantize_residuals
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FOLD = {"fold_batch_norm": True}

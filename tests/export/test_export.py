@@ -408,6 +408,21 @@ def test_export_imports_without_the_extra():
 FUSED_CONVS = {"mobilenet_v2": (51, 35), "efficientnet_lite0": (48, 33)}
 
 
+def _calibrated(arch: str, config: QuantConfig):
+    """A quantized network in eval mode whose batch norms hold one batch's statistics, so
+    that the activations spread over the quantizers' ranges as a trained network's do;
+    and that batch."""
+    torch.manual_seed(0)
+    model = quantize_model(build_model(ModelConfig(arch=arch)), config)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # one batch: its own statistics
+    images = torch.randn(8, 3, 32, 32)
+    model(images)  # initialises the quantizers
+    update_running_statistics(model)
+    return model.eval(), images
+
+
 @pytest.mark.parametrize(("arch", "fold"), [("mobilenet_v2", True), ("efficientnet_lite0", False)])
 def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(
     arch, fold, tmp_path, onnx, onnxruntime
@@ -416,16 +431,7 @@ def test_mobile_nets_export_to_onnx_that_onnxruntime_agrees_with(
     (and EfficientNet's TensorFlow "same" padding); batch norm trained folded, or folded
     by the export into the step sizes. The batch norms hold one batch's statistics, so
     that the activations spread over the quantizers' ranges as a trained network's do."""
-    torch.manual_seed(0)
-    config = QuantConfig(4, 4, fold_batch_norm=fold)
-    model = quantize_model(build_model(ModelConfig(arch=arch)), config)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # one batch: its own statistics
-    images = torch.randn(8, 3, 32, 32)
-    model(images)  # initialises the quantizers
-    update_running_statistics(model)
-    model.eval()
+    model, images = _calibrated(arch, QuantConfig(4, 4, fold_batch_norm=fold))
     export.export_onnx(model, tmp_path / "m.onnx", 32)
     with torch.no_grad():
         expected = model(images)
@@ -601,16 +607,8 @@ def test_residual_quantizers_make_mobilenet_v2_one_integer_region(
     (35 without; the last 1x1 conv feeds the float pooling) and all 10 residual adds as
     QLinearAdd (float Add without), and agrees with PyTorch; the QDQ file and the int
     file carry the new quantizers too."""
-    torch.manual_seed(0)
     quant = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8)
-    model = quantize_model(build_model(ModelConfig(arch="mobilenet_v2_compact")), quant)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # one batch: its own statistics
-    images = torch.randn(8, 3, 32, 32)
-    model(images)  # initialises the quantizers
-    update_running_statistics(model)
-    model.eval()
+    model, images = _calibrated("mobilenet_v2_compact", quant)
     with torch.no_grad():
         expected = model(images)
     path = tmp_path / "integer.onnx"
