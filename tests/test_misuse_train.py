@@ -16,8 +16,9 @@ from helpers import TINY, save_failing_at_the_second_checkpoint, tiny_argv
 
 from gaqat import cli, launchers, sweep
 from gaqat.algorithms import Algorithm
+from gaqat.hparams import default_hparams
 from gaqat.runfolder import CHECKPOINT, DONE, LOCK, RESULTS
-from gaqat.train import _nan_message
+from gaqat.train import _nan_message, _stored_identity
 
 
 def _files(folder: Path) -> dict:
@@ -304,20 +305,14 @@ def test_a_full_disk_names_the_folder_and_the_resume_command(
     assert [json.loads(line)["step"] for line in (run / RESULTS).read_text().splitlines()] == [1, 2]
 
 
-@pytest.mark.slow
-def test_a_run_written_before_a_hyperparameter_existed_resumes_at_its_default(
-    tmp_path, digits_dir, monkeypatch
-):
-    failing = save_failing_at_the_second_checkpoint(lambda path: RuntimeError("disk full"))
-    monkeypatch.setattr(torch, "save", failing)
-    run = tmp_path / "run"
-    argv = _train(run, digits_dir, "--quiet", "--algorithm", "gaqat", "--bits", "4", freq=1)
-    argv += ["--from-scratch"]
-    assert cli.main(argv) == 1
-    monkeypatch.undo()
-    checkpoint = torch.load(run / CHECKPOINT, weights_only=False)
-    del checkpoint["hparams"]["freeze_scope"]  # as gaqat wrote it before the option
-    torch.save(checkpoint, run / CHECKPOINT)
-    other = _with_hparams(argv, {"freeze_scope": "layer"})
-    assert cli.main([*other, "--resume"]) == 2  # not the run's (default) value
-    assert cli.main([*argv, "--resume"]) == 0
+def test_a_run_written_before_a_hyperparameter_existed_resumes_at_its_default():
+    hparams = default_hparams("gaqat", "digits")
+    del hparams["freeze_scope"]  # as gaqat wrote it before the option
+    checkpoint = {
+        "meta": {"dataset": "digits", "algorithm": "gaqat", "bits": 4, "test_envs": [1]},
+        "args": {"trial_seed": 0, "hparams_seed": 0},
+        "hparams": hparams,
+    }
+    identity = _stored_identity(checkpoint)
+    assert identity["hparams.freeze_scope"] == "step_size"  # what the run did
+    assert identity["hparams.tau"] == hparams["tau"]  # stored keys are kept as stored
