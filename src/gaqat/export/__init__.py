@@ -214,15 +214,7 @@ def export_checkpoint(
         check_output_file(path, option, checkpoint_path, overwrite)
     model, checkpoint = _load_qat(checkpoint_path)
     splits = run_splits(checkpoint, str(checkpoint_path), data_dir) if evaluate else None
-    default_size = splits.image_size if splits else INPUT_SIZES[checkpoint["model_config"]["arch"]]
-    input_size = input_size or default_size
-    if splits and input_size != splits.image_size and fixes_input_size(model, integer_kernels):
-        raise UsageError(
-            f"--input-size {input_size}: with --integer-kernels this network's file takes "
-            f"only images of the side it is exported at (its stride-2 'same' padding "
-            f"becomes fixed convolution padding), but the run's images are "
-            f"{splits.image_size} a side; --evaluate needs --input-size {splits.image_size}"
-        )
+    input_size = _input_size(model, checkpoint, splits, input_size, integer_kernels)
     summary = _fold_into_float_convs(model, input_size) if fold_bn else {}
     if fmt == "int":
         files = {out: int_bytes(model, checkpoint, summary.get("folded_bn"))}
@@ -234,6 +226,22 @@ def export_checkpoint(
             files[evaluation_path(out)] = _evaluation_file(rows, out, run, onnx_options)
     write_outputs(files)
     return ExportSummary(out, fmt, len(files[out]), **model_sizes(model), **summary)
+
+
+def _input_size(model, checkpoint: dict, splits, asked: int | None, integer_kernels: bool) -> int:
+    """The side the file is traced at: ``--input-size``, else the run's images' when it is
+    evaluated, else the architecture's; refused where a fixed-size file could not take
+    the run's images."""
+    default = splits.image_size if splits else INPUT_SIZES[checkpoint["model_config"]["arch"]]
+    size = asked or default
+    if splits and size != splits.image_size and fixes_input_size(model, integer_kernels):
+        raise UsageError(
+            f"--input-size {size}: with --integer-kernels this network's file takes "
+            f"only images of the side it is exported at (its stride-2 'same' padding "
+            f"becomes fixed convolution padding), but the run's images are "
+            f"{splits.image_size} a side; --evaluate needs --input-size {splits.image_size}"
+        )
+    return size
 
 
 def _load_qat(checkpoint_path: Path) -> tuple[nn.Module, dict]:
