@@ -1,0 +1,116 @@
+"""The graph onnxruntime runs (``gaqat.export.nodes``) for each network as
+``benchmarks/deploy_latency.py`` quantizes it (W4, batch norm folded, 8-bit residual
+quantizers), here at 32x32 with random weights: what its ``--integer-kernels`` file runs
+as integer kernels and what stays float; and the benchmark's baseline, onnxruntime's own
+post-training quantization of the float network, as a file onnxruntime runs.
+
+Counts are onnxruntime 1.32's on x86. Transposes and NCHWc reorders are left out (they
+depend on the CPU); a float convolution counts as Conv or FusedConv, whichever the
+optimiser made of it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import load_benchmark
+
+from gaqat import export
+from gaqat.export.nodes import node_counts, optimized_node_counts
+from gaqat.models import ModelConfig, build_model
+from gaqat.prepare import QuantConfig, quantize_model
+from gaqat.quant import LsqQuantizer
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# After optimisation: every quantized convolution whose output feeds a quantizer is a
+# QLinearConv and, with the residual quantizers, every residual add a QLinearAdd. Float
+# convolutions left: the float stem, and the last quantized one (it feeds the float
+# pooling; its weight, input and int32 bias are dequantized: the small CNN's 3
+# DequantizeLinear). Each quantized layer keeps the Clip of its input to the 4-bit range
+# in the integer domain, and a QuantizeLinear stands where a float value or the 8-bit
+# residual stream meets a 4-bit input. ResNet-18's basic blocks take no residual
+# quantizers (``gaqat.residual``): its 11 quantized convolutions whose output meets an
+# add (8 in the branches, 3 downsampling the skips) stay float with the stem, and so do
+# its 8 adds.
+INTEGER_FILES = {
+    "small_cnn": {"QLinearConv": 2, "QLinearAdd": 0, "float Conv": 2, "Add": 0},
+    "mobilenet_v2": {"QLinearConv": 50, "QLinearAdd": 10, "float Conv": 2, "Add": 0},
+    "efficientnet_lite0": {"QLinearConv": 47, "QLinearAdd": 9, "float Conv": 2, "Add": 0},
+    "resnet18": {"QLinearConv": 8, "QLinearAdd": 0, "float Conv": 12, "Add": 8},
+}
+QUANTIZE_OPS = {  # QuantizeLinear, DequantizeLinear, Clip
+    "small_cnn": (1, 3, 3),
+    "mobilenet_v2": (16, 18, 51),
+    "efficientnet_lite0": (15, 17, 48),
+    "resnet18": (11, 33, 19),
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("deploy_latency")
+
+
+def _network(bench, arch: str, residual_bits: int = 8):
+    """``arch`` as the benchmark quantizes it, its step sizes and batch-norm statistics
+    from 8 seeded images (the spread of a trained network's activations); and those."""
+    torch.manual_seed(0)
+    model, pretrained = bench.quantized(arch, residual_bits)
+    assert not pretrained  # weights=None: nothing is downloaded
+    images = torch.randn(8, 3, 32, 32)
+    return bench.calibrate(model, images, own_statistics=True), images
+
+
+def _profile(counts) -> dict:
+    """The integer and float compute ops of an optimised graph, as INTEGER_FILES lists them."""
+    ops = {op: counts[op] for op in ("QLinearConv", "QLinearAdd", "Add")}
+    return ops | {"float Conv": counts["Conv"] + counts["FusedConv"]}
+
+
+@pytest.mark.parametrize("arch", list(INTEGER_FILES))
+def test_integer_kernel_files_run_these_nodes(bench, arch, tmp_path):
+    model, images = _network(bench, arch)
+    path = tmp_path / "integer.onnx"
+    export.export_onnx(model, path, 32, integer_kernels=True)
+    assert node_counts(path)["QLinearConv"] == 0  # the file is QDQ: onnxruntime fuses
+    counts = optimized_node_counts(path)
+    assert _profile(counts) == INTEGER_FILES[arch]
+    ops = ("QuantizeLinear", "DequantizeLinear", "Clip")
+    assert tuple(counts[op] for op in ops) == QUANTIZE_OPS[arch]
+    assert counts["Clip"] == len(export.quantized_layers(model))
+    assert counts["Gemm"] == 1 and "BatchNormalization" not in counts  # the float head
+    assert torch.equal(export.onnx_logits(path, images).argmax(1), model(images).argmax(1))
+
+
+def test_the_float_twin_is_the_network_without_its_quantizers(bench):
+    """The benchmark's float file: every quantizer gone, residual ones included, and the
+    float network's logits."""
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(arch="mobilenet_v2_compact"))
+    reference = copy.deepcopy(network).eval()
+    model = quantize_model(network, QuantConfig(4, 4, residual_bits=8))
+    images = torch.randn(4, 3, 32, 32)
+    bench.calibrate(model, images, own_statistics=False)
+    twin = bench.float_twin(model)
+    assert not [m for m in twin.modules() if isinstance(m, LsqQuantizer)]
+    with torch.no_grad():
+        assert torch.allclose(twin(images), reference(images), atol=1e-5)
+
+
+def test_ptq_baseline_is_a_file_onnxruntime_runs_with_integer_kernels(bench, tmp_path):
+    """onnxruntime's quant_pre_process and quantize_static of the small CNN's float file
+    (4 calibration images): every convolution a QLinearConv, the head a QGemm."""
+    model, images = _network(bench, "small_cnn")
+    twin = bench.float_twin(model)
+    float_path = bench.float_file(twin, 32, tmp_path / "float.onnx")
+    path = bench.ptq_file(float_path, images[:4], tmp_path / "ptq.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx", "ptq.onnx"]
+    logits = export.onnx_logits(path, images)
+    assert logits.shape == (8, 10) and torch.isfinite(logits).all()
+    counts = optimized_node_counts(path)
+    assert counts["QLinearConv"] == 4 and counts["QGemm"] == 1
+    assert counts["Conv"] + counts["FusedConv"] + counts["Gemm"] == 0
