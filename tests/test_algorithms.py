@@ -32,6 +32,7 @@ def test_recipes_compose_the_four_choices():
         "lsq_sam_swad",
         "lsq_sagm_swad",
         "gaqat_swad",
+        "qtdog",
     }
     assert [n for n, r in ALGORITHMS.items() if r.freezing] == ["gaqat", "gaqat_swad"]
     assert get_recipe("lsq_sam").objective == "sam" and get_recipe("sagm").objective == "sagm"

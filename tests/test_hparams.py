@@ -92,6 +92,8 @@ def test_algorithm_specific_keys_only_where_used():
         "lsq_sam_swad": sam | quant | swad,
         "lsq_sagm_swad": sagm | quant | swad,
         "gaqat_swad": sagm | quant | freezing | swad,
+        # QT-DoG: weights only (no folding, no residual quantizers), after a float warm-up
+        "qtdog": {"per_channel", "first_last", "step_size_lr_scale", "quantize_at"},
     }
     gaqat = default_hparams("gaqat", "PACS")
     assert gaqat["perturbed_pass_rng"] == "replay"

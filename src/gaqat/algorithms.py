@@ -22,10 +22,15 @@ from gaqat.models import ModelConfig, Network, build_model
 from gaqat.names import FOLDED_BY_DEFAULT, LR_SCHEDULES, PRECISIONS, get_recipe
 from gaqat.optim import SAGM, SAM, frozen_running_stats
 from gaqat.prepare import quantize_model
+from gaqat.qtdog import FloatWarmup, switch_step, weights_only_config
 from gaqat.quant import QuantConfig, check_optimizer, quantizers, step_sizes
 
 
-def quant_config_for(hparams: dict, bits: int, arch: str) -> QuantConfig:
+def quant_config_for(
+    hparams: dict, bits: int, arch: str, weights_only: bool = False
+) -> QuantConfig:
+    if weights_only:  # QT-DoG's (gaqat.qtdog)
+        return weights_only_config(hparams, bits)
     fold = hparams["fold_batch_norm"]
     return QuantConfig(
         weight_bits=bits,
@@ -59,15 +64,20 @@ class Algorithm:
     batch norm folded (``hparams["fold_batch_norm"]``) trains its folded layers on live
     statistics for the first ``bn_freeze_at`` of the steps, on the running ones after
     (``gaqat.bn_folding.FoldedStatistics``); while they are live, their running statistics
-    move after each step, not inside its passes.
+    move after each step, not inside its passes. A recipe with a float warm-up (QT-DoG's,
+    ``gaqat.qtdog``) trains the float network for ``warmup.step`` steps, then quantizes
+    it; ``warming_up`` says which side of the switch it is on.
 
     What carries from one ``update`` to the next, besides the network, ``optimizer`` (with
     ``freezer``) and ``scheduler``, is set in ``__init__`` and nowhere else but:
 
     - ``training_module``: the module the training passes call; ``network`` itself, its
       data-parallel wrapper after ``distribute``, and, with ``compile``, either one
-      compiled by the first ``update`` (``compile_pending`` until then). Checkpoints and
-      ``predict`` use ``network``.
+      compiled by the first ``update`` (``compile_pending`` until then, and again after
+      QT-DoG's switch). Checkpoints and ``predict`` use ``network``.
+    - ``quant_config``: what the network's quantizers are; None for a float network,
+      QT-DoG's during its warm-up included, set when it switches (``resume_at`` before
+      loading a checkpoint of a later step).
     - ``folded_statistics``: when the folded layers switch to their running statistics;
       None without folded layers.
     - ``average``: the weights averaged over steps (``gaqat.averaging``: SWA, SWAD), fed
@@ -115,13 +125,18 @@ class Algorithm:
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
         self.quant_config: QuantConfig | None = None
+        self.warmup: FloatWarmup | None = None
         if self.recipe.quantized:
             if bits is None:
                 raise ValueError(
                     f"algorithm {name!r} quantizes the model: give the bit width (--bits)"
                 )
-            self.quant_config = quant_config_for(hparams, bits, model_config.arch)
-            quantize_model(self.network, self.quant_config)
+            config = quant_config_for(hparams, bits, model_config.arch, self.recipe.weights_only)
+            if self.recipe.float_warmup:  # quantized later, by _follow_warmup
+                self.warmup = FloatWarmup(config, switch_step(hparams["quantize_at"], total_steps))
+            else:
+                self.quant_config = config
+                quantize_model(self.network, config)
         # The optimizer is built after quantize_model so that it holds every step size.
         base = torch.optim.Adam(
             self._param_groups(hparams), lr=hparams["lr"], weight_decay=hparams["weight_decay"]
@@ -144,7 +159,9 @@ class Algorithm:
             base, lr_lambda(hparams["lr_schedule"], total_steps)
         )
         self.training_module: nn.Module = self.network
+        self.compiles = compile
         self.compile_pending = compile
+        self.data_parallel_device: torch.device | None = None  # set by distribute
         self.folded_statistics: FoldedStatistics | None = None
         if self.quant_config is not None and self.quant_config.fold_batch_norm:
             freeze_step = round(hparams["bn_freeze_at"] * total_steps)
@@ -152,6 +169,30 @@ class Algorithm:
         self.average: WeightAverage | None = weight_average(
             self.network, self.recipe.averaging, hparams, total_steps
         )
+        self._follow_warmup(0)  # quantize_at 0: quantized from the start
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether a quantized recipe's network is still float (QT-DoG's warm-up)."""
+        return self.recipe.quantized and self.quant_config is None
+
+    def _follow_warmup(self, steps_done: int) -> None:
+        """Quantize a warming-up network once it has taken ``warmup.step`` steps; the
+        optimizer takes the step sizes, and the training passes are wrapped anew (the
+        data-parallel wrapper knows its parameters when built; a compiled graph is of the
+        float network)."""
+        if not (self.warming_up and self.warmup is not None and self.warmup.due(steps_done)):
+            return
+        self.quant_config = self.warmup.switch(self.network, self.scheduler.optimizer)
+        self.training_module = self.network
+        if self.data_parallel_device is not None:
+            self.training_module = data_parallel(self.network, self.data_parallel_device)
+        self.compile_pending = self.compiles
+
+    def resume_at(self, step: int) -> None:
+        """Call before loading the weights and optimizer state of a checkpoint of ``step``:
+        a QT-DoG network quantized by then is quantized here too, so that they fit."""
+        self._follow_warmup(step)
 
     def _param_groups(self, hparams: dict) -> list[dict]:
         """One group, or two when quantized: the step sizes at ``lr * step_size_lr_scale``
@@ -214,6 +255,7 @@ class Algorithm:
         rank after ``to`` and after loading a checkpoint; ``network`` stays the plain model
         (checkpoints, evaluation), only the training passes go through the wrapper."""
         synchronise_batch_norm(self.network)
+        self.data_parallel_device = device
         self.training_module = data_parallel(self.network, device)
         return self
 
@@ -249,6 +291,7 @@ class Algorithm:
         self.scheduler.step()
         if self.average is not None:
             self.average.after_step(self.scheduler.last_epoch)
+        self._follow_warmup(self.scheduler.last_epoch)
         stats = {"loss": loss.detach()}  # on the device: reading it would wait for the step
         if self.freezer is not None:
             stats["n_frozen"] = len(self.freezer.frozen)

@@ -297,7 +297,8 @@ def _model_config(config: TrainConfig, hp: dict, num_classes: int) -> ModelConfi
 
 def _init_state(config: TrainConfig, model_config: ModelConfig, recipe: Recipe) -> dict | None:
     if config.init is None:
-        if recipe.quantized and model_config.weights is None and not config.from_scratch:
+        needs_float = recipe.quantized and not recipe.float_warmup  # qtdog warms up itself
+        if needs_float and model_config.weights is None and not config.from_scratch:
             raise UsageError(
                 f"--algorithm {config.algorithm} quantizes a {model_config.arch} that has no float "
                 f"starting point: give --init FLOAT_CHECKPOINT (the checkpoint.pt of an erm run "

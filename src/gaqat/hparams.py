@@ -215,19 +215,7 @@ def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
         declare("alpha", alpha, lambda r: 10 ** r.uniform(-4, -2.5), NON_NEGATIVE)
 
     if recipe.quantized:
-        declare("per_channel", False)
-        declare("first_last", "float", valid=FIRST_LAST_POLICIES)
-        # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
-        # step; a separate rate for them is the knob that is left.
-        # Positive: at 0 the step sizes would stay at their initial values, which is not LSQ.
-        declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5), POSITIVE)
-        # Batch norm folded into the quantized convolutions ("auto": for the mobile
-        # backbones), its statistics frozen after this fraction of the steps.
-        declare("fold_batch_norm", "auto", valid=BN_FOLDING)
-        declare("bn_freeze_at", 0.5, valid=FRACTION)
-        # 8-bit quantizers on the mobile nets' residual stream, so that integer runtimes
-        # fuse every projection and add (gaqat.residual); 0: none, as before.
-        declare("residual_bits", 0, valid=(0, *range(BITS_RANGE[0], BITS_RANGE[1] + 1)))
+        _quantizers(declare, recipe)
 
     if recipe.freezing:
         window = _WINDOW.get(dataset, _DEFAULT_WINDOW)
@@ -241,6 +229,34 @@ def _method(declare: Declare, dataset: str, recipe: Recipe) -> None:
         declare("disorder_metric", "sign_flip", valid=DISORDER_METRICS)
         # Zero a step size's Adam momentum when it freezes (not in the paper).
         declare("freeze_resets_momentum", False)
+
+
+def _quantizers(declare: Declare, recipe: Recipe) -> None:
+    """The quantizers' keys. QT-DoG's (``Recipe.weights_only``, ``gaqat.qtdog``): its
+    per-channel weight step sizes and every layer quantized but the classifier, which
+    stays float whatever ``first_last`` says (that then sets the first convolution
+    alone); no batch-norm folding or residual quantizers, which serve integer kernels on
+    quantized activations; and ``quantize_at``, the share of the steps trained in float
+    before quantization switches on."""
+    weights_only = recipe.weights_only
+    declare("per_channel", weights_only)
+    declare("first_last", "same" if weights_only else "float", valid=FIRST_LAST_POLICIES)
+    # Adam normalises LSQ's gradient scale away, so step sizes move by about lr per
+    # step; a separate rate for them is the knob that is left.
+    # Positive: at 0 the step sizes would stay at their initial values, which is not LSQ.
+    declare("step_size_lr_scale", 1.0, lambda r: 10 ** r.uniform(-1, 0.5), POSITIVE)
+    if not weights_only:
+        # Batch norm folded into the quantized convolutions ("auto": for the mobile
+        # backbones), its statistics frozen after this fraction of the steps.
+        declare("fold_batch_norm", "auto", valid=BN_FOLDING)
+        declare("bn_freeze_at", 0.5, valid=FRACTION)
+        # 8-bit quantizers on the mobile nets' residual stream, so that integer runtimes
+        # fuse every projection and add (gaqat.residual); 0: none, as before.
+        declare("residual_bits", 0, valid=(0, *range(BITS_RANGE[0], BITS_RANGE[1] + 1)))
+    if recipe.float_warmup:
+        # QT-DoG: 2,000 of 5,000 steps in float on the DomainBed sets. Below 1, so that
+        # the run ends quantized (gaqat.qtdog.switch_step).
+        declare("quantize_at", 0.4, lambda r: r.uniform(0.2, 0.6), Range(0, 1, high_open=True))
 
 
 def _averaging(declare: Declare, recipe: Recipe) -> None:

@@ -17,19 +17,35 @@ AVERAGING = ("none", "swa", "swad")
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method as four independent choices: float or quantized model, the objective
-    ("erm", "sam" or "sagm"), whether step sizes are frozen by their disorder, and which
-    weights the run reports (``AVERAGING``: the last step's, SWA's or SWAD's average)."""
+    """A method as independent choices: float or quantized model, the objective
+    ("erm", "sam" or "sagm"), whether step sizes are frozen by their disorder, which
+    weights the run reports (``AVERAGING``: the last step's, SWA's or SWAD's average),
+    and, for a quantized model, QT-DoG's two (``gaqat.qtdog``): ``weights_only``, weights
+    quantized and activations float, the classifier float; ``float_warmup``, quantization
+    switched on after a float warm-up inside the run."""
 
     quantized: bool
     objective: str
     freezing: bool = False
     averaging: str = "none"
+    weights_only: bool = False
+    float_warmup: bool = False
 
     def __post_init__(self) -> None:
         if self.averaging not in AVERAGING:
             raise ValueError(
                 f"Recipe.averaging: {self.averaging!r} is not one of {', '.join(AVERAGING)}"
+            )
+        if (self.weights_only or self.float_warmup) and not self.quantized:
+            raise ValueError("Recipe: weights_only and float_warmup are for quantized models")
+        # The freezer's and the average's state are built on the quantized network's
+        # parameters at the start, and activation quantizers would initialise on each
+        # rank's shard at the switch: the warm-up is QT-DoG's, weights only, alone.
+        if self.float_warmup and (
+            not self.weights_only or self.freezing or self.averaging != "none"
+        ):
+            raise ValueError(
+                "Recipe.float_warmup: needs weights_only, without freezing or averaging"
             )
 
 
@@ -48,6 +64,8 @@ ALGORITHMS: dict[str, Recipe] = {
     "lsq_sam_swad": Recipe(quantized=True, objective="sam", averaging="swad"),
     "lsq_sagm_swad": Recipe(quantized=True, objective="sagm", averaging="swad"),
     "gaqat_swad": Recipe(quantized=True, objective="sagm", freezing=True, averaging="swad"),
+    # QT-DoG (Javed et al., ICML 2025): ERM, LSQ weights only, after a float warm-up.
+    "qtdog": Recipe(quantized=True, objective="erm", weights_only=True, float_warmup=True),
 }
 
 

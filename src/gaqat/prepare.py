@@ -7,7 +7,9 @@ residual stream of the mobile nets' residual blocks, then, when
 ``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch norm into
 the quantized convolution before it, and each batch norm left after one evaluates with
 the shift its integer-kernel export rounds. The layers know nothing of folding; folding
-builds on the layers; this module builds on both.
+builds on the layers; this module builds on both. A weights-only config
+(``QuantConfig.act_bits`` None, QT-DoG's) folds nothing and rounds no shift: with float
+inputs there is no integer kernel whose arithmetic evaluation should match.
 """
 
 from __future__ import annotations
@@ -48,5 +50,6 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         quantize_residuals(model, config.residual_bits)
     if config.fold_batch_norm:
         fold_into_quantized_convs(model)
-    round_folded_shifts(model)  # eval mode: the unfolded pairs' shifts as deployed
+    if config.act_bits is not None:  # float inputs (weights only): no integer kernel to match
+        round_folded_shifts(model)  # eval mode: the unfolded pairs' shifts as deployed
     return model

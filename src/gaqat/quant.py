@@ -167,8 +167,8 @@ class BiasQuantizer(nn.Module):
     state; the ONNX export stands an int32 DequantizeLinear in for it."""
 
     def forward(self, bias: torch.Tensor | None, input_quantizer, weight_quantizer):
-        if self.training or bias is None:
-            return bias
+        if self.training or bias is None or not isinstance(input_quantizer, LsqQuantizer):
+            return bias  # float activations (weights-only): no integer kernel, float bias
         return integer_bias(bias, input_quantizer.step_size(), weight_quantizer.step_size())
 
 
@@ -305,13 +305,19 @@ class _QuantizedLayer:
     """What QuantConv2d and QuantLinear share: two quantizers, the bias's (eval mode: on
     the int32 grid s_x·s_w, :class:`BiasQuantizer`) and the swap from a float layer.
 
-    Constructed like the float layer, plus ``weight_bits``, ``act_bits`` and ``per_channel``.
+    Constructed like the float layer, plus ``weight_bits``, ``act_bits`` and ``per_channel``;
+    ``act_bits`` None: the input stays float (``input_quantizer`` is an ``nn.Identity``).
     """
 
     weight: nn.Parameter
 
     def __init__(
-        self, *args, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = False, **kwargs
+        self,
+        *args,
+        weight_bits: int = 4,
+        act_bits: int | None = 4,
+        per_channel: bool = False,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         dtype = self.weight.dtype
@@ -322,7 +328,9 @@ class _QuantizedLayer:
             weight_shape=self.weight.shape,
             dtype=dtype,
         )
-        self.input_quantizer = LsqQuantizer(act_bits, signed=None, dtype=dtype)
+        self.input_quantizer = (
+            nn.Identity() if act_bits is None else LsqQuantizer(act_bits, signed=None, dtype=dtype)
+        )
         self.bias_quantizer = BiasQuantizer()
 
     def quantized_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -330,7 +338,9 @@ class _QuantizedLayer:
         return self.bias_quantizer(bias, self.input_quantizer, self.weight_quantizer)
 
     @classmethod
-    def from_float(cls, layer: nn.Module, weight_bits: int, act_bits: int, per_channel: bool):
+    def from_float(
+        cls, layer: nn.Module, weight_bits: int, act_bits: int | None, per_channel: bool
+    ):
         """A quantized layer holding ``layer``'s very weight and bias Parameter objects, and
         step sizes of their dtype.
 
@@ -402,11 +412,13 @@ class QuantConfig:
     ``residual_bits``: LSQ quantizers of that width on the residual stream of the mobile
     nets' residual blocks (``gaqat.residual``; None, the default of old checkpoints, or 0:
     none). Both read by ``gaqat.prepare.quantize_model``, not by this module's
-    :func:`quantize_layers`.
+    :func:`quantize_layers`. ``act_bits`` None: weights-only quantization (QT-DoG's,
+    ``gaqat.qtdog``), every input float, no batch norm folded (folding is for the integer
+    kernels that quantized inputs make possible).
     """
 
     weight_bits: int = 4
-    act_bits: int = 4
+    act_bits: int | None = 4
     per_channel: bool = False
     first_last: str = "float"
     skip: tuple[str, ...] = ()
@@ -416,7 +428,13 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "QuantConfig.weight_bits")
-        check_bits(self.act_bits, "QuantConfig.act_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "QuantConfig.act_bits")
+        elif self.fold_batch_norm:
+            raise ValueError(
+                "QuantConfig.fold_batch_norm: batch norm folds into integer kernels, which "
+                "need quantized inputs; with act_bits None (weights only) keep it off"
+            )
         if self.residual_bits == 0 and not isinstance(self.residual_bits, bool):
             object.__setattr__(self, "residual_bits", None)  # 0: off, stored as None
         if self.residual_bits is not None:
@@ -439,12 +457,15 @@ class QuantConfig:
         object.__setattr__(self, "skip", tuple(self.skip))  # JSON gives a list back
 
 
-def _layer_bits(name: str, is_first_or_last: bool, config: QuantConfig) -> tuple[int, int] | None:
-    """(weight bits, activation bits) for one layer, or None to leave it float."""
+def _layer_bits(
+    name: str, is_first_or_last: bool, config: QuantConfig
+) -> tuple[int, int | None] | None:
+    """(weight bits, activation bits or None for float inputs) for one layer, or None to
+    leave it float."""
     if any(name == s or name.startswith(s + ".") for s in config.skip):
         return None
     if is_first_or_last and config.first_last != "same":
-        return None if config.first_last == "float" else (8, 8)
+        return None if config.first_last == "float" else (8, None if config.act_bits is None else 8)
     return config.weight_bits, config.act_bits
 
 

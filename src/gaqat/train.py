@@ -251,8 +251,11 @@ def _train(config: TrainConfig, plan: Plan, out: Path, resume_from: dict | None)
             records = _records(loop, done, window, stats)  # rank 0's lines; [] on the others
             if world.main:  # the others wait at the barrier while rank 0 writes
                 _save(loop, done, window, records)
-                targets = [records[-1][f"env{e}_in_acc"] for e in config.test_envs]
-                bar.set_postfix(loss=f"{window.loss:.3f}", target=f"{np.mean(targets):.3f}")
+                shown = {"loss": f"{window.loss:.3f}"}
+                if records:  # none in QT-DoG's float warm-up
+                    targets = [records[-1][f"env{e}_in_acc"] for e in config.test_envs]
+                    shown["target"] = f"{np.mean(targets):.3f}"
+                bar.set_postfix(**shown)
             distributed.barrier(world)
             loop.losses, loop.tic = [], time.perf_counter()
     except KeyboardInterrupt:
@@ -363,6 +366,7 @@ def _restore(loop: _Loop, resume_from: dict | None) -> None:
     config, algorithm = loop.config, loop.algorithm
     world, device = loop.plan.world, loop.plan.device
     if resume_from is not None:
+        algorithm.resume_at(resume_from["step"])  # QT-DoG: quantized by then, or still float
         algorithm.network.load_state_dict(resume_from["model"])
         algorithm.load_optimizer_state(resume_from["training"])
         loop.start = loop.saved_step = resume_from["step"]
@@ -420,12 +424,14 @@ def _close_window(loop: _Loop, done: int) -> _Window:
 
 def _records(loop: _Loop, done: int, window: _Window, stats: dict) -> list[dict]:
     """The results.jsonl lines of the checkpoint at step ``done``, on rank 0: the network's;
-    at the last step of a run that averages its weights, the averaged network's after it.
+    at the last step of a run that averages its weights, the averaged network's after it;
+    none during QT-DoG's float warm-up (a quantized method's records are of its quantized
+    network, so that model selection never picks a float one).
 
     Every rank keeps the weight average, fed rank 0's validation loss."""
     plan, average = loop.plan, loop.algorithm.average
     records = []
-    if plan.world.main:
+    if plan.world.main and not loop.algorithm.warming_up:
         timing = {"step_time": window.step_time, "mem_gb": _peak_memory_gb(plan.device)}
         records.append(_record(loop, done, stats, loss=window.loss, **timing))
     if average is not None:

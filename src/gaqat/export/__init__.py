@@ -255,6 +255,13 @@ def _load_qat(checkpoint_path: Path) -> tuple[nn.Module, dict]:
             f"None, algorithm {checkpoint['meta'].get('algorithm')!r}): export "
             f"writes QAT checkpoints (e.g. gaqat train --algorithm gaqat --bits 4)"
         )
+    if checkpoint["quant_config"].get("act_bits") is None:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} quantizes weights only (algorithm "
+            f"{checkpoint['meta'].get('algorithm')!r}: its activations stay float), and "
+            f"gaqat's files hold integer activation codes; export a run that quantizes both "
+            f"(lsq, lsq_sam, lsq_sagm, gaqat)"
+        )
     model.eval()
     quantized_layers(model)  # refuses a model whose quantizers never saw a batch
     return model, checkpoint
