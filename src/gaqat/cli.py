@@ -923,6 +923,113 @@ def _corrupt(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ensemble ---------------------------------------------------------------------------
+
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    """``gaqat ensemble``."""
+    p = _subparser(
+        sub,
+        "ensemble",
+        "evaluate runs that differ only by trial seed as one ensemble (mean of softmax)",
+        "Load the final models of finished runs that differ only by trial seed (same "
+        "dataset, held-out domains, algorithm, bits, hyperparameters), evaluate the mean of "
+        "their softmax outputs on every split of their runs, and write an ensemble folder "
+        "(results.jsonl with one record, named e.g. ens5_lsq_w4, done) that `gaqat report` "
+        "shows as a row under every selection method. Prints the accuracy per split beside "
+        "the members' and the ensemble's size against one float model.",
+        _ensemble,
+    )
+    _options_once(p)
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=_path,
+        metavar="RUN",
+        help="the members' run folders (with --sweep: folders searched for runs)",
+    )
+    p.add_argument(
+        "--output",
+        type=_path,
+        required=True,
+        help="the ensemble's folder (with --sweep: the folder that receives one folder per "
+        "ensemble, e.g. the sweep's own)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="group the finished runs below RUN by everything but their trial seed: one "
+        "ensemble per group of two or more (one kept when its folder has the same members)",
+    )
+    p.add_argument(
+        "--algorithms",
+        nargs="+",
+        choices=ALGORITHMS,
+        metavar="NAME",
+        help="with --sweep: only runs of these methods (default: all)",
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write the K quantized members and their averaging as one ONNX file "
+        "(ensemble.onnx), checked and evaluated on every split under ONNX Runtime "
+        "(ensemble.eval.json)",
+    )
+    p.add_argument(
+        "--int4-weights",
+        action="store_true",
+        help="with --onnx: 4-bit and 3-bit weight codes as packed INT4 (gaqat export's option)",
+    )
+    p.add_argument(
+        "--integer-kernels",
+        action="store_true",
+        help="with --onnx: batch norm folded into the quantized convolutions' scales, "
+        "for onnxruntime's QLinearConv (gaqat export's option)",
+    )
+    p.add_argument("--data-dir", type=_folder, help="the runs' data (default: where they found it)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an ensemble the output folder holds"
+    )
+    p.set_defaults(
+        resume_hint=lambda argv: (
+            "an ensemble's files are written once it is evaluated: the "
+            "same command again starts it over (with --sweep, the ensembles written are kept)"
+        )
+    )
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from gaqat import ensemble  # lazy: keeps `gaqat --help` free of torch
+
+    for option, given, needs, needed in (
+        ("--algorithms", args.algorithms, "--sweep", args.sweep),
+        ("--int4-weights", args.int4_weights, "--onnx", args.onnx),
+        ("--integer-kernels", args.integer_kernels, "--onnx", args.onnx),
+    ):
+        if given and not needed:
+            raise UsageError(f"{option} goes with {needs}, which was not given")
+    options = {
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "overwrite": args.overwrite,
+        "onnx": args.onnx,
+        "int4_weights": args.int4_weights,
+        "integer_kernels": args.integer_kernels,
+        "progress": not args.quiet,
+    }
+    if args.sweep:
+        results, notes = ensemble.build_sweep_ensembles(
+            args.runs, args.output, args.algorithms, **options
+        )
+        for note in notes:
+            print(f"gaqat ensemble: {note}", file=sys.stderr)
+    else:
+        results = [ensemble.build_ensemble(args.runs, args.output, **options)]
+    print("\n\n".join(map(str, results)))
+    return 0
+
+
 # --- the command ------------------------------------------------------------------------
 
 
@@ -944,6 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_plot,
         _add_export,
         _add_corrupt,
+        _add_ensemble,
     ):
         add(sub)
     return parser
