@@ -29,9 +29,9 @@ files against the PyTorch model they export, the PTQ file against the float netw
 - ``mobilenet_v2``, ``efficientnet_lite0``, ``resnet18`` (224x224): the ImageNet networks
   (when their weights are at hand: torchvision's cache, the ``[lite]`` extra; else
   random, with batch-norm statistics from the calibration images), W4 with batch norm
-  folded and 8-bit residual quantizers (``--residual-bits``; ResNet's blocks take none),
-  step sizes initialised on 32 views of scikit-image's photos, the PTQ's calibration
-  images too, without training; checked on the photos.
+  folded and 8-bit residual quantizers (``--residual-bits``), step sizes initialised on
+  32 views of scikit-image's photos, the PTQ's calibration images too, without training;
+  checked on the photos.
 
 Results go to ``results/deploy_latency.json`` (``--quick``: ``deploy_latency_quick``).
 

@@ -1,21 +1,25 @@
 """Quantizers on the residual stream (gaqat.residual): which blocks, signedness and
-initialisation, the config field, checkpoints. The ONNX fusion they buy is tested in
-tests/export/test_export.py."""
+initialisation, the config field, checkpoints; ResNet's blocks by hand and as
+onnxruntime runs them. The ONNX fusion they buy in MobileNetV2 is tested in
+tests/export/test_export.py, the node counts of each network in tests/export/test_nodes.py."""
 
+import copy
 import math
 from dataclasses import asdict
 
 import pytest
 import torch
+from helpers import load_benchmark
 from torch import nn
+from torchvision.models import resnet
 
-from gaqat import efficientnet_lite
-from gaqat.bn_folding import QuantConvBn2d
+from gaqat import efficientnet_lite, export
+from gaqat.bn_folding import QuantConvBn2d, deployable
 from gaqat.checkpoint import build_network
 from gaqat.models import ModelConfig, build_model
 from gaqat.prepare import quantize_model
 from gaqat.quant import QuantConfig, quantizers, step_sizes
-from gaqat.residual import QuantResidual, quantize_residuals
+from gaqat.residual import ROLES, QuantResidual, quantize_residuals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,6 +85,95 @@ def test_the_block_computes_quantized_sum_of_quantized_branch_and_skip():
         assert torch.allclose(projection.scale, 2 * block.branch(s).abs().mean() / math.sqrt(127))
         codes = total.codes(out)
     assert codes.min() >= -128 and codes.max() <= 127 and bool((codes < 0).any())
+
+
+def _resnet_block(kind: str) -> nn.Module:
+    """A torchvision ResNet block with random batch-norm affines (not a fresh one's 1 and
+    0): ``basic`` 16 -> 16 channels (identity skip), ``basic_down`` and ``bottleneck``
+    8 -> 16 (x4) at stride 2 (a downsampling conv on the skip)."""
+    if kind == "basic":
+        block = resnet.BasicBlock(16, 16)
+    else:
+        kind_type, out = (
+            (resnet.BasicBlock, 16) if kind == "basic_down" else (resnet.Bottleneck, 64)
+        )
+        down = nn.Sequential(nn.Conv2d(8, out, 1, 2, bias=False), nn.BatchNorm2d(out))
+        block = kind_type(8, 16, 2, down)
+    for module in block.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1, 0.3)
+            nn.init.normal_(module.bias, 0, 0.3)
+    return block
+
+
+@pytest.mark.parametrize("kind", ["basic", "basic_down", "bottleneck"])
+def test_a_resnet_block_computes_the_quantized_block_written_by_hand(kind):
+    """BasicBlock (identity skip, or a downsampling conv on it) and Bottleneck: the branch
+    and the skip's convolution quantized signed, their sum through the block's ReLU then
+    quantized unsigned (the form onnxruntime fuses into QLinearAdd), the input too (it
+    follows a ReLU). Without quantizers the wrapper is torchvision's block."""
+    torch.manual_seed(0)
+    block = _resnet_block(kind)
+    x = torch.relu(torch.randn(4, 16 if kind == "basic" else 8, 8, 8))
+    wrapped = QuantResidual(block, 8)
+    out = wrapped(x)
+    q = {role: getattr(wrapped, role) for role in ROLES}
+    assert (q["shortcut_quantizer"] is None) == (kind == "basic")
+    for role in ("skip_quantizer", "output_quantizer"):
+        assert (q[role].q_min, q[role].q_max) == (0, 255)
+    assert (q["projection_quantizer"].q_min, q["projection_quantizer"].q_max) == (-128, 127)
+    convs = 3 if kind == "bottleneck" else 2
+    with torch.no_grad():
+        s = q["skip_quantizer"](x)
+        h = s
+        for i in range(1, convs + 1):
+            h = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(h))
+            h = torch.relu(h) if i < convs else h
+        skip = s if kind == "basic" else q["shortcut_quantizer"](block.downsample(s))
+        expected = q["output_quantizer"](torch.relu(skip + q["projection_quantizer"](h)))
+        assert torch.equal(out, expected)
+        for role in ROLES:
+            if q[role] is not None:
+                setattr(wrapped, role, nn.Identity())
+        assert torch.equal(wrapped(x), block(x.clone()))
+
+
+def test_a_resnet18_with_residual_quantizers_runs_as_integer_kernels(tmp_path):
+    """A prepared ResNet-18: its 8 basic blocks wrapped, only the first quantizing its
+    skip (the others' input is the previous block's output, across the stages'
+    Sequentials too), the three downsampling skips quantized. Its integer-kernel file
+    runs every quantized convolution as QLinearConv and every residual add as
+    QLinearAdd (the float stem alone stays a float convolution), with PyTorch's top-1;
+    the int file rebuilds it bit for bit."""
+    for module in ("onnx", "onnxruntime", "safetensors"):
+        pytest.importorskip(module)
+    from gaqat.export.nodes import optimized_node_counts
+
+    torch.manual_seed(0)
+    quant = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8)
+    model = quantize_model(build_model(ModelConfig(arch="resnet18")), quant)
+    residuals = _residuals(model)
+    assert len(residuals) == 8
+    assert [n for n, m in residuals.items() if m.skip_quantizer is not None] == [
+        "featurizer.layer1.0"
+    ]
+    assert sum(m.shortcut_quantizer is not None for m in residuals.values()) == 3
+    images = torch.randn(8, 3, 32, 32)  # step sizes and batch-norm statistics from these
+    load_benchmark("deploy_latency").calibrate(model, images, own_statistics=True)
+    with torch.no_grad():
+        expected = model(images)
+    path = tmp_path / "integer.onnx"
+    export.export_onnx(model, path, 32, integer_kernels=True)
+    counts = optimized_node_counts(path)
+    assert counts["QLinearConv"] == len(export.quantized_layers(model)) == 19
+    assert counts["QLinearAdd"] == 8 and counts["Add"] == 0
+    assert counts["Conv"] + counts["FusedConv"] == 1  # the float stem
+    assert torch.equal(export.onnx_logits(path, images).argmax(1), expected.argmax(1))
+    header = {"model_config": ModelConfig(arch="resnet18").to_dict()}
+    header |= {"quant_config": asdict(quant), "meta": {"bits": 4}}
+    export.export_int(deployable(copy.deepcopy(model)), tmp_path / "model.safetensors", header)
+    with torch.no_grad():
+        assert torch.equal(export.load_int(tmp_path / "model.safetensors")(images), expected)
 
 
 def test_blocks_without_an_identity_skip_stay_as_they_are():

@@ -145,18 +145,26 @@ class QuantConvBn2d(nn.Module):
 class _Tracer(fx.Tracer):
     """Treats quantized layers, quantizers (the residual stream's, ``gaqat.residual``), and
     modules with neither children nor parameters (such as EfficientNet's shape-dependent
-    padding), as opaque calls: only the data flow between modules matters."""
+    padding), as opaque calls: only the data flow between modules matters. ``leaves``:
+    more module types to keep opaque (``gaqat.residual`` asks which wrapped block feeds
+    which, whatever is inside them)."""
+
+    def __init__(self, leaves: tuple[type, ...] = ()):
+        super().__init__()
+        self.leaves = (QuantConv2d, QuantLinear, QuantConvBn2d, LsqQuantizer, *leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         stateless = next(m.children(), None) is None and next(m.parameters(), None) is None
-        quantized = isinstance(m, (QuantConv2d, QuantLinear, QuantConvBn2d, LsqQuantizer))
-        return quantized or stateless or super().is_leaf_module(m, qualname)
+        return isinstance(m, self.leaves) or stateless or super().is_leaf_module(m, qualname)
 
 
-def data_flow(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module], Counter]:
-    """``model`` traced with :class:`_Tracer`, its modules by name, and how many times
-    the graph calls each (a module called twice cannot be rewritten for one call alone)."""
-    graph = _Tracer().trace(model)
+def data_flow(
+    model: nn.Module, leaves: tuple[type, ...] = ()
+) -> tuple[fx.Graph, dict[str, nn.Module], Counter]:
+    """``model`` traced with :class:`_Tracer` (``leaves``: more opaque module types), its
+    modules by name, and how many times the graph calls each (a module called twice
+    cannot be rewritten for one call alone)."""
+    graph = _Tracer(leaves).trace(model)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     return graph, dict(model.named_modules()), calls
 

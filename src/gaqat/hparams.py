@@ -250,8 +250,8 @@ def _quantizers(declare: Declare, recipe: Recipe) -> None:
         # backbones), its statistics frozen after this fraction of the steps.
         declare("fold_batch_norm", "auto", valid=BN_FOLDING)
         declare("bn_freeze_at", 0.5, valid=FRACTION)
-        # 8-bit quantizers on the mobile nets' residual stream, so that integer runtimes
-        # fuse every projection and add (gaqat.residual); 0: none, as before.
+        # 8-bit quantizers on the residual stream (mobile and ResNet blocks), so that
+        # integer runtimes fuse every projection and add (gaqat.residual); 0: none.
         declare("residual_bits", 0, valid=(0, *range(BITS_RANGE[0], BITS_RANGE[1] + 1)))
     if recipe.float_warmup:
         # QT-DoG: 2,000 of 5,000 steps in float on the DomainBed sets. Below 1, so that

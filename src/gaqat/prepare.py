@@ -3,7 +3,7 @@
 ``quantize_model`` puts the steps in order, as torchao's ``qat/api.py`` sits on top of
 its layers: first ``gaqat.quant`` swaps the layers for quantized ones, then, when
 ``QuantConfig.residual_bits`` says so, ``gaqat.residual`` puts quantizers on the
-residual stream of the mobile nets' residual blocks, then, when
+residual stream of the residual blocks (mobile nets' and ResNet's), then, when
 ``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch norm into
 the quantized convolution before it, and each batch norm left after one evaluates with
 the shift its integer-kernel export rounds. The layers know nothing of folding; folding

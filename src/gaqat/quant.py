@@ -409,9 +409,9 @@ class QuantConfig:
     get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
     module names (a layer, or a container whose layers all stay float).
     ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in;
-    ``residual_bits``: LSQ quantizers of that width on the residual stream of the mobile
-    nets' residual blocks (``gaqat.residual``; None, the default of old checkpoints, or 0:
-    none). Both read by ``gaqat.prepare.quantize_model``, not by this module's
+    ``residual_bits``: LSQ quantizers of that width on the residual stream of the
+    residual blocks, mobile and ResNet (``gaqat.residual``; None, the default of old
+    checkpoints, or 0: none). Both read by ``gaqat.prepare.quantize_model``, not by this module's
     :func:`quantize_layers`. ``act_bits`` None: weights-only quantization (QT-DoG's,
     ``gaqat.qtdog``), every input float, no batch norm folded (folding is for the integer
     kernels that quantized inputs make possible).

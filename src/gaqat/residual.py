@@ -1,96 +1,166 @@
-"""Quantizers on the residual stream: one integer region per mobile network.
+"""Quantizers on the residual stream: one integer region per residual network.
 
-An inverted-residual block computes x + branch(x), and its branch ends in a 1x1
-projection with no activation after it. Without a quantizer on that projection's output
-and on the add's, an integer runtime keeps the projection and the add in float (their
-outputs are no integer kernel's), and dequantizes and requantizes around each.
-:class:`QuantResidual` wraps such a block and puts LSQ quantizers of their own bit width
-(``QuantConfig.residual_bits``) on the residual stream, trained like every other one:
+A residual block computes skip(x) + branch(x), and its branch ends in a convolution (a
+1x1 projection in the mobile nets) with no activation before the add. Without a
+quantizer on that convolution's output and on the add's, an integer runtime keeps the
+convolution and the add in float (their outputs are no integer kernel's), and
+dequantizes and requantizes around each. :class:`QuantResidual` wraps such a block and
+puts LSQ quantizers of their own bit width (``QuantConfig.residual_bits``) on the
+residual stream, trained like every other one:
 
-    s = skip_quantizer(x)        # only where x is not the previous block's output_quantizer's
-    out = output_quantizer(s + projection_quantizer(branch(s)))
+    s = skip_quantizer(x)        # only where x is not another wrapped block's output
+    t = s, or shortcut_quantizer(downsample(s)) where the skip has a convolution
+    out = output_quantizer(relu?(t + projection_quantizer(branch(s))))
 
-The stream has no ReLU, so the three are signed (int8 codes, zero point 0; the
-``--integer-kernels`` export stores them as uint8 around 128, as other signed inputs),
-and they initialise as activation quantizers do (2·mean|v|/sqrt(q_max), first batch).
-They are :class:`gaqat.quant.LsqQuantizer` modules, so ``quantizers`` /
-``step_sizes`` list them, and the optimizer's step-size group and GAQAT's freezer treat
-them like the layers' (scope "layer": a block's two or three freeze together).
+The mobile nets' stream has no ReLU, so their quantizers are signed (int8 codes, zero
+point 0; the ``--integer-kernels`` export stores them as uint8 around 128, as other
+signed inputs). A ResNet block ends in a ReLU after the add, and its input is the
+previous block's output or the stem's ReLU: there the skip and output quantizers are
+unsigned, after the ReLU (uint8 with zero point 0, twice the signed range's codes for
+the same values, and the form onnxruntime fuses into the add: Add -> Relu ->
+QuantizeLinear with zero point 0 drops the Relu, then the add is a QLinearAdd; quantizing
+the sum before the ReLU instead would leave a Relu between two quantized tensors, and a
+QuantizeLinear more for the next block's skip). The projection and shortcut outputs
+(batch norm outputs) are signed. All initialise as activation quantizers do
+(2·mean|v|/sqrt(q_max), first batch). They are :class:`gaqat.quant.LsqQuantizer`
+modules, so ``quantizers`` / ``step_sizes`` list them, and the optimizer's step-size group
+and GAQAT's freezer treat them like the layers' (scope "layer": a block's freeze
+together).
 
-The blocks: torchvision's MobileNetV2 ``InvertedResidual`` (``conv`` branch; also
-``mobilenet_v2_compact``), MobileNetV3's (``block`` branch) and EfficientNet-Lite0's
-``MBConv`` (``branch``), each where it has its identity skip.
+The blocks (:func:`residual_layout`): torchvision's MobileNetV2 ``InvertedResidual``
+(``conv`` branch; also ``mobilenet_v2_compact``), MobileNetV3's (``block`` branch) and
+EfficientNet-Lite0's ``MBConv`` (``branch``), each where it has its identity skip; and
+torchvision's ResNet ``BasicBlock`` and ``Bottleneck``, with their identity or
+``downsample`` skip.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torchvision.models import mobilenetv2, mobilenetv3
+from typing import NamedTuple
 
+import torch
+from torch import fx, nn
+from torchvision.models import mobilenetv2, mobilenetv3, resnet
+
+from gaqat.bn_folding import data_flow
 from gaqat.efficientnet_lite import MBConv
 from gaqat.quant import LsqQuantizer, check_bits
 
-ROLES = ("skip_quantizer", "projection_quantizer", "output_quantizer")
+ROLES = ("skip_quantizer", "projection_quantizer", "shortcut_quantizer", "output_quantizer")
 
 
-def residual_branch(block: nn.Module) -> str | None:
-    """The attribute naming ``block``'s branch (a submodule or a method) when ``block`` is a
-    residual block with an identity skip that :class:`QuantResidual` wraps, else None."""
+class Layout(NamedTuple):
+    """How :class:`QuantResidual` runs a block, by the names of its attributes (plain
+    strings: the wrapper holds no second reference to the block's modules, which folding
+    and export replace in place): ``branch``, the submodules (or methods) the branch
+    applies in turn; ``shortcut``, the submodule on the skip (ResNet's ``downsample``),
+    None for an identity skip; ``relu``, the submodule applied to the sum (ResNet's), None
+    for none, in which case the stream is signed."""
+
+    branch: tuple[str, ...]
+    shortcut: str | None = None
+    relu: str | None = None
+
+
+# A ResNet block's branch: conv-bn pairs with the block's ReLU between them.
+_BASIC = ("conv1", "bn1", "relu", "conv2", "bn2")
+_BOTTLENECK = (*_BASIC, "relu", "conv3", "bn3")
+
+
+def residual_layout(block: nn.Module) -> Layout | None:
+    """``block``'s :class:`Layout` when it is a residual block that :class:`QuantResidual`
+    wraps, else None. The types are matched exactly: a subclass may compute otherwise."""
     if type(block) is mobilenetv2.InvertedResidual and block.use_res_connect:
-        return "conv"
+        return Layout(("conv",))
     if type(block) is mobilenetv3.InvertedResidual and block.use_res_connect:
-        return "block"
+        return Layout(("block",))
     if type(block) is MBConv and block.skip:
-        return "branch"
+        return Layout(("branch",))
+    if type(block) in (resnet.BasicBlock, resnet.Bottleneck):
+        branch = _BASIC if type(block) is resnet.BasicBlock else _BOTTLENECK
+        shortcut = None if block.downsample is None else "downsample"
+        return Layout(branch, shortcut, "relu")
     return None
 
 
 class QuantResidual(nn.Module):
     """A residual block with LSQ quantizers on its skip (``skip_quantizer``, None where the
     input already comes from another QuantResidual's output), its branch's output
-    (``projection_quantizer``) and the sum (``output_quantizer``); see the module
-    docstring. Holds the block as ``block``."""
+    (``projection_quantizer``), its skip's convolution's output (``shortcut_quantizer``,
+    None for an identity skip) and the sum (``output_quantizer``); see the module
+    docstring. Holds the block as ``block`` and its :class:`Layout` as ``layout``."""
 
     def __init__(self, block: nn.Module, bits: int, quantize_skip: bool = True):
         super().__init__()
-        branch = residual_branch(block)
-        if branch is None:
+        layout = residual_layout(block)
+        if layout is None:
             raise ValueError(
-                f"QuantResidual: {type(block).__name__} is not a residual block with an "
-                f"identity skip"
+                f"QuantResidual: {type(block).__name__} is not a residual block that "
+                f"gaqat.residual knows (MobileNetV2/V3 and EfficientNet-Lite blocks with an "
+                f"identity skip, ResNet's BasicBlock and Bottleneck)"
             )
         check_bits(bits, "QuantConfig.residual_bits")
         self.block = block
-        self.branch = branch
+        self.layout = layout
         dtype = next(block.parameters()).dtype
-        self.skip_quantizer = (
-            LsqQuantizer(bits, signed=True, dtype=dtype) if quantize_skip else None
-        )
-        self.projection_quantizer = LsqQuantizer(bits, signed=True, dtype=dtype)
-        self.output_quantizer = LsqQuantizer(bits, signed=True, dtype=dtype)
+        signed_stream = layout.relu is None  # else the block's input and output follow a ReLU
+
+        def quantizer(signed: bool, present: bool = True) -> LsqQuantizer | None:
+            return LsqQuantizer(bits, signed=signed, dtype=dtype) if present else None
+
+        self.skip_quantizer = quantizer(signed_stream, quantize_skip)
+        self.projection_quantizer = quantizer(True)
+        self.shortcut_quantizer = quantizer(True, layout.shortcut is not None)
+        self.output_quantizer = quantizer(signed_stream)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skip_quantizer is not None:
             x = self.skip_quantizer(x)
-        y = getattr(self.block, self.branch)(x)
-        return self.output_quantizer(x + self.projection_quantizer(y))
+        y = x
+        for name in self.layout.branch:
+            y = getattr(self.block, name)(y)
+        skip = x
+        if self.layout.shortcut is not None:
+            skip = self.shortcut_quantizer(getattr(self.block, self.layout.shortcut)(x))
+        total = skip + self.projection_quantizer(y)
+        if self.layout.relu is not None:
+            total = getattr(self.block, self.layout.relu)(total)
+        return self.output_quantizer(total)
 
 
 def quantize_residuals(model: nn.Module, bits: int) -> list[str]:
     """Wrap every residual block of ``model`` in a :class:`QuantResidual` of ``bits``, in
-    place; returns the wrapped blocks' names. A block directly after another in the same
-    nn.Sequential takes that block's output quantizer as its skip's."""
+    place; returns the wrapped blocks' names. A block whose input is another wrapped
+    block's output (:func:`chained_blocks`) takes that block's output quantizer as its
+    skip's."""
     check_bits(bits, "QuantConfig.residual_bits")
     wrapped = []
     for parent_name, parent in list(model.named_modules()):
-        previous = None
         for child_name, child in list(parent.named_children()):
-            if residual_branch(child) is not None:
-                chained = isinstance(parent, nn.Sequential) and isinstance(previous, QuantResidual)
-                previous = QuantResidual(child, bits, quantize_skip=not chained)
-                setattr(parent, child_name, previous)
+            if residual_layout(child) is not None:
+                setattr(parent, child_name, QuantResidual(child, bits))
                 wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-            else:
-                previous = child
+    for name in chained_blocks(model) if wrapped else ():
+        model.get_submodule(name).skip_quantizer = None
     return wrapped
+
+
+def chained_blocks(model: nn.Module) -> list[str]:
+    """The :class:`QuantResidual` blocks of ``model`` whose input is another one's output,
+    as torch.fx traces the data flow (so across the Sequentials of a ResNet's stages, as
+    within one): their skip is quantized already, and a second quantizer would only cost
+    a requantization. A model that torch.fx cannot trace has none (each block then
+    quantizes its own skip: correct, a quantizer more)."""
+    try:
+        graph, modules, _ = data_flow(model, leaves=(QuantResidual,))
+    except Exception:  # whatever stops the tracer: no data flow is known
+        return []
+
+    def is_block(node) -> bool:
+        return (
+            isinstance(node, fx.Node)
+            and node.op == "call_module"
+            and isinstance(modules[node.target], QuantResidual)
+        )
+
+    return [node.target for node in graph.nodes if is_block(node) and is_block(node.args[0])]

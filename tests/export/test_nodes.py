@@ -32,21 +32,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # pooling; its weight, input and int32 bias are dequantized: the small CNN's 3
 # DequantizeLinear). Each quantized layer keeps the Clip of its input to the 4-bit range
 # in the integer domain, and a QuantizeLinear stands where a float value or the 8-bit
-# residual stream meets a 4-bit input. ResNet-18's basic blocks take no residual
-# quantizers (``gaqat.residual``): its 11 quantized convolutions whose output meets an
-# add (8 in the branches, 3 downsampling the skips) stay float with the stem, and so do
-# its 8 adds.
+# residual stream meets a 4-bit input. ResNet-18's basic blocks take residual quantizers
+# too (``gaqat.residual``; the unsigned one after each add's ReLU lets onnxruntime drop
+# the ReLU into the QLinearAdd): all 19 quantized convolutions run as QLinearConv, the 3
+# downsampling the skips and the last one (its output meets an add before the pooling)
+# included, and the 8 adds as QLinearAdd; the float stem is the one float Conv. Without
+# them: 8 QLinearConv, 12 float Conv, 8 float Add, 33 DequantizeLinear.
 INTEGER_FILES = {
     "small_cnn": {"QLinearConv": 2, "QLinearAdd": 0, "float Conv": 2, "Add": 0},
     "mobilenet_v2": {"QLinearConv": 50, "QLinearAdd": 10, "float Conv": 2, "Add": 0},
     "efficientnet_lite0": {"QLinearConv": 47, "QLinearAdd": 9, "float Conv": 2, "Add": 0},
-    "resnet18": {"QLinearConv": 8, "QLinearAdd": 0, "float Conv": 12, "Add": 8},
+    "resnet18": {"QLinearConv": 19, "QLinearAdd": 8, "float Conv": 1, "Add": 0},
 }
 QUANTIZE_OPS = {  # QuantizeLinear, DequantizeLinear, Clip
     "small_cnn": (1, 3, 3),
     "mobilenet_v2": (16, 18, 51),
     "efficientnet_lite0": (15, 17, 48),
-    "resnet18": (11, 33, 19),
+    "resnet18": (12, 12, 19),
 }
 
 

@@ -3,11 +3,12 @@
 Per quantized layer the weight codes ``round(clamp(w/s))`` as int8 tensors (b-bit
 values), the weight step size(s) and the input step size as used in the forward pass
 (floored at ``MIN_STEP``), and so the step sizes of the residual stream's quantizers
-(``gaqat.residual``, always signed); every other tensor as stored (batch norm, the float
-first/last layers, biases); in the JSON header the configs, the checkpoint's meta (bits,
-classes, domains, ...), per-layer bit widths and signedness, the folded batch norms and
-the sizes. ``load_int`` rebuilds the fake-quantized model from that file alone, with
-bit-identical logits: ``codes * s`` quantizes back to the same codes.
+(``gaqat.residual``, whose signedness the block's type fixes); every other tensor as
+stored (batch norm, the float first/last layers, biases); in the JSON header the
+configs, the checkpoint's meta (bits, classes, domains, ...), per-layer bit widths and
+signedness, the folded batch norms and the sizes. ``load_int`` rebuilds the
+fake-quantized model from that file alone, with bit-identical logits: ``codes * s``
+quantizes back to the same codes.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def load_int(path: str | Path) -> Network:
                 int(signed), dtype=torch.int8
             )
     for name, q in quantizers(model).items():
-        if name.rpartition(".")[0] not in layers:  # the residual stream's: always signed
+        if name.rpartition(".")[0] not in layers:  # the residual stream's: fixed when built
             state[f"{name}.is_initialized"] = torch.tensor(True)
             state[f"{name}.signedness"] = torch.tensor(int(q.signed), dtype=torch.int8)
     state.update(tensors)
