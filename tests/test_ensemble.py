@@ -287,6 +287,11 @@ def test_a_sweep_gets_an_ensemble_per_group_which_the_report_shows_under_every_m
         if selection != "leave-one-out":  # the record's own held-out accuracy
             assert float(row["mean"]) == pytest.approx(100 * alone["env1_in_acc"], abs=1e-4)
         assert rows[selection, "lsq"]["n"] == "3"
+    sizes = alone["ensemble"]
+    assert (
+        f"ens3_lsq at 4 bits: 3 members, {sizes['ensemble_bytes']:,} bytes, "
+        f"{sizes['ensemble_bytes'] / sizes['float_bytes']:.2f}× one float model"
+    ) in report([sweep])
     assert cli.main(argv) == 0  # again: the same members, kept
     assert capsys.readouterr().out.count("kept") == 3
 

@@ -24,6 +24,7 @@ from gaqat.report.aggregate import (
     accuracy_tables,
     corruption_note,
     corruption_tables,
+    ensemble_notes,
     pair_runs,
     paired_notes,
     paired_tables,
@@ -51,7 +52,8 @@ def report(
 ) -> str:
     r"""The tables of every run below ``dirs``, as markdown, CSV or LaTeX text.
 
-    Runs evaluated by ``gaqat corrupt`` add a table of their corrupted held-out accuracy.
+    Runs evaluated by ``gaqat corrupt`` add a table of their corrupted held-out accuracy;
+    ensembles (``gaqat ensemble``) a note of their size against one float model.
     With ``paired`` (a baseline algorithm) the paired-difference tables replace the
     accuracy tables; CSV has no notes, so its unpaired runs are reported as warnings.
 
@@ -89,7 +91,8 @@ def report(
     if paired is None:
         corrupted = corruption_tables(runs)
         tables = [table for name in names for table in accuracy_tables(runs, name)] + corrupted
-        header, notes = ACCURACY_CSV, accuracy_notes(runs, names) + corruption_note(corrupted)
+        notes = accuracy_notes(runs, names) + ensemble_notes(runs) + corruption_note(corrupted)
+        header = ACCURACY_CSV
     else:
         comparisons = pair_runs(runs, paired)
         tables = [table for name in names for table in paired_tables(comparisons, name)]

@@ -186,6 +186,22 @@ def accuracy_notes(runs: list[Run], selections: list[str]) -> list[str]:
     return notes
 
 
+def ensemble_notes(runs: list[Run]) -> list[str]:
+    """The size of each ensemble row (``gaqat ensemble``), which a table of accuracies
+    cannot show: its members' bytes together against one float32 model's."""
+    sizes = {}
+    for run in runs:
+        about = run.records[-1].get("ensemble", {}) if run.records else {}
+        if "ensemble_bytes" in about:
+            sizes[(run.algorithm, run.bits)] = about
+    return [
+        f"{name} at {bits} bits: {s['members']} members, {s['ensemble_bytes']:,} bytes, "
+        f"{s['ensemble_bytes'] / s['float_bytes']:.2f}× one float model "
+        f"({s['float_bytes']:,} bytes)."
+        for (name, bits), s in sorted(sizes.items())
+    ]
+
+
 def corruption_tables(runs: list[Run]) -> list[Table]:
     """Mean corrupted held-out accuracy (``gaqat corrupt``'s ``corruptions.jsonl``), grouped
     as :func:`accuracy_tables` groups runs: a row per (algorithm, bits), a column per test
