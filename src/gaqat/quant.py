@@ -167,7 +167,7 @@ class BiasQuantizer(nn.Module):
     state; the ONNX export stands an int32 DequantizeLinear in for it."""
 
     def forward(self, bias: torch.Tensor | None, input_quantizer, weight_quantizer):
-        if self.training or bias is None or not isinstance(input_quantizer, LsqQuantizer):
+        if self.training or bias is None or isinstance(input_quantizer, nn.Identity):
             return bias  # float activations (weights-only): no integer kernel, float bias
         return integer_bias(bias, input_quantizer.step_size(), weight_quantizer.step_size())
 
