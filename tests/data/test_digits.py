@@ -31,10 +31,10 @@ PINNED_SOURCES = {
 
 
 @pytest.fixture(scope="module")
-def built(digits_dir):
+def built(full_digits_dir):
     """The session's DigitsDG build (conftest): (data dir, arrays, manifest)."""
-    arrays, manifest = digits_cache.read_cache(digits_dir / digits_cache.CACHE_FOLDER)
-    return digits_dir, arrays, manifest
+    arrays, manifest = digits_cache.read_cache(full_digits_dir / digits_cache.CACHE_FOLDER)
+    return full_digits_dir, arrays, manifest
 
 
 def test_domains_shapes_and_class_counts(built):

@@ -61,11 +61,11 @@ def onnxruntime():
 
 
 @pytest.fixture(scope="session")
-def digits(digits_dir):
+def digits(full_digits_dir):
     """Per domain: all its images, and the indices of its 80% training split and 20%
     held-out split as ``gaqat train`` draws them (DomainBed's, seeded with
     ``seed_hash(trial_seed, domain index)``)."""
-    ds = load_dataset("digits", digits_dir)
+    ds = load_dataset("digits", full_digits_dir)
     out = {}
     for i, split in enumerate(make_loaders(ds, TEST_ENVS, BATCH, seed=TRIAL_SEED).splits):
         images = torch.stack([ds[i][j][0] for j in range(len(ds[i]))])
