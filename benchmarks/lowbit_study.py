@@ -17,7 +17,11 @@ again), in the order of :data:`PARTS`:
   ``lsq_sam``, ``lsq_sagm`` and ``gaqat`` from the same float inits, paired as the
   DigitsDG study pairs them;
 - ``ablations``: gaqat with each change of :data:`VARIANTS`, on two held-out domains
-  (``OUT/<arch>_ablations/<variant>``), paired with the default gaqat.
+  (``OUT/<arch>_ablations/<variant>``), paired with the default gaqat;
+- ``best``: the candidates for the best low-bit model (:data:`BEST_METHODS`: weight
+  averaging on lsq_sam, QT-DoG's recipe) from the same float inits on the ablations'
+  seeds, paired with ``lsq_sam``; evaluated every :data:`BEST_CHECKPOINT_FREQ` steps, so
+  that SWAD's window rule sees a validation-loss curve rather than three points.
 
 ``page`` writes ``docs/results/lowbit.md`` (``benchmarks/templates/lowbit.md`` filled in)
 with its figures and ``benchmarks/results/lowbit_study.json`` (``--quick``: into
@@ -50,6 +54,8 @@ from gaqat.sweep import SweepConfig, fair_float_baseline, launch, plan
 QUALIFYING_LOSS = 2.0
 COMPARE_METHODS = ("lsq", "lsq_sam", "lsq_sagm", "gaqat")
 MIN_PAIRS = 24  # per comparison, as the DigitsDG study had
+BEST_METHODS = ("lsq_sam_swad", "qtdog")  # each against lsq_sam, the best of the four
+BEST_CHECKPOINT_FREQ = 25
 # The ablations the DigitsDG study found most informative, and the momentum question.
 VARIANTS = {
     "tau0.1": {"tau": 0.1},
@@ -135,7 +141,7 @@ QUICK = Scale(
     hparams={"window": 5},
     variants=("tau0.1", "reset_momentum"),
 )
-PARTS = ("cost", "corruptions", "compare", "ablations")
+PARTS = ("cost", "corruptions", "compare", "ablations", "best")
 
 
 def _corruptions() -> ModuleType:
@@ -225,6 +231,13 @@ def run_study(
             link_shared(jobs, out / regime.arch)
             print(f"== {folder}", flush=True)
             _launch(jobs, workers, threads)
+    for regime in scale.compare if "best" in parts else ():
+        seeds = regime.ablation_seeds or regime.seeds
+        args = (regime.arch, BEST_METHODS, regime.bits, seeds, regime.test_envs)
+        often = {**run, "checkpoint_freq": min(BEST_CHECKPOINT_FREQ, scale.checkpoint_freq)}
+        config = _sweep(out / regime.arch, scale, *args, often)
+        print(f"== {config.output}: the best low-bit model's candidates", flush=True)
+        _launch(plan(config), workers, threads)
 
 
 # --- reading the study ---------------------------------------------------------------------
@@ -343,12 +356,13 @@ def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
     width pooled, as ``Difference.stats`` (the report's CSV columns)."""
     accs = {
         m: _selected(f for b in regime.bits for f in runs_of(out / regime.arch, m, b))
-        for m in COMPARE_METHODS
+        for m in (*COMPARE_METHODS, *BEST_METHODS)
     }
     names = [(m, "lsq") for m in COMPARE_METHODS[1:]] + [
         ("gaqat", "lsq_sagm"),
         ("lsq_sam", "lsq_sagm"),
     ]
+    names += [(m, "lsq_sam") for m in BEST_METHODS if accs[m]]  # once they have runs
     return {f"{a} − {b}": paired_difference(accs[a], accs[b]).stats() for a, b in names}
 
 

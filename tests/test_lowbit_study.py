@@ -51,7 +51,7 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, 
         assert args["hparams"]["lr"] == 3e-4 and args["steps"] == 2
     for folder in lsq + fair:
         assert (folder / "corruptions.jsonl").is_file()
-    for algorithm in ("lsq_sam", "lsq_sagm", "gaqat"):
+    for algorithm in ("lsq_sam", "lsq_sagm", "gaqat", *study.BEST_METHODS):
         assert len(study.runs_of(out / "small_cnn", algorithm, 2)) == 1
     ablation = out / "small_cnn_ablations" / "reset_momentum"
     assert [p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink()] == ["erm"]
@@ -64,6 +64,7 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, 
     assert "| small_cnn | 2 | held-out domain | 1 |" in text
     assert "| small_cnn | 2 | training domains, corrupted | 1 |" in text
     assert "| gaqat − lsq_sagm |" in text and "| reset_momentum |" in text
+    assert "| lsq_sam_swad − lsq_sam |" in text and "| qtdog − lsq_sam |" in text
     for figure in ("cost", "severity_small_cnn"):
         assert (doc.parent / "lowbit" / f"{figure}.png").stat().st_size > 0
     summary = json.loads(json_path.read_text())
