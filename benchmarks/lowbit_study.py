@@ -21,7 +21,10 @@ again), in the order of :data:`PARTS`:
 - ``best``: the candidates for the best low-bit model (:data:`BEST_METHODS`: weight
   averaging on lsq_sam, QT-DoG's recipe) from the same float inits on the ablations'
   seeds, paired with ``lsq_sam``; evaluated every :data:`BEST_CHECKPOINT_FREQ` steps, so
-  that SWAD's window rule sees a validation-loss curve rather than three points.
+  that SWAD's window rule sees a validation-loss curve rather than three points;
+- ``ensembles``: EoQ's ensembles (``gaqat ensemble``) of the comparison's runs of each of
+  :data:`ENSEMBLE_METHODS` over the ablations' seeds, one per held-out domain
+  (``OUT/<arch>_ensembles``), each against the mean of its own members.
 
 ``page`` writes ``docs/results/lowbit.md`` (``benchmarks/templates/lowbit.md`` filled in)
 with its figures and ``benchmarks/results/lowbit_study.json`` (``--quick``: into
@@ -38,14 +41,16 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from digits_study import DOMAINS, freezing_stats, link_shared, runs_of
+from digits_study import DOMAINS, freezing_stats, link_shared, records, runs_of
 from matplotlib.figure import Figure
 from study_page import ROOT, commit, comparison_table, diff_text, render, verdict
 
+from gaqat.ensemble import build_ensemble, ensemble_name
 from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher
 from gaqat.report.runs import load_runs
 from gaqat.report.table import Difference
+from gaqat.runfolder import run_state
 from gaqat.selection import SELECTION_METHODS
 from gaqat.sweep import SweepConfig, fair_float_baseline, launch, plan
 
@@ -56,6 +61,7 @@ COMPARE_METHODS = ("lsq", "lsq_sam", "lsq_sagm", "gaqat")
 MIN_PAIRS = 24  # per comparison, as the DigitsDG study had
 BEST_METHODS = ("lsq_sam_swad", "qtdog")  # each against lsq_sam, the best of the four
 BEST_CHECKPOINT_FREQ = 25
+ENSEMBLE_METHODS = ("lsq", "lsq_sam")
 # The ablations the DigitsDG study found most informative, and the momentum question.
 VARIANTS = {
     "tau0.1": {"tau": 0.1},
@@ -138,10 +144,10 @@ QUICK = Scale(
     corruptions=("gaussian_noise", "contrast"),
     severities=(1, 5),
     per_domain=50,
-    hparams={"window": 5},
+    hparams={"window": 5, "bn_recompute_steps": 10},
     variants=("tau0.1", "reset_momentum"),
 )
-PARTS = ("cost", "corruptions", "compare", "ablations", "best")
+PARTS = ("cost", "corruptions", "compare", "ablations", "best", "ensembles")
 
 
 def _corruptions() -> ModuleType:
@@ -238,6 +244,11 @@ def run_study(
         config = _sweep(out / regime.arch, scale, *args, often)
         print(f"== {config.output}: the best low-bit model's candidates", flush=True)
         _launch(plan(config), workers, threads)
+    for regime in scale.compare if "ensembles" in parts else ():
+        for _, _, members, folder in ensemble_jobs(out, regime):
+            if run_state(folder) != "done":
+                print(f"== {folder}", flush=True)
+                build_ensemble(members, folder, data_dir=data_dir, device=device, overwrite=True)
 
 
 # --- reading the study ---------------------------------------------------------------------
@@ -250,11 +261,67 @@ def _by_draw(folders) -> dict[tuple[int, int], object]:
     return {(run.test_envs[0], run.trial_seed): run for run in runs if run.complete}
 
 
+def ensemble_jobs(out: Path, regime: Regime) -> list[tuple[str, tuple, list[Path], Path]]:
+    """Per method of :data:`ENSEMBLE_METHODS`, bit width and held-out domain whose runs of
+    the ablations' seeds have all finished: (method, (bits, domain), runs, the folder)."""
+    seeds = regime.ablation_seeds or regime.seeds
+    jobs = []
+    for method in ENSEMBLE_METHODS:
+        for bits in regime.bits:
+            runs = _by_draw(runs_of(out / regime.arch, method, bits))
+            for env in regime.test_envs:
+                if all((env, seed) in runs for seed in seeds):
+                    members = [runs[env, seed].path.parent for seed in seeds]
+                    name = f"{ensemble_name(f'{method}_w{bits}', len(seeds))}_env{env}"
+                    folder = out / f"{regime.arch}_ensembles" / name
+                    jobs.append((method, (bits, env), members, folder))
+    return jobs
+
+
+def ensemble_gains(out: Path, regime: Regime) -> dict[str, dict]:
+    """Per method with finished ensembles: ensemble − the mean of its members, held-out
+    accuracy by training-domain validation, paired by (bits, held-out domain), as
+    ``Difference.stats``, with the ensemble's bytes against one float model's."""
+    ensembles, singles, sizes = {}, {}, {}
+    for method, key, members, folder in ensemble_jobs(out, regime):
+        if run_state(folder) != "done":
+            continue
+        (accuracy,) = _selected([folder]).values()
+        ensembles.setdefault(method, {})[key] = accuracy
+        singles.setdefault(method, {})[key] = float(np.mean(list(_selected(members).values())))
+        about = records(folder)[-1]["ensemble"]
+        sizes[method] = about["ensemble_bytes"] / about["float_bytes"]
+    k = len(regime.ablation_seeds or regime.seeds)
+    return {
+        f"ens{k}_{m} − {m}": {
+            **paired_difference(ensembles[m], singles[m]).stats(),
+            "size_vs_float": sizes[m],
+        }
+        for m in ensembles
+    }
+
+
+def _sizes(head: dict[str, dict]) -> list[str]:
+    """Under a comparison table, the size of each ensemble in it."""
+    sizes = [
+        f"`{n.split(' − ')[0]}`: {r['size_vs_float']:.2f}×"
+        for n, r in head.items()
+        if "size_vs_float" in r
+    ]
+    return ["", f"Ensemble size against one float model: {', '.join(sizes)}."] if sizes else []
+
+
 def cost_pairs_folders(out: Path, grid: Grid) -> list[Path]:
-    """The finished lsq runs of a grid and their fair float baselines."""
+    """The finished lsq runs of a grid (its seeds and domains: the comparison trains lsq
+    on more seeds) and their fair float baselines."""
     lsq = [f for b in grid.bits for f in runs_of(out / grid.arch, "lsq", b)]
-    fair = runs_of(out / f"{grid.arch}_fair", "erm")
-    return [f for f in lsq + fair if (f / "done").exists()]
+    folders = lsq + runs_of(out / f"{grid.arch}_fair", "erm")
+    runs = load_runs(folders) if folders else []
+    return [
+        run.path.parent
+        for run in runs
+        if run.complete and run.trial_seed in grid.seeds and run.test_envs[0] in grid.test_envs
+    ]
 
 
 def _accuracies(run) -> dict[str, float | None]:
@@ -489,7 +556,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
     gains = {arch: extra_training_gain(out, arch) for arch in networks}
     for arch, bits in networks.items():
         figure_severity(out, arch, bits, figures / f"severity_{arch}.png")
-    heads = {r.arch: comparisons(out, r) for r in scale.compare}
+    heads = {r.arch: {**comparisons(out, r), **ensemble_gains(out, r)} for r in scale.compare}
     tau = default_hparams("gaqat", "digits")["tau"]
     freezing = {
         r.arch: freezing_stats([f for b in r.bits for f in runs_of(out / r.arch, "gaqat", b)], tau)
@@ -507,7 +574,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         compare=[
             line
             for arch, head in heads.items()
-            for line in (f"### `{arch}`", "", *comparison_table(head), "")
+            for line in (f"### `{arch}`", "", *comparison_table(head), *_sizes(head), "")
         ],
         freezing=[freezing_line(arch, s, tau) for arch, s in freezing.items()],
         ablations=[

@@ -32,11 +32,11 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, 
         float_steps=2,
         float_checkpoint_freq=2,
         grids=(grid,),
-        compare=(study.Regime("small_cnn", (2,), (0,), test_envs=(1,), ablation_envs=(1,)),),
+        compare=(study.Regime("small_cnn", (2,), (0, 1), test_envs=(1,), ablation_envs=(1,)),),
         corruptions=("gaussian_noise",),
         severities=(1,),
         per_domain=8,
-        hparams=TINY,
+        hparams={**TINY, "bn_recompute_steps": 2},  # SWAD's batch-norm pass: 500 by default
         variants=("reset_momentum",),
     )
     out = tmp_path / "study"
@@ -44,17 +44,18 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, 
 
     lsq = study.runs_of(out / "small_cnn", "lsq", 2)
     fair = study.runs_of(out / "small_cnn_fair", "erm")
-    assert len(lsq) == 1 and len(fair) == 1
+    assert len(lsq) == 2 and len(fair) == 1  # the comparison adds seed 1's lsq
     for folder in fair:  # erm continued from the float init, at the QAT learning rate
         args = json.loads((folder / "results.jsonl").read_text().splitlines()[0])["args"]
         assert args["init"].startswith(str(out / "small_cnn" / "erm_env1_"))
         assert args["hparams"]["lr"] == 3e-4 and args["steps"] == 2
-    for folder in lsq + fair:
+    assert sorted(study.cost_pairs_folders(out, grid)) == sorted([lsq[0], *fair])  # seed 0
+    for folder in study.cost_pairs_folders(out, grid):
         assert (folder / "corruptions.jsonl").is_file()
     for algorithm in ("lsq_sam", "lsq_sagm", "gaqat", *study.BEST_METHODS):
-        assert len(study.runs_of(out / "small_cnn", algorithm, 2)) == 1
+        assert len(study.runs_of(out / "small_cnn", algorithm, 2)) == 2  # trial seeds 0, 1
     ablation = out / "small_cnn_ablations" / "reset_momentum"
-    assert [p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink()] == ["erm"]
+    assert [p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink()] == ["erm"] * 2
 
     doc, json_path = tmp_path / "page" / "lowbit.md", tmp_path / "page" / "summary.json"
     study.write_page(out, scale, True, doc, json_path)
@@ -65,8 +66,11 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(tmp_path, 
     assert "| small_cnn | 2 | training domains, corrupted | 1 |" in text
     assert "| gaqat − lsq_sagm |" in text and "| reset_momentum |" in text
     assert "| lsq_sam_swad − lsq_sam |" in text and "| qtdog − lsq_sam |" in text
+    ensembles = sorted(p.name for p in (out / "small_cnn_ensembles").iterdir())
+    assert ensembles == ["ens2_lsq_sam_w2_env1", "ens2_lsq_w2_env1"]
+    assert "| ens2_lsq − lsq |" in text and "Ensemble size against one float model" in text
     for figure in ("cost", "severity_small_cnn"):
         assert (doc.parent / "lowbit" / f"{figure}.png").stat().st_size > 0
     summary = json.loads(json_path.read_text())
     assert {r["shift"] for r in summary["cost"]} == set(study.SHIFTS)
-    assert summary["comparisons"]["small_cnn"]["gaqat − lsq_sagm"]["n"] == 1
+    assert summary["comparisons"]["small_cnn"]["gaqat − lsq_sagm"]["n"] == 2
