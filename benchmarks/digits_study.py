@@ -16,6 +16,10 @@ filled in) and its figures from OUT, and the JSON summary
   ``lsq_sagm`` runs are linked from ``OUT/main``, not trained again.
 - ``OUT/extra``: float ``sagm`` on the first seed (a thousand SAGM steps a run), and QAT
   ``lsq_sam`` (LSQ with SAM, as cheap as a main-grid run) on every seed.
+- ``OUT/best``: the candidates for the best low-bit model on the main grid's draws: float
+  ``swad`` (SWAD's direction against ``erm``), ``lsq_sam_swad`` and ``qtdog`` (each against
+  ``lsq_sam``), evaluated every :data:`BEST_CHECKPOINT_FREQ` steps so that SWAD's window
+  rule sees a validation-loss curve.
 
 ``--quick`` runs the same pipeline in minutes on tiny runs: it checks the machinery, its
 numbers mean nothing.
@@ -95,6 +99,8 @@ QUICK = Scale(
 
 MAIN_METHODS = ("erm", "lsq", "lsq_sagm", "gaqat")
 EXTRA_METHODS = ("sagm", "lsq_sam")
+BEST_METHODS = ("swad", "lsq_sam_swad", "qtdog")
+BEST_CHECKPOINT_FREQ = 25
 # Each ablation: the overrides of GAQAT's defaults it tests. Where an override is also a
 # lsq_sagm hyperparameter (step sizes' learning rate, per-channel scales), lsq_sagm runs
 # with it too, so every pair still differs by freezing alone.
@@ -126,6 +132,7 @@ def _sweep(
     seeds=None,
     hparams=None,
     data_dir=None,
+    checkpoint_freq=None,
 ) -> SweepConfig:
     return SweepConfig(
         "digits",
@@ -136,7 +143,7 @@ def _sweep(
         seeds=seeds or scale.seeds,
         options={
             "steps": scale.steps,
-            "checkpoint_freq": scale.checkpoint_freq,
+            "checkpoint_freq": checkpoint_freq or scale.checkpoint_freq,
             "hparams": {**_known(scale.hparams, algorithms), **(hparams or {})},
             "data_dir": data_dir,
             "progress": False,
@@ -161,7 +168,7 @@ def link_shared(jobs, main: Path) -> None:
             job.folder.symlink_to(os.path.relpath(source, job.folder.parent))
 
 
-PARTS = ("main", "ablations", "extra")
+PARTS = ("main", "ablations", "extra", "best")
 
 
 def run_study(
@@ -189,6 +196,11 @@ def run_study(
         extra = out / "extra"
         sweeps.append(_sweep(extra, scale, ("sagm",), seeds=scale.seeds[:1], data_dir=data_dir))
         sweeps.append(_sweep(extra, scale, ("lsq_sam",), data_dir=data_dir))
+    if "best" in parts:
+        often = min(BEST_CHECKPOINT_FREQ, scale.checkpoint_freq)
+        sweeps.append(
+            _sweep(out / "best", scale, BEST_METHODS, data_dir=data_dir, checkpoint_freq=often)
+        )
     for config in sweeps:
         planned = plan(config)
         if config.output != main:
@@ -398,21 +410,25 @@ def figure_ablations(rows: list[tuple[str, dict]], path: Path) -> None:
 
 
 # What the extras answer: SAGM's effect without quantization, and whether SAGM's gain in
-# QAT is more than plain SAM's.
+# QAT is more than plain SAM's. What the best part answers: whether weight averaging or
+# QT-DoG's recipe beats lsq_sam, the best of the others.
 EXTRA_COMPARISONS = (("sagm", "erm"), ("lsq_sam", "lsq"), ("lsq_sam", "lsq_sagm"))
+BEST_COMPARISONS = (("swad", "erm"), ("lsq_sam_swad", "lsq_sam"), ("qtdog", "lsq_sam"))
 
 
-def extra_comparisons(out: Path) -> dict[str, dict]:
-    """Each of ``EXTRA_COMPARISONS`` pooled over the bit widths, on every pair there is
-    (the main grid's runs are the baselines)."""
-    folders = [out / "main", out / "extra"]
-    return {f"{a} − {b}": pooled(folders, a, b) for a, b in EXTRA_COMPARISONS}
-
-
-def _extras_done(out: Path) -> bool:
-    """Whether every float sagm and lsq_sam run of the study has finished."""
-    runs = [f for m in EXTRA_METHODS for f in (out / "extra").glob(f"{m}_*")]
-    return bool(runs) and all((f / DONE).exists() for f in runs)
+def extra_comparisons(out: Path, part: str = "extra") -> dict[str, dict]:
+    """Each comparison of a part (``extra``: ``EXTRA_COMPARISONS``, ``best``:
+    ``BEST_COMPARISONS``) pooled over the bit widths, on every pair there is (the main
+    grid's and the extras' runs are the baselines); {} until all of the part's runs finish."""
+    methods, comparisons = {
+        "extra": (EXTRA_METHODS, EXTRA_COMPARISONS),
+        "best": (BEST_METHODS, BEST_COMPARISONS),
+    }[part]
+    runs = [f for m in methods for f in (out / part).glob(f"{m}_*")]
+    if not runs or not all((f / DONE).exists() for f in runs):
+        return {}
+    folders = [out / "main", out / "extra", out / "best"]
+    return {f"{a} − {b}": pooled(folders, a, b) for a, b in comparisons}
 
 
 def extras_text(out: Path, scale: Scale, extras: dict[str, dict]) -> list[str]:
@@ -432,9 +448,31 @@ def extras_text(out: Path, scale: Scale, extras: dict[str, dict]) -> list[str]:
     ]
 
 
-def extras_conclusion(extras: dict[str, dict]) -> list[str]:
+def best_text(out: Path, best: dict[str, dict]) -> list[str]:
+    """The page's lines on the best-low-bit-model candidates: their paired differences, or
+    that they have not run."""
+    if not best:
+        return [
+            f"The candidates for the best low-bit model ({', '.join(map(_code, BEST_METHODS))}, "
+            f"`{out.name}/best`) did not run in this study; `run --parts best` trains them.",
+        ]
     return [
-        f"- `{name}` (the extras): {diff_text(row)} ({verdict(row, name)})."
+        f"The candidates for the best low-bit model (`{out.name}/best`, evaluated every "
+        f"{BEST_CHECKPOINT_FREQ} steps): float `swad` against `erm`, `lsq_sam_swad` (SWAD's "
+        "average on top of LSQ with SAM) and `qtdog` (QT-DoG's weights-only recipe) against "
+        "`lsq_sam`; paired, both bit widths pooled, training-domain validation:",
+        "",
+        *comparison_table(best),
+    ]
+
+
+def _code(name: str) -> str:
+    return f"`{name}`"
+
+
+def extras_conclusion(extras: dict[str, dict], part: str = "the extras") -> list[str]:
+    return [
+        f"- `{name}` ({part}): {diff_text(row)} ({verdict(row, name)})."
         for name, row in extras.items()
     ]
 
@@ -456,6 +494,7 @@ class Summary:
     frozen: dict[str, str]  # per variant: how many step sizes froze, in words
     not_run: list[str]  # variants not (yet) finished
     extras: dict[str, dict]  # EXTRA_COMPARISONS, {} until every extra run is done
+    best: dict[str, dict]  # BEST_COMPARISONS, {} until every best run is done
 
     def to_json(self, scale: Scale) -> dict:
         """The summary ``benchmarks/results/digits_study.json`` records."""
@@ -471,6 +510,7 @@ class Summary:
             "ablations": {n: r for n, r in self.ablations},
             "ablations_not_run": self.not_run,
             "extras": self.extras,
+            "best": self.best,
         }
 
 
@@ -507,7 +547,8 @@ def summarize(out: Path, scale: Scale) -> Summary:
         ablations=ablations,
         frozen=frozen,
         not_run=not_run,
-        extras=extra_comparisons(out) if _extras_done(out) else {},
+        extras=extra_comparisons(out),
+        best=extra_comparisons(out, "best"),
     )
 
 
@@ -558,7 +599,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
     """The page: ``templates/digits.md`` filled from ``summary`` and the report's tables
     (``figures``: the figures' folder, relative to the page)."""
     main, s = out / "main", summary
-    extra = [main] + ([out / "extra"] if (out / "extra").is_dir() else [])
+    extra = [main] + [out / p for p in ("extra", "best") if (out / p).is_dir()]
     domains = lambda envs: ", ".join(DOMAINS[e] for e in envs)  # noqa: E731
     return render(
         "digits.md",
@@ -590,6 +631,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
         step_time_ratios=_ratios(s.times, scale.bits),
         held_out=report([str(d) for d in extra], "markdown", "training"),
         extras=extras_text(out, scale, s.extras),
+        best=best_text(out, s.best),
         oracle=report([str(main)], "markdown", "oracle"),
         headline_table=comparison_table(s.headline),
         vs_lsq_sagm=report([str(main)], "markdown", "training", "lsq_sagm"),
@@ -607,6 +649,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
                 s.headline, s.per_bits, s.stats, s.ablations, s.oracle3, s.tau, scale.steps
             ),
             *extras_conclusion(s.extras),
+            *extras_conclusion(s.best, "the best low-bit model"),
         ],
     )
 

@@ -24,7 +24,7 @@ def tiny_scale(study, **overrides):
         "test_envs": (1,),
         "bits": (3,),
         "ablation_envs": (1,),
-        "hparams": {**TINY, "window": 2},
+        "hparams": {**TINY, "window": 2, "bn_recompute_steps": 2},
     }
     return study.Scale(**{**fields, **overrides})
 
@@ -73,6 +73,13 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
         "lsq_sam − lsq_sagm": "2",
     }
     assert "| lsq_sam − lsq_sagm |" in text and "`sagm − erm` (the extras)" in text
+    # The best part: float swad against erm, lsq_sam_swad and qtdog against lsq_sam.
+    assert {name: row["n"] for name, row in summary["best"].items()} == {
+        "swad − erm": "2",
+        "lsq_sam_swad − lsq_sam": "2",
+        "qtdog − lsq_sam": "2",
+    }
+    assert "| qtdog − lsq_sam |" in text and "| swad | 32 |" in text
 
 
 def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch):
@@ -91,3 +98,24 @@ def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch
     trained = sorted(job.folder.name.split("_env")[0] for job in launched)
     # sagm on the first seed, lsq_sam on both and their float inits (once each)
     assert trained == ["erm", "erm", "lsq_sam_w3", "lsq_sam_w3", "sagm"]
+
+
+def test_the_best_part_trains_its_candidates_evaluated_every_25_steps(
+    tmp_path, digits_dir, monkeypatch
+):
+    study = load_study()
+    launched = []
+
+    def launch(jobs, launcher, note):
+        launched.extend(jobs)
+        return [SimpleNamespace(status="ran") for _ in jobs]
+
+    monkeypatch.setattr(study, "launch", launch)
+    out = tmp_path / "study"
+    scale = tiny_scale(study, steps=100, checkpoint_freq=50)
+    study.run_study(out, scale, 1, 1, digits_dir, parts=("best",))
+    assert {job.folder.parent for job in launched} == {out / "best"}
+    trained = sorted(job.folder.name.split("_env")[0] for job in launched)
+    assert trained == [*["erm"] * 2, *["lsq_sam_swad_w3"] * 2, *["qtdog_w3"] * 2, *["swad"] * 2]
+    qat = [job for job in launched if job.folder.name.startswith(("lsq_sam_swad", "qtdog"))]
+    assert {job.config.checkpoint_freq for job in qat} == {25}
