@@ -67,6 +67,7 @@ from gaqat.data import load_dataset
 from gaqat.data.loaders import make_loaders
 from gaqat.efficientnet_lite import SamePad
 from gaqat.export.nodes import OPS, optimized_node_counts
+from gaqat.head import QuantHead
 from gaqat.models import ModelConfig, build_model
 from gaqat.optim import frozen_running_stats
 from gaqat.prepare import QuantConfig, quantize_model
@@ -96,7 +97,8 @@ class Case:
 def float_twin(model: nn.Module, size: int | None = None) -> nn.Module:
     """The same float weights (batch norm folded in, if it was trained folded) with every
     quantizer removed: each quantized layer a float one holding its weight and bias,
-    each residual block with quantizers the block alone. With ``size``, EfficientNet's
+    each residual block with quantizers the block alone, the head's activation without
+    its quantizer (``gaqat.head``). With ``size``, EfficientNet's
     "same" padding fixed at that image side, as gaqat's integer file fixes it."""
     twin = deployable(copy.deepcopy(model)).eval()
     for name, module in reversed(list(twin.named_modules())):  # a block after its layers
@@ -104,6 +106,8 @@ def float_twin(model: nn.Module, size: int | None = None) -> nn.Module:
             layer = float_layer(module)
         elif isinstance(module, QuantResidual):
             layer = module.block
+        elif isinstance(module, QuantHead):
+            layer = module.activation
         elif isinstance(module, SamePad) and size is not None:
             layer = nn.ZeroPad2d(module.amounts(size, size))
         else:
@@ -162,16 +166,22 @@ def views(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
-def quantized(arch: str, residual_bits: int, weights: str | None = None) -> tuple[nn.Module, bool]:
+def quantized(
+    arch: str, residual_bits: int, weights: str | None = None, first_last: str = "float"
+) -> tuple[nn.Module, bool]:
     """``arch`` at W4 with batch norm folded and ``residual_bits`` residual quantizers (0:
-    none), with ``weights`` ("imagenet") when at hand; and whether they were."""
+    none), its first and last layers as ``first_last`` says ("int8": with the head
+    quantizer, ``gaqat.head``), with ``weights`` ("imagenet") when at hand; and whether
+    they were."""
     config = ModelConfig(arch=arch, num_classes=10 if arch == "small_cnn" else 1000)
     try:
         model = build_model(dataclasses.replace(config, weights=weights))
     except RuntimeError as error:  # no download here, no [lite] extra: random weights
         print(f"{arch}: {str(error)[:120]}... using random weights")
         model, weights = build_model(config), None
-    quant = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=residual_bits)
+    quant = QuantConfig(
+        4, 4, first_last=first_last, fold_batch_norm=True, residual_bits=residual_bits
+    )
     return quantize_model(model, quant), weights is not None
 
 

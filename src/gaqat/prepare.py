@@ -3,11 +3,13 @@
 ``quantize_model`` puts the steps in order, as torchao's ``qat/api.py`` sits on top of
 its layers: first ``gaqat.quant`` swaps the layers for quantized ones, then, when
 ``QuantConfig.residual_bits`` says so, ``gaqat.residual`` puts quantizers on the
-residual stream of the residual blocks (mobile nets' and ResNet's), then, when
-``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch norm into
-the quantized convolution before it, and each batch norm left after one evaluates with
-the shift its integer-kernel export rounds. The layers know nothing of folding; folding
-builds on the layers; this module builds on both. A weights-only config
+residual stream of the residual blocks (mobile nets' and ResNet's), then, with the first
+and last layers at 8 bits (``first_last`` "int8"), ``gaqat.head`` puts an 8-bit quantizer
+on the last convolution's activation (so that the whole network is one integer region),
+then, when ``QuantConfig.fold_batch_norm`` says so, ``gaqat.bn_folding`` folds each batch
+norm into the quantized convolution before it, and each batch norm left after one
+evaluates with the shift its integer-kernel export rounds. The layers know nothing of
+folding; folding builds on the layers; this module builds on both. A weights-only config
 (``QuantConfig.act_bits`` None, QT-DoG's) folds nothing and rounds no shift: with float
 inputs there is no integer kernel whose arithmetic evaluation should match.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from gaqat.bn_folding import fold_into_quantized_convs, round_folded_shifts
+from gaqat.head import quantize_head
 from gaqat.quant import QuantConfig, quantize_layers
 from gaqat.residual import quantize_residuals
 
@@ -48,6 +51,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     quantize_layers(model, config)
     if config.residual_bits is not None:
         quantize_residuals(model, config.residual_bits)
+    if config.first_last == "int8" and config.act_bits is not None:  # not in weights-only
+        quantize_head(model)
     if config.fold_batch_norm:
         fold_into_quantized_convs(model)
     if config.act_bits is not None:  # float inputs (weights only): no integer kernel to match

@@ -406,8 +406,9 @@ class QuantConfig:
     ``per_channel``: one weight step size per output channel in every layer;
     ``depthwise_per_channel``: in depthwise convolutions whatever ``per_channel`` says.
     ``first_last``: the first Conv2d and the last Linear (in module order) stay "float",
-    get "int8" weights and inputs, or the "same" bits as the rest. ``skip``: qualified
-    module names (a layer, or a container whose layers all stay float).
+    get "int8" weights and inputs (and, with quantized activations, an 8-bit quantizer on
+    the last convolution's ReLU, ``gaqat.head``), or the "same" bits as the rest.
+    ``skip``: qualified module names (a layer, or a container whose layers all stay float).
     ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in;
     ``residual_bits``: LSQ quantizers of that width on the residual stream of the
     residual blocks, mobile and ResNet (``gaqat.residual``; None, the default of old

@@ -1,8 +1,10 @@
 """The graph onnxruntime runs (``gaqat.export.nodes``) for each network as
 ``benchmarks/deploy_latency.py`` quantizes it (W4, batch norm folded, 8-bit residual
 quantizers), here at 32x32 with random weights: what its ``--integer-kernels`` file runs
-as integer kernels and what stays float; and the benchmark's baseline, onnxruntime's own
-post-training quantization of the float network, as a file onnxruntime runs.
+as integer kernels and what stays float, and with its first and last layers at 8 bits
+(first_last "int8": one integer region, ``gaqat.head``); and the benchmark's baseline,
+onnxruntime's own post-training quantization of the float network, as a file onnxruntime
+runs.
 
 Counts are onnxruntime 1.32's on x86. Transposes and NCHWc reorders are left out (they
 depend on the CPU); a float convolution counts as Conv or FusedConv, whichever the
@@ -15,6 +17,7 @@ import copy
 import pytest
 import torch
 from helpers import load_benchmark
+from torch import nn
 
 from gaqat import export
 from gaqat.export.nodes import node_counts, optimized_node_counts
@@ -51,17 +54,42 @@ QUANTIZE_OPS = {  # QuantizeLinear, DequantizeLinear, Clip
     "resnet18": (12, 12, 19),
 }
 
+# With the first and last layers at 8 bits (first_last "int8") the network is one integer
+# region: the stem is a QLinearConv (8-bit weights, the image quantized to uint8 around
+# 128), the last convolution's ReLU6 (ReLU) output takes the 8-bit head quantizer
+# (``gaqat.head``; ResNet-18's last block's unsigned output quantizer is one already), so
+# that convolution is a QLinearConv too, the global average pooling between it and the
+# classifier's 8-bit input quantizer a QLinearGlobalAveragePool, and the classifier a QGemm
+# (float logits). No float Conv, FusedConv, GlobalAveragePool or Gemm is left. Clip: the
+# 4-bit inputs' and the head quantizer's upper clip at 6 (the ReLU6's, in the integer
+# range), none for the 8-bit stem and classifier. QuantizeLinear: the image's, and where the
+# 8-bit stream meets a 4-bit input; DequantizeLinear: those requantizations' (the small CNN
+# has none left).
+INT8_FILES = {  # QLinearConv, QLinearAdd, QLinearGlobalAveragePool, QGemm
+    "small_cnn": (4, 0, 1, 1),
+    "mobilenet_v2": (52, 10, 1, 1),
+    "efficientnet_lite0": (49, 9, 1, 1),
+    "resnet18": (20, 8, 1, 1),
+}
+INT8_QUANTIZE_OPS = {  # QuantizeLinear, DequantizeLinear, Clip
+    "small_cnn": (1, 0, 3),
+    "mobilenet_v2": (16, 15, 52),
+    "efficientnet_lite0": (15, 14, 49),
+    "resnet18": (12, 11, 19),
+}
+FLOAT_OPS = ("Conv", "FusedConv", "Add", "Gemm", "GlobalAveragePool", "BatchNormalization")
+
 
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("deploy_latency")
 
 
-def _network(bench, arch: str, residual_bits: int = 8):
+def _network(bench, arch: str, residual_bits: int = 8, first_last: str = "float"):
     """``arch`` as the benchmark quantizes it, its step sizes and batch-norm statistics
     from 8 seeded images (the spread of a trained network's activations); and those."""
     torch.manual_seed(0)
-    model, pretrained = bench.quantized(arch, residual_bits)
+    model, pretrained = bench.quantized(arch, residual_bits, first_last=first_last)
     assert not pretrained  # weights=None: nothing is downloaded
     images = torch.randn(8, 3, 32, 32)
     return bench.calibrate(model, images, own_statistics=True), images
@@ -86,6 +114,34 @@ def test_integer_kernel_files_run_these_nodes(bench, arch, tmp_path):
     assert counts["Clip"] == len(export.quantized_layers(model))
     assert counts["Gemm"] == 1 and "BatchNormalization" not in counts  # the float head
     assert torch.equal(export.onnx_logits(path, images).argmax(1), model(images).argmax(1))
+
+
+@pytest.mark.parametrize("arch", list(INT8_FILES))
+def test_int8_first_and_last_layers_make_one_integer_region(bench, arch, tmp_path):
+    """first_last "int8" (with the head quantizer): every convolution a QLinearConv, the
+    pooling a QLinearGlobalAveragePool, the classifier a QGemm, nothing float; the logits
+    PyTorch's (top-1 equal; the integer pooling rounds its mean once, as the classifier's
+    input quantizer does)."""
+    model, images = _network(bench, arch, first_last="int8")
+    path = tmp_path / "integer.onnx"
+    export.export_onnx(model, path, 32, integer_kernels=True)
+    counts = optimized_node_counts(path)
+    ops = ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm")
+    assert tuple(counts[op] for op in ops) == INT8_FILES[arch]
+    convs = [m for m in export.quantized_layers(model).values() if isinstance(m, nn.Conv2d)]
+    assert (
+        counts["QLinearConv"]
+        == len(convs)
+        == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    )
+    assert not [op for op in FLOAT_OPS if counts[op]]
+    ops = ("QuantizeLinear", "DequantizeLinear", "Clip")
+    assert tuple(counts[op] for op in ops) == INT8_QUANTIZE_OPS[arch]
+    with torch.no_grad():
+        expected = model(images)
+    logits = export.onnx_logits(path, images)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    assert float((logits - expected).abs().max()) < 1e-3
 
 
 def test_the_float_twin_is_the_network_without_its_quantizers(bench):

@@ -3,10 +3,11 @@
 Per quantized layer the weight codes ``round(clamp(w/s))`` as int8 tensors (b-bit
 values), the weight step size(s) and the input step size as used in the forward pass
 (floored at ``MIN_STEP``), and so the step sizes of the residual stream's quantizers
-(``gaqat.residual``, whose signedness the block's type fixes); every other tensor as
-stored (batch norm, the float first/last layers, biases); in the JSON header the
-configs, the checkpoint's meta (bits, classes, domains, ...), per-layer bit widths and
-signedness, the folded batch norms and the sizes. ``load_int`` rebuilds the
+(``gaqat.residual``, whose signedness the block's type fixes) and of the head's
+(``gaqat.head``, unsigned); every other tensor as stored (batch norm, the float
+first/last layers, biases); in the JSON header the configs, the checkpoint's meta (bits,
+classes, domains, ...), per-layer bit widths and signedness, the folded batch norms and
+the sizes. ``load_int`` rebuilds the
 fake-quantized model from that file alone, with bit-identical logits: ``codes * s``
 quantizes back to the same codes.
 """
@@ -55,7 +56,7 @@ def int_bytes(model: nn.Module, checkpoint: dict, folded: dict[str, str] | None 
         owner, _, leaf = key.rpartition(".")
         if owner in layers and leaf == "weight":
             tensors[owner + _CODES] = weight_codes(layers[owner])
-        elif leaf == "scale" and owner.endswith("_quantizer"):  # layers' and residual stream's
+        elif leaf == "scale" and owner.endswith("_quantizer"):  # layers', residual stream's, head's
             tensors[key] = tensor.clamp_min(MIN_STEP)
         elif leaf not in ("is_initialized", "signedness"):  # in the header's "layers"
             tensors[key] = tensor
@@ -158,7 +159,7 @@ def load_int(path: str | Path) -> Network:
                 int(signed), dtype=torch.int8
             )
     for name, q in quantizers(model).items():
-        if name.rpartition(".")[0] not in layers:  # the residual stream's: fixed when built
+        if name.rpartition(".")[0] not in layers:  # residual stream's, head's: fixed when built
             state[f"{name}.is_initialized"] = torch.tensor(True)
             state[f"{name}.signedness"] = torch.tensor(int(q.signed), dtype=torch.int8)
     state.update(tensors)

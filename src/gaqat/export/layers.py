@@ -51,7 +51,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
 
 def _outside(name: str, layers: dict) -> bool:
     """Whether the quantizer ``name`` belongs to no quantized layer of ``layers`` (it is one
-    of the residual stream's, ``gaqat.residual``)."""
+    of the residual stream's, ``gaqat.residual``, or the head's, ``gaqat.head``)."""
     return name.rpartition(".")[0] not in layers
 
 

@@ -3,9 +3,10 @@
 An exported file says what a runtime may fuse; what it does fuse shows only in the graph
 it optimised, which onnxruntime writes out when asked
 (``SessionOptions.optimized_model_filepath``). Counting that graph's nodes tells which
-parts of a network run as integer kernels (QLinearConv, QLinearAdd, QGemm) and which
-stay float (Conv, FusedConv, Add, with the QuantizeLinear, DequantizeLinear and Clip
-around them), and so where a file's time goes.
+parts of a network run as integer kernels (QLinearConv, QLinearAdd, QGemm,
+QLinearGlobalAveragePool) and which stay float (Conv, FusedConv, Add, Gemm,
+GlobalAveragePool, with the QuantizeLinear, DequantizeLinear and Clip around them), and
+so where a file's time goes.
 
 Counts are by op type alone, over the top-level graph: onnxruntime's x86 layout
 transforms (its NCHWc convolutions, ReorderInput/ReorderOutput, the Transposes around
@@ -45,10 +46,12 @@ OPS = (
     "QLinearConv",
     "QLinearAdd",
     "QGemm",
+    "QLinearGlobalAveragePool",
     "Conv",
     "FusedConv",
     "Add",
     "Gemm",
+    "GlobalAveragePool",
     "QuantizeLinear",
     "DequantizeLinear",
     "Clip",

@@ -45,7 +45,7 @@ from gaqat.efficientnet_lite import SamePad
 from gaqat.export.extra import require
 from gaqat.export.layers import quantized_layers, weight_codes
 from gaqat.export.output import write_outputs
-from gaqat.export.rewrite import pads_into_convs
+from gaqat.export.rewrite import pads_into_convs, quantize_before_flatten
 from gaqat.quant import (
     MIN_STEP,
     BiasQuantizer,
@@ -54,8 +54,8 @@ from gaqat.quant import (
     QuantLinear,
     bias_codes,
     lsq_quantize,
+    quantizers,
 )
-from gaqat.residual import ROLES, QuantResidual
 
 INT32_MAX = 2**31 - 1
 
@@ -186,8 +186,9 @@ class _FixedPad(nn.Module):
 
 
 class _ExportedInput(nn.Module):
-    """Stands in for an activation quantizer (a layer's input quantizer, or one on the
-    residual stream, ``gaqat.residual``), with a fixed step size and signedness.
+    """Stands in for an activation quantizer (a layer's input quantizer, one on the
+    residual stream, ``gaqat.residual``, or the head's, ``gaqat.head``), with a fixed step
+    size and signedness.
 
     ``unsigned_storage``: a signed range stored as uint8 with zero point 128.
     ``ceiling``: the input comes from a ReLU6 (now a ReLU): its upper clip moves into the
@@ -224,10 +225,11 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     Each batch norm that alone follows a quantized convolution is folded into it
     (``gaqat.bn_folding.fold_keeping_codes``), its factor into the weight's (then
     per-channel) step sizes and its shift into the bias (the codes stay); each ReLU6 that
-    only feeds quantized layers becomes a ReLU, its clip at 6 moved into their integer
-    ranges; signed activations (the residual stream's included, ``gaqat.residual``) are
-    stored as uint8 with zero point 128, so that the residual adds fuse into QLinearAdd.
-    The logits move by float rounding only (as any BN folding)."""
+    only feeds quantizers (quantized layers, the head's, ``gaqat.head``) becomes a ReLU,
+    its clip at 6 moved into their integer ranges; signed activations (the residual
+    stream's included, ``gaqat.residual``) are stored as uint8 with zero point 128, so
+    that the residual adds fuse into QLinearAdd. The logits move by float rounding only
+    (as any BN folding)."""
     ready = deployable(deepcopy(model).cpu().eval())
     layers = quantized_layers(ready)
     factors = fold_keeping_codes(ready) if integer_kernels else {}
@@ -235,16 +237,14 @@ def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     for name in layers:
         layer = ready.get_submodule(name)
         layer.weight_quantizer = _ExportedWeight(layer, factors.get(name))
-        layer.input_quantizer = _ExportedInput(
-            layer.input_quantizer, integer_kernels, ceilings.get(name)
-        )
+    # The weights' are exported: the quantizers left are the activations' (the layers'
+    # inputs, the residual stream's, the head's).
+    for name, q in quantizers(ready).items():
+        ready.set_submodule(name, _ExportedInput(q, integer_kernels, ceilings.get(name)))
+    for name in layers:
+        layer = ready.get_submodule(name)
         if layer.bias is not None or type(layer.bias_quantizer) is not BiasQuantizer:
             layer.bias_quantizer = _exported_bias(name, layer, integer_kernels)
-    for block in ready.modules():
-        if isinstance(block, QuantResidual):
-            for role in ROLES:
-                if getattr(block, role) is not None:
-                    setattr(block, role, _ExportedInput(getattr(block, role), integer_kernels))
     return ready
 
 
@@ -280,18 +280,21 @@ def _check_int32(name: str, codes: torch.Tensor, input_step, weight_step) -> Non
 
 
 def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
-    """Replace by ReLU each ReLU6 module whose output reaches only quantized layers (through
-    zero padding at most); return {layer name: 6.0} for those layers' input quantizers."""
+    """Replace by ReLU each ReLU6 module whose output reaches only quantizers (quantized
+    layers' inputs, or a head quantizer, ``gaqat.head``; through zero padding at most);
+    return {quantizer name: 6.0} for those quantizers."""
     graph, modules, calls = data_flow(model)
 
     def consumers(node: fx.Node) -> list[str] | None:
-        """The quantized layers ``node`` feeds, or None if it feeds anything else."""
+        """The quantizers ``node`` feeds, or None if it feeds anything else."""
         found = []
         for user in node.users:
             module = modules.get(user.target) if user.op == "call_module" else None
             if module is None or calls[user.target] != 1:
                 return None
             if isinstance(module, (QuantConv2d, QuantLinear)):
+                found.append(f"{user.target}.input_quantizer")
+            elif isinstance(module, LsqQuantizer):
                 found.append(user.target)
             elif isinstance(module, (SamePad, nn.ZeroPad2d)):  # pads zeros: relu6(0) = 0
                 below = consumers(user)
@@ -306,10 +309,10 @@ def _relu6_into_quantizers(model: nn.Module) -> dict[str, float]:
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) is not nn.ReLU6:
             continue
-        layers = consumers(node) if calls[node.target] == 1 else None
-        if layers:
+        names = consumers(node) if calls[node.target] == 1 else None
+        if names:
             model.set_submodule(node.target, nn.ReLU())
-            ceilings.update(dict.fromkeys(layers, 6.0))
+            ceilings.update(dict.fromkeys(names, 6.0))
     return ceilings
 
 
@@ -414,6 +417,7 @@ def onnx_bytes(
     proto = onnx.load_from_string(traced.getvalue())
     if integer_kernels:
         pads_into_convs(proto)
+        quantize_before_flatten(proto)
     if int4_weights and _int4_weights(proto):
         opset = 21
         for entry in proto.opset_import:

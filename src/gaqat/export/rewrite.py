@@ -4,6 +4,11 @@
   stride-2 "same" padding, fixed at the export's input size) becomes the convolution's
   own ``pads``, moved through the input quantizer between them, so that onnxruntime
   fuses the convolution into an integer kernel (a Pad between them stops it).
+- :func:`quantize_before_flatten`: a QuantizeLinear that reads a Flatten's output (the
+  classifier's input quantizer after the global average pooling) moves in front of the
+  Flatten, so that onnxruntime fuses the pooling between two quantizers into
+  QLinearGlobalAveragePool (a Flatten between them stops it; onnxruntime moves a
+  quantizer back over a Reshape, not over a Flatten).
 - :func:`int4_to_int8`: the packed INT4 weight codes of an ``--int4-weights`` file as
   INT8, once at load (``onnx_session(..., int8_weights=True)``): onnxruntime has integer
   convolution kernels for 8-bit weights only, and dequantizes 4-bit ones to float on
@@ -123,6 +128,37 @@ def pads_into_convs(proto) -> int:
         _drop_unused_constants(graph, pad.input[1:])
         merged += 1
     return merged
+
+
+def quantize_before_flatten(proto) -> int:
+    """Swap, in place, each Flatten of ``proto`` whose output only a per-tensor
+    QuantizeLinear reads with that QuantizeLinear: x -> Flatten -> QuantizeLinear becomes
+    x -> QuantizeLinear -> Flatten, the same values (a per-tensor quantization is
+    elementwise, a Flatten only reshapes). Returns how many."""
+    graph, moved = proto.graph, 0
+    constants, outputs = _constants(graph), {o.name for o in graph.output}
+    for flatten in [n for n in graph.node if n.op_type == "Flatten"]:
+        users = [n for n in graph.node if flatten.output[0] in n.input]
+        q = users[0] if len(users) == 1 else None
+        if q is None or q.op_type != "QuantizeLinear" or flatten.output[0] in outputs:
+            continue
+        params = [constants.get(name) for name in q.input[1:] if name]
+        if q.input[0] != flatten.output[0] or any(p is None or p.size != 1 for p in params):
+            continue
+        source, between, result = flatten.input[0], flatten.output[0], q.output[0]
+        q.input[0], q.output[0] = source, between  # ``between``: now the codes
+        flatten.input[0], flatten.output[0] = between, result
+        # The Flatten now reads the QuantizeLinear's output: it moves to just after it.
+        index = {n.output[0]: i for i, n in enumerate(graph.node) if n.output}
+        at, after = index[result], index[between]
+        copy = require("onnx").NodeProto()
+        copy.CopyFrom(flatten)
+        del graph.node[at]
+        graph.node.insert(after, copy)  # ``after`` - 1 is the QuantizeLinear's place now
+        for info in [v for v in graph.value_info if v.name == between]:  # float shapes
+            graph.value_info.remove(info)
+        moved += 1
+    return moved
 
 
 def _drop_unused_constants(graph, names) -> None:
