@@ -203,8 +203,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, own_statistics: bool) -> n
     return model.eval()
 
 
-def imagenet_case(arch: str, residual_bits: int, n_calibration: int) -> Case:
-    model, pretrained = quantized(arch, residual_bits, weights="imagenet")
+def imagenet_case(arch: str, residual_bits: int, n_calibration: int, first_last: str) -> Case:
+    model, pretrained = quantized(arch, residual_bits, weights="imagenet", first_last=first_last)
     images = photos(export.INPUT_SIZES[arch])
     calibration = views(images, n_calibration)
     calibrate(model, calibration, own_statistics=not pretrained)
@@ -222,10 +222,13 @@ def digits_images(data_dir: Path | None, test_env: int, n: int):
     return held_out, calibration
 
 
-def digits_case(checkpoint: Path | None, data_dir, residual_bits: int, n: int) -> Case:
-    """The small CNN of ``checkpoint``, or an untrained one (``calibrate``d)."""
+def digits_case(
+    checkpoint: Path | None, data_dir, residual_bits: int, n: int, first_last: str
+) -> Case:
+    """The small CNN of ``checkpoint`` (its own first and last layers), or an untrained one
+    (``calibrate``d)."""
     if checkpoint is None:
-        model, _ = quantized("small_cnn", residual_bits)
+        model, _ = quantized("small_cnn", residual_bits, first_last=first_last)
         images, calibration = digits_images(data_dir, HELD_OUT, n)
         calibrate(model, calibration, own_statistics=True)
     else:
@@ -400,6 +403,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calibration", type=int, default=32, help="calibration images")
     parser.add_argument("--residual-bits", type=int, default=8, help="0: no residual quantizers")
+    parser.add_argument(
+        "--first-last",
+        choices=("float", "int8"),
+        default="int8",
+        help="first and last layers (int8: one integer region, as the PTQ file quantizes all)",
+    )
     parser.add_argument("--quick", action="store_true", help="small_cnn only, 5 rounds")
     args = parser.parse_args()
     if args.quick:
@@ -409,8 +418,9 @@ def parse_args() -> argparse.Namespace:
 
 def build_case(arch: str, args: argparse.Namespace) -> Case:
     if arch == "small_cnn":
-        return digits_case(args.checkpoint, args.data_dir, args.residual_bits, args.calibration)
-    return imagenet_case(arch, args.residual_bits, args.calibration)
+        options = (args.residual_bits, args.calibration, args.first_last)
+        return digits_case(args.checkpoint, args.data_dir, *options)
+    return imagenet_case(arch, args.residual_bits, args.calibration, args.first_last)
 
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> Path:
@@ -435,6 +445,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> Path:
         "batches": args.batches,
         "threads": args.threads,
         "residual_bits": args.residual_bits,
+        "first_last": args.first_last,
         "calibration_images": args.calibration,
         "summary": summary,
         "nodes": nodes,
