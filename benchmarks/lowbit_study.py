@@ -20,8 +20,9 @@ again), in the order of :data:`PARTS`:
   (``OUT/<arch>_ablations/<variant>``), paired with the default gaqat;
 - ``best``: the candidates for the best low-bit model (:data:`BEST_METHODS`: weight
   averaging on lsq_sam, QT-DoG's recipe) from the same float inits on the ablations'
-  seeds, paired with ``lsq_sam``; evaluated every :data:`BEST_CHECKPOINT_FREQ` steps, so
-  that SWAD's window rule sees a validation-loss curve rather than three points;
+  seeds (``OUT/<arch>_best``, the inits linked), paired with ``lsq_sam``; evaluated every
+  :data:`BEST_CHECKPOINT_FREQ` steps, so that SWAD's window rule sees a validation-loss
+  curve rather than three points;
 - ``ensembles``: EoQ's ensembles (``gaqat ensemble``) of the comparison's runs of each of
   :data:`ENSEMBLE_METHODS` over the ablations' seeds, one per held-out domain
   (``OUT/<arch>_ensembles``), each against the mean of its own members.
@@ -241,9 +242,10 @@ def run_study(
         seeds = regime.ablation_seeds or regime.seeds
         args = (regime.arch, BEST_METHODS, regime.bits, seeds, regime.test_envs)
         often = {**run, "checkpoint_freq": min(BEST_CHECKPOINT_FREQ, scale.checkpoint_freq)}
-        config = _sweep(out / regime.arch, scale, *args, often)
-        print(f"== {config.output}: the best low-bit model's candidates", flush=True)
-        _launch(plan(config), workers, threads)
+        jobs = plan(_sweep(out / f"{regime.arch}_best", scale, *args, often))
+        link_shared(jobs, out / regime.arch)  # the float inits
+        print(f"== {out / f'{regime.arch}_best'}: the best low-bit model's candidates", flush=True)
+        _launch(jobs, workers, threads)
     for regime in scale.compare if "ensembles" in parts else ():
         for _, _, members, folder in ensemble_jobs(out, regime):
             if run_state(folder) != "done":
@@ -421,9 +423,11 @@ def paired_difference(a: dict, b: dict) -> Difference:
 def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
     """The headline paired differences of a regime over its finished pairs, every bit
     width pooled, as ``Difference.stats`` (the report's CSV columns)."""
+    folders = {m: out / regime.arch for m in COMPARE_METHODS}
+    folders |= {m: out / f"{regime.arch}_best" for m in BEST_METHODS}
     accs = {
-        m: _selected(f for b in regime.bits for f in runs_of(out / regime.arch, m, b))
-        for m in (*COMPARE_METHODS, *BEST_METHODS)
+        m: _selected(f for b in regime.bits for f in runs_of(folder, m, b))
+        for m, folder in folders.items()
     }
     names = [(m, "lsq") for m in COMPARE_METHODS[1:]] + [
         ("gaqat", "lsq_sagm"),
