@@ -49,7 +49,7 @@ from study_page import (
 )
 
 from gaqat.hparams import default_hparams
-from gaqat.launchers import InlineLauncher, ProcessLauncher
+from gaqat.launchers import InlineLauncher, ProcessLauncher, sigterm_as_interrupt
 from gaqat.plots import plot_run
 from gaqat.report import report
 from gaqat.runfolder import DONE, GRADIENTS, RESULTS, read_jsonl
@@ -799,7 +799,8 @@ def main() -> None:
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
     if args.action == "run":
-        run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
+        with sigterm_as_interrupt():  # a killed study stops its workers too
+            run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
     else:
         if args.quick:
             doc, json_path = (

@@ -48,7 +48,7 @@ from study_page import ROOT, commit, comparison_table, diff_text, render, verdic
 
 from gaqat.ensemble import build_ensemble, ensemble_name
 from gaqat.hparams import default_hparams
-from gaqat.launchers import InlineLauncher, ProcessLauncher
+from gaqat.launchers import InlineLauncher, ProcessLauncher, sigterm_as_interrupt
 from gaqat.report.runs import load_runs
 from gaqat.report.table import Difference
 from gaqat.runfolder import run_state
@@ -691,7 +691,9 @@ def main() -> None:
             compare=tuple(r for r in scale.compare if named(r.arch)),
         )
     if args.action == "run":
-        run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts, args.device)
+        with sigterm_as_interrupt():  # a killed study stops its workers too
+            options = (args.data_dir, args.parts, args.device)
+            run_study(args.out, scale, args.jobs, args.threads, *options)
     elif args.quick:
         write_page(
             args.out,

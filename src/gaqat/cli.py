@@ -13,7 +13,6 @@ import argparse
 import functools
 import json
 import shlex
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -1057,24 +1056,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's stop, ``kill``) stops the run like Ctrl-C: cleanly, resumable."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # The optional dependencies and the extra that brings each (pyproject.toml).
 EXTRAS = {
     "mlxtend": "digits",
@@ -1097,8 +1078,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     name = " ".join(["gaqat", args.command, *([args.action] if "action" in args else [])])
+    from gaqat.launchers import sigterm_as_interrupt  # torch's import: not for --help
+
     try:
-        with _sigterm_as_interrupt(), _plain_warnings(name, args.quiet):
+        with sigterm_as_interrupt(), _plain_warnings(name, args.quiet):
             return int(args.func(args) or 0)
     except ModuleNotFoundError as error:
         top = (error.name or "").split(".")[0]

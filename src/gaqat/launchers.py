@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import active_children, get_context
 from pathlib import Path
@@ -167,3 +169,33 @@ class SubmititLauncher:
     def stop(self, interrupt: bool = False) -> None:
         """Submitted jobs keep their allocation and go on, even after an interrupt; a
         relaunch leaves them be ("busy") and picks up the runs that were waiting for them."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, ``kill``) stops like Ctrl-C: a run cleanly and
+    resumably, a launcher with its workers (a killed parent would leave them training).
+    ``gaqat``'s commands run under it; so should a script that calls :func:`gaqat.sweep.launch`.
+
+    >>> import os, signal
+    >>> from gaqat.launchers import sigterm_as_interrupt
+    >>> try:
+    ...     with sigterm_as_interrupt():
+    ...         os.kill(os.getpid(), signal.SIGTERM)
+    ... except KeyboardInterrupt as stop:
+    ...     print(stop)
+    stopped by signal 15
+    """
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
