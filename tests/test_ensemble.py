@@ -22,6 +22,7 @@ from gaqat import cli
 from gaqat import ensemble as E
 from gaqat.errors import UsageError
 from gaqat.export.evaluate import run_splits
+from gaqat.hparams import default_hparams
 from gaqat.report import report
 from gaqat.runfolder import DONE, RESULTS, read_jsonl
 from gaqat.train import TrainConfig
@@ -311,3 +312,14 @@ def test_find_groups_leaves_out_other_methods_and_notes_runs_alone(runs, tmp_pat
     with pytest.raises(UsageError, match="no runs below .* that differ only by trial seed"):
         E.build_sweep_ensembles([other], tmp_path / "ens", ["lsq_sam"])
     assert not (tmp_path / "ens").exists()
+
+
+def test_a_hyperparameter_newer_than_a_run_counts_at_its_default():
+    """A run written before ``residual_bits`` existed had its default behaviour (none), so
+    it joins an ensemble with a newer run that records the default."""
+    args = {"dataset": "digits", "algorithm": "lsq_sam_w2", "bits": 2, "test_envs": [1]}
+    args |= {"hparams_seed": 0, "trial_seed": 0}
+    newer = default_hparams("lsq_sam", "digits")
+    older = {k: v for k, v in newer.items() if k != "residual_bits"}
+    assert E.identity(args, older) == E.identity(args, newer)
+    assert E.identity(args, older) != E.identity(args, {**newer, "residual_bits": 8})

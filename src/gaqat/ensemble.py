@@ -49,6 +49,7 @@ from torch import nn
 
 from gaqat.errors import UsageError, as_usage_errors
 from gaqat.fields import check_fields
+from gaqat.hparams import default_hparams
 from gaqat.runfolder import (
     CHECKPOINT,
     DONE,
@@ -140,7 +141,13 @@ def _method(args: dict) -> str:
 def identity(args: dict, hparams: dict) -> dict:
     """What the members of an ensemble share, from a run's recorded ``args`` and resolved
     ``hparams``: everything that makes the run but its trial seed (and where its files
-    are). The checkpoint adds the classes and the model and quantization configs."""
+    are). The checkpoint adds the classes and the model and quantization configs. A
+    hyperparameter added after a run was written counts at its declared default, the
+    behaviour the run had (as resuming it reads it, ``gaqat.train``)."""
+    try:
+        hparams = {**default_hparams(_method(args), args["dataset"]), **hparams}
+    except ValueError:  # a method or dataset this version does not know: as recorded
+        pass
     return {
         "dataset": args["dataset"],
         "dataset_fingerprint": args.get("dataset_fingerprint"),
