@@ -282,16 +282,19 @@ def ensemble_jobs(out: Path, regime: Regime) -> list[tuple[str, tuple, list[Path
 
 def ensemble_gains(out: Path, regime: Regime) -> dict[str, dict]:
     """Per method with finished ensembles: ensemble − the mean of its members, held-out
-    accuracy by training-domain validation, paired by (bits, held-out domain), as
-    ``Difference.stats``, with the ensemble's bytes against one float model's."""
+    accuracy, paired by (bits, held-out domain), as ``Difference.stats``, with the
+    ensemble's bytes against one float model's. The members are their final models
+    evaluated in the same call as the ensemble (the record's ``member_accs``): the same
+    code and splits, whatever code evaluated their own runs."""
     ensembles, singles, sizes = {}, {}, {}
-    for method, key, members, folder in ensemble_jobs(out, regime):
+    for method, key, _, folder in ensemble_jobs(out, regime):
         if run_state(folder) != "done":
             continue
         (accuracy,) = _selected([folder]).values()
-        ensembles.setdefault(method, {})[key] = accuracy
-        singles.setdefault(method, {})[key] = float(np.mean(list(_selected(members).values())))
         about = records(folder)[-1]["ensemble"]
+        ensembles.setdefault(method, {})[key] = accuracy
+        held_out = about["member_accs"][f"env{key[1]}_in_acc"]
+        singles.setdefault(method, {})[key] = float(np.mean(held_out))
         sizes[method] = about["ensemble_bytes"] / about["float_bytes"]
     k = len(regime.ablation_seeds or regime.seeds)
     return {
