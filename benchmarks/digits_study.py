@@ -452,8 +452,9 @@ def best_text(out: Path, best: dict[str, dict]) -> list[str]:
     """The page's lines on the best-low-bit-model candidates: their paired differences, or
     that they have not run."""
     if not best:
+        names = ", ".join(f"`{m}`" for m in BEST_METHODS)
         return [
-            f"The candidates for the best low-bit model ({', '.join(map(_code, BEST_METHODS))}, "
+            f"The candidates for the best low-bit model ({names}, "
             f"`{out.name}/best`) did not run in this study; `run --parts best` trains them.",
         ]
     return [
@@ -464,10 +465,6 @@ def best_text(out: Path, best: dict[str, dict]) -> list[str]:
         "",
         *comparison_table(best),
     ]
-
-
-def _code(name: str) -> str:
-    return f"`{name}`"
 
 
 def extras_conclusion(extras: dict[str, dict], part: str = "the extras") -> list[str]:

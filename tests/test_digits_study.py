@@ -82,15 +82,19 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     assert "| qtdog − lsq_sam |" in text and "| swad | 32 |" in text
 
 
-def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch):
-    study = load_study()
-    launched = []
+def _record_launches(study, launched: list, monkeypatch) -> None:
+    """The study's runs are planned but not trained: ``launched`` collects their jobs."""
 
     def launch(jobs, launcher, note):
         launched.extend(jobs)
         return [SimpleNamespace(status="ran") for _ in jobs]
 
     monkeypatch.setattr(study, "launch", launch)
+
+
+def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch):
+    study, launched = load_study(), []
+    _record_launches(study, launched, monkeypatch)
     out = tmp_path / "study"
     study.run_study(out, tiny_scale(study), 1, 1, digits_dir, parts=("extra",))
     folders = {job.folder.parent for job in launched}
@@ -103,14 +107,8 @@ def test_study_trains_only_the_parts_asked_for(tmp_path, digits_dir, monkeypatch
 def test_the_best_part_trains_its_candidates_evaluated_every_25_steps(
     tmp_path, digits_dir, monkeypatch
 ):
-    study = load_study()
-    launched = []
-
-    def launch(jobs, launcher, note):
-        launched.extend(jobs)
-        return [SimpleNamespace(status="ran") for _ in jobs]
-
-    monkeypatch.setattr(study, "launch", launch)
+    study, launched = load_study(), []
+    _record_launches(study, launched, monkeypatch)
     out = tmp_path / "study"
     scale = tiny_scale(study, steps=100, checkpoint_freq=50)
     study.run_study(out, scale, 1, 1, digits_dir, parts=("best",))
