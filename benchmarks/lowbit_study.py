@@ -25,7 +25,11 @@ again), in the order of :data:`PARTS`:
   curve rather than three points;
 - ``ensembles``: EoQ's ensembles (``gaqat ensemble``) of the comparison's runs of each of
   :data:`ENSEMBLE_METHODS` over the ablations' seeds, one per held-out domain
-  (``OUT/<arch>_ensembles``), each against the mean of its own members.
+  (``OUT/<arch>_ensembles``), each against the mean of its own members;
+- ``integer``: what the quantizers of one integer region (int8 first and last layers,
+  8-bit residual quantizers: what lets onnxruntime run the whole network as integer
+  kernels) cost in accuracy: ``lsq`` at the deployment width with each change of
+  :data:`INTEGER_VARIANTS` (``OUT/<arch>_integer/<variant>``), paired with plain ``lsq``.
 
 ``page`` writes ``docs/results/lowbit.md`` (``benchmarks/templates/lowbit.md`` filled in)
 with its figures and ``benchmarks/results/lowbit_study.json`` (``--quick``: into
@@ -70,6 +74,13 @@ VARIANTS = {
     "freeze_all": {"freeze_mode": "all"},
     "reset_momentum": {"freeze_resets_momentum": True},
 }
+# The integer region's quantizers (docs/deployment.md), each a change to plain lsq, whose
+# first and last layers stay float and whose residual stream is not quantized.
+INTEGER_VARIANTS = {
+    "int8_ends": {"first_last": "int8"},
+    "residual8": {"residual_bits": 8},
+    "one_region": {"first_last": "int8", "residual_bits": 8},
+}
 SHIFTS = {  # the cost map's columns: which accuracy of a run each reads
     "held_out": "held-out domain",
     "corrupted_held_out": "held-out domain, corrupted",
@@ -102,6 +113,18 @@ class Regime:
 
 
 @dataclass(frozen=True)
+class IntegerCheck:
+    """What the integer region costs a network: ``lsq`` with each of ``variants`` (names
+    of :data:`INTEGER_VARIANTS`) against plain ``lsq``, from the same float inits."""
+
+    arch: str
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    bits: tuple[int, ...] = (4,)  # the width edge deployments ship
+    test_envs: tuple[int, ...] = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
 class Scale:
     """How long the study's runs are and which grids it trains."""
 
@@ -116,6 +139,7 @@ class Scale:
     per_domain: int = 200
     hparams: dict = field(default_factory=dict)
     variants: tuple[str, ...] = tuple(VARIANTS)
+    integer: tuple[IntegerCheck, ...] = ()
 
 
 FULL = Scale(
@@ -134,6 +158,10 @@ FULL = Scale(
     ),
     # 4 held-out domains x 6 trial seeds: the 24 pairs a comparison needs
     compare=(Regime("small_cnn", bits=(2,), seeds=tuple(range(6)), ablation_seeds=(0, 1, 2)),),
+    integer=(  # the small CNN has no residual blocks; the compact MobileNetV2 has five
+        IntegerCheck("small_cnn", seeds=(0, 1, 2), variants=("int8_ends",)),
+        IntegerCheck("mobilenet_v2_compact", seeds=(0, 1), variants=("residual8", "one_region")),
+    ),
 )
 QUICK = Scale(
     steps=20,
@@ -147,8 +175,9 @@ QUICK = Scale(
     per_domain=50,
     hparams={"window": 5, "bn_recompute_steps": 10},
     variants=("tau0.1", "reset_momentum"),
+    integer=(IntegerCheck("small_cnn", seeds=(0,), variants=("int8_ends",), test_envs=(1,)),),
 )
-PARTS = ("cost", "corruptions", "compare", "ablations", "best", "ensembles")
+PARTS = ("cost", "corruptions", "compare", "ablations", "best", "ensembles", "integer")
 
 
 def _corruptions() -> ModuleType:
@@ -187,6 +216,20 @@ def _sweep(out: Path, scale: Scale, arch: str, algorithms, bits, seeds, test_env
 def cost_sweep(out: Path, scale: Scale, grid: Grid, run: dict) -> SweepConfig:
     args = (grid.arch, ("lsq",), grid.bits, grid.seeds, grid.test_envs)
     return _sweep(out / grid.arch, scale, *args, {**run, "image_size": grid.image_size})
+
+
+def _launch_variants(
+    base: SweepConfig, variants: dict[str, dict], main: Path, workers: int, threads: int | None
+) -> None:
+    """``base`` once per variant, its hparams changed, into ``base.output/<name>``; the runs
+    it shares with ``main`` (the float inits) are linked, not trained again."""
+    for name, changes in variants.items():
+        hparams = {**base.options["hparams"], **changes}
+        folder = base.output / name
+        jobs = plan(replace(base, output=folder, options={**base.options, "hparams": hparams}))
+        link_shared(jobs, main)
+        print(f"== {folder}", flush=True)
+        _launch(jobs, workers, threads)
 
 
 def _launch(jobs, workers: int, threads: int | None) -> None:
@@ -230,14 +273,11 @@ def run_study(
         print(f"== {config.output}: the comparison", flush=True)
         _launch(plan(config), workers, threads)
     for regime in scale.compare if "ablations" in parts else ():
-        for name in scale.variants:
-            folder = out / f"{regime.arch}_ablations" / name
-            seeds = regime.ablation_seeds or regime.seeds
-            args = (regime.arch, ("gaqat",), regime.bits, seeds, regime.ablation_envs)
-            jobs = plan(_sweep(folder, scale, *args, run, **VARIANTS[name]))
-            link_shared(jobs, out / regime.arch)
-            print(f"== {folder}", flush=True)
-            _launch(jobs, workers, threads)
+        seeds = regime.ablation_seeds or regime.seeds
+        args = (regime.arch, ("gaqat",), regime.bits, seeds, regime.ablation_envs)
+        base = _sweep(out / f"{regime.arch}_ablations", scale, *args, run)
+        variants = {name: VARIANTS[name] for name in scale.variants}
+        _launch_variants(base, variants, out / regime.arch, workers, threads)
     for regime in scale.compare if "best" in parts else ():
         seeds = regime.ablation_seeds or regime.seeds
         args = (regime.arch, BEST_METHODS, regime.bits, seeds, regime.test_envs)
@@ -251,6 +291,13 @@ def run_study(
             if run_state(folder) != "done":
                 print(f"== {folder}", flush=True)
                 build_ensemble(members, folder, data_dir=data_dir, device=device, overwrite=True)
+    for check in scale.integer if "integer" in parts else ():
+        args = (check.arch, ("lsq",), check.bits, check.seeds, check.test_envs)
+        print(f"== {out / check.arch}: plain lsq, as the integer region's baseline", flush=True)
+        _launch(plan(_sweep(out / check.arch, scale, *args, run)), workers, threads)
+        base = _sweep(out / f"{check.arch}_integer", scale, *args, run)
+        variants = {name: INTEGER_VARIANTS[name] for name in check.variants}
+        _launch_variants(base, variants, out / check.arch, workers, threads)
 
 
 # --- reading the study ---------------------------------------------------------------------
@@ -455,6 +502,19 @@ def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Differ
     return rows
 
 
+def integer_costs(out: Path, check: IntegerCheck) -> dict[str, Difference]:
+    """Per variant with finished runs: held-out accuracy of lsq with it − plain lsq,
+    paired by (bits, held-out domain, trial seed)."""
+    plain = _selected(f for b in check.bits for f in runs_of(out / check.arch, "lsq", b))
+    found = {}
+    for name in check.variants:
+        folder = out / f"{check.arch}_integer" / name
+        mine = [f for b in check.bits for f in runs_of(folder, "lsq", b)]
+        if mine:
+            found[name] = paired_difference(_selected(mine), plain)
+    return found
+
+
 # --- figures -------------------------------------------------------------------------------
 
 
@@ -525,6 +585,20 @@ def _diff(d: Difference | None) -> str:
     return f"{d.mean:+.2f}{stderr} points over {len(d.values)} pairs ({wins}/{ties}/{losses})"
 
 
+def integer_table(scale: Scale, costs: dict[str, dict[str, Difference]]) -> list[str]:
+    """One row per network and variant measured: what it quantizes, and its difference."""
+    rows = [
+        f"| `{check.arch}` | {', '.join(map(str, check.bits))} | {name} | "
+        + ", ".join(f"`{k}={v}`" for k, v in INTEGER_VARIANTS[name].items())
+        + f" | {_diff(costs[check.arch][name])} |"
+        for check in scale.integer
+        for name in check.variants
+        if name in costs.get(check.arch, {})
+    ]
+    header = "| network | bits | variant | hparams | variant − plain lsq |"
+    return [header, "|---|---|---|---|---|", *rows] if rows else ["Not measured yet."]
+
+
 def setup_lines(scale: Scale) -> list[str]:
     grids = "; ".join(
         f"`{g.arch}`{f' at {g.image_size}×{g.image_size}' if g.image_size else ''}: "
@@ -570,6 +644,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         for r in scale.compare
     }
     ablation_rows = {r.arch: ablations(out, r, scale) for r in scale.compare}
+    integer = {c.arch: integer_costs(out, c) for c in scale.integer}
     text = render(
         "lowbit.md",
         commit=commit(),
@@ -596,6 +671,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
                 "",
             )
         ],
+        integer=integer_table(scale, integer),
         conclusion=conclusion(scale, rows, heads),
     )
     doc.write_text(text, encoding="utf-8")
@@ -610,6 +686,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
             a: {n: {**d.stats(), "frozen": f} for n, d, f in abl}
             for a, abl in ablation_rows.items()
         },
+        "integer": {a: {n: d.stats() for n, d in c.items()} for a, c in integer.items()},
     }
     json_path.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {doc} and {json_path}")
@@ -692,6 +769,7 @@ def main() -> None:
             scale,
             grids=tuple(g for g in scale.grids if named(g.arch) and (args.networks or not g.gpu)),
             compare=tuple(r for r in scale.compare if named(r.arch)),
+            integer=tuple(c for c in scale.integer if named(c.arch)),
         )
     if args.action == "run":
         with sigterm_as_interrupt():  # a killed study stops its workers too

@@ -41,6 +41,8 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(
         per_domain=8,
         hparams={**TINY, "bn_recompute_steps": 2},  # SWAD's batch-norm pass: 500 by default
         variants=("reset_momentum",),
+        # at the comparison's width, so that plain lsq is the comparison's own run
+        integer=(study.IntegerCheck("small_cnn", (0,), ("int8_ends",), (2,), test_envs=(1,)),),
     )
     out = tmp_path / "study"
     study.run_study(out, scale, 1, 1, digits_dir)
@@ -62,6 +64,17 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(
     ablation = out / "small_cnn_ablations" / "reset_momentum"
     assert [p.name.split("_env")[0] for p in ablation.iterdir() if p.is_symlink()] == ["erm"] * 2
 
+    (plain,), (int8_ends,) = (  # the integer region's variant: its own lsq, the init linked
+        [f for f in study.runs_of(folder, "lsq", 2) if "seed0" in f.name]
+        for folder in (out / "small_cnn", out / "small_cnn_integer" / "int8_ends")
+    )
+    hparams = [
+        json.loads(f.joinpath("results.jsonl").read_text().splitlines()[0])["hparams"]
+        for f in (plain, int8_ends)
+    ]
+    assert (hparams[0]["first_last"], hparams[1]["first_last"]) == ("float", "int8")
+    assert [p.is_symlink() for p in int8_ends.parent.glob("erm_*")] == [True]
+
     doc, json_path = tmp_path / "page" / "lowbit.md", tmp_path / "page" / "summary.json"
     study.write_page(out, scale, True, doc, json_path)
     text = doc.read_text()
@@ -79,3 +92,5 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(
     summary = json.loads(json_path.read_text())
     assert {r["shift"] for r in summary["cost"]} == set(study.SHIFTS)
     assert summary["comparisons"]["small_cnn"]["gaqat − lsq_sagm"]["n"] == 2
+    assert "| `small_cnn` | 2 | int8_ends | `first_last=int8` |" in text
+    assert summary["integer"]["small_cnn"]["int8_ends"]["n"] == 1
