@@ -390,15 +390,18 @@ def _accuracies(run) -> dict[str, float | None]:
 
 def cost_map(out: Path, grid: Grid) -> list[dict]:
     """Per bit width and shift: lsq's and the fair float baseline's mean accuracy (%) and
-    the cost, fair float − lsq in points (positive: quantization loses), over the
-    (held-out domain, seed) pairs both have."""
+    the cost, fair float − lsq in points (positive: quantization loses), over the grid's
+    (held-out domain, seed) pairs that both have."""
     fair = {
         k: _accuracies(r) for k, r in _by_draw(runs_of(out / f"{grid.arch}_fair", "erm")).items()
     }
     rows = []
     for bits in grid.bits:
-        lsq_runs = _by_draw(runs_of(out / grid.arch, "lsq", bits))
-        lsq = {k: _accuracies(r) for k, r in lsq_runs.items()}
+        lsq_runs = _by_draw(runs_of(out / grid.arch, "lsq", bits)).items()
+        # the grid's draws only: other parts train lsq on more seeds
+        lsq = {
+            k: _accuracies(r) for k, r in lsq_runs if k[0] in grid.test_envs and k[1] in grid.seeds
+        }
         for shift in SHIFTS:
             keys = [k for k in lsq if k in fair and None not in (lsq[k][shift], fair[k][shift])]
             if not keys:
