@@ -31,6 +31,16 @@ def lsq_run(digits_dir, tmp_path_factory):
     return train(tiny_run(root / "lsq", digits_dir, "lsq", bits=4, from_scratch=True, **options))
 
 
+@pytest.fixture(scope="module")
+def one_region_run(digits_dir, tmp_path_factory):
+    """``lsq_run`` with its first and last layers at 8 bits: one integer region, the whole
+    network integer kernels."""
+    root = tmp_path_factory.mktemp("evaluate_int8_ends")
+    hparams = {"lr": 1e-2, "first_last": "int8"}
+    options = {"steps": 10, "checkpoint_freq": 10, "hparams": hparams}
+    return train(tiny_run(root / "lsq", digits_dir, "lsq", bits=4, from_scratch=True, **options))
+
+
 def _export(run, out, *options, fmt="onnx"):
     return cli.main(
         ["export", str(run / "checkpoint.pt"), "--format", fmt, "--out", str(out), *options]
@@ -65,14 +75,16 @@ def test_evaluation_covers_every_split_and_matches_the_runs_own_accuracy(
     assert sum(row["images"] for row in rows.values()) == images  # every image once
 
 
+@pytest.mark.parametrize("trained", ["lsq_run", "one_region_run"])
 def test_integer_kernel_file_agrees_with_pytorch_on_every_held_out_image(
-    lsq_run, digits_dir, tmp_path
+    trained, digits_dir, tmp_path, request
 ):
     """PyTorch evaluates with the int32 biases onnxruntime's integer kernels add (99.0% and
-    98.4% agreement on mnist_m's two splits when it added float ones)."""
-    out = tmp_path / "model.onnx"
-    assert _export(lsq_run, out, "--integer-kernels") == 0
-    model, checkpoint = load_model(lsq_run / "checkpoint.pt")
+    98.4% agreement on mnist_m's two splits when it added float ones), first and last
+    layers float or at 8 bits."""
+    run, out = request.getfixturevalue(trained), tmp_path / "model.onnx"
+    assert _export(run, out, "--integer-kernels") == 0
+    model, checkpoint = load_model(run / "checkpoint.pt")
     splits = run_splits(checkpoint, "the run", digits_dir)
     loaders = {k: v for k, v in splits.loaders.items() if splits.role(k) == "held out"}
     held_out = dataclasses.replace(splits, loaders=loaders)
