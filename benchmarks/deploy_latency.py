@@ -33,7 +33,8 @@ files against the PyTorch model they export, the PTQ file against the float netw
   32 views of scikit-image's photos, the PTQ's calibration images too, without training;
   checked on the photos.
 
-Results go to ``results/deploy_latency.json`` (``--quick``: ``deploy_latency_quick``).
+Results go to ``results/deploy_latency.json`` (``--quick``: ``deploy_latency_quick``;
+``--name``: another name, for a run that should not replace the full grid's).
 
     python benchmarks/deploy_latency.py [--checkpoint runs/.../checkpoint.pt] [--quick]
 """
@@ -410,9 +411,11 @@ def parse_args() -> argparse.Namespace:
         help="first and last layers (int8: one integer region, as the PTQ file quantizes all)",
     )
     parser.add_argument("--quick", action="store_true", help="small_cnn only, 5 rounds")
+    parser.add_argument("--name", help="results/<name>.json (default: deploy_latency[_quick])")
     args = parser.parse_args()
     if args.quick:
         args.cases, args.rounds = ["small_cnn"], 5
+    args.name = args.name or ("deploy_latency_quick" if args.quick else "deploy_latency")
     return args
 
 
@@ -452,7 +455,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> Path:
         "agreement": agreements,
         "rows": rows,
     }
-    return write_json("deploy_latency_quick" if args.quick else "deploy_latency", payload)
+    return write_json(args.name, payload)
 
 
 def main() -> None:
