@@ -224,11 +224,14 @@ def _number(row: dict, key: str) -> float | None:
 
 
 def runs_of(folder: Path, algorithm: str, bits: int | None = None) -> list[Path]:
-    """Run folders (links followed) of one method and bit width below ``folder``."""
+    """Run folders (links followed) of one method and bit width below ``folder`` that
+    have written records: a run that a study is just starting has none to read yet."""
     prefix = f"{algorithm}_w{bits}_" if bits else f"{algorithm}_env"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and p.is_dir())
+    return sorted(
+        p for p in folder.iterdir() if p.name.startswith(prefix) and (p / RESULTS).is_file()
+    )
 
 
 def records(folder: Path, name: str = RESULTS) -> list[dict]:
