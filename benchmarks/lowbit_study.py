@@ -294,13 +294,19 @@ def run_study(
     for check in scale.integer if "integer" in parts else ():
         args = (check.arch, ("lsq",), check.bits, check.seeds, check.test_envs)
         print(f"== {out / check.arch}: plain lsq, as the integer region's baseline", flush=True)
-        _launch(plan(_sweep(out / check.arch, scale, *args, run)), workers, threads)
-        base = _sweep(out / f"{check.arch}_integer", scale, *args, run)
+        plain = _sweep(out / check.arch, scale, *args, run)
+        _launch(plan(plain), workers, threads)
+        base = replace(plain, output=out / f"{check.arch}_integer")
         variants = {name: INTEGER_VARIANTS[name] for name in check.variants}
         _launch_variants(base, variants, out / check.arch, workers, threads)
 
 
 # --- reading the study ---------------------------------------------------------------------
+
+
+def runs_at(folder: Path, method: str, bits) -> list[Path]:
+    """The run folders of ``method`` below ``folder`` at each of the bit widths ``bits``."""
+    return [f for b in bits for f in runs_of(folder, method, b)]
 
 
 def _by_draw(folders) -> dict[tuple[int, int], object]:
@@ -366,7 +372,7 @@ def _sizes(head: dict[str, dict]) -> list[str]:
 def cost_pairs_folders(out: Path, grid: Grid) -> list[Path]:
     """The finished lsq runs of a grid (its seeds and domains: the comparison trains lsq
     on more seeds) and their fair float baselines."""
-    lsq = [f for b in grid.bits for f in runs_of(out / grid.arch, "lsq", b)]
+    lsq = runs_at(out / grid.arch, "lsq", grid.bits)
     folders = lsq + runs_of(out / f"{grid.arch}_fair", "erm")
     runs = load_runs(folders) if folders else []
     return [
@@ -478,10 +484,7 @@ def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
     width pooled, as ``Difference.stats`` (the report's CSV columns)."""
     folders = {m: out / regime.arch for m in COMPARE_METHODS}
     folders |= {m: out / f"{regime.arch}_best" for m in BEST_METHODS}
-    accs = {
-        m: _selected(f for b in regime.bits for f in runs_of(folder, m, b))
-        for m, folder in folders.items()
-    }
+    accs = {m: _selected(runs_at(folder, m, regime.bits)) for m, folder in folders.items()}
     names = [(m, "lsq") for m in COMPARE_METHODS[1:]] + [
         ("gaqat", "lsq_sagm"),
         ("lsq_sam", "lsq_sagm"),
@@ -494,12 +497,12 @@ def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
 def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Difference, int]]:
     """Per variant: gaqat with it − default gaqat (same init, seed and batches), and how many
     step sizes froze in its runs."""
-    main = _selected(f for b in regime.bits for f in runs_of(out / regime.arch, "gaqat", b))
+    main = _selected(runs_at(out / regime.arch, "gaqat", regime.bits))
     tau = default_hparams("gaqat", "digits")["tau"]
     rows = []
     for name in scale.variants:
         folder = out / f"{regime.arch}_ablations" / name
-        mine = [f for b in regime.bits for f in runs_of(folder, "gaqat", b)]
+        mine = runs_at(folder, "gaqat", regime.bits)
         if mine:
             frozen = freezing_stats(mine, tau)["frozen"]
             rows.append((name, paired_difference(_selected(mine), main), frozen))
@@ -509,11 +512,11 @@ def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Differ
 def integer_costs(out: Path, check: IntegerCheck) -> dict[str, Difference]:
     """Per variant with finished runs: held-out accuracy of lsq with it − plain lsq,
     paired by (bits, held-out domain, trial seed)."""
-    plain = _selected(f for b in check.bits for f in runs_of(out / check.arch, "lsq", b))
+    plain = _selected(runs_at(out / check.arch, "lsq", check.bits))
     found = {}
     for name in check.variants:
         folder = out / f"{check.arch}_integer" / name
-        mine = [f for b in check.bits for f in runs_of(folder, "lsq", b)]
+        mine = runs_at(folder, "lsq", check.bits)
         if mine:
             found[name] = paired_difference(_selected(mine), plain)
     return found
@@ -644,8 +647,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
     heads = {r.arch: {**comparisons(out, r), **ensemble_gains(out, r)} for r in scale.compare}
     tau = default_hparams("gaqat", "digits")["tau"]
     freezing = {
-        r.arch: freezing_stats([f for b in r.bits for f in runs_of(out / r.arch, "gaqat", b)], tau)
-        for r in scale.compare
+        r.arch: freezing_stats(runs_at(out / r.arch, "gaqat", r.bits), tau) for r in scale.compare
     }
     ablation_rows = {r.arch: ablations(out, r, scale) for r in scale.compare}
     integer = {c.arch: integer_costs(out, c) for c in scale.integer}
