@@ -19,8 +19,9 @@ again), in the order of :data:`PARTS`:
 - ``ablations``: gaqat with each change of :data:`VARIANTS`, on two held-out domains
   (``OUT/<arch>_ablations/<variant>``), paired with the default gaqat;
 - ``best``: the candidates for the best low-bit model (:data:`BEST_METHODS`: weight
-  averaging on lsq_sam, QT-DoG's recipe) from the same float inits on the ablations'
-  seeds (``OUT/<arch>_best``, the inits linked), paired with ``lsq_sam``; evaluated every
+  averaging on lsq_sam, QT-DoG's recipe) from the same float inits on the comparison's
+  seeds (``OUT/<arch>_best``, the inits linked), paired with ``lsq_sam``: the 24 pairs a
+  comparison needs; evaluated every
   :data:`BEST_CHECKPOINT_FREQ` steps, so that SWAD's window rule sees a validation-loss
   curve rather than three points;
 - ``ensembles``: EoQ's ensembles (``gaqat ensemble``) of the comparison's runs of each of
@@ -279,8 +280,7 @@ def run_study(
         variants = {name: VARIANTS[name] for name in scale.variants}
         _launch_variants(base, variants, out / regime.arch, workers, threads)
     for regime in scale.compare if "best" in parts else ():
-        seeds = regime.ablation_seeds or regime.seeds
-        args = (regime.arch, BEST_METHODS, regime.bits, seeds, regime.test_envs)
+        args = (regime.arch, BEST_METHODS, regime.bits, regime.seeds, regime.test_envs)
         often = {**run, "checkpoint_freq": min(BEST_CHECKPOINT_FREQ, scale.checkpoint_freq)}
         jobs = plan(_sweep(out / f"{regime.arch}_best", scale, *args, often))
         link_shared(jobs, out / regime.arch)  # the float inits
