@@ -19,7 +19,7 @@ from gaqat.checkpoint import build_network
 from gaqat.models import ModelConfig, build_model
 from gaqat.prepare import quantize_model
 from gaqat.quant import QuantConfig, quantizers, step_sizes
-from gaqat.residual import ROLES, QuantResidual, quantize_residuals
+from gaqat.residual import ROLES, QuantResidual, StreamInput, quantize_residuals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,6 +85,56 @@ def test_the_block_computes_quantized_sum_of_quantized_branch_and_skip():
         assert torch.allclose(projection.scale, 2 * block.branch(s).abs().mean() / math.sqrt(127))
         codes = total.codes(out)
     assert codes.min() >= -128 and codes.max() <= 127 and bool((codes < 0).any())
+
+
+@pytest.mark.parametrize(
+    ("arch", "readers"),
+    [("mobilenet_v2_compact", 15), ("resnet18", 11), ("efficientnet_lite0", 14)],
+)
+def test_the_layers_that_read_the_stream_read_its_codes(arch, readers):
+    """Each quantized layer whose input is a skip or output quantizer's output (the expand
+    convolutions, ResNet's conv1 and downsample) takes that quantizer as its input's
+    (StreamInput): it reads the 8-bit codes unchanged, its int32 bias is on the stream's
+    grid, it owns no tensor, and the stream's step size learns from it."""
+    torch.manual_seed(0)
+    config = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8)
+    model = quantize_model(build_model(ModelConfig(arch=arch, weights=None)), config)
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "input_quantizer", None), StreamInput)
+    }
+    assert len(layers) == readers
+    stream = {
+        id(q)
+        for n, q in quantizers(model).items()
+        if n.endswith(("skip_quantizer", "output_quantizer"))
+    }
+    assert all(id(m.input_quantizer.source) in stream for m in layers.values())
+    assert not [
+        k for k in model.state_dict() if any(k.startswith(f"{n}.input_quantizer") for n in layers)
+    ]
+    seen = {}
+    hooks = [  # on the StreamInput: a folded pair calls its conv's parts, not the conv
+        m.input_quantizer.register_forward_hook(lambda m, a, out, n=n: seen.update({n: out}))
+        for n, m in layers.items()
+    ]
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    for name, layer in layers.items():
+        q = layer.input_quantizer
+        codes = seen[name] / q.step_size()
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 128
+        assert q.bits == 8 and q.initialized and q.source.scale.grad is not None
+    model.eval()
+    name = next(iter(layers))
+    pair = model.get_submodule(name.rpartition(".")[0])  # the folded conv-BN pair
+    assert isinstance(pair, QuantConvBn2d)
+    with torch.no_grad():
+        bias = pair.conv.quantized_bias(pair.folded_bias())
+        grid = pair.conv.input_quantizer.step_size() * pair.conv.weight_quantizer.step_size()
+        assert torch.allclose(bias / grid.flatten(), (bias / grid.flatten()).round(), atol=1e-3)
 
 
 def _resnet_block(kind: str) -> nn.Module:

@@ -411,8 +411,9 @@ class QuantConfig:
     ``skip``: qualified module names (a layer, or a container whose layers all stay float).
     ``fold_batch_norm``: train each quantized conv with the batch norm after it folded in;
     ``residual_bits``: LSQ quantizers of that width on the residual stream of the
-    residual blocks, mobile and ResNet (``gaqat.residual``; None, the default of old
-    checkpoints, or 0: none). Both read by ``gaqat.prepare.quantize_model``, not by this module's
+    residual blocks, mobile and ResNet, whose codes the layers that read the stream take
+    as their inputs (``gaqat.residual``; None, the default of old checkpoints, or 0:
+    none). Both read by ``gaqat.prepare.quantize_model``, not by this module's
     :func:`quantize_layers`. ``act_bits`` None: weights-only quantization (QT-DoG's,
     ``gaqat.qtdog``), every input float, no batch norm folded (folding is for the integer
     kernels that quantized inputs make possible).

@@ -605,8 +605,13 @@ def test_residual_quantizers_make_mobilenet_v2_one_integer_region(
     outputs, the first skip of each run of residual blocks, the adds' outputs). With
     --integer-kernels onnxruntime then runs 50 of the 51 quantized convs as QLinearConv
     (35 without; the last 1x1 conv feeds the float pooling) and all 10 residual adds as
-    QLinearAdd (float Add without), and agrees with PyTorch; the QDQ file and the int
-    file carry the new quantizers too."""
+    QLinearAdd (float Add without), and agrees with PyTorch in top-1; the QDQ file and
+    the int file carry the new quantizers too, with PyTorch's logits.
+
+    Only top-1 for the integer file: onnxruntime's x86 QLinearAdd rescales its inputs
+    with fixed-point multipliers, so a sum within about 1e-5 of a .5 tie can take the
+    other code (here 27 of block 8's 4,096 outputs sit at 3.49999 steps), and such a
+    flip moves this random-weight network's small logits by up to 0.1."""
     quant = QuantConfig(4, 4, fold_batch_norm=True, residual_bits=8)
     model, images = _calibrated("mobilenet_v2_compact", quant)
     with torch.no_grad():
@@ -619,12 +624,12 @@ def test_residual_quantizers_make_mobilenet_v2_one_integer_region(
     assert ops.count("Conv") == 1 and "Add" not in ops  # the last 1x1 conv; the stem: FusedConv
     integer = export.onnx_logits(path, images)
     assert torch.equal(integer.argmax(1), expected.argmax(1))
-    assert float((integer - expected).abs().max()) < 1e-4
-    # The plain QDQ file: one QuantizeLinear more per residual quantizer (25), signed: int8.
+    # The plain QDQ file: one QuantizeLinear more per residual quantizer (25), signed: int8,
+    # and one less per layer that reads the stream's codes (15).
     plain = tmp_path / "plain.onnx"
     export.export_onnx(model, plain, 32)
     nodes = onnx.load(str(plain)).graph.node
-    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == 51 + 25
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == 51 + 25 - 15
     assert float((export.onnx_logits(plain, images) - expected).abs().max()) < 1e-4
     header = {"model_config": ModelConfig(arch="mobilenet_v2_compact").to_dict()}
     header |= {"quant_config": asdict(quant), "meta": {"bits": 4}}

@@ -32,7 +32,7 @@ from gaqat.export.layers import (
 )
 from gaqat.export.output import write_outputs
 from gaqat.models import Network
-from gaqat.quant import MIN_STEP, quantizers
+from gaqat.quant import MIN_STEP, LsqQuantizer, quantizers
 
 INT_FORMAT = "gaqat-int"
 INT_FORMAT_VERSION = 1
@@ -154,6 +154,8 @@ def load_int(path: str | Path) -> Network:
         state[f"{name}.weight"] = codes.to(step.dtype) * step
         state[f"{name}.weight_quantizer.scale"] = step
         for role, signed in (("weight", True), ("input", info["input_signed"])):
+            if not isinstance(getattr(layer, f"{role}_quantizer"), LsqQuantizer):
+                continue  # a StreamInput: the residual stream's quantizer holds the state
             state[f"{name}.{role}_quantizer.is_initialized"] = torch.tensor(True)
             state[f"{name}.{role}_quantizer.signedness"] = torch.tensor(
                 int(signed), dtype=torch.int8

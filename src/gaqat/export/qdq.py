@@ -254,7 +254,7 @@ def _exported_bias(name: str, layer: QuantConv2d | QuantLinear, integer: bool) -
     values = layer.quantized_bias(layer.bias)
     if not integer or type(layer.bias_quantizer) is not BiasQuantizer:
         return _ExportedBias(values)
-    input_step, weight_step = layer.input_quantizer.step, layer.weight_quantizer.step
+    input_step, weight_step = layer.input_quantizer.step_size(), layer.weight_quantizer.step
     codes, step = bias_codes(layer.bias, input_step, weight_step)
     _check_int32(name, codes, input_step, weight_step)
     return _ExportedBias(codes.to(torch.int32), step)
