@@ -161,7 +161,8 @@ FULL = Scale(
     compare=(Regime("small_cnn", bits=(2,), seeds=tuple(range(6)), ablation_seeds=(0, 1, 2)),),
     integer=(  # the small CNN has no residual blocks; the compact MobileNetV2 has five
         IntegerCheck("small_cnn", seeds=(0, 1, 2), variants=("int8_ends",)),
-        IntegerCheck("mobilenet_v2_compact", seeds=(0, 1), variants=("residual8", "one_region")),
+        # one seed, its cost grid's: a float init of another takes 15 min on this CPU
+        IntegerCheck("mobilenet_v2_compact", seeds=(0,), variants=("residual8", "one_region")),
     ),
 )
 QUICK = Scale(
