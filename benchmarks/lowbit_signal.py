@@ -1,14 +1,15 @@
 """How much of a float network a quantized copy keeps before QAT's first step.
 
     python benchmarks/lowbit_signal.py --checkpoint RUN/checkpoint.pt [--bits 8 4 3 2]
-        [--images 300] [--name lowbit_signal]
+        [--halves] [--images 300] [--name lowbit_signal]
 
 Quantization-aware training starts from the float model quantized as it is. Where that
 copy still computes what the float model computes, QAT fine-tunes; where it does not, QAT
 must train the network again, at low bits, in a few hundred steps. For an ``erm`` run's
 checkpoint (DigitsDG) and each bit width (weights and activations, the ``lsq`` recipe's
 QuantConfig for the architecture, step sizes from one training batch as LSQ initialises
-them) this prints and writes to ``benchmarks/results/<name>.json``:
+them; with ``--halves`` also each half alone, the other at 8 bits: ``W2A8``, ``W8A2``)
+this prints and writes to ``benchmarks/results/<name>.json``:
 
 - ``acc``: top-1 on ``--images`` held-in images of the training domains (the float
   model's in the first row);
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="an erm run's checkpoint.pt")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    parser.add_argument("--halves", action="store_true", help="weights, activations alone")
     parser.add_argument("--images", type=int, default=300, help="held-in images, all domains")
     parser.add_argument("--data-dir", type=Path, default=None, help="DigitsDG's cache folder")
     parser.add_argument("--name", default="lowbit_signal", help="the JSON's name")
@@ -101,17 +104,27 @@ def stem_gradient(model: nn.Module, x, y, batch_statistics: bool) -> float:
     return float(stem.weight.grad.norm())
 
 
-def quantized_copy(model: nn.Module, arch: str, bits: int, x: torch.Tensor) -> nn.Module:
-    """``model`` quantized as the lsq recipe does, its step sizes initialised on ``x`` in
-    eval mode (the batch norms' statistics untouched)."""
-    config = quant_config_for(default_hparams("lsq", "digits"), bits, arch)
+def widths(bit_widths, halves: bool) -> list[tuple[int, int]]:
+    """(weight bits, activation bits) to measure: each width, and with ``halves`` each
+    half of it alone."""
+    pairs = [(b, b) for b in bit_widths]
+    return pairs + [p for b in bit_widths if halves and b < 8 for p in ((b, 8), (8, b))]
+
+
+def quantized_copy(model: nn.Module, arch: str, bits: tuple[int, int], x) -> nn.Module:
+    """``model`` quantized as the lsq recipe does at (weight, activation) ``bits``, its
+    step sizes initialised on ``x`` in eval mode (the batch norms' statistics untouched)."""
+    config = quant_config_for(default_hparams("lsq", "digits"), bits[0], arch)
+    config = dataclasses.replace(config, act_bits=bits[1])
     quantized = quantize_model(copy.deepcopy(model), config)
     with torch.no_grad():
         quantized.eval()(x)
     return quantized
 
 
-def measure(path: Path, bit_widths, n: int, data_dir) -> tuple[list[dict], list[int]]:
+def measure(path: Path, pairs, n: int, data_dir) -> tuple[list[dict], list[int]]:
+    """The table's rows for each (weight bits, activation bits) of ``pairs``, and the
+    blocks whose cosine they show."""
     model, checkpoint = load_model(path)
     arch = checkpoint["model_config"]["arch"]
     x, y = held_in_images(checkpoint, n, data_dir)
@@ -121,10 +134,13 @@ def measure(path: Path, bit_widths, n: int, data_dir) -> tuple[list[dict], list[
     shown = [k for k in shown if k > 0] + [len(reference) - 1]
     float_grads = [stem_gradient(model, x[batch], y[batch], b) for b in (True, False)]
     rows = [{"bits": "float", "acc": float((logits.argmax(1) == y).float().mean())}]
-    for bits in bit_widths:
+    for bits in pairs:
         quantized = quantized_copy(model, arch, bits, x[:96])
         q_logits, outputs = block_outputs(quantized, x)
-        row = {"bits": bits, "acc": float((q_logits.argmax(1) == y).float().mean())}
+        row = {
+            "bits": "W{}A{}".format(*bits),
+            "acc": float((q_logits.argmax(1) == y).float().mean()),
+        }
         row |= {f"cos@{k}": centred_cosine(reference[k], outputs[k]) for k in shown}
         for stats, reference_grad in zip(("batch", "running"), float_grads):
             grad = stem_gradient(quantized, x[batch], y[batch], stats == "batch")
@@ -136,7 +152,8 @@ def measure(path: Path, bit_widths, n: int, data_dir) -> tuple[list[dict], list[
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    rows, shown = measure(args.checkpoint, args.bits, args.images, args.data_dir)
+    pairs = widths(args.bits, args.halves)
+    rows, shown = measure(args.checkpoint, pairs, args.images, args.data_dir)
     print_table(rows, title=f"{args.checkpoint}: the quantized copy before QAT's first step")
     payload = {"checkpoint": str(args.checkpoint), "blocks_shown": shown, "rows": rows}
     print(f"\nwrote {write_json(args.name, payload)}")

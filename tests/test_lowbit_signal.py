@@ -16,12 +16,16 @@ def test_the_signal_falls_with_the_bit_width_and_8_bits_keep_the_float_network(
     folder = tmp_path / "erm"
     run(tiny_run(folder, digits_dir, steps=20, checkpoint_freq=20))
     bench = load_benchmark("lowbit_signal")
-    rows, shown = bench.measure(folder / "checkpoint.pt", (8, 2), 96, digits_dir)
-    assert [row["bits"] for row in rows] == ["float", 8, 2]
+    rows, shown = bench.measure(
+        folder / "checkpoint.pt", bench.widths((8, 2), True), 96, digits_dir
+    )
+    assert [row["bits"] for row in rows] == ["float", "W8A8", "W2A2", "W2A8", "W8A2"]
     assert (
         shown and shown[-1] == len(bench.blocks(bench.load_model(folder / "checkpoint.pt")[0])) - 1
     )
     eight, two = rows[1], rows[2]
+    last = f"cos@{shown[-1]}"  # each half alone loses less than both together
+    assert rows[2][last] < min(rows[3][last], rows[4][last]) <= rows[1][last]
     for k in shown:
         assert 0.97 < eight[f"cos@{k}"] <= 1.0 + 1e-6
         assert two[f"cos@{k}"] < eight[f"cos@{k}"]
