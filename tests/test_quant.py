@@ -12,6 +12,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 from gaqat.prepare import quantize_model
 from gaqat.quant import (
@@ -395,3 +396,41 @@ def test_evaluation_path_without_autograd_gives_the_same_values(per_channel):
     with_grad = quantizer(x)
     with torch.no_grad():
         assert torch.equal(quantizer(x), with_grad)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_quantized_linear_evaluates_with_the_integer_kernels_arithmetic(per_channel):
+    """Eval without autograd: (sum of code products, exact, + int32 bias codes) · s_x·s_w,
+    as onnxruntime's QGemm computes it, so equal integer scores give equal outputs (a
+    float sum of scaled values rounds them apart); training keeps the fake-quant form."""
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 6, weight_bits=8, act_bits=8, per_channel=per_channel)
+    with torch.no_grad():
+        layer.weight[3] = layer.weight[1]  # rows 1 and 3: the same codes, the same bias
+        layer.bias[3] = layer.bias[1]
+    x = torch.rand(16, 64) * 3
+    trained = layer(x)  # initialises the step sizes; the fake-quant form
+    assert torch.equal(
+        trained,
+        F.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias),
+    )
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x)
+        sx, sw = layer.input_quantizer.step_size(), layer.weight_quantizer.step_size()
+        codes = (
+            layer.input_quantizer.codes(x).double()
+            @ layer.weight_quantizer.codes(layer.weight).double().T
+        )
+        step = sx.reshape(()) * sw.flatten()
+        bias = torch.round(layer.bias / step).double()  # the int32 codes, as exported
+        assert torch.equal(out, (codes + bias).float() * step)
+        assert torch.equal(out[:, 1], out[:, 3])
+        fake = F.linear(
+            layer.input_quantizer(x),
+            layer.weight_quantizer(layer.weight),
+            layer.quantized_bias(layer.bias),
+        )
+        assert torch.allclose(out, fake, rtol=0, atol=1e-5)
+    with torch.enable_grad():  # eval mode with autograd (a sharpness probe): fake-quant
+        assert torch.equal(layer(x), fake)

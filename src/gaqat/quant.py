@@ -393,7 +393,29 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self.input_quantizer(x), self.weight_quantizer(self.weight)
-        return F.linear(x, weight, self.quantized_bias(self.bias))
+        if self.training or torch.is_grad_enabled() or not self._integer_inputs(x):
+            return F.linear(x, weight, self.quantized_bias(self.bias))
+        return self._integer_forward(x)
+
+    def _integer_inputs(self, x: torch.Tensor) -> bool:
+        """Whether the input is an LSQ quantizer's codes (not float, not an export's
+        stand-in) on a device with float64 (MPS has none)."""
+        return isinstance(self.input_quantizer, LsqQuantizer) and x.device.type != "mps"
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation with an integer kernel's arithmetic (onnxruntime's QGemm): the codes'
+        products summed exactly (float64), the int32 bias codes added, then one multiply
+        by s_x·s_w in the layer's dtype. A float sum of the scaled values would round
+        differently, so two classes whose integer scores are equal (it happens with 8-bit
+        classifiers) could differ by an ulp and swap the file's top-1."""
+        x_step, w_step = self.input_quantizer.step_size(), self.weight_quantizer.step_size()
+        with torch.autocast(x.device.type, enabled=False):
+            codes = self.input_quantizer.codes(x).double()
+            acc = F.linear(codes, self.weight_quantizer.codes(self.weight).double())
+        step = x_step.reshape(()) * w_step.flatten()
+        if self.bias is not None:
+            acc = acc + bias_codes(self.bias, x_step, w_step)[0].double()
+        return acc.to(step.dtype) * step
 
 
 _QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -218,7 +218,9 @@ class _ExportedInput(nn.Module):
 
 def onnx_ready(model: nn.Module, integer_kernels: bool = False) -> nn.Module:
     """A CPU eval copy whose quantizers export as QDQ nodes; in PyTorch it computes the
-    same logits as ``model`` bit for bit.
+    same features as ``model`` bit for bit, and the same logits up to the float rounding
+    of a quantized linear layer (``model`` evaluates those with the integer kernel's
+    arithmetic, ``QuantLinear``; the copy with the float form the graph is traced from).
 
     ``integer_kernels``: the graph onnxruntime's x86 kernels fuse into QLinearConv, whose
     pattern is DequantizeLinear -> Conv -> (Relu) -> QuantizeLinear on uint8 activations.
