@@ -7,6 +7,7 @@ import copy
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from helpers import load_benchmark
@@ -18,7 +19,7 @@ from gaqat.bn_folding import QuantConvBn2d, deployable
 from gaqat.checkpoint import build_network
 from gaqat.models import ModelConfig, build_model
 from gaqat.prepare import quantize_model
-from gaqat.quant import QuantConfig, quantizers, step_sizes
+from gaqat.quant import LsqQuantizer, QuantConfig, quantizers, step_sizes
 from gaqat.residual import ROLES, QuantResidual, StreamInput, quantize_residuals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +136,61 @@ def test_the_layers_that_read_the_stream_read_its_codes(arch, readers):
         bias = pair.conv.quantized_bias(pair.folded_bias())
         grid = pair.conv.input_quantizer.step_size() * pair.conv.weight_quantizer.step_size()
         assert torch.allclose(bias / grid.flatten(), (bias / grid.flatten()).round(), atol=1e-3)
+
+
+def _qlinear_add_session(onnx, onnxruntime, steps, zeros):
+    """A DequantizeLinear x2 -> Add -> QuantizeLinear graph over 256x256 uint8 pairs, which
+    onnxruntime fuses into one QLinearAdd."""
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    names = ("sa", "sb", "sc")
+    inits = [numpy_helper.from_array(np.float32(s), n) for n, s in zip(names, steps)]
+    inits += [numpy_helper.from_array(np.uint8(z), f"z{n[1]}") for n, z in zip(names, zeros)]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+        helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+        helper.make_node("Add", ["fa", "fb"], ["sum"]),
+        helper.make_node("QuantizeLinear", ["sum", "sc", "zc"], ["c"]),
+    ]
+    uint8 = onnx.TensorProto.UINT8
+    io = [helper.make_tensor_value_info(n, uint8, [256, 256]) for n in ("a", "b", "c")]
+    graph = helper.make_graph(nodes, "add", io[:2], io[2:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+
+
+@pytest.mark.parametrize("signs", [(True, True, True), (False, True, False)])
+def test_the_evaluated_add_is_onnxruntimes_qlinear_add_to_the_bit(signs):
+    """runtime_add against onnxruntime's QLinearAdd on every pair of 8-bit codes, for
+    drawn step sizes: the mobile nets' signed stream (uint8 around 128) and ResNet's
+    unsigned skip and output (zero point 0, the ReLU as the clip at code 0) with a signed
+    projection. A float sum of the values takes the other code near .5 ties."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from gaqat.residual import runtime_add
+
+    rng = np.random.default_rng(0)
+    codes = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    for _ in range(10):
+        steps = rng.uniform(0.02, 0.5, 3).astype(np.float32)
+        quantizers = []
+        for signed, step in zip(signs, steps):
+            q = LsqQuantizer(8, signed=signed)
+            q(torch.ones(4))  # initialised, then given the drawn step size
+            q.scale.data.fill_(float(step))
+            quantizers.append(q)
+        zeros = [128 if q.signed else 0 for q in quantizers]
+        session = _qlinear_add_session(onnx, onnxruntime, steps, zeros)
+        a, b = (c.astype(np.uint8) for c in codes)
+        expected = session.run(None, {"a": a, "b": b})[0].astype(np.int64) - zeros[2]
+        values = [
+            torch.from_numpy((c.astype(np.float32) - z) * np.float32(s))
+            for c, z, s in zip(codes, zeros, steps)
+        ]
+        with torch.no_grad():
+            out = runtime_add((values[0], quantizers[0]), (values[1], quantizers[1]), quantizers[2])
+        assert np.array_equal(quantizers[2].codes(out).numpy().astype(np.int64), expected)
 
 
 def _resnet_block(kind: str) -> nn.Module:
