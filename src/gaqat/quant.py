@@ -400,7 +400,7 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
     def _integer_inputs(self, x: torch.Tensor) -> bool:
         """Whether the input is an LSQ quantizer's codes (not float, not an export's
         stand-in) on a device with float64 (MPS has none)."""
-        return isinstance(self.input_quantizer, LsqQuantizer) and x.device.type != "mps"
+        return isinstance(self.input_quantizer, LsqQuantizer) and self.weight.device.type != "mps"
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation with an integer kernel's arithmetic (onnxruntime's QGemm): the codes'
