@@ -37,11 +37,13 @@ The layers that read the stream read its codes (:func:`read_stream_codes`): a qu
 layer whose input is a skip or output quantizer's output (a block's expand convolution,
 ResNet's first convolution and ``downsample``, the first convolution of the block after a
 run) gets a :class:`StreamInput` instead of an input quantizer of its own. Its input
-then is the stream at ``residual_bits`` (more precise than the layer's own bits, never
-less by default's 8), and an integer runtime feeds the stream's codes straight into the
-layer's integer kernel; a quantizer of its own would requantize them, a
-DequantizeLinear -> QuantizeLinear -> Clip chain on every block (15 of them in
-MobileNetV2, 11 % of its integer file's time).
+then is the stream at ``residual_bits`` (8 by default: finer than the layers' 4), and
+an integer runtime feeds the stream's codes straight into the layer's integer kernel; a
+quantizer of its own would requantize them, a DequantizeLinear -> QuantizeLinear -> Clip
+chain before every block (15 of them in MobileNetV2).
+
+In evaluation a block computes its sum as onnxruntime's QLinearAdd does
+(:func:`runtime_add`), so that the accuracy a run reports is its integer file's.
 """
 
 from __future__ import annotations
