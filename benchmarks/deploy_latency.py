@@ -42,8 +42,10 @@ Results go to ``results/deploy_latency.json`` (``--quick``: ``deploy_latency_qui
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -355,14 +357,43 @@ def agreement(case: Case, paths: dict[str, Path]) -> dict[str, dict]:
     return result
 
 
-def measure(case: Case, grid: dict, rounds: int, folder: Path) -> dict:
+def op_shares(path: Path, x: np.ndarray, threads: int, folder: Path, runs: int = 5) -> dict:
+    """Each op type's share of the kernel time onnxruntime's profiler records over
+    ``runs`` runs of ``x``, largest first (the first run, a warm-up, included: the
+    profiler records from the session's start)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / path.stem)
+    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, {"images": x})
+    times = collections.Counter()
+    for event in json.loads(Path(s.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"]
+    total = sum(times.values())
+    return {op: t / total for op, t in times.most_common()}
+
+
+def measure(case: Case, grid: dict, rounds: int, folder: Path, profile: bool) -> dict:
     paths = files(case, folder)
     nodes = {name: dict(optimized_node_counts(path)) for name, path in paths.items()}
-    return {
+    result = {
         "rows": time_files(case, paths, grid, rounds),
         "nodes": nodes,
         "agreement": agreement(case, paths),
     }
+    if profile:  # at the grid's largest batch and thread count
+        batch, threads = max(grid["batches"]), max(grid["threads"])
+        x = case.images.repeat(batch // len(case.images) + 1, 1, 1, 1)[:batch].numpy()
+        result["profile"] = {
+            "batch": batch,
+            "threads": threads,
+            "shares": {n: op_shares(paths[n], x, threads, folder) for n in ("integer", "ptq")},
+        }
+    return result
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -410,6 +441,11 @@ def parse_args() -> argparse.Namespace:
         default="int8",
         help="first and last layers (int8: one integer region, as the PTQ file quantizes all)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also each op type's share of the integer and PTQ files' kernel time",
+    )
     parser.add_argument("--quick", action="store_true", help="small_cnn only, 5 rounds")
     parser.add_argument("--name", help="results/<name>.json (default: deploy_latency[_quick])")
     args = parser.parse_args()
@@ -441,6 +477,15 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> Path:
         for name, values in result["agreement"].items()
     ]
     print_table(agreements, title="top-1 agreement (gaqat's files: the model; ptq: float)")
+    profiles = {label: r["profile"] for label, r in results.items() if "profile" in r}
+    if profiles:
+        shares = [
+            {"case": label, "batch": p["batch"], "threads": p["threads"], "file": name}
+            | {op: f"{100 * v:.0f}%" for op, v in list(ops.items())[:5]}
+            for label, p in profiles.items()
+            for name, ops in p["shares"].items()
+        ]
+        print_table(shares, title="share of kernel time by op (onnxruntime's profiler)")
     payload = {
         "onnxruntime": ort.__version__,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -453,6 +498,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> Path:
         "summary": summary,
         "nodes": nodes,
         "agreement": agreements,
+        "profiles": profiles,
         "rows": rows,
     }
     return write_json(args.name, payload)
@@ -466,7 +512,8 @@ def main() -> None:
         for arch in args.cases:
             case = build_case(arch, args)
             (Path(tmp) / arch).mkdir()
-            results[case.label] = measure(case, grid, args.rounds, Path(tmp) / arch)
+            folder = Path(tmp) / arch
+            results[case.label] = measure(case, grid, args.rounds, folder, args.profile)
             print(f"{case.label}: measured")
     print(f"\nwrote {report(results, args)}")
 

@@ -175,3 +175,16 @@ def test_ptq_baseline_is_a_file_onnxruntime_runs_with_integer_kernels(bench, tmp
     counts = optimized_node_counts(path)
     assert counts["QLinearConv"] == 4 and counts["QGemm"] == 1
     assert counts["Conv"] + counts["FusedConv"] + counts["Gemm"] == 0
+
+
+def test_the_profile_shares_cover_the_integer_files_kernels(bench, tmp_path):
+    """deploy_latency --profile: each op type's share of the kernel time, summing to 1,
+    the integer convolutions and the 4-bit inputs' Clips among them."""
+    model, images = _network(bench, "small_cnn", first_last="int8")
+    path = tmp_path / "integer.onnx"
+    export.export_onnx(model, path, 32, integer_kernels=True)
+    shares = bench.op_shares(path, images.numpy(), 1, tmp_path, runs=2)
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    assert {"QLinearConv", "Clip"} <= set(shares) and list(shares.values()) == sorted(
+        shares.values(), reverse=True
+    )
