@@ -393,11 +393,11 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self.input_quantizer(x), self.weight_quantizer(self.weight)
-        if self.training or torch.is_grad_enabled() or not self._integer_inputs(x):
+        if self.training or torch.is_grad_enabled() or not self._integer_inputs():
             return F.linear(x, weight, self.quantized_bias(self.bias))
         return self._integer_forward(x)
 
-    def _integer_inputs(self, x: torch.Tensor) -> bool:
+    def _integer_inputs(self) -> bool:
         """Whether the input is an LSQ quantizer's codes (not float, not an export's
         stand-in) on a device with float64 (MPS has none)."""
         return isinstance(self.input_quantizer, LsqQuantizer) and self.weight.device.type != "mps"
