@@ -301,6 +301,18 @@ class LsqQuantizer(nn.Module):
         )
 
 
+def integer_evaluation(module: nn.Module, *quantizers: nn.Module) -> bool:
+    """Whether ``module`` evaluates with an integer kernel's arithmetic: in eval mode
+    without autograd, every one of ``quantizers`` an LSQ quantizer (not a float input, not
+    an export's stand-in, which traces to QDQ nodes), on a device with float64 (MPS has
+    none) for the exact integer sums."""
+    if module.training or torch.is_grad_enabled():
+        return False
+    if not all(isinstance(q, LsqQuantizer) for q in quantizers):
+        return False
+    return quantizers[0].scale.device.type != "mps"
+
+
 class _QuantizedLayer:
     """What QuantConv2d and QuantLinear share: two quantizers, the bias's (eval mode: on
     the int32 grid s_x·s_w, :class:`BiasQuantizer`) and the swap from a float layer.
@@ -393,14 +405,9 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self.input_quantizer(x), self.weight_quantizer(self.weight)
-        if self.training or torch.is_grad_enabled() or not self._integer_inputs():
-            return F.linear(x, weight, self.quantized_bias(self.bias))
-        return self._integer_forward(x)
-
-    def _integer_inputs(self) -> bool:
-        """Whether the input is an LSQ quantizer's codes (not float, not an export's
-        stand-in) on a device with float64 (MPS has none)."""
-        return isinstance(self.input_quantizer, LsqQuantizer) and self.weight.device.type != "mps"
+        if integer_evaluation(self, self.input_quantizer):
+            return self._integer_forward(x)
+        return F.linear(x, weight, self.quantized_bias(self.bias))
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation with an integer kernel's arithmetic (onnxruntime's QGemm): the codes'

@@ -56,7 +56,7 @@ from torchvision.models import mobilenetv2, mobilenetv3, resnet
 
 from gaqat.bn_folding import data_flow
 from gaqat.efficientnet_lite import MBConv
-from gaqat.quant import LsqQuantizer, QuantConv2d, QuantLinear, check_bits
+from gaqat.quant import LsqQuantizer, QuantConv2d, QuantLinear, check_bits, integer_evaluation
 
 ROLES = ("skip_quantizer", "projection_quantizer", "shortcut_quantizer", "output_quantizer")
 
@@ -141,26 +141,14 @@ class QuantResidual(nn.Module):
             skip_quantizer = self.shortcut_quantizer
         projection = self.projection_quantizer(y)
         addends = ((skip, skip_quantizer), (projection, self.projection_quantizer))
-        if not (self.training or torch.is_grad_enabled()) and _integer(
-            addends, self.output_quantizer
-        ):
+        quantizers = (skip_quantizer, self.projection_quantizer, self.output_quantizer)
+        # torch.fx traces the float add: the data flow it records is the graph's
+        if not isinstance(skip, fx.Proxy) and integer_evaluation(self, *quantizers):
             return runtime_add(*addends, self.output_quantizer)  # a ReLU: the clip at code 0
         total = skip + projection
         if self.layout.relu is not None:
             total = getattr(self.block, self.layout.relu)(total)
         return self.output_quantizer(total)
-
-
-def _integer(addends, output: nn.Module) -> bool:
-    """Whether a sum's addends and output are LSQ quantizers' codes (in an export's copy
-    they are stand-ins, traced to QDQ nodes) on a device with float64 (MPS has none),
-    outside torch.fx's tracing (the data flow it records has the add)."""
-    quantizers = [q for _, q in addends] + [output]
-    if isinstance(addends[0][0], fx.Proxy) or not all(
-        isinstance(q, LsqQuantizer) for q in quantizers
-    ):
-        return False
-    return output.scale.device.type != "mps"
 
 
 def runtime_add(a, b, output: LsqQuantizer) -> torch.Tensor:
