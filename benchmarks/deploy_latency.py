@@ -297,12 +297,22 @@ def files(case: Case, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path, threads: int, profile: Path | None = None) -> ort.InferenceSession:
+    """A CPU session under every graph optimisation; ``profile``: onnxruntime's profiler
+    on, its file's name prefix."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def batch_of(case: Case, batch: int) -> np.ndarray:
+    """``batch`` of the case's images, repeated as needed."""
+    return case.images.repeat(batch // len(case.images) + 1, 1, 1, 1)[:batch].numpy()
 
 
 def time_files(case: Case, paths: dict[str, Path], grid: dict, rounds: int) -> list[dict]:
@@ -312,7 +322,7 @@ def time_files(case: Case, paths: dict[str, Path], grid: dict, rounds: int) -> l
     for threads in grid["threads"]:
         sessions = {name: session(path, threads) for name, path in paths.items()}
         for batch in grid["batches"]:
-            x = case.images.repeat(batch // len(case.images) + 1, 1, 1, 1)[:batch].numpy()
+            x = batch_of(case, batch)
             runs = {
                 name: (lambda s=s, x=x: s.run(None, {"images": x})) for name, s in sessions.items()
             }
@@ -361,12 +371,7 @@ def op_shares(path: Path, x: np.ndarray, threads: int, folder: Path, runs: int =
     """Each op type's share of the kernel time onnxruntime's profiler records over
     ``runs`` runs of ``x``, largest first (the first run, a warm-up, included: the
     profiler records from the session's start)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(folder / path.stem)
-    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    s = session(path, threads, profile=folder / path.stem)
     for _ in range(runs):
         s.run(None, {"images": x})
     times = collections.Counter()
@@ -387,7 +392,7 @@ def measure(case: Case, grid: dict, rounds: int, folder: Path, profile: bool) ->
     }
     if profile:  # at the grid's largest batch and thread count
         batch, threads = max(grid["batches"]), max(grid["threads"])
-        x = case.images.repeat(batch // len(case.images) + 1, 1, 1, 1)[:batch].numpy()
+        x = batch_of(case, batch)
         result["profile"] = {
             "batch": batch,
             "threads": threads,
@@ -511,8 +516,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.cases:
             case = build_case(arch, args)
-            (Path(tmp) / arch).mkdir()
             folder = Path(tmp) / arch
+            folder.mkdir()
             results[case.label] = measure(case, grid, args.rounds, folder, args.profile)
             print(f"{case.label}: measured")
     print(f"\nwrote {report(results, args)}")
