@@ -7,9 +7,9 @@ Quantization-aware training starts from the float model quantized as it is. Wher
 copy still computes what the float model computes, QAT fine-tunes; where it does not, QAT
 must train the network again, at low bits, in a few hundred steps. For an ``erm`` run's
 checkpoint (DigitsDG) and each bit width (weights and activations, the ``lsq`` recipe's
-QuantConfig for the architecture, step sizes from one training batch as LSQ initialises
-them; with ``--halves`` also each half alone, the other at 8 bits: ``W2A8``, ``W8A2``)
-this prints and writes to ``benchmarks/results/<name>.json``:
+QuantConfig for the architecture, step sizes initialised as LSQ does, from the first 96
+images: the first training domain's; with ``--halves`` also each half alone, the other at
+8 bits: ``W2A8``, ``W8A2``) this prints and writes to ``benchmarks/results/<name>.json``:
 
 - ``acc``: top-1 on ``--images`` held-in images of the training domains (the float
   model's in the first row);
@@ -128,7 +128,9 @@ def measure(path: Path, pairs, n: int, data_dir) -> tuple[list[dict], list[int]]
     model, checkpoint = load_model(path)
     arch = checkpoint["model_config"]["arch"]
     x, y = held_in_images(checkpoint, n, data_dir)
-    batch = slice(0, 32 * (len(x) // 96))  # one batch per domain for the gradients
+    # The images come domain by domain: with the default 300 this is the first training
+    # domain's first 96 (as are x[:96], which initialise the step sizes).
+    batch = slice(0, 32 * (len(x) // 96))
     logits, reference = block_outputs(model, x)
     shown = sorted({0, len(reference) // 4, len(reference) // 2, 3 * len(reference) // 4})
     shown = [k for k in shown if k > 0] + [len(reference) - 1]
