@@ -414,9 +414,15 @@ def figure_ablations(rows: list[tuple[str, dict]], path: Path) -> None:
 
 # What the extras answer: SAGM's effect without quantization, and whether SAGM's gain in
 # QAT is more than plain SAM's. What the best part answers: whether weight averaging or
-# QT-DoG's recipe beats lsq_sam, the best of the others.
+# QT-DoG's recipe beats lsq_sam and lsq_sagm, the best of the others.
 EXTRA_COMPARISONS = (("sagm", "erm"), ("lsq_sam", "lsq"), ("lsq_sam", "lsq_sagm"))
-BEST_COMPARISONS = (("swad", "erm"), ("lsq_sam_swad", "lsq_sam"), ("qtdog", "lsq_sam"))
+BEST_COMPARISONS = (
+    ("swad", "erm"),
+    ("lsq_sam_swad", "lsq_sam"),
+    ("lsq_sam_swad", "lsq_sagm"),
+    ("qtdog", "lsq_sam"),
+    ("qtdog", "lsq_sagm"),
+)
 
 
 def extra_comparisons(out: Path, part: str = "extra") -> dict[str, dict]:
@@ -464,7 +470,7 @@ def best_text(out: Path, best: dict[str, dict]) -> list[str]:
         f"The candidates for the best low-bit model (`{out.name}/best`, evaluated every "
         f"{BEST_CHECKPOINT_FREQ} steps): float `swad` against `erm`, `lsq_sam_swad` (SWAD's "
         "average on top of LSQ with SAM) and `qtdog` (QT-DoG's weights-only recipe) against "
-        "`lsq_sam`; paired, both bit widths pooled, training-domain validation:",
+        "`lsq_sam` and `lsq_sagm`; paired, both bit widths pooled, training-domain validation:",
         "",
         *comparison_table(best),
     ]

@@ -73,13 +73,16 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
         "lsq_sam − lsq_sagm": "2",
     }
     assert "| lsq_sam − lsq_sagm |" in text and "`sagm − erm` (the extras)" in text
-    # The best part: float swad against erm, lsq_sam_swad and qtdog against lsq_sam.
+    # The best part: float swad against erm, lsq_sam_swad and qtdog against lsq_sam and
+    # lsq_sagm.
     assert {name: row["n"] for name, row in summary["best"].items()} == {
         "swad − erm": "2",
         "lsq_sam_swad − lsq_sam": "2",
+        "lsq_sam_swad − lsq_sagm": "2",
         "qtdog − lsq_sam": "2",
+        "qtdog − lsq_sagm": "2",
     }
-    assert "| qtdog − lsq_sam |" in text and "| swad | 32 |" in text
+    assert "| qtdog − lsq_sagm |" in text and "| swad | 32 |" in text
 
 
 def _record_launches(study, launched: list, monkeypatch) -> None:

@@ -84,6 +84,7 @@ def test_study_trains_the_cost_map_the_comparison_and_writes_its_page(
     assert "| small_cnn | 2 | training domains, corrupted | 1 |" in text
     assert "| gaqat − lsq_sagm |" in text and "| reset_momentum |" in text
     assert "| lsq_sam_swad − lsq_sam |" in text and "| qtdog − lsq_sam |" in text
+    assert "| lsq_sam_swad − lsq_sagm |" in text and "| qtdog − lsq_sagm |" in text
     ensembles = sorted(p.name for p in (out / "small_cnn_ensembles").iterdir())
     assert ensembles == ["ens2_lsq_sam_w2_env1", "ens2_lsq_w2_env1"]
     assert "| ens2_lsq − lsq |" in text and "Ensemble size against one float model" in text
