@@ -18,8 +18,11 @@ filled in) and its figures from OUT, and the JSON summary
   ``lsq_sam`` (LSQ with SAM, as cheap as a main-grid run) on every seed.
 - ``OUT/best``: the candidates for the best low-bit model on the main grid's draws: float
   ``swad`` (SWAD's direction against ``erm``), ``lsq_sam_swad`` and ``qtdog`` (each against
-  ``lsq_sam``), evaluated every :data:`BEST_CHECKPOINT_FREQ` steps so that SWAD's window
-  rule sees a validation-loss curve.
+  ``lsq_sam`` and ``lsq_sagm``), evaluated every :data:`BEST_CHECKPOINT_FREQ` steps so
+  that SWAD's window rule sees a validation-loss curve.
+- ``OUT/ensembles``: EoQ's ensembles (``gaqat ensemble``) of the trial seeds' runs of each
+  of :data:`ENSEMBLE_METHODS`, one per bit width and held-out domain, each against the
+  mean of its own members; nothing is trained.
 
 ``--quick`` runs the same pipeline in minutes on tiny runs: it checks the machinery, its
 numbers mean nothing.
@@ -36,6 +39,13 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from study_ensembles import (
+    EnsembleJob,
+    build_ensembles,
+    ensemble_gains,
+    ensemble_jobs,
+    size_lines,
+)
 from study_page import (
     ROOT,
     all_domains,
@@ -100,6 +110,7 @@ QUICK = Scale(
 MAIN_METHODS = ("erm", "lsq", "lsq_sagm", "gaqat")
 EXTRA_METHODS = ("sagm", "lsq_sam")
 BEST_METHODS = ("swad", "lsq_sam_swad", "qtdog")
+ENSEMBLE_METHODS = ("lsq", "lsq_sam", "lsq_sagm", "gaqat")  # EoQ's ensembles of their seeds
 BEST_CHECKPOINT_FREQ = 25
 # Each ablation: the overrides of GAQAT's defaults it tests. Where an override is also a
 # lsq_sagm hyperparameter (step sizes' learning rate, per-channel scales), lsq_sagm runs
@@ -168,14 +179,15 @@ def link_shared(jobs, main: Path) -> None:
             job.folder.symlink_to(os.path.relpath(source, job.folder.parent))
 
 
-PARTS = ("main", "ablations", "extra", "best")
+PARTS = ("main", "ablations", "extra", "best", "ensembles")
 
 
 def run_study(
     out: Path, scale: Scale, jobs: int, threads: int | None, data_dir, parts=PARTS
 ) -> None:
     """Train the study's ``parts`` in order; the ablations and extras link the float and
-    unchanged runs the main grid already has (or train them where it has not run)."""
+    unchanged runs the main grid already has (or train them where it has not run). The
+    ensembles part trains nothing: it evaluates the finished runs' ensembles."""
     main = out / "main"
     sweeps = []
     if "main" in parts:
@@ -214,6 +226,19 @@ def run_study(
                 f"{config.output}: {len(failed)} runs failed or were skipped; "
                 f"launch the study again to retry them"
             )
+    if "ensembles" in parts:
+        build_ensembles(ensembles_of(out, scale), data_dir)
+
+
+def ensembles_of(out: Path, scale: Scale) -> list[EnsembleJob]:
+    """The ensembles of :data:`ENSEMBLE_METHODS`' runs (``lsq_sam``'s are the extras'),
+    over the trial seeds, one per bit width and held-out domain, in ``OUT/ensembles``."""
+    runs = {
+        (m, b): runs_of(out / ("extra" if m in EXTRA_METHODS else "main"), m, b)
+        for m in ENSEMBLE_METHODS
+        for b in scale.bits
+    }
+    return ensemble_jobs(runs, out / "ensembles", scale.test_envs, scale.seeds)
 
 
 # --- reading the study ---------------------------------------------------------------------
@@ -476,6 +501,25 @@ def best_text(out: Path, best: dict[str, dict]) -> list[str]:
     ]
 
 
+def ensembles_text(out: Path, ensembles: dict[str, dict]) -> list[str]:
+    """The page's lines on EoQ's ensembles: each against its own members, or that none
+    was built."""
+    if not ensembles:
+        return [
+            f"EoQ's ensembles (`{out.name}/ensembles`) were not built in this study; "
+            "`run --parts ensembles` evaluates them once their runs have finished.",
+        ]
+    return [
+        f"EoQ's ensembles (`{out.name}/ensembles`, `gaqat ensemble`): the trial seeds' runs "
+        "of one method, bit width and held-out domain as one model (the mean of their "
+        "softmax outputs), each against the mean of its own members, paired by bit width "
+        "and held-out domain (both bit widths pooled), training-domain validation:",
+        "",
+        *comparison_table(ensembles),
+        *size_lines(ensembles),
+    ]
+
+
 def extras_conclusion(extras: dict[str, dict], part: str = "the extras") -> list[str]:
     return [
         f"- `{name}` ({part}): {diff_text(row)} ({verdict(row, name)})."
@@ -501,6 +545,7 @@ class Summary:
     not_run: list[str]  # variants not (yet) finished
     extras: dict[str, dict]  # EXTRA_COMPARISONS, {} until every extra run is done
     best: dict[str, dict]  # BEST_COMPARISONS, {} until every best run is done
+    ensembles: dict[str, dict]  # per method: its ensembles − their members, and their size
 
     def to_json(self, scale: Scale) -> dict:
         """The summary ``benchmarks/results/digits_study.json`` records."""
@@ -517,6 +562,7 @@ class Summary:
             "ablations_not_run": self.not_run,
             "extras": self.extras,
             "best": self.best,
+            "ensembles": self.ensembles,
         }
 
 
@@ -555,6 +601,7 @@ def summarize(out: Path, scale: Scale) -> Summary:
         not_run=not_run,
         extras=extra_comparisons(out),
         best=extra_comparisons(out, "best"),
+        ensembles=ensemble_gains(ensembles_of(out, scale)),
     )
 
 
@@ -605,7 +652,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
     """The page: ``templates/digits.md`` filled from ``summary`` and the report's tables
     (``figures``: the figures' folder, relative to the page)."""
     main, s = out / "main", summary
-    extra = [main] + [out / p for p in ("extra", "best") if (out / p).is_dir()]
+    extra = [main] + [out / p for p in ("extra", "best", "ensembles") if (out / p).is_dir()]
     domains = lambda envs: ", ".join(DOMAINS[e] for e in envs)  # noqa: E731
     return render(
         "digits.md",
@@ -638,6 +685,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
         held_out=report([str(d) for d in extra], "markdown", "training"),
         extras=extras_text(out, scale, s.extras),
         best=best_text(out, s.best),
+        ensembles=ensembles_text(out, s.ensembles),
         oracle=report([str(main)], "markdown", "oracle"),
         headline_table=comparison_table(s.headline),
         vs_lsq_sagm=report([str(main)], "markdown", "training", "lsq_sagm"),
@@ -656,6 +704,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
             ),
             *extras_conclusion(s.extras),
             *extras_conclusion(s.best, "the best low-bit model"),
+            *extras_conclusion(s.ensembles, "EoQ's ensembles"),
         ],
     )
 

@@ -47,16 +47,24 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from digits_study import DOMAINS, freezing_stats, link_shared, records, runs_of
+from digits_study import DOMAINS, freezing_stats, link_shared, runs_of
 from matplotlib.figure import Figure
+from study_ensembles import (
+    EnsembleJob,
+    build_ensembles,
+    by_draw,
+    ensemble_gains,
+    ensemble_jobs,
+    paired_difference,
+    selected,
+    size_lines,
+)
 from study_page import ROOT, commit, comparison_table, diff_text, render, verdict
 
-from gaqat.ensemble import build_ensemble, ensemble_name
 from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher, sigterm_as_interrupt
 from gaqat.report.runs import load_runs
 from gaqat.report.table import Difference
-from gaqat.runfolder import run_state
 from gaqat.selection import SELECTION_METHODS
 from gaqat.sweep import SweepConfig, fair_float_baseline, launch, plan
 
@@ -288,10 +296,7 @@ def run_study(
         print(f"== {out / f'{regime.arch}_best'}: the best low-bit model's candidates", flush=True)
         _launch(jobs, workers, threads)
     for regime in scale.compare if "ensembles" in parts else ():
-        for _, _, members, folder in ensemble_jobs(out, regime):
-            if run_state(folder) != "done":
-                print(f"== {folder}", flush=True)
-                build_ensemble(members, folder, data_dir=data_dir, device=device, overwrite=True)
+        build_ensembles(regime_ensembles(out, regime), data_dir, device)
     for check in scale.integer if "integer" in parts else ():
         args = (check.arch, ("lsq",), check.bits, check.seeds, check.test_envs)
         print(f"== {out / check.arch}: plain lsq, as the integer region's baseline", flush=True)
@@ -310,64 +315,12 @@ def runs_at(folder: Path, method: str, bits) -> list[Path]:
     return [f for b in bits for f in runs_of(folder, method, b)]
 
 
-def _by_draw(folders) -> dict[tuple[int, int], object]:
-    """Finished runs keyed by (held-out domain, trial seed); none for no folders."""
-    folders = list(folders)
-    runs = load_runs(folders) if folders else []
-    return {(run.test_envs[0], run.trial_seed): run for run in runs if run.complete}
-
-
-def ensemble_jobs(out: Path, regime: Regime) -> list[tuple[str, tuple, list[Path], Path]]:
-    """Per method of :data:`ENSEMBLE_METHODS`, bit width and held-out domain whose runs of
-    the ablations' seeds have all finished: (method, (bits, domain), runs, the folder)."""
+def regime_ensembles(out: Path, regime: Regime) -> list[EnsembleJob]:
+    """The regime's ensembles: of :data:`ENSEMBLE_METHODS`' runs over the ablations' seeds,
+    one per bit width and held-out domain, in ``OUT/<arch>_ensembles``."""
+    runs = {(m, b): runs_of(out / regime.arch, m, b) for m in ENSEMBLE_METHODS for b in regime.bits}
     seeds = regime.ablation_seeds or regime.seeds
-    jobs = []
-    for method in ENSEMBLE_METHODS:
-        for bits in regime.bits:
-            runs = _by_draw(runs_of(out / regime.arch, method, bits))
-            for env in regime.test_envs:
-                if all((env, seed) in runs for seed in seeds):
-                    members = [runs[env, seed].path.parent for seed in seeds]
-                    name = f"{ensemble_name(f'{method}_w{bits}', len(seeds))}_env{env}"
-                    folder = out / f"{regime.arch}_ensembles" / name
-                    jobs.append((method, (bits, env), members, folder))
-    return jobs
-
-
-def ensemble_gains(out: Path, regime: Regime) -> dict[str, dict]:
-    """Per method with finished ensembles: ensemble − the mean of its members, held-out
-    accuracy, paired by (bits, held-out domain), as ``Difference.stats``, with the
-    ensemble's bytes against one float model's. The members are their final models
-    evaluated in the same call as the ensemble (the record's ``member_accs``): the same
-    code and splits, whatever code evaluated their own runs."""
-    ensembles, singles, sizes = {}, {}, {}
-    for method, key, _, folder in ensemble_jobs(out, regime):
-        if run_state(folder) != "done":
-            continue
-        (accuracy,) = _selected([folder]).values()
-        about = records(folder)[-1]["ensemble"]
-        ensembles.setdefault(method, {})[key] = accuracy
-        held_out = about["member_accs"][f"env{key[1]}_in_acc"]
-        singles.setdefault(method, {})[key] = float(np.mean(held_out))
-        sizes[method] = about["ensemble_bytes"] / about["float_bytes"]
-    k = len(regime.ablation_seeds or regime.seeds)
-    return {
-        f"ens{k}_{m} − {m}": {
-            **paired_difference(ensembles[m], singles[m]).stats(),
-            "size_vs_float": sizes[m],
-        }
-        for m in ensembles
-    }
-
-
-def _sizes(head: dict[str, dict]) -> list[str]:
-    """Under a comparison table, the size of each ensemble in it."""
-    sizes = [
-        f"`{n.split(' − ')[0]}`: {r['size_vs_float']:.2f}×"
-        for n, r in head.items()
-        if "size_vs_float" in r
-    ]
-    return ["", f"Ensemble size against one float model: {', '.join(sizes)}."] if sizes else []
+    return ensemble_jobs(runs, out / f"{regime.arch}_ensembles", regime.test_envs, seeds)
 
 
 def cost_pairs_folders(out: Path, grid: Grid) -> list[Path]:
@@ -400,11 +353,11 @@ def cost_map(out: Path, grid: Grid) -> list[dict]:
     the cost, fair float − lsq in points (positive: quantization loses), over the grid's
     (held-out domain, seed) pairs that both have."""
     fair = {
-        k: _accuracies(r) for k, r in _by_draw(runs_of(out / f"{grid.arch}_fair", "erm")).items()
+        k: _accuracies(r) for k, r in by_draw(runs_of(out / f"{grid.arch}_fair", "erm")).items()
     }
     rows = []
     for bits in grid.bits:
-        lsq_runs = _by_draw(runs_of(out / grid.arch, "lsq", bits)).items()
+        lsq_runs = by_draw(runs_of(out / grid.arch, "lsq", bits)).items()
         # the grid's draws only: other parts train lsq on more seeds
         lsq = {
             k: _accuracies(r) for k, r in lsq_runs if k[0] in grid.test_envs and k[1] in grid.seeds
@@ -439,7 +392,7 @@ def extra_training_gain(out: Path, arch: str) -> Difference | None:
     """Held-out accuracy of the fair float baseline − its float init: what the QAT runs'
     extra steps give a float model, which a comparison with the init would credit to QAT."""
     gain = paired_difference(
-        _selected(runs_of(out / f"{arch}_fair", "erm")), _selected(runs_of(out / arch, "erm"))
+        selected(runs_of(out / f"{arch}_fair", "erm")), selected(runs_of(out / arch, "erm"))
     )
     return gain if gain.values else None
 
@@ -463,29 +416,12 @@ def cost_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _selected(folders) -> dict[tuple[int, int, int], float]:
-    """Held-out accuracy (training-domain validation) of the finished runs among
-    ``folders``, by (bits, held-out domain, trial seed)."""
-    method, folders = SELECTION_METHODS["training"], list(folders)
-    runs = load_runs(folders) if folders else []
-    return {
-        (run.bits, run.test_envs[0], run.trial_seed): method.run_acc(run.records)[1]
-        for run in runs
-        if run.complete
-    }
-
-
-def paired_difference(a: dict, b: dict) -> Difference:
-    """a − b over the keys both have: the same bits, held-out domain and seed."""
-    return Difference(tuple(a[k] - b[k] for k in a if k in b), False)
-
-
 def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
     """The headline paired differences of a regime over its finished pairs, every bit
     width pooled, as ``Difference.stats`` (the report's CSV columns)."""
     folders = {m: out / regime.arch for m in COMPARE_METHODS}
     folders |= {m: out / f"{regime.arch}_best" for m in BEST_METHODS}
-    accs = {m: _selected(runs_at(folder, m, regime.bits)) for m, folder in folders.items()}
+    accs = {m: selected(runs_at(folder, m, regime.bits)) for m, folder in folders.items()}
     names = [(m, "lsq") for m in COMPARE_METHODS[1:]] + [
         ("gaqat", "lsq_sagm"),
         ("lsq_sam", "lsq_sagm"),
@@ -498,7 +434,7 @@ def comparisons(out: Path, regime: Regime) -> dict[str, dict]:
 def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Difference, int]]:
     """Per variant: gaqat with it − default gaqat (same init, seed and batches), and how many
     step sizes froze in its runs."""
-    main = _selected(runs_at(out / regime.arch, "gaqat", regime.bits))
+    main = selected(runs_at(out / regime.arch, "gaqat", regime.bits))
     tau = default_hparams("gaqat", "digits")["tau"]
     rows = []
     for name in scale.variants:
@@ -506,20 +442,20 @@ def ablations(out: Path, regime: Regime, scale: Scale) -> list[tuple[str, Differ
         mine = runs_at(folder, "gaqat", regime.bits)
         if mine:
             frozen = freezing_stats(mine, tau)["frozen"]
-            rows.append((name, paired_difference(_selected(mine), main), frozen))
+            rows.append((name, paired_difference(selected(mine), main), frozen))
     return rows
 
 
 def integer_costs(out: Path, check: IntegerCheck) -> dict[str, Difference]:
     """Per variant with finished runs: held-out accuracy of lsq with it − plain lsq,
     paired by (bits, held-out domain, trial seed)."""
-    plain = _selected(runs_at(out / check.arch, "lsq", check.bits))
+    plain = selected(runs_at(out / check.arch, "lsq", check.bits))
     found = {}
     for name in check.variants:
         folder = out / f"{check.arch}_integer" / name
         mine = runs_at(folder, "lsq", check.bits)
         if mine:
-            found[name] = paired_difference(_selected(mine), plain)
+            found[name] = paired_difference(selected(mine), plain)
     return found
 
 
@@ -645,7 +581,10 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
     gains = {arch: extra_training_gain(out, arch) for arch in networks}
     for arch, bits in networks.items():
         figure_severity(out, arch, bits, figures / f"severity_{arch}.png")
-    heads = {r.arch: {**comparisons(out, r), **ensemble_gains(out, r)} for r in scale.compare}
+    heads = {
+        r.arch: {**comparisons(out, r), **ensemble_gains(regime_ensembles(out, r))}
+        for r in scale.compare
+    }
     tau = default_hparams("gaqat", "digits")["tau"]
     freezing = {
         r.arch: freezing_stats(runs_at(out / r.arch, "gaqat", r.bits), tau) for r in scale.compare
@@ -663,7 +602,7 @@ def write_page(out: Path, scale: Scale, quick: bool, doc: Path, json_path: Path)
         compare=[
             line
             for arch, head in heads.items()
-            for line in (f"### `{arch}`", "", *comparison_table(head), *_sizes(head), "")
+            for line in (f"### `{arch}`", "", *comparison_table(head), *size_lines(head), "")
         ],
         freezing=[freezing_line(arch, s, tau) for arch, s in freezing.items()],
         ablations=[

@@ -83,6 +83,14 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
         "qtdog − lsq_sagm": "2",
     }
     assert "| qtdog − lsq_sagm |" in text and "| swad | 32 |" in text
+    # EoQ's ensembles of the two seeds, one per method at 3 bits on the held-out domain.
+    assert {name: row["n"] for name, row in summary["ensembles"].items()} == {
+        "ens2_lsq − lsq": 1,
+        "ens2_lsq_sam − lsq_sam": 1,
+        "ens2_lsq_sagm − lsq_sagm": 1,
+        "ens2_gaqat − gaqat": 1,
+    }
+    assert "| ens2_gaqat − gaqat |" in text and "Ensemble size against one float model" in text
 
 
 def _record_launches(study, launched: list, monkeypatch) -> None:
