@@ -84,7 +84,7 @@ def ensemble_gains(jobs: list[EnsembleJob]) -> dict[str, dict]:
     """Per method with finished ensembles, ``ensK_<method> − <method>``: the ensemble's
     held-out accuracy (training-domain validation) − the mean of its members', paired by
     (bits, held-out domain), as ``Difference.stats``, with ``size_vs_float``, the
-    ensemble's bytes against one float model's."""
+    ensemble's bytes against one float model's per bit width."""
     ensembles, singles, sizes, k = {}, {}, {}, {}
     for job in jobs:
         if run_state(job.folder) != "done":
@@ -94,7 +94,8 @@ def ensemble_gains(jobs: list[EnsembleJob]) -> dict[str, dict]:
         ensembles.setdefault(job.method, {})[job.key] = accuracy
         held_out = about["member_accs"][f"env{job.key[1]}_in_acc"]
         singles.setdefault(job.method, {})[job.key] = float(np.mean(held_out))
-        sizes[job.method] = about["ensemble_bytes"] / about["float_bytes"]
+        ratio = about["ensemble_bytes"] / about["float_bytes"]
+        sizes.setdefault(job.method, {})[str(job.key[0])] = ratio
         k[job.method] = len(job.members)
     return {
         f"ens{k[m]}_{m} − {m}": {
@@ -106,10 +107,17 @@ def ensemble_gains(jobs: list[EnsembleJob]) -> dict[str, dict]:
 
 
 def size_lines(head: dict[str, dict]) -> list[str]:
-    """Under a comparison table, the size of each ensemble in it."""
+    """Under a comparison table, the size of each ensemble in it (per bit width where it
+    has several)."""
     sizes = [
-        f"`{n.split(' − ')[0]}`: {r['size_vs_float']:.2f}×"
+        f"`{n.split(' − ')[0]}`: {_ratios(r['size_vs_float'])}"
         for n, r in head.items()
         if "size_vs_float" in r
     ]
     return ["", f"Ensemble size against one float model: {', '.join(sizes)}."] if sizes else []
+
+
+def _ratios(by_bits: dict[str, float]) -> str:
+    if len(by_bits) == 1:
+        return f"{next(iter(by_bits.values())):.2f}×"
+    return " / ".join(f"{r:.2f}× at {b} bits" for b, r in by_bits.items())
