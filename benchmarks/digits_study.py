@@ -2,11 +2,15 @@
 
     python benchmarks/digits_study.py run OUT [--quick] [--jobs 2 --threads 1] [--parts ...]
     python benchmarks/digits_study.py page OUT [--quick]
+    python benchmarks/digits_study.py pairs OUT [--quick]
 
 ``run`` trains every run into OUT (idempotent: a stopped study resumes when launched
 again). ``page`` writes ``docs/results/digits.md`` (``benchmarks/templates/digits.md``
 filled in) and its figures from OUT, and the JSON summary
 ``benchmarks/results/digits_study.json`` (with ``--quick``: both into OUT/page).
+``pairs`` prints the page's paired comparisons over the runs finished so far and writes
+them to ``benchmarks/results/digits_study_pairs.json`` (with ``--quick``: into OUT): the
+evidence of a study that is still training, or that was trained only in part.
 
 - ``OUT/main``: float ``erm`` on every held-out domain and trial seeds 0-2, and from each
   of those the QAT methods ``lsq``, ``lsq_sagm`` and ``gaqat`` at 4 and 3 bits, with the
@@ -836,9 +840,33 @@ def _conclusion(headline, per_bits, stats, ablations, oracle3, tau, qat_steps) -
     return lines
 
 
+def pairs_so_far(out: Path) -> dict[str, dict]:
+    """Every comparison the page makes (headline, extras, best) over the pairs of the runs
+    finished so far: what a study still training, or one trained only in part, shows."""
+    folders = [out / p for p in ("main", "extra", "best") if (out / p).is_dir()]
+    return {
+        f"{a} − {b}": pooled(folders, a, b, finished_only=True)
+        for a, b in (*HEADLINE, *EXTRA_COMPARISONS, *BEST_COMPARISONS)
+    }
+
+
+def write_pairs(out: Path, json_path: Path) -> None:
+    """Print :func:`pairs_so_far` as a table and write it to ``json_path``."""
+    rows = pairs_so_far(out)
+    print("\n".join(comparison_table(rows)))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"commit": commit(), "pairs": rows}, indent=1) + "\n")
+    print(f"wrote {json_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("run", "page"))
+    parser.add_argument(
+        "action",
+        choices=("run", "page", "pairs"),
+        help="train; write the results page; or print the page's paired comparisons "
+        "over the runs finished so far",
+    )
     parser.add_argument("out", type=Path, help="the study folder")
     parser.add_argument("--quick", action="store_true", help="tiny runs: a pipeline check")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
@@ -856,6 +884,9 @@ def main() -> None:
     if args.action == "run":
         with sigterm_as_interrupt():  # a killed study stops its workers too
             run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
+    elif args.action == "pairs":
+        name = "digits_study_pairs.json"
+        write_pairs(args.out, args.out / name if args.quick else ROOT / "benchmarks/results" / name)
     else:
         if args.quick:
             doc, json_path = (

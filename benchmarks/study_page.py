@@ -32,12 +32,17 @@ def paired(dirs, baseline: str, selection: str = "training") -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def pooled(folders, algorithm: str, baseline: str, selection: str = "training") -> dict:
+def pooled(
+    folders, algorithm: str, baseline: str, selection: str = "training", finished_only=False
+) -> dict:
     """``algorithm`` − ``baseline`` over every pair of every bit width (the table's rows
-    pool one bit width each), in the report's own pairing and statistics."""
+    pool one bit width each), in the report's own pairing and statistics; with
+    ``finished_only``, runs still training pair with nothing."""
     method = SELECTION_METHODS[selection]
+    runs = [r for r in load_runs(folders) if r.complete or not finished_only]
+    present = {algorithm, baseline} <= {r.algorithm for r in runs}
     differences = []
-    for comparison in pair_runs(load_runs(folders), baseline):
+    for comparison in pair_runs(runs, baseline) if present else ():
         if comparison.algorithm == algorithm and comparison.baseline_bits is not None:
             for draw, base in comparison.pairs:
                 differences.append(
