@@ -8,9 +8,9 @@
 again). ``page`` writes ``docs/results/digits.md`` (``benchmarks/templates/digits.md``
 filled in) and its figures from OUT, and the JSON summary
 ``benchmarks/results/digits_study.json`` (with ``--quick``: both into OUT/page).
-``pairs`` prints the page's paired comparisons over the runs finished so far and writes
-them to ``benchmarks/results/digits_study_pairs.json`` (with ``--quick``: into OUT): the
-evidence of a study that is still training, or that was trained only in part.
+``pairs`` prints the page's paired comparisons (ensembles included) over the runs
+finished so far and writes them to ``benchmarks/results/digits_study_pairs.json`` (with
+``--quick``: into OUT): the evidence of a study still training, or trained only in part.
 
 - ``OUT/main``: float ``erm`` on every held-out domain and trial seeds 0-2, and from each
   of those the QAT methods ``lsq``, ``lsq_sagm`` and ``gaqat`` at 4 and 3 bits, with the
@@ -840,19 +840,23 @@ def _conclusion(headline, per_bits, stats, ablations, oracle3, tau, qat_steps) -
     return lines
 
 
-def pairs_so_far(out: Path) -> dict[str, dict]:
-    """Every comparison the page makes (headline, extras, best) over the pairs of the runs
-    finished so far: what a study still training, or one trained only in part, shows."""
+def pairs_so_far(out: Path, scale: Scale) -> dict[str, dict]:
+    """Every comparison the page makes (headline, extras, best, ensembles) over the pairs
+    of the runs finished so far: what a study still training, or one trained only in
+    part, shows."""
     folders = [out / p for p in ("main", "extra", "best") if (out / p).is_dir()]
     return {
-        f"{a} − {b}": pooled(folders, a, b, finished_only=True)
-        for a, b in (*HEADLINE, *EXTRA_COMPARISONS, *BEST_COMPARISONS)
+        **{
+            f"{a} − {b}": pooled(folders, a, b, finished_only=True)
+            for a, b in (*HEADLINE, *EXTRA_COMPARISONS, *BEST_COMPARISONS)
+        },
+        **ensemble_gains(ensembles_of(out, scale)),
     }
 
 
-def write_pairs(out: Path, json_path: Path) -> None:
+def write_pairs(out: Path, scale: Scale, json_path: Path) -> None:
     """Print :func:`pairs_so_far` as a table and write it to ``json_path``."""
-    rows = pairs_so_far(out)
+    rows = pairs_so_far(out, scale)
     print("\n".join(comparison_table(rows)))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"commit": commit(), "pairs": rows}, indent=1) + "\n")
@@ -886,7 +890,8 @@ def main() -> None:
             run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
     elif args.action == "pairs":
         name = "digits_study_pairs.json"
-        write_pairs(args.out, args.out / name if args.quick else ROOT / "benchmarks/results" / name)
+        json_path = args.out / name if args.quick else ROOT / "benchmarks" / "results" / name
+        write_pairs(args.out, scale, json_path)
     else:
         if args.quick:
             doc, json_path = (

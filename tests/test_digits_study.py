@@ -95,10 +95,11 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
     # `pairs` makes the page's comparisons over the finished runs only: a qtdog run still
     # training (no done marker) pairs with nothing.
     (study.runs_of(out / "best", "qtdog", 3)[0] / study.DONE).unlink()
-    study.write_pairs(out, tmp_path / "pairs.json")
+    study.write_pairs(out, scale, tmp_path / "pairs.json")
     pairs = json.loads((tmp_path / "pairs.json").read_text())["pairs"]
     assert pairs["gaqat − lsq_sagm"]["n"] == "2" and pairs["sagm − erm"]["n"] == "1"
     assert pairs["qtdog − lsq_sam"]["n"] == "1" and pairs["swad − erm"]["n"] == "2"
+    assert pairs["ens2_lsq_sam − lsq_sam"]["n"] == 1
 
 
 def _record_launches(study, launched: list, monkeypatch) -> None:
