@@ -3,6 +3,7 @@
     python benchmarks/digits_study.py run OUT [--quick] [--jobs 2 --threads 1] [--parts ...]
     python benchmarks/digits_study.py page OUT [--quick]
     python benchmarks/digits_study.py pairs OUT [--quick]
+    python benchmarks/digits_study.py archive OUT [--quick]
 
 ``run`` trains every run into OUT (idempotent: a stopped study resumes when launched
 again). ``page`` writes ``docs/results/digits.md`` (``benchmarks/templates/digits.md``
@@ -11,6 +12,9 @@ filled in) and its figures from OUT, and the JSON summary
 ``pairs`` prints the page's paired comparisons (ensembles included) over the runs
 finished so far and writes them to ``benchmarks/results/digits_study_pairs.json`` (with
 ``--quick``: into OUT): the evidence of a study still training, or trained only in part.
+``archive`` writes the finished runs' records, without checkpoints, to
+``benchmarks/results/digits_study_records.tar.xz`` (``study_records``: how a study
+continues from it).
 
 - ``OUT/main``: float ``erm`` on every held-out domain and trial seeds 0-2, and from each
   of those the QAT methods ``lsq``, ``lsq_sagm`` and ``gaqat`` at 4 and 3 bits, with the
@@ -61,6 +65,7 @@ from study_page import (
     render,
     verdict,
 )
+from study_records import archive_records
 
 from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher, sigterm_as_interrupt
@@ -867,9 +872,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "action",
-        choices=("run", "page", "pairs"),
-        help="train; write the results page; or print the page's paired comparisons "
-        "over the runs finished so far",
+        choices=("run", "page", "pairs", "archive"),
+        help="train; write the results page; print the page's paired comparisons over "
+        "the runs finished so far; or archive the finished runs' records",
     )
     parser.add_argument("out", type=Path, help="the study folder")
     parser.add_argument("--quick", action="store_true", help="tiny runs: a pipeline check")
@@ -888,6 +893,10 @@ def main() -> None:
     if args.action == "run":
         with sigterm_as_interrupt():  # a killed study stops its workers too
             run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
+    elif args.action == "archive":
+        name = "digits_study_records.tar.xz"
+        path = args.out / name if args.quick else ROOT / "benchmarks" / "results" / name
+        print(f"wrote {archive_records(args.out, path)} runs' records to {path}")
     elif args.action == "pairs":
         name = "digits_study_pairs.json"
         json_path = args.out / name if args.quick else ROOT / "benchmarks" / "results" / name

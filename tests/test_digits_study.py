@@ -1,6 +1,8 @@
 """The DigitsDG study script (benchmarks/digits_study.py) end to end on tiny runs."""
 
 import json
+import tarfile
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -94,12 +96,42 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
 
     # `pairs` makes the page's comparisons over the finished runs only: a qtdog run still
     # training (no done marker) pairs with nothing.
-    (study.runs_of(out / "best", "qtdog", 3)[0] / study.DONE).unlink()
+    unfinished = study.runs_of(out / "best", "qtdog", 3)[0]
+    (unfinished / study.DONE).unlink()
     study.write_pairs(out, scale, tmp_path / "pairs.json")
     pairs = json.loads((tmp_path / "pairs.json").read_text())["pairs"]
     assert pairs["gaqat − lsq_sagm"]["n"] == "2" and pairs["sagm − erm"]["n"] == "1"
     assert pairs["qtdog − lsq_sam"]["n"] == "1" and pairs["swad − erm"]["n"] == "2"
     assert pairs["ens2_lsq_sam − lsq_sam"]["n"] == 1
+
+    # The records continue the study elsewhere: `run` trains the float inits again (their
+    # records equal the archived reference) and the unfinished qtdog run, nothing else.
+    archive, copy = tmp_path / "records.tar.xz", tmp_path / "copy"
+    held = study.archive_records(out, archive)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(copy, filter="data")
+    assert held == len([n for n in names if n.endswith("/done")])
+    assert not [n for n in names if n.endswith("checkpoint.pt")]
+    assert sorted(n for n in names if "/erm_" in n and n.endswith("/done")) == sorted(
+        f"reference/main/{p.name}/done" for p in study.runs_of(main, "erm")
+    )
+    started = time.time()
+    study.run_study(copy, scale, jobs=1, threads=1, data_dir=digits_dir)
+    trained = {p.parent for p in copy.rglob(study.RESULTS) if p.stat().st_mtime >= started}
+    assert {p.relative_to(copy) for p in trained if not p.is_symlink()} == {
+        *(p.relative_to(out) for p in study.runs_of(main, "erm")),
+        unfinished.relative_to(out),
+    }
+    for erm in study.runs_of(copy / "main", "erm"):
+        again = copy / "reference" / "main" / erm.name / study.RESULTS
+        assert _accuracies(erm / study.RESULTS) == _accuracies(again)
+
+
+def _accuracies(path):
+    """A results.jsonl's steps, losses and accuracies (not its timings and arguments)."""
+    kept = lambda key: key in ("step", "loss") or key.endswith("_acc")  # noqa: E731
+    return [{k: v for k, v in r.items() if kept(k)} for r in map(json.loads, open(path))]
 
 
 def _record_launches(study, launched: list, monkeypatch) -> None:
