@@ -153,6 +153,7 @@ def _sweep(
     hparams=None,
     data_dir=None,
     checkpoint_freq=None,
+    float_checkpoint_freq=None,
 ) -> SweepConfig:
     return SweepConfig(
         "digits",
@@ -168,7 +169,10 @@ def _sweep(
             "data_dir": data_dir,
             "progress": False,
         },
-        float_options={"steps": scale.float_steps, "checkpoint_freq": scale.float_checkpoint_freq},
+        float_options={
+            "steps": scale.float_steps,
+            "checkpoint_freq": float_checkpoint_freq or scale.float_checkpoint_freq,
+        },
     )
 
 
@@ -217,10 +221,12 @@ def run_study(
         extra = out / "extra"
         sweeps.append(_sweep(extra, scale, ("sagm",), seeds=scale.seeds[:1], data_dir=data_dir))
         sweeps.append(_sweep(extra, scale, ("lsq_sam",), data_dir=data_dir))
-    if "best" in parts:
+    if "best" in parts:  # float swad apart: its evaluations, unlike its inits', are often
         often = min(BEST_CHECKPOINT_FREQ, scale.checkpoint_freq)
+        qat = [m for m in BEST_METHODS if m != "swad"]
+        sweeps.append(_sweep(out / "best", scale, qat, data_dir=data_dir, checkpoint_freq=often))
         sweeps.append(
-            _sweep(out / "best", scale, BEST_METHODS, data_dir=data_dir, checkpoint_freq=often)
+            _sweep(out / "best", scale, ("swad",), data_dir=data_dir, float_checkpoint_freq=often)
         )
     for config in sweeps:
         planned = plan(config)
