@@ -874,6 +874,11 @@ def write_pairs(out: Path, scale: Scale, json_path: Path) -> None:
     print(f"wrote {json_path}")
 
 
+def _results_file(args, name: str) -> Path:
+    """Where an action writes ``name``: benchmarks/results, or the study folder (--quick)."""
+    return args.out / name if args.quick else ROOT / "benchmarks" / "results" / name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -900,13 +905,10 @@ def main() -> None:
         with sigterm_as_interrupt():  # a killed study stops its workers too
             run_study(args.out, scale, args.jobs, args.threads, args.data_dir, args.parts)
     elif args.action == "archive":
-        name = "digits_study_records.tar.xz"
-        path = args.out / name if args.quick else ROOT / "benchmarks" / "results" / name
+        path = _results_file(args, "digits_study_records.tar.xz")
         print(f"wrote {archive_records(args.out, path)} runs' records to {path}")
     elif args.action == "pairs":
-        name = "digits_study_pairs.json"
-        json_path = args.out / name if args.quick else ROOT / "benchmarks" / "results" / name
-        write_pairs(args.out, scale, json_path)
+        write_pairs(args.out, scale, _results_file(args, "digits_study_pairs.json"))
     else:
         if args.quick:
             doc, json_path = (

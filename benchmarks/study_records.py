@@ -19,21 +19,23 @@ import os
 import tarfile
 from pathlib import Path
 
-from gaqat.runfolder import CHECKPOINT, DONE
+from gaqat.runfolder import CHECKPOINT, DONE, LOCK
 from gaqat.sweep import FLOAT_INIT
 
 REFERENCE = "reference"
-LEFT_OUT = (CHECKPOINT, ".lock")
+LEFT_OUT = (CHECKPOINT, LOCK)
 
 
 def finished_runs(out: Path) -> list[Path]:
-    """Every finished run folder below ``out`` that is not a link, in a stable order."""
-    return sorted(
-        done.parent
-        for done in out.rglob(DONE)
-        if not any(p.is_symlink() for p in (done.parent, *done.parent.parents))
-        and REFERENCE not in done.relative_to(out).parts
-    )
+    """Every finished run folder below ``out`` reached through no link (links above
+    ``out`` do not count), in a stable order."""
+    runs = []
+    for done in out.rglob(DONE):
+        parts = done.parent.relative_to(out).parts
+        below = [out.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+        if parts[:1] != (REFERENCE,) and not any(p.is_symlink() for p in below):
+            runs.append(done.parent)
+    return sorted(runs)
 
 
 def archive_records(out: Path, path: Path) -> int:
