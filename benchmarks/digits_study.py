@@ -497,7 +497,7 @@ def extras_text(out: Path, scale: Scale, extras: dict[str, dict]) -> list[str]:
     ]
 
 
-def best_text(out: Path, best: dict[str, dict]) -> list[str]:
+def best_text(out: Path, scale: Scale, best: dict[str, dict]) -> list[str]:
     """The page's lines on the best-low-bit-model candidates: their paired differences, or
     that they have not run."""
     if not best:
@@ -513,7 +513,39 @@ def best_text(out: Path, best: dict[str, dict]) -> list[str]:
         "`lsq_sam` and `lsq_sagm`; paired, both bit widths pooled, training-domain validation:",
         "",
         *comparison_table(best),
+        "",
+        "Where SWAD's window opened (each run's averaged final record):",
+        "",
+        *averaging_windows(out / "best", scale.bits),
     ]
+
+
+def averaging_windows(best: Path, bits: tuple[int, ...]) -> list[str]:
+    """One line per SWAD candidate: which steps its runs averaged, and in how many the
+    validation loss never stopped falling, so that SWAD fell back to the last evaluation
+    interval alone (a window that opens spans at least three)."""
+    lines = []
+    for method, folders in (
+        ("swad", runs_of(best, "swad")),
+        ("lsq_sam_swad", [f for b in bits for f in runs_of(best, "lsq_sam_swad", b)]),
+    ):
+        finals = [r[-1] for r in map(records, folders) if r and r[-1].get("averaged")]
+        if not finals:
+            continue
+        starts = [r["average_start_step"] for r in finals]
+        interval = finals[0]["args"]["checkpoint_freq"]
+        fallback = sum(
+            r["average_end_step"] == r["step"] and r["averaged_steps"] == interval for r in finals
+        )
+        lines.append(
+            f"- `{method}` ({len(finals)} runs of {finals[0]['step']} steps): the average "
+            f"starts between steps {min(starts)} and {max(starts)} (median "
+            f"{int(np.median(starts))}) and covers {min(r['averaged_steps'] for r in finals)} "
+            f"to {max(r['averaged_steps'] for r in finals)} steps; in {fallback} of them the "
+            f"validation loss never stopped falling and only the last {interval} steps were "
+            "averaged (SWAD's fallback)."
+        )
+    return lines
 
 
 def ensembles_text(out: Path, ensembles: dict[str, dict]) -> list[str]:
@@ -699,7 +731,7 @@ def page_text(out: Path, scale: Scale, quick: bool, summary: Summary, figures: s
         step_time_ratios=_ratios(s.times, scale.bits),
         held_out=report([str(d) for d in extra], "markdown", "training"),
         extras=extras_text(out, scale, s.extras),
-        best=best_text(out, s.best),
+        best=best_text(out, scale, s.best),
         ensembles=ensembles_text(out, s.ensembles),
         oracle=report([str(main)], "markdown", "oracle"),
         headline_table=comparison_table(s.headline),

@@ -85,6 +85,9 @@ def test_study_runs_resumes_and_writes_its_page(tmp_path, digits_dir):
         "qtdog − lsq_sagm": "2",
     }
     assert "| qtdog − lsq_sagm |" in text and "| swad | 32 |" in text
+    # One checkpoint in 4 steps: SWAD's window never opens, each run averages its last 4.
+    assert "- `lsq_sam_swad` (2 runs of 4 steps): the average starts between steps 1 and 1" in text
+    assert "in 2 of them the validation loss never stopped falling and only the last 4" in text
     # EoQ's ensembles of the two seeds, one per method at 3 bits on the held-out domain.
     assert {name: row["n"] for name, row in summary["ensembles"].items()} == {
         "ens2_lsq − lsq": 1,
