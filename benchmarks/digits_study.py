@@ -69,6 +69,7 @@ from study_records import archive_records
 
 from gaqat.hparams import default_hparams
 from gaqat.launchers import InlineLauncher, ProcessLauncher, sigterm_as_interrupt
+from gaqat.names import get_recipe
 from gaqat.plots import plot_run
 from gaqat.report import report
 from gaqat.runfolder import DONE, GRADIENTS, RESULTS, read_jsonl
@@ -521,29 +522,29 @@ def best_text(out: Path, scale: Scale, best: dict[str, dict]) -> list[str]:
 
 
 def averaging_windows(best: Path, bits: tuple[int, ...]) -> list[str]:
-    """One line per SWAD candidate: which steps its runs averaged, and in how many the
-    validation loss never stopped falling, so that SWAD fell back to the last evaluation
-    interval alone (a window that opens spans at least three)."""
+    """One line per averaging candidate: which steps its runs averaged, and in how many
+    the validation loss never stopped falling, so that SWAD fell back to the last
+    evaluation interval alone (a window that opens spans at least three)."""
     lines = []
-    for method, folders in (
-        ("swad", runs_of(best, "swad")),
-        ("lsq_sam_swad", [f for b in bits for f in runs_of(best, "lsq_sam_swad", b)]),
-    ):
+    for method in (m for m in BEST_METHODS if get_recipe(m).averaging != "none"):
+        widths = bits if get_recipe(method).quantized else (None,)
+        folders = [f for b in widths for f in runs_of(best, method, b)]
         finals = [r[-1] for r in map(records, folders) if r and r[-1].get("averaged")]
         if not finals:
             continue
         starts = [r["average_start_step"] for r in finals]
-        interval = finals[0]["args"]["checkpoint_freq"]
+        counts = [r["averaged_steps"] for r in finals]
         fallback = sum(
-            r["average_end_step"] == r["step"] and r["averaged_steps"] == interval for r in finals
+            r["average_end_step"] == r["step"]
+            and r["averaged_steps"] == r["args"]["checkpoint_freq"]
+            for r in finals
         )
         lines.append(
             f"- `{method}` ({len(finals)} runs of {finals[0]['step']} steps): the average "
             f"starts between steps {min(starts)} and {max(starts)} (median "
-            f"{int(np.median(starts))}) and covers {min(r['averaged_steps'] for r in finals)} "
-            f"to {max(r['averaged_steps'] for r in finals)} steps; in {fallback} of them the "
-            f"validation loss never stopped falling and only the last {interval} steps were "
-            "averaged (SWAD's fallback)."
+            f"{int(np.median(starts))}) and covers {min(counts)} to {max(counts)} steps; in "
+            f"{fallback} of them the validation loss never stopped falling and only the last "
+            f"{finals[0]['args']['checkpoint_freq']} steps were averaged (SWAD's fallback)."
         )
     return lines
 
